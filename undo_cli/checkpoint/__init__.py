@@ -1,0 +1,52 @@
+"""Checkpoint I/O, in one place: loading, atomic output directories, provenance manifests.
+
+Every command that reads or writes a model goes through this package:
+
+- `inspect_checkpoint`, `load_model`, `load_tokenizer`: read a Hugging Face checkpoint
+  directory (single or sharded safetensors; a PEFT adapter directory is merged into its base).
+- `atomic_output`: write into a temporary sibling directory and rename it into place, so an
+  interrupted command never leaves a (half-written) output directory.
+- `save_model`: model + tokenizer + carried-over support files into such a directory.
+- `build_manifest`, `write_manifest`, `read_manifest`, `fingerprint`: the `undo.json`
+  provenance manifest written into every output directory.
+"""
+
+from undo_cli.checkpoint.load import (
+    CheckpointInfo,
+    inspect_checkpoint,
+    load_model,
+    load_model_and_tokenizer,
+    load_tokenizer,
+)
+from undo_cli.checkpoint.manifest import (
+    MANIFEST_NAME,
+    build_manifest,
+    fingerprint,
+    manifest_history,
+    read_manifest,
+    write_manifest,
+)
+from undo_cli.checkpoint.output import (
+    atomic_output,
+    check_output_path,
+    copy_support_files,
+    save_model,
+)
+
+__all__ = [
+    "MANIFEST_NAME",
+    "CheckpointInfo",
+    "atomic_output",
+    "build_manifest",
+    "check_output_path",
+    "copy_support_files",
+    "fingerprint",
+    "inspect_checkpoint",
+    "load_model",
+    "load_model_and_tokenizer",
+    "load_tokenizer",
+    "manifest_history",
+    "read_manifest",
+    "save_model",
+    "write_manifest",
+]

@@ -1,0 +1,146 @@
+"""`undo.json`: the provenance manifest written into every output directory.
+
+A manifest records the undo version, the command and its arguments, the seed, the stage, the
+parent checkpoints with a content fingerprint and their own manifests (so the final model of
+a pipeline carries its whole history), compute spent, wall time and measured metrics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from undo_cli import __version__
+
+MANIFEST_NAME = "undo.json"
+_HASH_CHUNK = 8 << 20
+
+
+def fingerprint(path: str | Path) -> str:
+    """`sha256:<hex>` over the config and weight files of a checkpoint directory.
+
+    Each file contributes its name and its bytes, in sorted order, so the fingerprint names
+    the model's content whatever the directory is called. An adapter directory is hashed with
+    its adapter weights and config.
+    """
+    from undo_cli.checkpoint.output import is_weight_file
+
+    path = Path(path)
+    names = sorted(
+        p.name for p in path.iterdir()
+        if p.is_file() and (is_weight_file(p.name) or p.name in ("config.json",
+                                                                  "adapter_config.json"))
+    )
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(name.encode() + b"\0")
+        with open(path / name, "rb") as f:
+            while chunk := f.read(_HASH_CHUNK):
+                digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def read_manifest(path: str | Path) -> dict | None:
+    """The `undo.json` of a checkpoint or results directory, or None if it has none."""
+    file = Path(path) / MANIFEST_NAME
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def build_manifest(
+    stage: str,
+    *,
+    arguments: dict[str, Any],
+    parents: dict[str, str | Path] | None = None,
+    seed: int | None = None,
+    wall_time_s: float | None = None,
+    compute: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Assemble the manifest of a new output.
+
+    `parents` maps a role ("input", "teacher", "student", ...) to a checkpoint directory; each
+    parent is fingerprinted and its own manifest (if any) is embedded, giving the full chain.
+    `compute` holds tokens and estimated FLOPs where training happened.
+    """
+    import torch
+    import transformers
+
+    parent_entries = []
+    for role, p in (parents or {}).items():
+        p = Path(p)
+        parent_entries.append({
+            "role": role,
+            "path": str(p.resolve()),
+            "fingerprint": fingerprint(p) if p.is_dir() else None,
+            "manifest": read_manifest(p) if p.is_dir() else None,
+        })
+    manifest = {
+        "undo_version": __version__,
+        "stage": stage,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": "undo " + stage,
+        "argv": list(sys.argv),
+        "arguments": _jsonable(arguments),
+        "seed": seed,
+        "parents": parent_entries,
+        "compute": _jsonable(compute) if compute is not None else None,
+        "wall_time_s": wall_time_s,
+        "metrics": _jsonable(metrics) if metrics is not None else None,
+        "environment": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "platform": platform.platform(),
+        },
+    }
+    if extra:
+        manifest.update(_jsonable(extra))
+    return manifest
+
+
+def write_manifest(directory: str | Path, manifest: dict[str, Any]) -> Path:
+    """Write `manifest` as `directory/undo.json`."""
+    file = Path(directory) / MANIFEST_NAME
+    file.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    return file
+
+
+def manifest_history(manifest: dict | None) -> list[dict]:
+    """The chain of stages that produced a checkpoint, oldest first (depth-first over parents).
+
+    Each entry is the manifest without its `parents` list, plus `role` (how its child used it).
+    """
+    if manifest is None:
+        return []
+    chain: list[dict] = []
+    for parent in manifest.get("parents", []):
+        parent_manifest = parent.get("manifest")
+        for entry in manifest_history(parent_manifest):
+            if entry not in chain:
+                chain.append(entry)
+    own = {k: v for k, v in manifest.items() if k != "parents"}
+    chain.append(own)
+    return chain

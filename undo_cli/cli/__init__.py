@@ -1,0 +1,107 @@
+"""The `undo` command line: option parsing only; all work is done by library functions.
+
+Each subcommand lives in its own module of this package and registers itself on `app`.
+Errors raised as `UndoError` become one line on stderr and the exit code of the error class
+(see `undo_cli.errors`); any other exception becomes one line too, unless `--debug` is given.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+from typer.core import TyperGroup
+
+try:  # typer >= 0.20 vendors click
+    from typer._click.exceptions import NoArgsIsHelpError, UsageError as ClickUsageError
+except ImportError:  # pragma: no cover - older typer on top of click
+    from click.exceptions import UsageError as ClickUsageError
+
+    NoArgsIsHelpError = ()
+
+from undo_cli import __version__
+from undo_cli.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, EXIT_USAGE, UndoError
+
+_state = {"debug": os.environ.get("UNDO_DEBUG", "") not in ("", "0")}
+
+
+def _fail(message: str, code: int) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+class UndoGroup(TyperGroup):
+    """Click group that turns every failure into `error: ...` plus an exit code."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, NoArgsIsHelpError):
+            raise
+        except ClickUsageError as e:
+            sub = e.ctx.command_path if e.ctx is not None else "undo"
+            _fail(f"{e.format_message()} (see '{sub} --help')", EXIT_USAGE)
+        except UndoError as e:
+            if _state["debug"]:
+                raise
+            _fail(str(e), e.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted; nothing was written", EXIT_INTERRUPTED)
+        except Exception as e:  # noqa: BLE001 - the last line of defence for users
+            if _state["debug"]:
+                raise
+            _fail(f"{type(e).__name__}: {e} (run 'undo --debug ...' for the traceback)",
+                  EXIT_RUNTIME)
+
+
+app = typer.Typer(
+    cls=UndoGroup,
+    name="undo",
+    help="UNDO: make capability removal in language models robust "
+    "(Unlearn, Noise, Distill-on-Outputs; arXiv 2506.06278).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"undo {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+    debug: bool = typer.Option(
+        False, "--debug", help="Show full tracebacks instead of one-line errors."
+    ),
+) -> None:
+    """UNDO: make capability removal in language models robust."""
+    _state["debug"] = _state["debug"] or debug
+
+
+def _register() -> None:
+    # Each module adds its command(s) to `app` on import; one line per command module.
+    from undo_cli.cli import init_cmd  # noqa: F401
+
+
+_register()
+
+
+def main() -> None:
+    """Console entry point (`undo`)."""
+    from undo_cli.runtime import quiet_libraries
+
+    quiet_libraries()
+    app(prog_name="undo")
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

@@ -1,0 +1,61 @@
+"""`undo init`: a randomly initialised checkpoint with a locally built tokenizer."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+
+from undo_cli.cli import app
+from undo_cli.cli.common import emit_json, info
+
+
+@app.command("init")
+def init_command(
+    out: Path = typer.Argument(..., metavar="OUT", help="Output checkpoint directory."),
+    arch: str = typer.Option("llama", help="Architecture: llama, gemma2, gpt2 or qwen2."),
+    preset: str = typer.Option(
+        "tiny", help="Size preset: tiny (~0.5M params: 2 layers, 128 wide) or small (~10M: "
+        "6 layers, 384 wide). Explicit sizes override it."),
+    layers: int = typer.Option(None, help="Number of transformer layers."),
+    hidden: int = typer.Option(None, help="Hidden (model) width."),
+    heads: int = typer.Option(None, help="Attention heads (must divide --hidden)."),
+    intermediate: int = typer.Option(None, help="MLP inner width."),
+    max_position: int = typer.Option(None, help="Longest sequence the model accepts."),
+    tokenizer: str = typer.Option(
+        "char", help="'char' (printable ASCII, one token per character), 'char:ALPHABET', "
+        "a tokenizer.json file or a directory holding a tokenizer. Never downloaded."),
+    seed: int = typer.Option(0, help="Seed of the random initialisation."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT."),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+) -> None:
+    """Write a randomly initialised model + tokenizer (for tests, examples, random students)."""
+    from undo_cli.checkpoint import atomic_output, build_manifest, check_output_path
+    from undo_cli.checkpoint import write_manifest
+    from undo_cli.modelfactory import (
+        build_config, count_parameters, load_tokenizer_spec, random_model, resolve_shape,
+    )
+
+    start = time.time()
+    check_output_path(out, overwrite=overwrite)
+    shape = resolve_shape(preset, layers=layers, hidden=hidden, heads=heads,
+                          intermediate=intermediate, max_position=max_position)
+    tok = load_tokenizer_spec(tokenizer)
+    config = build_config(arch, shape, tok)
+    model = random_model(config, seed=seed)
+    n_params = count_parameters(model)
+    with atomic_output(out, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        write_manifest(tmp, build_manifest(
+            "init", seed=seed, wall_time_s=time.time() - start,
+            arguments=dict(arch=arch, preset=preset, tokenizer=tokenizer, **shape.__dict__),
+            extra={"parameters": n_params},
+        ))
+    summary = {"output": str(out), "arch": arch, "parameters": n_params,
+               "vocab_size": len(tok), **shape.__dict__}
+    if json_out:
+        emit_json(summary)
+    else:
+        info(f"wrote {out}: {arch}, {n_params:,} parameters, vocabulary {len(tok)}")

@@ -1,0 +1,138 @@
+"""Randomly initialised models with locally built tokenizers (`undo init`; no downloads).
+
+Used by tests and examples, and by `undo distill --student random`.
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from undo_cli.errors import UsageError
+
+ARCHITECTURES = ("llama", "gemma2", "gpt2", "qwen2")
+SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>")
+DEFAULT_ALPHABET = string.digits + string.ascii_letters + string.punctuation + " \n"
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The size knobs of `undo init`."""
+
+    layers: int
+    hidden: int
+    heads: int
+    intermediate: int
+    max_position: int = 256
+
+
+PRESETS: dict[str, ModelShape] = {
+    # ~0.5M parameters: masters the arithmetic task in minutes on 2 CPU cores.
+    "tiny": ModelShape(layers=2, hidden=128, heads=4, intermediate=512, max_position=256),
+    # ~10M parameters: the size the engine and distillation benchmarks use.
+    "small": ModelShape(layers=6, hidden=384, heads=6, intermediate=1024, max_position=512),
+}
+
+
+def build_char_tokenizer(alphabet: str = DEFAULT_ALPHABET):
+    """A character-level tokenizer: one token per character of `alphabet`, plus
+    `<pad>`=0, `<eos>`=1, `<bos>`=2, `<unk>`=3. No token is added automatically."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    if not alphabet:
+        raise UsageError("the tokenizer alphabet is empty")
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for ch in dict.fromkeys(alphabet):  # keep order, drop repeats
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
+        unk_token="<unk>", clean_up_tokenization_spaces=False,
+    )
+
+
+def load_tokenizer_spec(spec: str):
+    """`char`, `char:ALPHABET`, a tokenizer.json file, or a directory with a tokenizer."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if spec == "char":
+        return build_char_tokenizer()
+    if spec.startswith("char:"):
+        alphabet = spec[len("char:"):].encode().decode("unicode_escape")
+        return build_char_tokenizer(alphabet)
+    path = Path(spec)
+    if path.is_file() and path.suffix == ".json":
+        return PreTrainedTokenizerFast(tokenizer_file=str(path))
+    if path.is_dir():
+        try:
+            return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"cannot load a tokenizer from {path}: {e}") from e
+    raise UsageError(f"--tokenizer {spec!r}: expected 'char', 'char:ALPHABET', a tokenizer.json "
+                     "file or a directory holding a tokenizer")
+
+
+def build_config(arch: str, shape: ModelShape, tokenizer):
+    """A transformers config of architecture `arch` and size `shape` for `tokenizer`."""
+    from transformers import Gemma2Config, GPT2Config, LlamaConfig, Qwen2Config
+
+    if arch not in ARCHITECTURES:
+        raise UsageError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    if shape.hidden % shape.heads:
+        raise UsageError(f"--hidden {shape.hidden} is not divisible by --heads {shape.heads}")
+    if min(shape.layers, shape.hidden, shape.heads, shape.intermediate, shape.max_position) < 1:
+        raise UsageError("model sizes must be positive")
+    vocab = len(tokenizer)
+    ids = dict(
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    if arch == "gpt2":
+        return GPT2Config(vocab_size=vocab, n_embd=shape.hidden, n_layer=shape.layers,
+                          n_head=shape.heads, n_inner=shape.intermediate,
+                          n_positions=shape.max_position, **ids)
+    common = dict(
+        vocab_size=vocab, hidden_size=shape.hidden, num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads, num_key_value_heads=shape.heads,
+        intermediate_size=shape.intermediate, max_position_embeddings=shape.max_position, **ids,
+    )
+    if arch == "llama":
+        return LlamaConfig(**common)
+    if arch == "qwen2":
+        return Qwen2Config(**common)
+    head_dim = shape.hidden // shape.heads
+    return Gemma2Config(**common, head_dim=head_dim, query_pre_attn_scalar=head_dim,
+                        sliding_window=shape.max_position)
+
+
+def random_model(config, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A freshly initialised causal LM for `config` (its architecture's own init), seeded."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.generation_config.pad_token_id = config.pad_token_id
+    model.generation_config.eos_token_id = config.eos_token_id
+    return model
+
+
+def resolve_shape(preset: str | None, **overrides: int | None) -> ModelShape:
+    """The preset's shape (default `tiny`) with any explicitly given sizes replacing its own."""
+    name = preset or "tiny"
+    if name not in PRESETS:
+        raise UsageError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    values = asdict(PRESETS[name])
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return ModelShape(**values)
+
+
+def count_parameters(model) -> int:
+    """Distinct parameters (tied weights counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

@@ -1,0 +1,46 @@
+"""Process-wide set-up shared by every command: offline mode, quiet libraries, devices, seeds."""
+
+from __future__ import annotations
+
+import os
+import random
+
+# Nothing in undo ever downloads from a hub: checkpoints are local directories.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+
+def quiet_libraries() -> None:
+    """Silence transformers' own progress bars and info logs; undo shows its own progress."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    except ImportError:  # pragma: no cover - older hub
+        pass
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    """`requested` ("cpu", "cuda", "cuda:1", ...) or CUDA when available, else CPU."""
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) generators."""
+    random.seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % (2**32))
+    except ImportError:  # pragma: no cover
+        pass
+    torch.manual_seed(seed)
