@@ -37,20 +37,40 @@ PRESETS: dict[str, ModelShape] = {
 }
 
 
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters (byte-level BPE alphabet)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {b: chr(c) for b, c in zip(printable, chars)}
+
+
 def build_char_tokenizer(alphabet: str = DEFAULT_ALPHABET):
     """A character-level tokenizer: one token per character of `alphabet`, plus
-    `<pad>`=0, `<eos>`=1, `<bos>`=2, `<unk>`=3. No token is added automatically."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    `<pad>`=0, `<eos>`=1, `<bos>`=2, `<unk>`=3. No token is added automatically.
+
+    It is a byte-level BPE without merges, so every transformers tokenizer class (including
+    the ones AutoTokenizer forces for some model types, e.g. Qwen2) reads it back the same.
+    Characters outside the alphabet become `<unk>`.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     if not alphabet:
         raise UsageError("the tokenizer alphabet is empty")
+    to_unicode = _byte_to_unicode()
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
-    for ch in dict.fromkeys(alphabet):  # keep order, drop repeats
-        vocab.setdefault(ch, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
+    for ch in alphabet:
+        vocab.setdefault("".join(to_unicode[b] for b in ch.encode()), len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
         unk_token="<unk>", clean_up_tokenization_spaces=False,

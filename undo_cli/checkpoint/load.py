@@ -108,8 +108,11 @@ def _from_pretrained(info: CheckpointInfo, dtype: torch.dtype, trust_remote_code
             weights_only=True,
             trust_remote_code=trust_remote_code,
         )
-    except (OSError, ValueError, KeyError, RuntimeError, ImportError) as e:
+    except Exception as e:  # noqa: BLE001 - transformers/safetensors/pickle raise many types
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "Weights only load failed" in str(e):
+            message = ("the pickle holds objects other than tensors (refused by "
+                       "torch.load(weights_only=True)); it may be malicious")
         if "trust_remote_code" in str(e) and not trust_remote_code:
             message = "it needs custom code; pass --trust-remote-code if you trust its source"
         raise UndoError(f"cannot load model from {info.path}: {message}") from e
@@ -136,7 +139,7 @@ def load_model(
         base = _from_pretrained(info.base, dtype, trust_remote_code)
         try:
             model = PeftModel.from_pretrained(base, str(info.path)).merge_and_unload()
-        except (OSError, ValueError, KeyError, RuntimeError) as e:
+        except Exception as e:  # noqa: BLE001
             raise UndoError(f"cannot load adapter {info.path}: {e}") from e
     else:
         model = _from_pretrained(info, dtype, trust_remote_code)

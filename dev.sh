@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Set-up and everyday tasks on a fresh machine that has only Python 3.10+:
+#   ./dev.sh demo        create .venv if needed, then run the main job on the built-in default
+#   ./dev.sh test [ARGS] create .venv if needed, then lint and run the default test suite
+#   ./dev.sh setup       only create/refresh .venv
+# torch's CPU build is installed first (requirements/cpu-constraints.txt pins it), so pip never
+# pulls the multi-GB CUDA build. Set UNDO_TORCH_SPEC (e.g. "torch") to install another build.
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV="${UNDO_VENV:-.venv}"
+PYTHON="${PYTHON:-python3}"
+
+setup() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    echo "dev.sh: creating $VENV" >&2
+    "$PYTHON" -m venv "$VENV"
+  fi
+  local stamp="$VENV/.undo-installed"
+  if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] \
+      || [ requirements/cpu-constraints.txt -nt "$stamp" ]; then
+    echo "dev.sh: installing torch (CPU build) and undo with its dev extras into $VENV" >&2
+    if [ -n "${UNDO_TORCH_SPEC:-}" ]; then
+      "$VENV/bin/python" -m pip install -q "$UNDO_TORCH_SPEC"
+      "$VENV/bin/python" -m pip install -q -e '.[dev]'
+    else
+      "$VENV/bin/python" -m pip install -q -r requirements/cpu-constraints.txt
+      "$VENV/bin/python" -m pip install -q -c requirements/cpu-constraints.txt -e '.[dev]'
+    fi
+    touch "$stamp"
+  fi
+}
+
+cmd="${1:-help}"
+shift || true
+case "$cmd" in
+  setup)
+    setup ;;
+  demo)
+    setup
+    exec bash examples/quickstart.sh "$@" ;;
+  test)
+    setup
+    "$VENV/bin/ruff" check undo_cli tests benchmarks
+    exec "$VENV/bin/python" -m pytest "$@" ;;
+  *)
+    sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'
+    [ "$cmd" = help ] || exit 2 ;;
+esac

@@ -1,0 +1,264 @@
+"""Checkpoint I/O: loading (sharded, adapters, pickles), atomic outputs and manifests."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from undo_cli.checkpoint import (
+    atomic_output,
+    build_manifest,
+    copy_support_files,
+    fingerprint,
+    inspect_checkpoint,
+    load_model,
+    load_tokenizer,
+    manifest_history,
+    read_manifest,
+    save_model,
+    write_manifest,
+)
+from undo_cli.errors import UndoError, UsageError
+
+
+def _same_weights(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_load_matches_from_pretrained(tiny_llama):
+    model = load_model(tiny_llama)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    assert model.dtype == torch.float32
+    assert _same_weights(model, reference)
+    tok = load_tokenizer(tiny_llama)
+    assert tok.decode(tok("12 + 7 = 19")["input_ids"]) == "12 + 7 = 19"
+
+
+def test_sharded_checkpoint_loads(tiny_llama, tmp_path):
+    model = load_model(tiny_llama)
+    sharded = tmp_path / "sharded"
+    save_model(model, load_tokenizer(tiny_llama), sharded, max_shard_size="20KB")
+    info = inspect_checkpoint(sharded)
+    assert (sharded / "model.safetensors.index.json").is_file()
+    assert len(info.weight_files) > 1
+    assert _same_weights(load_model(sharded), model)
+
+
+def test_adapter_directory_is_merged(tiny_llama, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    base = load_model(tiny_llama)
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(1)
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.5)  # non-zero so the merge changes the weights
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        expected = peft_model(ids).logits
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(tiny_llama)
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+
+    merged = load_model(adapter)
+    assert not hasattr(merged, "peft_config")
+    with torch.no_grad():
+        got = merged(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert load_tokenizer(adapter).vocab_size == load_tokenizer(tiny_llama).vocab_size
+
+
+def _pickled_copy(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, dst / f.name)
+    torch.save(load_model(src).state_dict(), dst / "pytorch_model.bin")
+    return dst
+
+
+def test_pickled_weights_need_allow_pickle(tiny_llama, tmp_path):
+    pickled = _pickled_copy(tiny_llama, tmp_path / "pickled")
+    with pytest.raises(UsageError, match="--allow-pickle"):
+        load_model(pickled)
+    assert _same_weights(load_model(pickled, allow_pickle=True), load_model(tiny_llama))
+
+
+class _Exploit:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_malicious_pickle_is_not_executed(tiny_llama, tmp_path):
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    shutil.copy(tiny_llama / "config.json", evil / "config.json")
+    marker = tmp_path / "pwned"
+    torch.save({"model.embed_tokens.weight": _Exploit(marker)}, evil / "pytorch_model.bin")
+    with pytest.raises(UsageError):
+        load_model(evil)
+    with pytest.raises(UndoError):
+        load_model(evil, allow_pickle=True)  # weights_only=True refuses the payload
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("case", ["missing", "file", "no_config", "bad_config", "no_weights",
+                                  "corrupt_weights"])
+def test_bad_checkpoints_are_refused_with_a_message(case, tiny_llama, tmp_path):
+    path = tmp_path / "ckpt"
+    if case == "file":
+        path.write_text("x")
+    elif case != "missing":
+        shutil.copytree(tiny_llama, path)
+        if case == "no_config":
+            (path / "config.json").unlink()
+        elif case == "bad_config":
+            (path / "config.json").write_text("{not json")
+        elif case == "no_weights":
+            (path / "model.safetensors").unlink()
+        elif case == "corrupt_weights":
+            (path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00garbage")
+    with pytest.raises(UndoError) as err:
+        load_model(path)
+    assert str(path) in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_custom_code_needs_trust_remote_code(tiny_llama, tmp_path):
+    path = tmp_path / "remote"
+    shutil.copytree(tiny_llama, path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["model_type"] = "evil"
+    cfg["auto_map"] = {"AutoConfig": "modeling_evil.EvilConfig",
+                       "AutoModelForCausalLM": "modeling_evil.EvilModel"}
+    (path / "config.json").write_text(json.dumps(cfg))
+    marker = tmp_path / "executed"
+    (path / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    with pytest.raises(UndoError, match="trust-remote-code"):
+        load_model(path)
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------- atomic output
+
+
+def test_atomic_output_renames_on_success(tmp_path):
+    out = tmp_path / "a" / "out"
+    with atomic_output(out) as tmp:
+        assert tmp.parent == out.parent and tmp.name.startswith(".out.undo-tmp-")
+        (tmp / "f.txt").write_text("hi")
+        assert not out.exists()
+    assert (out / "f.txt").read_text() == "hi"
+    assert [p.name for p in out.parent.iterdir()] == ["out"]
+
+
+def test_atomic_output_leaves_nothing_on_failure(tmp_path):
+    out = tmp_path / "new" / "out"
+    with pytest.raises(RuntimeError), atomic_output(out) as tmp:
+        (tmp / "half.bin").write_bytes(b"x" * 10)
+        raise RuntimeError("boom")
+    assert not out.exists()
+    assert not (tmp_path / "new").exists()  # parents it created are removed too
+
+
+def test_atomic_output_maps_disk_full_to_a_clear_error(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(UndoError, match="no space left"), atomic_output(out):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_needs_overwrite(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(UsageError, match="--overwrite"), atomic_output(out):
+        pass
+    assert (out / "old.txt").exists()
+    with atomic_output(out, overwrite=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with atomic_output(empty) as tmp:  # an empty directory may be reused
+        (tmp / "x").write_text("x")
+    assert (empty / "x").exists()
+
+
+def test_output_may_not_overlap_inputs(tiny_llama, tmp_path):
+    with pytest.raises(UsageError, match="inside input"), atomic_output(
+        tiny_llama / "sub", inputs=[tiny_llama]
+    ):
+        pass
+    with pytest.raises(UsageError, match="contains input"), atomic_output(
+        tiny_llama.parent, inputs=[tiny_llama], overwrite=True
+    ):
+        pass
+    assert (tiny_llama / "model.safetensors").is_file()
+
+
+def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
+    stale = tmp_path / ".out.undo-tmp-999999999-abcd"
+    stale.mkdir()
+    with atomic_output(tmp_path / "out") as tmp:
+        (tmp / "x").write_text("x")
+    assert not stale.exists()
+
+
+def test_copy_support_files_skips_weights_and_manifests(tiny_llama, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(tiny_llama, src)
+    (src / "undo.json").write_text("{}")
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    copy_support_files(src, dst)
+    names = sorted(p.name for p in dst.iterdir())
+    assert "config.json" in names and "tokenizer.json" in names
+    assert not any(n.endswith(".safetensors") or n == "undo.json" for n in names)
+
+
+# ---------------------------------------------------------------- manifest
+
+
+def test_fingerprint_follows_content_not_location(tiny_llama, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_llama, copy)
+    assert fingerprint(copy) == fingerprint(tiny_llama)
+    (copy / "tokenizer_config.json").write_text("{}")  # not part of the weights
+    assert fingerprint(copy) == fingerprint(tiny_llama)
+    data = bytearray((copy / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (copy / "model.safetensors").write_bytes(bytes(data))
+    assert fingerprint(copy) != fingerprint(tiny_llama)
+
+
+def test_manifest_chain_tells_the_whole_history(tiny_llama, tmp_path):
+    first = tmp_path / "first"
+    shutil.copytree(tiny_llama, first)
+    write_manifest(first, build_manifest("init", arguments={"arch": "llama"}, seed=3))
+    second = tmp_path / "second"
+    shutil.copytree(first, second)
+    m2 = build_manifest("perturb", arguments={"alpha": 0.6}, parents={"input": first}, seed=1,
+                        wall_time_s=0.5, compute={"tokens": 0, "flops": 0.0})
+    write_manifest(second, m2)
+    m3 = build_manifest("distill", arguments={}, parents={"teacher": first, "student": second},
+                        metrics={"retain": {"loss": 1.0}})
+    parents = {p["role"]: p for p in m3["parents"]}
+    assert parents["student"]["fingerprint"] == fingerprint(second)
+    assert parents["student"]["manifest"]["parents"][0]["manifest"]["stage"] == "init"
+    assert [m["stage"] for m in manifest_history(m3)] == ["init", "perturb", "distill"]
+    assert read_manifest(second)["arguments"] == {"alpha": 0.6}
+    json.dumps(m3)  # serialisable
