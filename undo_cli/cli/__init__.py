@@ -94,10 +94,18 @@ def _register() -> None:
 _register()
 
 
+def _terminate(signum, frame) -> None:  # noqa: ARG001
+    # SIGTERM unwinds like Ctrl-C, so atomic outputs delete their temporary directories.
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     """Console entry point (`undo`)."""
+    import signal
+
     from undo_cli.runtime import quiet_libraries
 
+    signal.signal(signal.SIGTERM, _terminate)
     quiet_libraries()
     app(prog_name="undo")
 
