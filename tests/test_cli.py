@@ -9,8 +9,9 @@ from undo_cli import __version__
 
 
 def test_help_lists_every_command_with_a_description(cli):
-    from undo_cli.cli import app
     from typer.main import get_command
+
+    from undo_cli.cli import app
 
     group = get_command(app)
     result = cli("--help")

@@ -8,8 +8,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from undo_cli.modelfactory import PRESETS, build_char_tokenizer, build_config, count_parameters
-from undo_cli.modelfactory import random_model
+from undo_cli.modelfactory import (
+    PRESETS,
+    build_char_tokenizer,
+    build_config,
+    count_parameters,
+    random_model,
+)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2", "qwen2"])

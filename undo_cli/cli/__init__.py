@@ -14,7 +14,8 @@ import typer
 from typer.core import TyperGroup
 
 try:  # typer >= 0.20 vendors click
-    from typer._click.exceptions import NoArgsIsHelpError, UsageError as ClickUsageError
+    from typer._click.exceptions import NoArgsIsHelpError
+    from typer._click.exceptions import UsageError as ClickUsageError
 except ImportError:  # pragma: no cover - older typer on top of click
     from click.exceptions import UsageError as ClickUsageError
 

@@ -31,10 +31,13 @@ def init_command(
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ) -> None:
     """Write a randomly initialised model + tokenizer (for tests, examples, random students)."""
-    from undo_cli.checkpoint import atomic_output, build_manifest, check_output_path
-    from undo_cli.checkpoint import write_manifest
+    from undo_cli.checkpoint import atomic_output, build_manifest, check_output_path, write_manifest
     from undo_cli.modelfactory import (
-        build_config, count_parameters, load_tokenizer_spec, random_model, resolve_shape,
+        build_config,
+        count_parameters,
+        load_tokenizer_spec,
+        random_model,
+        resolve_shape,
     )
 
     start = time.time()
