@@ -53,13 +53,15 @@ def _byte_to_unicode() -> dict[int, str]:
 
 def build_char_tokenizer(alphabet: str = DEFAULT_ALPHABET):
     """A character-level tokenizer: one token per character of `alphabet`, plus
-    `<pad>`=0, `<eos>`=1, `<bos>`=2, `<unk>`=3. No token is added automatically.
+    `<pad>`=0, `<eos>`=1, `<bos>`=2, `<unk>`=3. `<bos>` is put before every text encoded with
+    special tokens (as Llama's tokenizer does), so documents in training and prompts in
+    evaluation start the same way.
 
     It is a byte-level BPE without merges, so every transformers tokenizer class (including
     the ones AutoTokenizer forces for some model types, e.g. Qwen2) reads it back the same.
     Characters outside the alphabet become `<unk>`.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     if not alphabet:
@@ -71,6 +73,8 @@ def build_char_tokenizer(alphabet: str = DEFAULT_ALPHABET):
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", vocab["<bos>"])])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
         unk_token="<unk>", clean_up_tokenization_spaces=False,

@@ -88,8 +88,18 @@ def _root(
 
 
 def _register() -> None:
-    # Each module adds its command(s) to `app` on import; one line per command module.
-    from undo_cli.cli import init_cmd  # noqa: F401
+    # Each module adds its command(s) to `app` on import, listed in pipeline order.
+    from undo_cli.cli import (  # noqa: F401, I001 - help lists commands in this order
+        init_cmd,
+        data_cmd,
+        train_cmd,
+        unlearn_cmd,
+        perturb_cmd,
+        distill_cmd,
+        relearn_cmd,
+        eval_cmd,
+        report_cmd,
+    )
 
 
 _register()

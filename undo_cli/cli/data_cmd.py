@@ -1,0 +1,90 @@
+"""`undo data ...`: built-in synthetic data sets (`undo data arithmetic OUT_DIR`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from undo_cli.cli import app
+from undo_cli.cli.common import emit_json, info
+from undo_cli.synthetic import ArithmeticOptions
+
+data_app = typer.Typer(
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(data_app, name="data",
+              help="Write built-in synthetic data sets (the paper's arithmetic task).")
+
+_DEFAULTS = ArithmeticOptions()
+
+
+@data_app.command(
+    "arithmetic", short_help="The arithmetic task: retain (+, -) and forget (*, /) data sets.")
+def arithmetic_command(
+    out: Path = typer.Argument(..., metavar="OUT_DIR", help="Output directory."),
+    seed: int = typer.Option(
+        _DEFAULTS.seed, help="Seed: the same seed and options give byte-identical files."),
+    train_size: int = typer.Option(
+        _DEFAULTS.train_size, help="Training records per split (retain, forget), shared "
+        "equally by the split's two operations."),
+    eval_size: int = typer.Option(
+        _DEFAULTS.eval_size, help="Evaluation items per split, shared equally by its two "
+        "operations; half of each operation's items (rounded up) are equations, the rest "
+        "word problems from held-out templates."),
+    add_max: int = typer.Option(
+        _DEFAULTS.add_max, help="Addition and subtraction operands are 0..N (subtraction "
+        "keeps a >= b)."),
+    mul_max: int = typer.Option(
+        _DEFAULTS.mul_max, help="Multiplication factors, divisors and quotients are 1..N "
+        "(division is always exact)."),
+    word_fraction: float = typer.Option(
+        _DEFAULTS.word_fraction, help="Share of the training records that are word problems "
+        "(the rest are bare equations)."),
+    heldout_pairs: float = typer.Option(
+        _DEFAULTS.heldout_pairs, help="Share (0 to 0.5) of each operation's operand pairs kept "
+        "out of all training text; eval equations then use only those pairs. 0: eval "
+        "equations test facts seen in training (a tiny model cannot infer unseen "
+        "multiplication facts)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT_DIR."),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+) -> None:
+    """Write the arithmetic task: retain = addition, subtraction; forget = multiplication,
+    division.
+
+    \b
+    Files in OUT_DIR (JSON Lines, ASCII):
+    - retain_train, forget_train: {"text": "12 + 7 = 19"} or a word
+      problem ending "... Answer: 19"
+    - retain_eval, forget_eval: {"prompt": "12 + 7 = ", "answer": "19",
+      "op": "add", "kind": "equation"} (kind "word" for word problems)
+    - retain_eval_equation, retain_eval_word (and forget_...):
+      the eval items of one kind
+    - retain_eval_text, forget_eval_text: {"text": prompt + answer}
+    - info.json (options, counts, held-out pairs, templates), undo.json
+
+    Eval word problems come from templates never used in training. Tiny models learn the
+    equations in minutes but not the unseen templates, so *_eval_equation gives the cleaner
+    accuracy metric.
+    """
+    from undo_cli.synthetic import generate_arithmetic
+
+    paths = generate_arithmetic(
+        out, overwrite=overwrite, seed=seed, train_size=train_size, eval_size=eval_size,
+        add_max=add_max, mul_max=mul_max, word_fraction=word_fraction,
+        heldout_pairs=heldout_pairs,
+    )
+    counts = {}
+    for key, path in paths.items():
+        if path.suffix == ".jsonl":
+            with open(path, encoding="ascii") as f:
+                counts[key] = sum(1 for _ in f)
+    summary = {"output": str(out), "task": "arithmetic", "seed": seed,
+               "files": {key: str(path) for key, path in paths.items()}, "records": counts}
+    if json_out:
+        emit_json(summary)
+    else:
+        info(f"wrote {out}: retain {counts['retain_train']} train / {counts['retain_eval']} "
+             f"eval records, forget {counts['forget_train']} train / "
+             f"{counts['forget_eval']} eval records")

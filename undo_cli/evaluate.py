@@ -1,0 +1,651 @@
+"""Metrics on data files: loss/perplexity, greedy exact-match accuracy, multiple choice.
+
+Used by `undo eval` and, in-process on a model already in memory, by distillation's stop
+condition and the relearning attack. The API:
+
+    sets = [load_eval_set("retain", "retain_eval.jsonl", tokenizer)]   # read + tokenise once
+    metrics = evaluate_model(model, tokenizer, sets)    # {"retain": {"loss": .., "accuracy": ..}}
+    flatten_metrics(metrics)                            # {"retain.loss": .., "retain.accuracy": ..}
+
+`evaluate_model` runs in eval mode under `torch.no_grad` and puts every submodule back in
+the train/eval mode it found it in, so it can be called in the middle of training.
+
+The record shape of a file decides its metrics (see `undo_cli.records`):
+
+- `text` (`{"text"}`): `loss`, the mean cross-entropy (nats) over every predicted token of
+  every document (token-weighted over the set); `ppl = exp(loss)`; `tokens`, the number of
+  predicted tokens; `n`, documents. A document is tokenised with the tokenizer's special tokens
+  (a BOS if the tokenizer adds one, no EOS appended), and its tokens from the second on are
+  predicted, as `model(ids, labels=ids).loss` does. A document longer than the window
+  (`max_length`, default the model's maximum length, at most 4096) is cut into windows of
+  that many tokens, each starting at the last token of the previous one, so every token is
+  predicted exactly once; the context restarts at each window.
+- `completion` (`{"prompt", "completion"|"answer"}`): `loss`, the mean cross-entropy of the
+  completion tokens given the prompt, tokenised exactly as training does
+  (`undo_cli.data.encode_prompt_completion`: prompt with special tokens, completion without,
+  plus EOS); `accuracy`: greedy generation from the prompt (batched, left padding; see
+  `undo_cli.generation`) cut at the first newline or EOS, equal to the answer after stripping
+  whitespace on both sides; two numbers compare as numbers ("84" equals "84.0"). `tokens`,
+  `n` as above. A sequence longer than the window keeps its last tokens.
+- `choice` (`{"question", "choices", "answer"}`, answer an index, a digit string or a letter
+  A-Z): each choice is scored by the summed log-likelihood of its continuation after the
+  question (the lm-evaluation-harness convention); `accuracy` counts questions whose correct
+  choice scores highest, `accuracy_norm` the same with each score divided by the length of
+  the choice text in characters, without the separating space (lm-eval's `acc_norm`); ties
+  go to the first choice. Prompt
+  formats (`choice_format`):
+    - `qa` (default): context `"Question: {question}\\nAnswer:"`, continuation
+      `" " + choice` (lm-eval's ARC/SciQ layout);
+    - `letters`: context `"{question}\\nA. {choice 0}\\nB. {choice 1}\\n...\\nAnswer:"`,
+      continuations `" A"`, `" B"`, ... (lm-eval's MMLU/WMDP layout; here `accuracy_norm`
+      equals `accuracy`);
+    - `raw`: context is the question as given, continuation the choice as given.
+  Context and continuation are tokenised separately, as prompt and completion are
+  (`encode_prompt_completion` without EOS).
+
+Batches: sequences are sorted by length and batched with right padding for scoring (left
+padding for generation); results do not depend on the batching. `batch_size=None` picks rows
+per batch from a token budget; a CUDA out-of-memory error halves the batch and retries.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from undo_cli.errors import DataError, UndoError, UsageError
+from undo_cli.generation import (
+    greedy_generate,
+    model_device,
+    model_max_length,
+    run_batched,
+    unwrap_model,
+)
+from undo_cli.records import Record, completion_of, file_shape, read_records
+
+CHOICE_FORMATS = ("qa", "letters", "raw")
+DEFAULT_MAX_NEW_TOKENS = 32
+SCORE_TOKEN_BUDGET = 65536  # tokens per scoring batch when batch_size is None
+SCORE_LOGIT_BUDGET = 2**27  # logit elements (tokens x vocabulary) per scoring batch
+SCORE_MAX_ROWS = 256
+LM_EVAL_HINT = ("--lm-eval-tasks needs lm-evaluation-harness: pip install 'lm_eval[hf]' "
+                "(its tasks download data sets from the Hugging Face Hub: run with "
+                "HF_HUB_OFFLINE=0 or with the data sets already cached)")
+
+# Built-in data sets that may be named instead of a path: name -> records factory.
+BUILTIN_SETS: dict[str, Callable[[], list[Record]]] = {}
+
+
+def register_builtin_set(name: str, factory: Callable[[], list[Record]]) -> None:
+    """Make `name` usable instead of a data file path (`--data NAME=name`)."""
+    BUILTIN_SETS[name] = factory
+
+
+def _arithmetic_factory(key: str) -> Callable[[], list[Record]]:
+    def factory() -> list[Record]:
+        from undo_cli.synthetic import arithmetic_records
+
+        rows = arithmetic_records().records[key]
+        return [Record(row, f"arithmetic:{key}", i + 1) for i, row in enumerate(rows)]
+
+    return factory
+
+
+def _builtin(name: str) -> Callable[[], list[Record]] | None:
+    """The factory of a built-in set: registered ones, and `arithmetic:FILE_KEY` (the
+    synthetic arithmetic task with the generator's default options)."""
+    if name in BUILTIN_SETS:
+        return BUILTIN_SETS[name]
+    task, _, key = name.partition(":")
+    if task == "arithmetic" and key:
+        try:
+            from undo_cli.synthetic import FILES
+        except ImportError:
+            return None
+        if key in FILES:
+            return _arithmetic_factory(key)
+    return None
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+@dataclass
+class EvalData:
+    """A validated data file: its records reduced to what the metrics need (no tokens yet).
+
+    `items` per shape: `text` -> the text; `completion` -> (prompt, answer);
+    `choice` -> (question, choices, index of the correct choice).
+    """
+
+    name: str
+    shape: str
+    source: str
+    records: list[Record]
+    items: list[Any]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def _as_text(rec: Record, key: str) -> str:
+    value = rec.data.get(key)
+    if value is None:
+        raise rec.error(f"'{key}' is missing")
+    if isinstance(value, (dict, list)):
+        raise rec.error(f"'{key}' must be a string, not {type(value).__name__}")
+    return str(value)
+
+
+def _choice_answer(rec: Record, value: Any, n_choices: int) -> int:
+    if isinstance(value, bool) or value is None:
+        raise rec.error(f"'answer' must be a choice index or a letter, not {value!r}")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    index: int | None = None
+    if isinstance(value, int):
+        index = value
+    elif isinstance(value, str):
+        s = value.strip()
+        if s.isdigit():
+            index = int(s)
+        elif len(s) == 1 and "A" <= s.upper() <= "Z":
+            index = ord(s.upper()) - ord("A")
+    if index is None:
+        raise rec.error(f"'answer' must be a choice index (0-based) or a letter A-Z, "
+                        f"not {value!r}")
+    if not 0 <= index < n_choices:
+        raise rec.error(f"'answer' {value!r} is out of range for {n_choices} choices")
+    return index
+
+
+def _choice_item(rec: Record) -> tuple[str, list[str], int]:
+    question = _as_text(rec, "question")
+    choices = rec.data.get("choices")
+    if isinstance(choices, str):  # CSV cells hold the list as JSON text
+        try:
+            choices = json.loads(choices)
+        except json.JSONDecodeError as e:
+            raise rec.error("'choices' must be a list (in CSV: a JSON list)") from e
+    if hasattr(choices, "tolist"):  # numpy arrays from Parquet
+        choices = choices.tolist()
+    if not isinstance(choices, (list, tuple)) or not choices:
+        raise rec.error("'choices' must be a non-empty list")
+    if any(c is None or isinstance(c, (dict, list)) for c in choices):
+        raise rec.error("every choice must be a string")
+    choices = [str(c) for c in choices]
+    if any(not c for c in choices):
+        raise rec.error("every choice must be a non-empty string")
+    if len(choices) > 26:
+        raise rec.error(f"{len(choices)} choices; at most 26 (A-Z) are supported")
+    return question, choices, _choice_answer(rec, rec.data.get("answer"), len(choices))
+
+
+def _check_choice_fields(records: list[Record]) -> None:
+    """A clearer error than "unknown shape" for multiple-choice records missing a field."""
+    for rec in records:
+        keys = rec.data
+        if "question" in keys and not ("prompt" in keys or "text" in keys):
+            for need in ("choices", "answer"):
+                if need not in keys:
+                    raise rec.error(f"'{need}' is missing (a multiple-choice record needs "
+                                    "'question', 'choices' and 'answer')")
+
+
+def read_eval_data(name: str, path: str | Path, *, limit: int | None = None,
+                   seed: int = 0) -> EvalData:
+    """Read and validate a data file (or a built-in set's name) for evaluation.
+
+    `limit`: keep a seeded random sample of that many records (in file order). Raises
+    `DataError` naming the file and line for an unknown record shape, a missing or bad
+    field, an answer index out of range, or an empty file.
+    """
+    if limit is not None and limit < 1:
+        raise UsageError(f"--limit must be at least 1 (got {limit})")
+    builtin = None if Path(path).exists() else _builtin(str(path))
+    if builtin is None and not Path(path).exists() and str(path).startswith("arithmetic:"):
+        from undo_cli.synthetic import FILES
+
+        raise UsageError(f"unknown built-in data set {str(path)!r}; the arithmetic task has "
+                         + ", ".join(f"arithmetic:{key}" for key in FILES))
+    if builtin is not None:
+        records = builtin()
+        if not records:
+            raise DataError("the data set is empty", path)
+    else:
+        records = read_records(path)
+    if limit is not None and limit < len(records):
+        picked = sorted(random.Random(seed).sample(range(len(records)), limit))
+        records = [records[i] for i in picked]
+    _check_choice_fields(records)
+    shape = file_shape(records)
+    items: list[Any]
+    if shape == "text":
+        items = [_as_text(rec, "text") for rec in records]
+    elif shape == "completion":
+        items = []
+        for rec in records:
+            if isinstance(rec.data.get("completion", rec.data.get("answer")), (dict, list)):
+                raise rec.error("'completion' (or 'answer') must be a string")
+            items.append((_as_text(rec, "prompt"), completion_of(rec)))
+    else:
+        items = [_choice_item(rec) for rec in records]
+    return EvalData(name=name, shape=shape, source=str(path), records=records, items=items)
+
+
+# ----------------------------------------------------------------------------- tokenising
+
+
+@dataclass
+class EvalSet:
+    """A data set read, validated and tokenised once, ready for `evaluate_model`.
+
+    `sequences[i]` is scored from token `starts[i]` on (every token at or after it is
+    predicted from the ones before). Per shape: `text` -> one sequence per document
+    (start 1); `completion` -> prompt + completion (start = prompt length), with the gold
+    `answers`; `choice` -> one sequence per choice, `groups[q]` the (first, end) range of
+    question q's choices, `targets[q]` its correct choice, `lengths[i]` the length of the
+    choice's text in characters (for `accuracy_norm`).
+    """
+
+    name: str
+    shape: str
+    source: str
+    n: int
+    sequences: list[list[int]] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)
+    answers: list[str] = field(default_factory=list)
+    groups: list[tuple[int, int]] = field(default_factory=list)
+    targets: list[int] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+
+
+def choice_prompt(question: str, choices: Sequence[str], fmt: str = "qa") -> tuple[str, list[str]]:
+    """(context, continuations) of a multiple-choice question in format `fmt` (module doc)."""
+    if fmt == "qa":
+        return (f"Question: {question.strip()}\nAnswer:",
+                [c if c[:1].isspace() else " " + c for c in choices])
+    if fmt == "letters":
+        letters = [chr(ord("A") + i) for i in range(len(choices))]
+        lines = [question.strip()] + [f"{x}. {c}" for x, c in zip(letters, choices)]
+        return "\n".join(lines) + "\nAnswer:", [" " + x for x in letters]
+    if fmt == "raw":
+        return question, list(choices)
+    raise UsageError(f"unknown choice format {fmt!r}; choose one of {', '.join(CHOICE_FORMATS)}")
+
+
+def tokenize_eval_data(data: EvalData, tokenizer, *, choice_format: str = "qa") -> EvalSet:
+    """Tokenise validated data with `tokenizer` (the same tokenisation training uses)."""
+    from undo_cli.data import encode_prompt_completion, ensure_special_tokens
+
+    if choice_format not in CHOICE_FORMATS:
+        raise UsageError(f"unknown choice format {choice_format!r}; choose one of "
+                         f"{', '.join(CHOICE_FORMATS)}")
+    ensure_special_tokens(tokenizer)
+    out = EvalSet(name=data.name, shape=data.shape, source=data.source, n=len(data.items))
+    if data.shape == "text":
+        for text in data.items:
+            out.sequences.append(list(tokenizer(text, add_special_tokens=True)["input_ids"]))
+            out.starts.append(1)
+        if all(len(s) < 2 for s in out.sequences):
+            raise DataError("no text record has two or more tokens: nothing to predict",
+                            data.source)
+    elif data.shape == "completion":
+        for rec, (prompt, answer) in zip(data.records, data.items):
+            ids, labels = encode_prompt_completion(tokenizer, prompt, answer)
+            start = _prompt_length(ids, labels)
+            if start == 0:
+                raise rec.error("the prompt is empty (and the tokenizer adds no BOS token): "
+                                "there is nothing to generate from")
+            out.sequences.append(ids)
+            out.starts.append(start)
+            out.answers.append(answer)
+    else:
+        for rec, (question, choices, target) in zip(data.records, data.items):
+            context, continuations = choice_prompt(question, choices, choice_format)
+            first = len(out.sequences)
+            shown = ([chr(ord("A") + k) for k in range(len(choices))]
+                     if choice_format == "letters" else choices)
+            for cont, text in zip(continuations, shown):
+                ids, labels = encode_prompt_completion(tokenizer, context, cont, add_eos=False)
+                start = _prompt_length(ids, labels)
+                if start == 0:
+                    raise rec.error("the question is empty (and the tokenizer adds no BOS "
+                                    "token): nothing to condition the choices on")
+                if start == len(ids):
+                    raise rec.error(f"choice {cont!r} has no tokens")
+                out.sequences.append(ids)
+                out.starts.append(start)
+                out.lengths.append(len(text))
+            out.groups.append((first, len(out.sequences)))
+            out.targets.append(target)
+    return out
+
+
+def _prompt_length(ids: Sequence[int], labels: Sequence[int]) -> int:
+    """Prompt tokens of an `encode_prompt_completion` pair: labels differ from the ids (they
+    are masked) exactly on the prompt."""
+    n = 0
+    while n < len(labels) and labels[n] != ids[n]:
+        n += 1
+    return n
+
+
+def load_eval_set(name: str, path: str | Path, tokenizer, limit: int | None = None,
+                  seed: int = 0, *, choice_format: str = "qa") -> EvalSet:
+    """Read, validate and tokenise a data file (or built-in set) once for `evaluate_model`."""
+    data = read_eval_data(name, path, limit=limit, seed=seed)
+    return tokenize_eval_data(data, tokenizer, choice_format=choice_format)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def _windows(ids: list[int], start: int, length: int, chunk: bool) -> list[tuple[list[int], int]]:
+    """(window, start) pairs covering the scored tokens of `ids` with windows <= `length`.
+
+    `chunk`: windows overlapping by one token (each token predicted once, module doc);
+    otherwise one window holding the last `length` tokens.
+    """
+    if len(ids) <= length:
+        return [(ids, start)]
+    if not chunk:
+        cut = len(ids) - length
+        return [(ids[cut:], max(1, start - cut))]
+    out = []
+    pos = 0
+    while pos < len(ids) - 1:
+        window = ids[pos:pos + length]
+        out.append((window, max(1, start - pos)))
+        pos += length - 1
+    return [(w, s) for w, s in out if s < len(w)]
+
+
+def _vocab_size(model) -> int:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and hasattr(head, "weight"):
+        return int(head.weight.shape[0])
+    config = model.config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(getattr(config, "vocab_size", 32000))
+
+
+def score_sequences(model, requests: Sequence[tuple[Sequence[int], int]], *,
+                    batch_size: int | None = None, pad_id: int = 0,
+                    device: torch.device | str | None = None) -> list[tuple[float, int]]:
+    """Per (ids, start): the summed log-probability of `ids[start:]`, each token given the
+    ones before it, and the number of those tokens. Batched with right padding; the caller
+    sets eval mode and `torch.no_grad`."""
+    model = unwrap_model(model)
+    device = torch.device(device) if device is not None else model_device(model)
+    vocab = _vocab_size(model)
+    results: list[tuple[float, int]] = [(0.0, 0)] * len(requests)
+    order = sorted(range(len(requests)), key=lambda i: (-len(requests[i][0]), i))
+
+    def rows_for(rest: Sequence[int]) -> int:
+        width = len(requests[rest[0]][0])
+        return min(SCORE_MAX_ROWS, SCORE_TOKEN_BUDGET // width,
+                   SCORE_LOGIT_BUDGET // (width * vocab))
+
+    def run(chunk: Sequence[int]) -> None:
+        width = max(len(requests[i][0]) for i in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, i in enumerate(chunk):
+            seq = requests[i][0]
+            ids[row, :len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
+            mask[row, :len(seq)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        token_lp = logprobs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1).double().cpu()
+        for row, i in enumerate(chunk):
+            seq, start = requests[i]
+            values = token_lp[row, start - 1:len(seq) - 1]
+            results[i] = (float(values.sum()), int(values.numel()))
+
+    run_batched(order, rows_for, run, batch_size)
+    return results
+
+
+# ----------------------------------------------------------------------------- metrics
+
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+
+
+def answers_match(generated: str, answer: str) -> bool:
+    """Exact match after cutting `generated` at its first newline and stripping whitespace
+    from both; two numbers compare as numbers ("84" equals "84.0")."""
+    a = generated.split("\n", 1)[0].strip()
+    b = str(answer).strip()
+    if a == b:
+        return True
+    if _NUMBER.fullmatch(a) and _NUMBER.fullmatch(b):
+        return float(a) == float(b)
+    return False
+
+
+def _loss_metrics(scores: list[tuple[float, int]]) -> dict[str, float]:
+    total = sum(s for s, _ in scores)
+    count = sum(n for _, n in scores)
+    loss = -total / count if count else float("nan")
+    return {"loss": loss, "tokens": count}
+
+
+def _evaluate_set(model, tokenizer, es: EvalSet, *, batch_size: int | None,
+                  max_new_tokens: int, generate: bool, max_length: int,
+                  device: torch.device) -> tuple[dict[str, float], list[str] | None]:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    chunk = es.shape == "text"
+    requests: list[tuple[list[int], int]] = []
+    owner: list[int] = []
+    for i, (seq, start) in enumerate(zip(es.sequences, es.starts)):
+        for window, first in _windows(seq, start, max_length, chunk):
+            if first < len(window):  # something to predict
+                requests.append((window, first))
+                owner.append(i)
+    scores = score_sequences(model, requests, batch_size=batch_size, pad_id=pad, device=device)
+    per_seq = [(0.0, 0)] * len(es.sequences)
+    for i, (s, n) in zip(owner, scores):
+        per_seq[i] = (per_seq[i][0] + s, per_seq[i][1] + n)
+
+    if es.shape == "text":
+        metrics = _loss_metrics(per_seq)
+        metrics["ppl"] = math.exp(metrics["loss"]) if metrics["loss"] < 700 else float("inf")
+        metrics["n"] = es.n
+        return _ordered(metrics, ("loss", "ppl", "tokens", "n")), None
+    if es.shape == "completion":
+        metrics = _loss_metrics(per_seq)
+        answers = None
+        if generate:
+            prompts = [seq[:start] for seq, start in zip(es.sequences, es.starts)]
+            answers = greedy_generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                      batch_size=batch_size, max_length=max_length,
+                                      device=device)
+            correct = sum(answers_match(a, b) for a, b in zip(answers, es.answers))
+            metrics["accuracy"] = correct / es.n
+        metrics["n"] = es.n
+        return _ordered(metrics, ("loss", "accuracy", "tokens", "n")), answers
+    correct = correct_norm = 0
+    for (first, end), target in zip(es.groups, es.targets):
+        ll = [per_seq[j][0] for j in range(first, end)]
+        norm = [per_seq[j][0] / es.lengths[j] for j in range(first, end)]
+        correct += max(range(len(ll)), key=lambda k: (ll[k], -k)) == target
+        correct_norm += max(range(len(norm)), key=lambda k: (norm[k], -k)) == target
+    return {"accuracy": correct / es.n, "accuracy_norm": correct_norm / es.n, "n": es.n}, None
+
+
+def _ordered(metrics: dict[str, float], keys: Sequence[str]) -> dict[str, float]:
+    return {k: metrics[k] for k in keys if k in metrics}
+
+
+def evaluate_model(model, tokenizer, sets: Sequence[EvalSet], *, batch_size: int | None = None,
+                   max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, generate: bool = True,
+                   max_length: int | None = None, device: torch.device | str | None = None,
+                   answers: dict[str, list[str]] | None = None) -> dict[str, dict[str, float]]:
+    """Metrics of `model` on each set: `{set name: {metric: value}}` (module doc).
+
+    `batch_size`: rows per batch (None: from a token budget). `generate=False` skips greedy
+    generation (no `accuracy` on completion sets). `max_length`: the window (default: the
+    model's maximum length, at most 4096). `device`: where inputs go (default: the model's).
+    `answers`: if given, filled with each completion set's generated answers. Runs in eval
+    mode under `torch.no_grad`; every submodule's train/eval mode is restored afterwards.
+    """
+    if batch_size is not None and batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
+    if max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")
+    names = [s.name for s in sets]
+    if len(set(names)) != len(names):
+        raise UsageError(f"data set names must be unique (got {names})")
+    model = unwrap_model(model)
+    window = max_length or model_max_length(model)
+    if window < 2:
+        raise UsageError(f"--max-length must be at least 2 (got {window})")
+    device = torch.device(device) if device is not None else model_device(model)
+    modes = {m: m.training for m in model.modules()}
+    results: dict[str, dict[str, float]] = {}
+    try:
+        model.eval()
+        with torch.no_grad():
+            for es in sets:
+                results[es.name], generated = _evaluate_set(
+                    model, tokenizer, es, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                    generate=generate, max_length=window, device=device)
+                if answers is not None and generated is not None:
+                    answers[es.name] = generated
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    return results
+
+
+def flatten_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
+    """`{"retain": {"accuracy": x}}` -> `{"retain.accuracy": x}`."""
+    return {f"{name}.{key}": value for name, values in metrics.items()
+            for key, value in values.items()}
+
+
+# ----------------------------------------------------------------------------- lm-eval bridge
+
+
+def lm_eval_available() -> bool:
+    """Whether lm-evaluation-harness (`lm_eval`) can be imported."""
+    import importlib.util
+
+    return importlib.util.find_spec("lm_eval") is not None
+
+
+def lm_eval_metrics(output: dict[str, Any], tasks: Sequence[str]) -> dict[str, dict[str, float]]:
+    """lm-eval's `simple_evaluate` output -> `{task: {metric: value}}`.
+
+    `acc` becomes `accuracy`, `acc_norm` `accuracy_norm`; standard errors are dropped; a
+    filter other than `none` is appended (`exact_match_strict-match`). Only the requested
+    tasks (or groups) are kept when present, else every reported task.
+    """
+    table: dict[str, dict[str, Any]] = {}
+    for part in ("results", "groups"):
+        for task, values in (output.get(part) or {}).items():
+            table.setdefault(task, {}).update(values)
+    wanted = [t for t in tasks if t in table] or sorted(table)
+    out: dict[str, dict[str, float]] = {}
+    for task in wanted:
+        metrics: dict[str, float] = {}
+        for key, value in table[task].items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            metric, _, filt = key.partition(",")
+            if metric.endswith("_stderr"):
+                continue
+            name = {"acc": "accuracy", "acc_norm": "accuracy_norm"}.get(metric, metric)
+            if filt and filt != "none":
+                name = f"{name}_{filt}"
+            metrics[name] = float(value)
+        out[task] = metrics
+    return out
+
+
+def run_lm_eval(model, tokenizer, tasks: Sequence[str], *, batch_size: int | None = None,
+                limit: int | None = None, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Run lm-evaluation-harness tasks on a model in memory; `{task: {metric: value}}`.
+
+    Raises `UsageError` with installation instructions when `lm_eval` is not installed.
+    """
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+    except ImportError as e:
+        raise UsageError(LM_EVAL_HINT) from e
+    model = unwrap_model(model)
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size or 8)
+        output = lm_eval.simple_evaluate(
+            model=lm, tasks=list(tasks), limit=limit, random_seed=seed,
+            numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+    except (KeyError, ValueError, OSError, ConnectionError) as e:
+        raise UndoError(f"lm-eval could not run {','.join(tasks)}: {e} "
+                        "(tasks download their data sets: set HF_HUB_OFFLINE=0 or cache them)"
+                        ) from e
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    if not output:
+        raise UndoError("lm-eval returned no results")
+    return lm_eval_metrics(output, tasks)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def evaluate_checkpoints(checkpoints: Sequence[str | Path], data: Sequence[EvalData], *,
+                         batch_size: int | None = None,
+                         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                         max_length: int | None = None, choice_format: str = "qa",
+                         device: torch.device | str | None = None,
+                         lm_eval_tasks: Sequence[str] = (), limit: int | None = None,
+                         seed: int = 0, allow_pickle: bool = False,
+                         trust_remote_code: bool = False,
+                         on_start: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Load each checkpoint in turn and evaluate it on every data set (and lm-eval task).
+
+    Returns `[{"checkpoint": path, "metrics": {name: {metric: value}}}, ...]`. Checkpoint
+    paths are checked before any model is loaded (`UsageError`); a checkpoint that fails
+    to load raises `UndoError`.
+    """
+    from undo_cli.checkpoint import inspect_checkpoint, load_model, load_tokenizer
+    from undo_cli.runtime import pick_device
+
+    for ckpt in checkpoints:
+        inspect_checkpoint(ckpt, allow_pickle=allow_pickle)
+    if lm_eval_tasks and not lm_eval_available():
+        raise UsageError(LM_EVAL_HINT)
+    target = pick_device(str(device) if device is not None else None)
+    results = []
+    for ckpt in checkpoints:
+        if on_start is not None:
+            on_start(str(ckpt))
+        model = load_model(ckpt, device=target, allow_pickle=allow_pickle,
+                           trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(ckpt, trust_remote_code=trust_remote_code)
+        sets = [tokenize_eval_data(d, tokenizer, choice_format=choice_format) for d in data]
+        metrics = evaluate_model(model, tokenizer, sets, batch_size=batch_size,
+                                 max_new_tokens=max_new_tokens, max_length=max_length,
+                                 device=target)
+        if lm_eval_tasks:
+            metrics.update(run_lm_eval(model, tokenizer, lm_eval_tasks, batch_size=batch_size,
+                                       limit=limit, seed=seed))
+        results.append({"checkpoint": str(ckpt), "metrics": metrics})
+        del model
+        if target.type == "cuda":
+            torch.cuda.empty_cache()
+    return results
