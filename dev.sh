@@ -37,7 +37,7 @@ case "$cmd" in
     setup ;;
   demo)
     setup
-    exec bash examples/quickstart.sh "$@" ;;
+    PATH="$(cd "$VENV" && pwd)/bin:$PATH" exec bash examples/arithmetic.sh "$@" ;;
   test)
     setup
     "$VENV/bin/ruff" check undo_cli tests benchmarks

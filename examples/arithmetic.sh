@@ -29,9 +29,10 @@ EVAL_EVERY="${EVAL_EVERY:-20}"
 BATCH="${BATCH:-32}"
 LENGTH="${LENGTH:-128}"
 STAGES="${STAGES:-all}"                    # all, or "prepare" (up to unlearn) / "undo" (from perturb)
+DATA_ARGS="${DATA_ARGS:-}"                 # extra options of `undo data arithmetic`
 if [ "${SMOKE:-0}" = 1 ]; then
-  BASE_STEPS=20 UNLEARN_STEPS=5 DISTILL_MAX_STEPS=10 ATTACK_STEPS=4 ATTACK_LRS=1e-3 EVAL_EVERY=2
-  BATCH=8 LENGTH=32 PRESET=tiny
+  BASE_STEPS=10 UNLEARN_STEPS=3 DISTILL_MAX_STEPS=4 ATTACK_STEPS=2 ATTACK_LRS=1e-3 EVAL_EVERY=2
+  BATCH=4 LENGTH=32 PRESET=tiny DATA_ARGS="--train-size 200 --eval-size 8"
 fi
 undo() { if [ -n "${UNDO:-}" ]; then $UNDO "$@"; else command undo "$@"; fi; }
 D="$OUT/data"
@@ -43,7 +44,8 @@ DISTILL_FILES=(--data "$D/retain_train.jsonl")
 
 if [ "$STAGES" != undo ]; then
 echo "== data" >&2
-undo data arithmetic "$D" --seed "$SEED" --overwrite
+# shellcheck disable=SC2086 # DATA_ARGS holds several options
+undo data arithmetic "$D" --seed "$SEED" --overwrite $DATA_ARGS
 
 echo "== train base (retain + forget) and oracle (retain only), side by side" >&2
 # Two independent trainings, one per half of the cores (tiny models gain little from more).

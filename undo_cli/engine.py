@@ -192,7 +192,14 @@ def _process_state():
     """accelerate's process state; on a machine without CUDA, processes talk over gloo."""
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available())
+    cpu = not torch.cuda.is_available()
+    state = PartialState(cpu=cpu)
+    if cpu and is_distributed() and state.num_processes == 1:
+        # A `PartialState()` made earlier without cpu=True fell back to a single process on
+        # this CUDA-less machine (no process group was created): set it up again over gloo.
+        PartialState._reset_state()
+        state = PartialState(cpu=True)
+    return state
 
 
 def is_main_process() -> bool:
@@ -295,18 +302,25 @@ def _save_state(accelerator, state_dir: Path, step: int, key: dict) -> None:
     """Write the state into a temporary directory, then rename it: never a half-written one."""
     final = state_dir / f"{STATE_PREFIX}{step:08d}"
     tmp = state_dir / f".tmp-{STATE_PREFIX}{step:08d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / _COMPLETE).write_text(json.dumps({"step": step, "config": key}) + "\n")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        _clear_states(state_dir, keep=final)
-    accelerator.wait_for_everyone()
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (tmp / _COMPLETE).write_text(json.dumps({"step": step, "config": key}) + "\n")
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            _clear_states(state_dir, keep=final)
+        accelerator.wait_for_everyone()
+    except BaseException:  # e.g. a full disk: leave no half-written state behind
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            with suppress(OSError):
+                state_dir.rmdir()  # only if no earlier state is in it
+        raise
 
 
 # --------------------------------------------------------------------------- display

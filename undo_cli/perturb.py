@@ -365,7 +365,11 @@ def _no_intra_op_threads(active: bool = True) -> Iterator[None]:
 
 def _threads(threads: int | None) -> int:
     if threads is None:
-        return max(1, min(8, os.cpu_count() or 1))
+        try:
+            cpus = len(os.sched_getaffinity(0))  # the cores this process may use
+        except AttributeError:  # pragma: no cover - not Linux
+            cpus = os.cpu_count() or 1
+        return max(1, min(8, cpus))
     if threads < 1:
         raise UsageError(f"threads must be at least 1, got {threads}")
     return threads

@@ -91,8 +91,8 @@ def atomic_output(out: str | Path, *, inputs: Iterable[str | Path] = (),
     _remove_stale_temporaries(out)
     token = secrets.token_hex(4)
     tmp = out.parent / f".{out.name}{TMP_MARK}{os.getpid()}-{token}"
-    tmp.mkdir()
     try:
+        tmp.mkdir()
         yield tmp
         if out.exists():
             old = out.parent / f".{out.name}.undo-old-{token}"
@@ -101,17 +101,31 @@ def atomic_output(out: str | Path, *, inputs: Iterable[str | Path] = (),
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
-    except OSError as e:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(created_parents)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        if is_disk_full(e):
             raise UndoError(f"no space left on the device while writing {out}; "
                             "nothing was written") from e
         raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        _remove_empty(created_parents)
-        raise
+
+
+_DISK_FULL_TEXT = ("no space left on device", "disk quota exceeded", "(os error 28)",
+                   "(os error 122)")
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """True for ENOSPC / EDQUOT, also when a library wrapped it (safetensors raises a
+    `SafetensorError` saying "No space left on device (os error 28)")."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(text in str(error).lower() for text in _DISK_FULL_TEXT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _remove_empty(dirs: list[Path]) -> None:

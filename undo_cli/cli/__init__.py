@@ -117,8 +117,12 @@ def main() -> None:
     from undo_cli.runtime import quiet_libraries
 
     signal.signal(signal.SIGTERM, _terminate)
-    quiet_libraries()
-    app(prog_name="undo")
+    try:
+        quiet_libraries()
+        app(prog_name="undo")
+    except KeyboardInterrupt:  # before a command started (e.g. while importing libraries)
+        typer.echo("error: interrupted; nothing was written", err=True)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":
