@@ -17,22 +17,23 @@ SEED="${SEED:-0}"
 ALPHA="${ALPHA:-0.6}"
 BETA="${BETA:-0.1}"
 PRESET="${PRESET:-tiny}"
-BASE_STEPS="${BASE_STEPS:-1000}"          # pretraining budget of base and oracle
+BASE_STEPS="${BASE_STEPS:-2000}"          # pretraining budget of base and oracle
 BASE_LR="${BASE_LR:-3e-3}"
 UNLEARN_STEPS="${UNLEARN_STEPS:-100}"
 DISTILL_MAX_STEPS="${DISTILL_MAX_STEPS:-1000}"
-DISTILL_DATA="${DISTILL_DATA:-all}"        # all (retain + forget text) or retain
+DISTILL_DATA="${DISTILL_DATA:-retain}"     # retain (the paper's choice) or all (retain + forget)
 DISTILL_LR="${DISTILL_LR:-3e-3}"
 ATTACK_STEPS="${ATTACK_STEPS:-100}"
 ATTACK_LRS="${ATTACK_LRS:-1e-4,3e-4,1e-3}"
 EVAL_EVERY="${EVAL_EVERY:-20}"
 BATCH="${BATCH:-32}"
-LENGTH="${LENGTH:-128}"
+LENGTH="${LENGTH:-64}"
+ATTACK_BATCH="${ATTACK_BATCH:-16}"
 STAGES="${STAGES:-all}"                    # all, or "prepare" (up to unlearn) / "undo" (from perturb)
 DATA_ARGS="${DATA_ARGS:-}"                 # extra options of `undo data arithmetic`
 if [ "${SMOKE:-0}" = 1 ]; then
   BASE_STEPS=10 UNLEARN_STEPS=3 DISTILL_MAX_STEPS=4 ATTACK_STEPS=2 ATTACK_LRS=1e-3 EVAL_EVERY=2
-  BATCH=4 LENGTH=32 PRESET=tiny DATA_ARGS="--train-size 200 --eval-size 8"
+  BATCH=4 ATTACK_BATCH=4 LENGTH=32 PRESET=tiny DATA_ARGS="--train-size 200 --eval-size 8"
 fi
 undo() { if [ -n "${UNDO:-}" ]; then $UNDO "$@"; else command undo "$@"; fi; }
 D="$OUT/data"
@@ -76,7 +77,7 @@ echo "== relearning attacks" >&2
 for model in base unlearned undo oracle; do
   undo relearn-attack "$OUT/$model" --data "$D/forget_train.jsonl" "${EVALS[@]}" \
     --forget-metric forget.accuracy --lrs "$ATTACK_LRS" --steps "$ATTACK_STEPS" \
-    --eval-every "$EVAL_EVERY" --batch-size "$BATCH" --max-length "$LENGTH" --seed "$SEED" \
+    --eval-every "$EVAL_EVERY" --batch-size "$ATTACK_BATCH" --max-length "$LENGTH" --seed "$SEED" \
     --out "$OUT/attacks/$model" --overwrite --quiet
 done
 

@@ -210,6 +210,7 @@ def kd_loss_fn(teacher, *, temperature: float = 1.0, ce_weight: float = 0.0,
 
 
 CACHE_INFO = "cache.json"
+RANDOM_STUDENT_SEED_OFFSET = 7919
 
 
 class TeacherCache:
@@ -401,7 +402,9 @@ def build_student(spec: str, teacher, teacher_path: Path, settings: DistillSetti
                        noise=settings.noise)
         return student
     if spec == "random":
-        return random_model(teacher.config, seed=seed)
+        # A seed of its own: `undo init --seed S` and `--seed S` here must not give the base
+        # model's starting weights back.
+        return random_model(teacher.config, seed=RANDOM_STUDENT_SEED_OFFSET + seed)
     if spec in ("teacher", ""):
         raise UsageError("--student is needed: a checkpoint directory (e.g. the output of "
                          "`undo perturb`), `random`, or `teacher` with --alpha/--beta")
@@ -421,13 +424,12 @@ def check_compatible(teacher, student, teacher_tok, student_tok) -> None:
 
 
 def _device_for(config) -> torch.device:
-    from undo_cli.engine import is_distributed
+    """Where the teacher goes: the device the engine trains the student on."""
+    from undo_cli.engine import _process_state, is_distributed
     from undo_cli.runtime import pick_device
 
     if is_distributed():
-        from accelerate import PartialState
-
-        return PartialState().device
+        return _process_state().device
     return pick_device(config.device)
 
 
@@ -458,7 +460,12 @@ def distill_checkpoint(teacher_path: str | Path, student: str, out: str | Path, 
     )
     from undo_cli.data import build_stream
     from undo_cli.engine import is_main_process, remove_state, train, wait_for_everyone
-    from undo_cli.evaluate import evaluate_model, flatten_metrics, load_eval_set
+    from undo_cli.evaluate import (
+        evaluate_model,
+        expected_metrics,
+        flatten_metrics,
+        load_eval_set,
+    )
 
     started = time.time()
     teacher_path = Path(teacher_path)
@@ -478,6 +485,8 @@ def distill_checkpoint(teacher_path: str | Path, student: str, out: str | Path, 
                    if student_is_dir else None)
     stream = build_stream(tok, data, max_length, config.batch_size, config.seed, name="train")
     sets = [load_eval_set(name, path, tok) for name, path in evals]
+    if stop is not None:  # before any model is loaded
+        stop.check_names(set(expected_metrics(sets)))
 
     device = _device_for(config)
     teacher = load_model(teacher_path, allow_pickle=allow_pickle,
@@ -496,8 +505,6 @@ def distill_checkpoint(teacher_path: str | Path, student: str, out: str | Path, 
     teacher_metrics: dict[str, float] = {}
     if sets:
         teacher_metrics = flatten_metrics(evaluate_model(teacher, tok, sets, **eval_kwargs))
-    if stop is not None:
-        stop.check_names(set(teacher_metrics))
 
     streams: dict = {"train": stream}
     frozen = sum(p.numel() for p in {id(p): p for p in teacher.parameters()}.values())

@@ -403,7 +403,18 @@ def _planned_steps(config: TrainConfig, streams: dict, flops_per_token: float) -
 
 
 def _all_finite(params: list[torch.Tensor]) -> bool:
-    return bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
+    """True if every parameter is finite. Sharded (FSDP2 DTensor) parameters are checked
+    shard by shard and the verdict is agreed by all processes."""
+    sharded = any(hasattr(p, "to_local") for p in params)
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
+    finite = torch.stack([torch.isfinite(p).all() for p in local]).all()
+    if sharded and is_distributed():
+        import torch.distributed as dist
+
+        flag = finite.to(torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        finite = flag.bool()
+    return bool(finite)
 
 
 def _to_number(value: Any) -> Any:
@@ -631,6 +642,8 @@ class _Trainer:
             self._sharpness_aware(micro)
         max_norm = config.max_grad_norm if config.max_grad_norm is not None else math.inf
         grad_norm = accelerator.clip_grad_norm_(self.params, max_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor; make it a plain one
+            grad_norm = grad_norm.full_tensor()
         finite = torch.isfinite(loss_sum)
         if grad_norm is not None:
             finite = finite & torch.isfinite(grad_norm)
@@ -801,7 +814,8 @@ class _Trainer:
         loss = {k: v for k, v in last.items() if isinstance(v, float) and k not in _NOT_TERMS}
         wall = self.elapsed_before + time.perf_counter() - self.started
         self.accelerator.wait_for_everyone()
-        model = self.accelerator.unwrap_model(self.prepared, keep_fp32_wrapper=False)
+        model = self._full_model(
+            self.accelerator.unwrap_model(self.prepared, keep_fp32_wrapper=False))
         return TrainResult(
             steps=run.step, tokens=run.tokens,
             flops={"trained": run.flops_trained, "frozen": run.flops_frozen,
@@ -813,6 +827,33 @@ class _Trainer:
             resumed_from=self.resumed_from, log=list(run.log), is_main_process=self.main,
             num_processes=self.world, model=model,
         )
+
+    def _full_model(self, model):
+        """Under FSDP or DeepSpeed ZeRO-3 every process holds a shard of the weights: gather
+        them (all processes take part) into a plain copy of the model on the main process,
+        which is what the commands save. Without sharding, `model` itself."""
+        from accelerate.utils import DistributedType
+
+        accelerator = self.accelerator
+        kind = accelerator.distributed_type
+        zero3 = kind == DistributedType.DEEPSPEED and (
+            accelerator.deepspeed_config.get("zero_optimization", {}).get("stage") == 3)
+        if kind != DistributedType.FSDP and not zero3:
+            return model
+        state = accelerator.get_state_dict(self.prepared)  # full, on the main process
+        if not self.main:
+            return model
+        from transformers import AutoModelForCausalLM
+
+        full = AutoModelForCausalLM.from_config(model.config)
+        missing, _ = full.load_state_dict(state, strict=False)
+        full.tie_weights()
+        own = full.state_dict()
+        loaded = {own[k].data_ptr() for k in state if k in own}
+        lost = [k for k in missing if own[k].data_ptr() not in loaded]  # tied ones are shared
+        if lost:
+            raise UndoError(f"gathering the sharded weights lost {lost[:5]}; nothing was written")
+        return full
 
     def close(self) -> None:
         """Undo the run's temporary changes to the model; release accelerate's references."""

@@ -528,6 +528,19 @@ def evaluate_model(model, tokenizer, sets: Sequence[EvalSet], *, batch_size: int
     return results
 
 
+# Metrics each record shape produces (with generation), as `evaluate_model` computes them.
+SHAPE_METRICS = {"text": ("loss", "ppl", "tokens", "n"),
+                 "completion": ("loss", "accuracy", "tokens", "n"),
+                 "choice": ("accuracy", "accuracy_norm", "n")}
+
+
+def expected_metrics(sets: Sequence[Any]) -> list[str]:
+    """The flat metric names `evaluate_model` gives for these eval sets (with generation), known
+    before any model is loaded: commands check `--forget-metric`, `--stop-when` and `--fail-if`
+    names against them."""
+    return [f"{s.name}.{m}" for s in sets for m in SHAPE_METRICS.get(s.shape, ())]
+
+
 def flatten_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
     """`{"retain": {"accuracy": x}}` -> `{"retain.accuracy": x}`."""
     return {f"{name}.{key}": value for name, values in metrics.items()

@@ -108,10 +108,13 @@ def build_config(arch: str, shape: ModelShape, tokenizer):
 
     if arch not in ARCHITECTURES:
         raise UsageError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    for name in ("layers", "hidden", "heads", "intermediate", "max_position"):
+        value = getattr(shape, name)
+        if value < 1:
+            option = "--" + name.replace("_", "-")
+            raise UsageError(f"{option} must be positive (got {value})")
     if shape.hidden % shape.heads:
         raise UsageError(f"--hidden {shape.hidden} is not divisible by --heads {shape.heads}")
-    if min(shape.layers, shape.hidden, shape.heads, shape.intermediate, shape.max_position) < 1:
-        raise UsageError("model sizes must be positive")
     vocab = len(tokenizer)
     ids = dict(
         pad_token_id=tokenizer.pad_token_id,

@@ -107,6 +107,7 @@ import torch
 
 from undo_cli.engine import TrainConfig
 from undo_cli.errors import UsageError
+from undo_cli.evaluate import expected_metrics
 from undo_cli.gates import check_gates as evaluate_gates
 from undo_cli.gates import parse_gates, raise_failed_gates
 
@@ -127,10 +128,6 @@ DEFAULT_LORA_ALPHA = 256.0
 DEFAULT_LORA_TARGETS = "all-linear"
 MAXIMISED = ("accuracy", "accuracy_norm")
 MINIMISED = ("loss", "ppl")
-# Metrics each record shape produces (as `undo_cli.evaluate` computes them, generating).
-SHAPE_METRICS = {"text": ("loss", "ppl", "tokens", "n"),
-                 "completion": ("loss", "accuracy", "tokens", "n"),
-                 "choice": ("accuracy", "accuracy_norm", "n")}
 _COUNTS = ("tokens", "n")  # counts, not performance: never averaged into summaries
 _SUMMARY_GATE_NAMES = ("final", "auc")
 
@@ -287,11 +284,6 @@ def metric_direction(metric: str) -> str:
         return "min"
     raise UsageError(f"--forget-metric {metric!r}: the attacker recovers an accuracy "
                      f"({', '.join(MAXIMISED)}) or a loss ({', '.join(MINIMISED)})")
-
-
-def expected_metrics(sets: Sequence[Any]) -> list[str]:
-    """The flat metric names `evaluate_model` gives for these eval sets (with generation)."""
-    return [f"{s.name}.{m}" for s in sets for m in SHAPE_METRICS.get(s.shape, ())]
 
 
 def attackable_metrics(names: Sequence[str]) -> list[str]:

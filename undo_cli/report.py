@@ -223,7 +223,9 @@ def write_report(specs: list[str], out: str | Path, *, roles: dict[str, str] | N
     from undo_cli.checkpoint import atomic_output, build_manifest, write_manifest
 
     report = build_report(specs, roles=roles, retain_metric=retain_metric)
-    with atomic_output(out, inputs=[], overwrite=overwrite) as tmp:
+    # REPORT_DIR may not lie inside, or (with --overwrite) replace, a results directory.
+    inputs = [Path(row["results"]) for row in report["rows"]]
+    with atomic_output(out, inputs=inputs, overwrite=overwrite) as tmp:
         (tmp / "report.md").write_text(render_markdown(report))
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         figures = write_figures(report, tmp)

@@ -9,12 +9,24 @@ import random
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# transformers and huggingface_hub read these when they are imported: no info logs, no
+# progress bars of their own (undo shows its own).
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import torch  # noqa: E402
 
 
 def quiet_libraries() -> None:
-    """Silence transformers' own progress bars and info logs; undo shows its own progress."""
+    """Silence transformers' own progress bars and info logs; undo shows its own progress.
+
+    The environment set above does it for libraries imported later; this also quiets them if
+    they were imported already (so commands that need no transformers never import it).
+    """
+    import sys
+
+    if "transformers" not in sys.modules:
+        return
     import transformers
 
     transformers.utils.logging.set_verbosity_error()

@@ -54,7 +54,7 @@ def check_gate_names(gates: list, sets: list, tasks: list[str], reference: bool)
     reference. lm-eval tasks' metrics are only known once they ran, so `TASK.*` names are
     checked then.
     """
-    from undo_cli.relearn import expected_metrics
+    from undo_cli.evaluate import expected_metrics
 
     own = expected_metrics(sets)
     known = set(own)

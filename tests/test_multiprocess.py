@@ -1,0 +1,254 @@
+"""Data parallelism on the CPU: 2 processes over gloo equal 1 process with twice the batch.
+
+Each multi-process run starts a real launcher in a subprocess (train: `accelerate launch
+--config_file examples/accelerate/ddp.yaml --num_processes 2`, which is torchrun underneath;
+unlearn and distill: `python -m torch.distributed.run --nproc_per_node 2`) on a tiny Llama
+(hidden 32) with packed text (every example has the same number of labelled tokens, so the
+mean of the two processes' mean losses is the mean over the global batch). The three runs
+start together. Per command it checks that
+
+- the weights match a single-process run with the same global batch (`--batch-size` 2 per
+  process x 2 processes vs `--batch-size` 4): max |difference| below `TOLERANCE` (measured:
+  2e-8 to 2e-6 after 3-4 AdamW steps; float sums in another order, nothing more);
+- both processes counted the tokens of the global batch (`compute.tokens`, `processes` 2);
+- only the main process wrote, logged and reported: one output directory and nothing else
+  beside it, one train_log.jsonl line per step, each progress line and the final message
+  once on stderr, one JSON document on stdout.
+
+`relearn-attack` runs its grid in one process and refuses a multi-process launch. FSDP needs
+CUDA; its one piece of undo code (gathering the sharded weights for saving) is checked with a
+stand-in accelerator, and the shipped accelerate configs are checked to load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import make_checkpoint
+
+TOLERANCE = 1e-5
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "accelerate"
+TEXT = [f"{a} + {b} = {a + b}" for a in range(15) for b in range(6)]
+FORGET = [f"{a} * {b} = {a * b}" for a in range(12) for b in range(8)]
+COMMON = ["--max-length", "32", "--log-every", "1", "--seed", "3", "--device", "cpu"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    return env
+
+
+def accelerate_launch(*args: str) -> list[str]:
+    """`accelerate launch` with the shipped DDP config, 2 processes. On a machine without CUDA
+    a MULTI_GPU config (or `--multi_gpu`) is what starts them: it is torchrun underneath, and
+    undo then talks over gloo. (`--cpu`, or `--num_processes 2` alone, starts one process.)"""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(EXAMPLES / "ddp.yaml"), "--num_processes", "2", "--main_process_port",
+            str(_free_port()), "-m", "undo_cli", *args]
+
+
+def torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_port", str(_free_port()), "-m", "undo_cli", *args]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread in this process too: the launched processes need the 2 cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("mp")
+    (d / "text.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXT))
+    (d / "forget.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in FORGET))
+    return {"dir": d, "ckpt": make_checkpoint(d / "base"), "text": d / "text.jsonl",
+            "forget": d / "forget.jsonl"}
+
+
+def _arguments(files: dict[str, Path]) -> dict[str, tuple[str, list, list]]:
+    """command -> (launcher, arguments before OUT, arguments after OUT), shared by the
+    multi-process run and its single-process reference (which has --batch-size 4, not 2)."""
+    return {
+        "train": ("accelerate", [], [
+            "--init", files["ckpt"], "--data", files["text"], "--max-steps", "4", "--lr",
+            "1e-3", *COMMON]),
+        "unlearn": ("torchrun", [files["ckpt"]], [
+            "--method", "graddiff", "--forget", files["forget"], "--retain", files["text"],
+            "--max-steps", "3", *COMMON]),
+        # Also saves training state every 2 steps (every process takes part; removed at
+        # the end) and noises the student in memory on each process (identically).
+        "distill": ("torchrun", [], [
+            "--teacher", files["ckpt"], "--student", "teacher", "--alpha", "0.6", "--beta",
+            "0.1", "--data", files["text"], "--max-steps", "4", "--save-every", "2",
+            *COMMON]),
+    }
+
+
+@pytest.fixture(scope="module")
+def launched(files, tmp_path_factory):
+    """The three 2-process runs, started together (their start-ups overlap)."""
+    root = tmp_path_factory.mktemp("mp-runs")
+    runs = {}
+    for command, (launcher, before, after) in _arguments(files).items():
+        out = root / command
+        wrap = accelerate_launch if launcher == "accelerate" else torchrun
+        extra = ["--json"] if command == "train" else []
+        argv = [str(a) for a in wrap(command, *before, out, *after, "--batch-size", "2",
+                                     *extra)]
+        runs[command] = (subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True, env=_env()), out)
+    yield runs
+    for proc, _ in runs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def finish(launched, files, tmp_path, command: str):
+    """Run the 1-process reference of `command` in-process; wait for its 2-process run."""
+    from typer.testing import CliRunner
+
+    from undo_cli.cli import app
+
+    _, before, after = _arguments(files)[command]
+    single = tmp_path / "one"
+    r = CliRunner().invoke(app, [str(a) for a in (command, *before, single, *after,
+                                                  "--batch-size", "4", "-q")])
+    assert r.exit_code == 0, r.output
+    proc, out = launched[command]
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    return out, single, stdout, stderr
+
+
+def max_difference(a: Path, b: Path) -> float:
+    x, y = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert x.keys() == y.keys()
+    difference = max(float((x[k].double() - y[k].double()).abs().max()) for k in x)
+    print(f"{a.name} vs {b.name}: max |difference| {difference:.3g}")  # shown with -s
+    return difference
+
+
+def check_only_main_wrote(out: Path, steps: int, stderr: str, single: Path) -> dict:
+    """One output, nothing beside it, one log line per step, each message once."""
+    beside = sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")
+                    or p.name.startswith(f"{out.name}."))
+    assert beside == [], beside  # no temporary directory, no training state left
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log if e["type"] == "train"] == list(range(1, steps + 1))
+    for step in range(1, steps + 1):
+        assert stderr.count(f"step {step}: ") == 1, stderr
+    assert "error" not in stderr, stderr
+    compute = json.loads((out / "undo.json").read_text())["compute"]
+    reference = json.loads((single / "undo.json").read_text())["compute"]
+    assert compute["processes"] == 2 and reference["processes"] == 1
+    assert compute["tokens"] == reference["tokens"] and compute["steps"] == steps
+    return compute
+
+
+def test_train_with_accelerate_launch_matches_one_process(launched, files, tmp_path):
+    out, single, stdout, stderr = finish(launched, files, tmp_path, "train")
+    summary = json.loads(stdout)  # exactly one JSON document: only rank 0 printed
+    assert summary["steps"] == 4 and summary["output"] == str(out)
+    check_only_main_wrote(out, 4, stderr, single)
+    assert max_difference(out, single) < TOLERANCE
+
+
+def test_unlearn_with_torchrun_matches_one_process(launched, files, tmp_path):
+    out, single, _, stderr = finish(launched, files, tmp_path, "unlearn")
+    assert stderr.count(f"wrote {out}") == 1
+    check_only_main_wrote(out, 3, stderr, single)
+    assert max_difference(out, single) < TOLERANCE
+
+
+def test_distill_with_torchrun_matches_one_process(launched, files, tmp_path):
+    out, single, _, stderr = finish(launched, files, tmp_path, "distill")
+    assert stderr.count(f"wrote {out}") == 1
+    compute = check_only_main_wrote(out, 4, stderr, single)
+    assert compute["flops_teacher"] > 0
+    assert max_difference(out, single) < TOLERANCE
+
+
+def test_relearn_attack_refuses_a_multi_process_launch(cli, files, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun / accelerate launch set
+    r = cli("relearn-attack", files["ckpt"], "--data", files["text"], "--eval",
+            f"forget={files['forget']}", "--max-length", "32", "--out", tmp_path / "r")
+    assert r.exit_code == 2 and "runs in one process" in r.stderr
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_sharded_weights_are_gathered_into_a_plain_model(tmp_path, arch):
+    """FSDP / ZeRO-3 (GPU only, not run here): the engine rebuilds a plain model on the main
+    process from accelerate's full state dict, and that is what gets saved. Checked with a
+    stand-in accelerator: equal weights, tied ones re-tied, a missing untied one refused."""
+    import types
+
+    from accelerate.utils import DistributedType
+
+    from undo_cli.checkpoint import load_model
+    from undo_cli.engine import _Trainer
+    from undo_cli.errors import UndoError
+
+    model = load_model(make_checkpoint(tmp_path / arch, arch=arch))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.25)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = _Trainer.__new__(_Trainer)
+    trainer.prepared, trainer.main = model, True
+    trainer.accelerator = types.SimpleNamespace(
+        distributed_type=DistributedType.FSDP, deepspeed_config=None,
+        get_state_dict=lambda prepared: state)
+    full = trainer._full_model(model)
+    assert full is not model
+    got = full.state_dict()
+    assert got.keys() == state.keys() and all(torch.equal(got[k], state[k]) for k in state)
+
+    del state["lm_head.weight"]  # GPT-2 ties it to the embedding; Llama does not
+    if arch == "gpt2":
+        assert torch.equal(trainer._full_model(model).lm_head.weight, model.lm_head.weight)
+    else:
+        with pytest.raises(UndoError, match="lm_head.weight"):
+            trainer._full_model(model)
+    trainer.accelerator.distributed_type = DistributedType.MULTI_GPU  # DDP: nothing to gather
+    assert trainer._full_model(model) is model
+
+
+def test_the_shipped_accelerate_configs_load():
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    expected = {"ddp.yaml": (DistributedType.MULTI_GPU, 1),
+                "fsdp.yaml": (DistributedType.FSDP, 1),
+                "multinode.yaml": (DistributedType.MULTI_GPU, 2)}
+    assert sorted(p.name for p in EXAMPLES.glob("*.yaml")) == sorted(expected)
+    for name, (kind, machines) in expected.items():
+        config = load_config_from_file(str(EXAMPLES / name))
+        assert (config.distributed_type, config.num_machines) == (kind, machines), name
+        assert config.mixed_precision == "no", name  # bf16 is undo's --bf16
+    fsdp = load_config_from_file(str(EXAMPLES / "fsdp.yaml")).fsdp_config
+    assert fsdp["fsdp_version"] == 2  # prepare(model, optimizer) together, as the engine does
