@@ -121,7 +121,13 @@ def reference_throughput(tok, teacher, student, data: Path, steps: int, max_leng
 
 
 MEMORY_CHILD = r"""
-import resource, sys, torch
+import sys, torch
+def hwm():  # peak resident memory (MB) since the last reset of /proc/self/clear_refs
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+# A forked child inherits its parent's ru_maxrss: reset the high-water mark first.
+open("/proc/self/clear_refs", "w").write("5")
 from transformers import LlamaConfig, AutoModelForCausalLM
 sys.path.insert(0, sys.argv[2])
 from undo_cli.distill import chunked_distill_loss, distill_loss
@@ -133,7 +139,8 @@ teacher = AutoModelForCausalLM.from_config(cfg).eval().requires_grad_(False)
 student = AutoModelForCausalLM.from_config(cfg)
 ids = torch.randint(0, 128_000, (1, 1024))
 batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+open("/proc/self/clear_refs", "w").write("5")
+base = hwm()
 if sys.argv[1] == "chunked":
     loss, _ = chunked_distill_loss(student, teacher, batch, chunk_size=128)
 else:
@@ -141,8 +148,8 @@ else:
         t = teacher(input_ids=ids).logits
     loss, _ = distill_loss(student(input_ids=ids).logits, t, ids)
 loss.backward()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(base / 1024, peak / 1024, float(loss))
+peak = hwm()
+print(base, peak, float(loss))
 """
 
 

@@ -5,7 +5,9 @@
 #
 # Run examples/arithmetic.sh first with the same OUT: this reuses its data, base, oracle and
 # unlearned models and their attacks. The teacher's outputs are cached (--cache-teacher), so
-# the unlearned teacher runs once for the whole sweep. SMOKE=1 for a seconds-long version.
+# the unlearned teacher runs once for the whole sweep (the report's compute for the later
+# students therefore counts no teacher forward: it is what the sweep really spent).
+# SMOKE=1 for a seconds-long version.
 set -euo pipefail
 
 OUT="${OUT:-runs/arithmetic}"

@@ -1,4 +1,4 @@
-"""The whole UNDO pipeline (examples/arithmetic.sh) in its smoke configuration."""
+"""The UNDO pipelines (examples/arithmetic.sh, alpha_sweep.sh) in their smoke configuration."""
 
 from __future__ import annotations
 
@@ -51,3 +51,16 @@ def test_arithmetic_pipeline_smoke(tmp_path):
     assert rows["oracle"]["relative_compute"] == 1.0
     assert rows["base"]["compute_flops"] == 0.0
     assert rows["undo"]["compute_flops"] > 0
+
+    # The alpha sweep reuses the run: one student per alpha, the teacher cached once.
+    done = subprocess.run(["bash", str(ROOT / "examples" / "alpha_sweep.sh")], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    sweep = json.loads((out / "sweep" / "report" / "report.json").read_text())
+    assert [r["model"] for r in sweep["rows"]] == ["base", "unlearned", "oracle", "undo-0.2",
+                                                   "undo-0.8"]
+    first, second = (json.loads((out / "sweep" / f"undo-{a}" / "undo.json").read_text())
+                     for a in ("0.2", "0.8"))
+    assert first["compute"]["flops_teacher"] > 0
+    assert second["compute"]["flops_teacher"] == 0  # read from the teacher cache
+    assert second["compute"]["teacher_cache"]["hits"] == second["compute"]["steps"]
