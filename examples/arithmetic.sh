@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# UNDO on the paper's arithmetic task, end to end, on a laptop CPU (about 15 minutes on 2 cores).
+# UNDO on the paper's arithmetic task, end to end, on a laptop CPU (about 7 minutes on 2 cores).
 #
 #   data -> init -> train base (retain + forget) -> train oracle (retain only, the
 #   data-filtering gold standard) -> unlearn (MaxEnt) -> perturb (alpha 0.6, beta 0.1) ->
