@@ -22,8 +22,10 @@ stand-in accelerator, and the shipped accelerate configs are checked to load.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -118,13 +120,14 @@ def launched(files, tmp_path_factory):
         extra = ["--json"] if command == "train" else []
         argv = [str(a) for a in wrap(command, *before, out, *after, "--batch-size", "2",
                                      *extra)]
+        # A session of its own, so that teardown can stop the launcher and its workers.
         runs[command] = (subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                          text=True, env=_env()), out)
+                                          text=True, env=_env(), start_new_session=True), out)
     yield runs
     for proc, _ in runs.values():
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # no orphaned workers, finished or not
+        proc.wait()
 
 
 def finish(launched, files, tmp_path, command: str):
