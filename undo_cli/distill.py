@@ -445,10 +445,9 @@ def distill_checkpoint(teacher_path: str | Path, student: str, out: str | Path, 
     `evals` are `(name, path)` sets used by `--stop-when` and the periodic evaluation.
     """
     import time
-    from dataclasses import asdict, replace
+    from dataclasses import asdict
 
     from undo_cli.checkpoint import (
-        atomic_output,
         build_manifest,
         check_output_path,
         fingerprint,
@@ -459,7 +458,7 @@ def distill_checkpoint(teacher_path: str | Path, student: str, out: str | Path, 
         write_manifest,
     )
     from undo_cli.data import build_stream
-    from undo_cli.engine import is_main_process, remove_state, train, wait_for_everyone
+    from undo_cli.engine import train, training_output
     from undo_cli.evaluate import (
         evaluate_model,
         expected_metrics,
@@ -526,12 +525,7 @@ def distill_checkpoint(teacher_path: str | Path, student: str, out: str | Path, 
         def should_stop(step, metrics):  # noqa: ARG001
             return f"stop_when: {stop.text}" if stop.holds(metrics, teacher_metrics) else None
 
-    main = is_main_process()
-    from contextlib import nullcontext
-
-    output = atomic_output(out, inputs=inputs, overwrite=overwrite) if main else nullcontext()
-    with output as tmp:
-        run_config = replace(config, log_path=Path(tmp) / "train_log.jsonl" if tmp else None)
+    with training_output(out, config, inputs=inputs, overwrite=overwrite) as (tmp, run_config):
         result = train(model, loss_fn, streams, run_config,
                        frozen_forward_params=0 if cache is not None else frozen,
                        evaluate=evaluate, should_stop=should_stop)
@@ -543,9 +537,8 @@ def distill_checkpoint(teacher_path: str | Path, student: str, out: str | Path, 
                                         "teacher_tokens": cache.teacher_tokens}
         compute["flops_student"] = compute["flops_trained"]
         compute["flops_teacher"] = compute["flops_frozen"]
-        final = {k: v for k, v in (result.evals[-1] if result.evals else {}).items()
-                 if k not in ("step", "tokens", "flops")}
-        if main:
+        final = result.final_metrics()
+        if tmp is not None:
             save_model(result.model, tok, tmp, source=teacher_path)
             parents = {"teacher": teacher_path}
             if student_is_dir:
@@ -558,12 +551,11 @@ def distill_checkpoint(teacher_path: str | Path, student: str, out: str | Path, 
                        "parameters": result.parameters,
                        "data": {"train": stream.describe()}},
             ))
-    wait_for_everyone()
-    remove_state(config.state_dir)
     return {"output": str(out), "teacher": str(teacher_path), "student": student,
             "steps": result.steps, "tokens": result.tokens,
             "flops_student": compute["flops_student"], "flops_teacher": compute["flops_teacher"],
             "stop_reason": result.stop_reason, "kd_loss": result.loss.get("kd_loss"),
             "teacher_metrics": teacher_metrics, "metrics": final,
             "diverged_step": result.diverged_step, "resumed_from": result.resumed_from,
-            "wall_time_s": round(time.time() - started, 3), "is_main_process": main}
+            "wall_time_s": round(time.time() - started, 3),
+            "is_main_process": result.is_main_process}

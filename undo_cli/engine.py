@@ -27,8 +27,8 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext, suppress
-from dataclasses import dataclass, field
+from contextlib import contextmanager, nullcontext, suppress
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ Evaluate = Callable[[torch.nn.Module, int], dict[str, float]]
 ShouldStop = Callable[[int, dict[str, float]], "str | None"]
 
 SCHEDULES = ("constant", "linear", "cosine")
+TRAIN_LOG = "train_log.jsonl"  # the JSONL training log written into every trained output
 STATE_PREFIX = "step-"
 _COMPLETE = "complete.json"
 # Fields that change the result: resuming with other values would not reproduce the run.
@@ -134,6 +135,11 @@ class TrainResult:
     is_main_process: bool = True
     num_processes: int = 1
     model: Any = None  # the trained model, unwrapped from any DDP/accelerate wrapper
+
+    def final_metrics(self) -> dict[str, Any]:
+        """The metrics of the last evaluation, without its step/tokens/flops counters."""
+        last = self.evals[-1] if self.evals else {}
+        return {k: v for k, v in last.items() if k not in ("step", "tokens", "flops")}
 
     def compute(self) -> dict[str, Any]:
         """Tokens and estimated FLOPs, for the `compute` field of `undo.json`."""
@@ -234,6 +240,29 @@ def _make_accelerator(config: TrainConfig):
     _process_state()
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     return accelerator, accelerator.device
+
+
+@contextmanager
+def training_output(out: str | Path, config: TrainConfig, *, inputs=(), overwrite: bool = False,
+                    keep_state: bool = False) -> Iterator[tuple[Path | None, TrainConfig]]:
+    """The output of a command that trains: `(directory, run_config)`.
+
+    On the main process `directory` is the temporary directory of `atomic_output(out)` and
+    `run_config` logs to `directory/train_log.jsonl`; other processes get `(None, config)`
+    and write nothing. After the block succeeds every process waits for the others, and the
+    training state in `config.state_dir` is removed (unless `keep_state`); on failure the
+    state stays, for `--resume`.
+    """
+    from undo_cli.checkpoint import atomic_output
+
+    main = is_main_process()
+    output = atomic_output(out, inputs=inputs, overwrite=overwrite) if main else nullcontext()
+    with output as tmp:
+        log = Path(tmp) / TRAIN_LOG if tmp is not None else None
+        yield tmp, replace(config, log_path=log)
+    wait_for_everyone()
+    if not keep_state:
+        remove_state(config.state_dir)
 
 
 # --------------------------------------------------------------------------- state

@@ -25,7 +25,6 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -471,7 +470,6 @@ def methods_help() -> str:
 # The library entry point of `undo unlearn`
 # --------------------------------------------------------------------------------------------
 
-TRAIN_LOG = "train_log.jsonl"
 
 
 def unlearn_checkpoint(
@@ -504,7 +502,6 @@ def unlearn_checkpoint(
     written, unless `keep_state`. Returns a summary (also recorded in the manifest).
     """
     from undo_cli.checkpoint import (
-        atomic_output,
         build_manifest,
         check_output_path,
         inspect_checkpoint,
@@ -514,7 +511,7 @@ def unlearn_checkpoint(
         write_manifest,
     )
     from undo_cli.data import build_stream
-    from undo_cli.engine import is_main_process, remove_state, train, wait_for_everyone
+    from undo_cli.engine import train, training_output
 
     started = time.time()
     options = options or UnlearnOptions()
@@ -568,10 +565,8 @@ def unlearn_checkpoint(
         "train": {k: v for k, v in asdict(config).items()
                   if k not in ("log_path", "quiet", "state_dir", "resume", "device")},
     }
-    main = is_main_process()
-    output = atomic_output(dst, inputs=[src], overwrite=overwrite) if main else nullcontext()
-    with output as tmp:
-        run_config = replace(config, log_path=Path(tmp) / TRAIN_LOG if tmp else None)
+    with training_output(dst, config, inputs=[src], overwrite=overwrite,
+                         keep_state=keep_state) as (tmp, run_config):
         result = train(model, setup.loss_fn, streams, run_config, parameters=setup.parameters,
                        frozen_forward_params=setup.frozen_forward_params(streams),
                        evaluate=evaluate)
@@ -584,20 +579,15 @@ def unlearn_checkpoint(
             "metrics": result.evals[-1] if result.evals else None,
             "diverged_step": result.diverged_step, "resumed_from": result.resumed_from,
         }
-        if main:
+        if tmp is not None:
             save_model(result.model, tokenizer, tmp, source=src)
-            metrics = {k: v for k, v in (result.evals[-1] if result.evals else {}).items()
-                       if k not in ("step", "tokens", "flops")}
             write_manifest(tmp, build_manifest(
                 "unlearn", arguments=arguments, parents={"input": src}, seed=config.seed,
                 wall_time_s=time.time() - started, compute=result.compute(),
-                metrics={"train": result.loss, **metrics},
+                metrics={"train": result.loss, **result.final_metrics()},
                 extra={"unlearn": {"trainable_parameters": setup.trainable_names[:50],
                                    "trainable_count": len(setup.trainable_names),
                                    "data": {k: s.describe() for k, s in streams.items()
                                             if hasattr(s, "describe")}}},
             ))
-    wait_for_everyone()
-    if not keep_state and config.state_dir is not None:
-        remove_state(config.state_dir)
     return summary

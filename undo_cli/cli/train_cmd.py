@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -13,7 +12,6 @@ from undo_cli.cli import app
 from undo_cli.cli.common import TrainingOptions, emit_json, info, training_options
 from undo_cli.errors import UsageError
 
-TRAIN_LOG = "train_log.jsonl"
 DEFAULT_STEPS = 1000
 
 
@@ -56,7 +54,6 @@ def train_command(
     OUT gets the model, its tokenizer, train_log.jsonl and undo.json (tokens and FLOPs spent).
     """
     from undo_cli.checkpoint import (
-        atomic_output,
         build_manifest,
         check_output_path,
         inspect_checkpoint,
@@ -67,11 +64,9 @@ def train_command(
     )
     from undo_cli.data import build_stream
     from undo_cli.engine import (
-        is_main_process,
         lm_loss,
-        remove_state,
         train,
-        wait_for_everyone,
+        training_output,
     )
     from undo_cli.modelfactory import (
         ARCHITECTURES,
@@ -149,33 +144,25 @@ def train_command(
         "train": {k: v for k, v in asdict(config).items()
                   if k not in ("log_path", "quiet", "state_dir", "resume", "device")},
     }
-    main = is_main_process()
-    output = atomic_output(out, inputs=inputs, overwrite=opts.overwrite) if main else nullcontext()
-    with output as tmp:
-        run_config = replace(config, log_path=Path(tmp) / TRAIN_LOG if tmp else None)
-        result = train(model, lm_loss("train"), streams, run_config, evaluate=evaluate)
-        if main:
+    with training_output(out, config, inputs=inputs, overwrite=opts.overwrite) as (tmp, run):
+        result = train(model, lm_loss("train"), streams, run, evaluate=evaluate)
+        if tmp is not None:
             save_model(result.model, tok, tmp, source=None if preset else init)
-            final = {k: v for k, v in (result.evals[-1] if result.evals else {}).items()
-                     if k not in ("step", "tokens", "flops")}
             write_manifest(tmp, build_manifest(
                 "train", arguments=arguments, parents={} if preset else {"init": init},
                 seed=opts.seed, wall_time_s=time.time() - started, compute=result.compute(),
-                metrics={"train": result.loss, **final},
+                metrics={"train": result.loss, **result.final_metrics()},
                 extra={"parameters": result.parameters,
                        "data": {k: s.describe() for k, s in streams.items()}},
             ))
-    wait_for_everyone()
-    remove_state(config.state_dir)
-    if not main:
+    if not result.is_main_process:
         return
     summary = {"output": str(out), "init": init, "steps": result.steps, "tokens": result.tokens,
                "flops": result.flops["total"], "parameters": result.parameters,
                "loss": result.loss.get("loss"), "stop_reason": result.stop_reason,
                "diverged_step": result.diverged_step, "resumed_from": result.resumed_from,
                "wall_time_s": round(time.time() - started, 3),
-               "metrics": {k: v for k, v in (result.evals[-1] if result.evals else {}).items()
-                           if k not in ("step", "tokens", "flops")}}
+               "metrics": result.final_metrics()}
     if opts.json:
         emit_json(summary)
     else:
