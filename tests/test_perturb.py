@@ -520,14 +520,14 @@ def test_failure_mid_write_leaves_nothing(tiny_llama, tmp_path, monkeypatch):
     sharded = resave(tiny_llama, tmp_path / "sharded", load_weights(tiny_llama),
                      max_shard_size=20_000)
     last_file = sorted(sharded.glob("*.safetensors"))[-1]
-    real = CheckpointReader.read_range
+    real = CheckpointReader.view_bytes
 
-    def failing(self, name, start, count, **kwargs):
+    def failing(self, name, start, nbytes):
         if self.entries[name].path == last_file:
             raise DataError("simulated read failure", last_file)
-        return real(self, name, start, count, **kwargs)
+        return real(self, name, start, nbytes)
 
-    monkeypatch.setattr(CheckpointReader, "read_range", failing)
+    monkeypatch.setattr(CheckpointReader, "view_bytes", failing)
     out = tmp_path / "out"
     written = []
     with pytest.raises(DataError, match="simulated"):
@@ -578,3 +578,81 @@ def test_kill_9_mid_write_leaves_no_output(tiny_llama, tmp_path):
     perturb_checkpoint(small, out, 0.6, 0.1)  # ... and the next run removes it
     assert out.is_dir()
     assert not tmp_siblings(out)
+
+
+# ------------------------------------------------------------------------------------------
+# The numpy arithmetic against torch's own conversions
+# ------------------------------------------------------------------------------------------
+
+def _edge_floats() -> torch.Tensor:
+    """fp32 values that stress rounding to 16 bits: random, ties, overflow, subnormals."""
+    g = torch.Generator().manual_seed(0)
+    bits = torch.randint(0, 2**31 - 1, (20000,), generator=g, dtype=torch.int64)
+    specials = torch.tensor([0.0, -0.0, 1.0, -1.0, 65504.0, 65520.0, 1e-8, -3e-39,
+                             3.3895e38, float("inf"), float("-inf")])
+    ties = torch.tensor([0x3F808000, 0x3F818000, 0xBF808000, 0x477FF000],
+                        dtype=torch.int64).to(torch.int32).view(torch.float32)
+    random = bits.to(torch.int32).view(torch.float32)
+    values = torch.cat([random[torch.isfinite(random)], specials, ties,
+                        torch.randn(5000, generator=g)])
+    return values
+
+
+@pytest.mark.parametrize(("dtype", "name"), [(torch.bfloat16, "BF16"), (torch.float16, "F16"),
+                                             (torch.float8_e4m3fn, "F8_E4M3")])
+def test_rounding_to_narrow_dtypes_matches_torch(dtype, name):
+    """fp32 -> bf16/fp16/fp8 in numpy (integer rounding for bf16) equals torch's `.to`."""
+    import numpy as np
+
+    values = _edge_floats()
+    if dtype == torch.float8_e4m3fn:  # no infinity in e4m3fn: stay inside its range
+        values = values[values.abs() < 400]
+    bufs = perturb_mod._Buffers()
+    got = perturb_mod._narrow(values.numpy().copy(), name,
+                              lambda slot, dt: bufs.get(slot, dt, values.numel()))
+    expected = values.to(dtype).view(torch.uint8).numpy()
+    assert np.array_equal(got, expected)
+    # and back: widening is exact
+    wide = perturb_mod._widen(expected, name, np.empty(values.numel(), np.float32))
+    assert torch.equal(torch.from_numpy(wide), values.to(dtype).float())
+
+
+def test_bf16_nan_becomes_torch_quiet_nan():
+    import numpy as np
+
+    values = np.array([np.nan, 1.0, -np.nan], dtype=np.float32)
+    bufs = perturb_mod._Buffers()
+    got = perturb_mod._narrow(values, "BF16", lambda slot, dt: bufs.get(slot, dt, 3))
+    assert got.view(np.uint16).tolist() == [0x7FC0, 0x3F80, 0x7FC0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64, torch.float8_e5m2])
+def test_other_float_dtypes_follow_the_formula(tiny_llama, tmp_path, dtype):
+    """fp16, fp64 and fp8 checkpoints: (1 - alpha) * w + alpha * beta * N computed in fp32
+    (fp64 for fp64) with the same noise as the fp32 model, rounded once to the dtype."""
+    weights = load_weights(tiny_llama)
+    src = resave(tiny_llama, tmp_path / "src", {k: v.to(dtype) for k, v in weights.items()})
+    perturb_checkpoint(src, tmp_path / "out", 0.6, 0.1, seed=1)
+    perturb_checkpoint(tiny_llama, tmp_path / "noise", 1.0, 1.0, seed=1)
+    out, noise = load_weights(tmp_path / "out"), load_weights(tmp_path / "noise")
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    for name, w in weights.items():
+        w = w.to(dtype).to(work)
+        expected = w * 0.4
+        if w.ndim > 1:
+            expected = expected + noise[name].to(work) * (0.6 * 0.1)
+        assert out[name].dtype == dtype
+        assert torch.equal(out[name].to(work), expected.to(dtype).to(work)), name
+
+
+def test_streaming_perturb_never_imports_torch(tiny_llama, tmp_path):
+    """`undo perturb` runs on numpy alone: torch (1.5 s to import) is never loaded."""
+    code = ("import sys; from undo_cli.perturb import perturb_checkpoint; "
+            "perturb_checkpoint(sys.argv[1], sys.argv[2], 0.6, 0.1); "
+            "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]; "
+            "print(heavy); sys.exit(1 if heavy else 0)")
+    result = subprocess.run([sys.executable, "-c", code, str(tiny_llama), str(tmp_path / "o")],
+                            capture_output=True, text=True, cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "o" / "model.safetensors").is_file()

@@ -13,12 +13,20 @@ that are not floating point, and tensors left out by `include` / `exclude`, are 
 unchanged. alpha = 0 leaves every weight as it is; alpha = beta = 1 is a fresh Xavier
 initialisation of the weight matrices (and zeroes the 1-D tensors).
 
-Noise is computed in fp32 and converted to the tensor's dtype at the end. It is drawn in
-fixed chunks of `CHUNK_ELEMENTS` elements of the flattened tensor; chunk k of the tensor
-named `name` uses a `torch.Generator` seeded from a hash of (seed, name, k). So a tensor's
-noise depends only on (seed, name): not on the sharding, the order tensors are processed in,
-or the number of threads. `perturb_tensor` / `perturb_state_dict` / `perturb_model_` apply
-exactly the same noise to tensors already in memory (used by `undo distill --alpha --beta`).
+Noise is computed in fp32 (fp64 for fp64 tensors) and converted to the tensor's dtype at the
+end, rounding to nearest-even once. It is drawn in fixed chunks of `CHUNK_ELEMENTS` elements
+of the flattened tensor; chunk k of the tensor named `name` uses numpy's SFC64 generator
+seeded from a hash of (seed, name, k) (see `draw_noise` for how its bits become noise). So a
+tensor's noise depends only on (seed, name): not on the sharding, the order tensors are
+processed in, or the number of threads. Uniform noise depends only on SFC64's bit stream,
+which numpy keeps stable across versions; normal noise uses numpy's ziggurat sampler.
+
+The arithmetic runs on numpy arrays over the raw bytes (bf16 is widened and rounded with
+integer operations; float8 goes through torch), so the streaming command never imports torch
+and starts in a fraction of a second.
+
+`perturb_tensor` / `perturb_state_dict` / `perturb_model_` apply exactly the same noise to
+tensors already in memory (used by `undo distill --alpha --beta`).
 
 Tied weights (e.g. GPT-2's `lm_head.weight` and `transformer.wte.weight`) are noised once,
 keyed by the input embedding's name; a checkpoint that stores both gets identical outputs.
@@ -35,11 +43,11 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from undo_cli.checkpoint.safetensors_io import (
     INDEX_NAME,
@@ -47,6 +55,7 @@ from undo_cli.checkpoint.safetensors_io import (
     CheckpointReader,
     SafetensorsWriter,
     TensorSpec,
+    dtype_name,
     file_order,
     natural_key,
     parse_size,
@@ -56,6 +65,9 @@ from undo_cli.checkpoint.safetensors_io import (
     write_index,
 )
 from undo_cli.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
 
 NOISES = ("xavier-uniform", "xavier-normal")
 RECOMMENDED_ALPHA = 0.6  # the paper's recommended setting
@@ -149,13 +161,31 @@ def noise_scale(shape: tuple[int, ...], noise: str) -> float:
     raise UsageError(f"unknown noise {noise!r}; choose one of {', '.join(NOISES)}")
 
 
-def chunk_generator(seed: int, name: str, chunk: int) -> torch.Generator:
-    """The generator of chunk `chunk` of tensor `name`: seeded from a hash of all three."""
+def chunk_generator(seed: int, name: str, chunk: int) -> np.random.SFC64:
+    """The bit generator of chunk `chunk` of tensor `name`: SFC64 seeded from a hash of all
+    three. (SFC64's stream is stable across numpy versions.)"""
     digest = hashlib.blake2b(f"undo-perturb\0{seed}\0{name}\0{chunk}".encode(),
-                             digest_size=8).digest()
-    gen = torch.Generator()
-    gen.manual_seed(int.from_bytes(digest, "little") >> 1)
-    return gen
+                             digest_size=16).digest()
+    return np.random.SFC64(int.from_bytes(digest, "little"))
+
+
+def draw_noise(bits: np.random.SFC64, kind: str, scale: float, out: np.ndarray) -> np.ndarray:
+    """Fill fp32 `out` with Xavier noise of bound / standard deviation `scale`.
+
+    Uniform: each 32-bit half of SFC64's 64-bit outputs (low half first) gives 23 mantissa
+    bits of f in [1, 2), and N = (f - 1.5) * 2b, uniform on [-b, b) (f - 1.5 is exact).
+    Normal: numpy's standard normal (ziggurat) on the same generator, times the std.
+    """
+    if kind == "xavier-uniform":
+        raw = bits.random_raw((out.size + 1) // 2).view(np.uint32)[:out.size]
+        np.right_shift(raw, 9, out=raw)
+        np.bitwise_or(raw, 0x3F800000, out=raw)
+        np.subtract(raw.view(np.float32), np.float32(1.5), out=out)
+        np.multiply(out, np.float32(2.0 * scale), out=out)
+    else:
+        np.random.Generator(bits).standard_normal(out=out, dtype=np.float32)
+        np.multiply(out, np.float32(scale), out=out)
+    return out
 
 
 def tensor_action(name: str, shape: tuple[int, ...], is_float: bool,
@@ -169,67 +199,119 @@ def tensor_action(name: str, shape: tuple[int, ...], is_float: bool,
 
 
 class _Buffers:
-    """Reusable scratch tensors for one chunk in flight (saves a page fault per byte)."""
+    """Reusable scratch arrays for one chunk in flight (saves a page fault per byte)."""
 
     def __init__(self) -> None:
-        self._raw: dict[str, torch.Tensor] = {}
+        self._raw: dict[str, np.ndarray] = {}
 
-    def get(self, slot: str, dtype: torch.dtype, count: int) -> torch.Tensor:
+    def get(self, slot: str, dtype: type[np.generic], count: int) -> np.ndarray:
         """`count` elements of `dtype` in scratch area `slot` (grown when too small)."""
-        nbytes = count * dtype.itemsize
+        nbytes = count * np.dtype(dtype).itemsize
         raw = self._raw.get(slot)
-        if raw is None or raw.numel() < nbytes:
-            raw = self._raw[slot] = torch.empty(max(nbytes, 64), dtype=torch.uint8)
+        if raw is None or raw.size < nbytes:
+            raw = self._raw[slot] = np.empty(max(nbytes, 64), dtype=np.uint8)
         return raw[:nbytes].view(dtype)
 
-    def raw(self, slot: str, nbytes: int) -> torch.Tensor:
+    def raw(self, slot: str, nbytes: int) -> np.ndarray:
         """A uint8 scratch area of at least `nbytes`."""
-        return self.get(slot, torch.uint8, nbytes)
+        return self.get(slot, np.uint8, nbytes)
 
 
-def _perturb_chunk(w: torch.Tensor | None, *, action: str, key: str, chunk: int, count: int,
-                   scale: float, dtype: torch.dtype, options: PerturbOptions,
-                   buffers: _Buffers | None = None) -> torch.Tensor:
-    """Chunk `chunk` (`count` elements, flat) of a perturbed tensor, in `dtype`.
+# safetensors float dtypes numpy computes with directly.
+_NUMPY_FLOATS = {"F16": np.float16, "F32": np.float32, "F64": np.float64}
 
-    `w` holds the original elements (may be None when alpha = 1). Every step is a single
-    correctly rounded elementwise operation (no fused multiply-add), so the result does not
-    depend on how torch splits the work. With `buffers`, the result lives in them (and must
-    be used before they are reused); `w` must not lie in `buffers`' "out" area.
+
+def _widen(raw: np.ndarray, dtype: str, out: np.ndarray) -> np.ndarray:
+    """The elements stored in `raw` (bytes of `dtype`) as fp32 (fp64 for F64) in `out`."""
+    if dtype in _NUMPY_FLOATS:
+        np.copyto(out, raw.view(_NUMPY_FLOATS[dtype]))
+    elif dtype == "BF16":  # bf16 is the top half of an fp32
+        np.left_shift(raw.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
+    else:  # float8 kinds: torch knows them
+        import torch
+
+        from undo_cli.checkpoint.safetensors_io import torch_dtype
+
+        wide = torch.from_numpy(raw.copy()).view(torch_dtype(dtype)).float()  # raw: read-only
+        np.copyto(out, wide.numpy())
+    return out
+
+
+def _narrow(work: np.ndarray, dtype: str, scratch: Callable[[str, type], np.ndarray]
+            ) -> np.ndarray:
+    """fp32 (fp64) `work` rounded to nearest-even in `dtype`, as bytes."""
+    if dtype in ("F32", "F64"):
+        return work.view(np.uint8)
+    if dtype == "F16":
+        out = scratch("out", np.float16)
+        with np.errstate(over="ignore"):  # beyond fp16's range is inf, as in torch
+            np.copyto(out, work, casting="same_kind")
+        return out.view(np.uint8)
+    if dtype == "BF16":
+        bits = work.view(np.uint32)
+        tmp = scratch("bits", np.uint32)
+        np.right_shift(bits, 16, out=tmp)  # round to nearest, ties to even:
+        np.bitwise_and(tmp, 1, out=tmp)  # (bits + 0x7fff + lowest kept bit) >> 16
+        np.add(tmp, 0x7FFF, out=tmp)
+        np.add(tmp, bits, out=tmp)
+        np.right_shift(tmp, 16, out=tmp)
+        out = scratch("out", np.uint16)
+        np.copyto(out, tmp, casting="unsafe")
+        nan = np.isnan(work)
+        if nan.any():
+            out[nan] = 0x7FC0  # the quiet NaN torch writes
+        return out.view(np.uint8)
+    import torch
+
+    from undo_cli.checkpoint.safetensors_io import torch_dtype
+
+    narrow = torch.from_numpy(work).to(torch_dtype(dtype))
+    out = scratch("out", np.uint8)
+    np.copyto(out, narrow.view(torch.uint8).numpy())
+    return out
+
+
+def _perturb_chunk(raw: np.ndarray | None, *, action: str, key: str, chunk: int, count: int,
+                   scale: float, dtype: str, options: PerturbOptions,
+                   buffers: _Buffers | None = None) -> np.ndarray:
+    """Chunk `chunk` (`count` elements, flat) of a perturbed tensor, as bytes of `dtype`.
+
+    `raw` holds the bytes of the original elements (may be None when alpha = 1) and is not
+    modified. With N from `draw_noise`, in fp32 (fp64 for F64), each step a single correctly
+    rounded operation::
+
+        out = (1 - alpha) * w + (alpha * beta) * N
+
+    then rounded once to `dtype`. With `buffers`, the result lives in them (and must be used
+    before they are reused).
     """
+    bufs = buffers if buffers is not None else _Buffers()
 
-    def scratch(slot: str, dt: torch.dtype) -> torch.Tensor:
-        if buffers is None:
-            return torch.empty(count, dtype=dt)
-        return buffers.get(slot, dt, count)
+    def scratch(slot: str, dt: type) -> np.ndarray:
+        return bufs.get(slot, dt, count)
 
     alpha, beta = options.alpha, options.beta
-    work = torch.float64 if dtype == torch.float64 else torch.float32
+    work_type = np.float64 if dtype == "F64" else np.float32
+    shrunk = None
+    if alpha != 1.0:
+        shrunk = _widen(raw, dtype, scratch("work", work_type))
+        np.multiply(shrunk, work_type(1.0 - alpha), out=shrunk)
     if action == "shrink":
-        if alpha == 1.0:
-            return scratch("out", dtype).zero_()
-        result = scratch("shrunk", work)
-        result.copy_(w)
-        result.mul_(1.0 - alpha)
+        result = shrunk if shrunk is not None else scratch("work", work_type)
+        if shrunk is None:
+            result.fill(0)
     else:
-        noise = scratch("noise", torch.float32)
-        gen = chunk_generator(options.seed, key, chunk)
-        if options.noise == "xavier-uniform":
-            noise.uniform_(-scale, scale, generator=gen)
-        else:
-            noise.normal_(0.0, scale, generator=gen)
-        if work != torch.float32:
-            noise = scratch("noise64", work).copy_(noise)
-        noise.mul_(alpha * beta)
-        if alpha != 1.0:
-            shrunk = scratch("shrunk", work)
-            shrunk.copy_(w)
-            shrunk.mul_(1.0 - alpha)
-            noise.add_(shrunk)
+        noise = draw_noise(chunk_generator(options.seed, key, chunk), options.noise, scale,
+                           scratch("noise", np.float32))
+        if work_type is not np.float32:
+            wide = scratch("noise64", work_type)
+            np.copyto(wide, noise)
+            noise = wide
+        np.multiply(noise, work_type(alpha * beta), out=noise)
+        if shrunk is not None:
+            np.add(noise, shrunk, out=noise)
         result = noise
-    if dtype == work:
-        return result
-    return scratch("out", dtype).copy_(result)
+    return _narrow(result, dtype, scratch)
 
 
 def perturb_tensor(name: str, tensor: torch.Tensor, alpha: float, beta: float, seed: int = 0,
@@ -247,31 +329,34 @@ def perturb_tensor(name: str, tensor: torch.Tensor, alpha: float, beta: float, s
 
 def _perturb_in_memory(key: str, tensor: torch.Tensor, options: PerturbOptions,
                        threads: int | None = None) -> torch.Tensor:
+    import torch
+
     src = tensor.detach()
-    action = tensor_action(key, tuple(src.shape), src.is_floating_point(), options)
-    if action == "copy":
+    dtype = dtype_name(src.dtype) if src.is_floating_point() else None
+    action = tensor_action(key, tuple(src.shape), dtype is not None, options)
+    if action == "copy" or src.numel() == 0:
         return src.clone()
-    flat = src.to("cpu").reshape(-1)
-    n = flat.numel()
+    raw = src.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+    n, size = src.numel(), src.element_size()
     scale = noise_scale(tuple(src.shape), options.noise) if action == "noise" else 0.0
-    out = torch.empty(n, dtype=src.dtype)
+    out = np.empty(n * size, dtype=np.uint8)
 
     def run(chunk: int) -> None:
         start = chunk * CHUNK_ELEMENTS
         count = min(CHUNK_ELEMENTS, n - start)
-        out[start:start + count] = _perturb_chunk(
-            flat[start:start + count], action=action, key=key, chunk=chunk, count=count,
-            scale=scale, dtype=src.dtype, options=options)
+        out[start * size:(start + count) * size] = _perturb_chunk(
+            raw[start * size:(start + count) * size], action=action, key=key, chunk=chunk,
+            count=count, scale=scale, dtype=dtype, options=options)
 
     chunks = range(math.ceil(n / CHUNK_ELEMENTS))
     workers = _threads(threads)
     if workers > 1 and len(chunks) > 1:
-        with _no_intra_op_threads(), ThreadPoolExecutor(workers) as pool:
+        with ThreadPoolExecutor(workers) as pool:
             list(pool.map(run, chunks))
     else:
         for chunk in chunks:
             run(chunk)
-    return out.reshape(src.shape).to(tensor.device)
+    return torch.from_numpy(out).view(src.dtype).reshape(src.shape).to(tensor.device)
 
 
 def tied_embeddings(names: Iterable[str], tie_word_embeddings: bool) -> dict[str, str]:
@@ -328,13 +413,20 @@ def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype
 
 
-@torch.no_grad()
 def perturb_model_(model, alpha: float, beta: float, seed: int = 0,
                    noise: str = "xavier-uniform", *, include: str | Iterable[str] | None = None,
                    exclude: str | Iterable[str] | None = None,
                    threads: int | None = None):
     """Apply the noise step to a loaded model in place (same values as `undo perturb` on its
     saved checkpoint); returns the model."""
+    import torch
+
+    with torch.no_grad():
+        return _perturb_model(model, alpha, beta, seed, noise, include=include,
+                              exclude=exclude, threads=threads)
+
+
+def _perturb_model(model, alpha, beta, seed, noise, *, include, exclude, threads):
     state = model.state_dict()
     tie = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
     new = perturb_state_dict(state, alpha, beta, seed, noise, include=include,
@@ -346,21 +438,6 @@ def perturb_model_(model, alpha: float, beta: float, seed: int = 0,
         done.add(id(new[name]))
         tensor.copy_(new[name])
     return model
-
-
-@contextmanager
-def _no_intra_op_threads(active: bool = True) -> Iterator[None]:
-    """Keep torch's own thread pool out while our worker threads each run a chunk: the two
-    kinds of parallelism would otherwise fight over the cores (the values do not depend on
-    it either way)."""
-    old = torch.get_num_threads()
-    if active and old > 1:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != old:
-            torch.set_num_threads(old)
 
 
 def _threads(threads: int | None) -> int:
@@ -494,8 +571,8 @@ def _items(jobs: list[_Job]) -> Iterator[_Item]:
 
 
 def _ordered_results(pool: ThreadPoolExecutor, items: Iterator[_Item],
-                     fn: Callable[[_Item, _Buffers], torch.Tensor], window: int
-                     ) -> Iterator[tuple[_Item, torch.Tensor | None, _Buffers]]:
+                     fn: Callable[[_Item, _Buffers], np.ndarray], window: int
+                     ) -> Iterator[tuple[_Item, np.ndarray | None, _Buffers]]:
     """Run `fn(item, buffers)` on the pool's threads, at most `window` items ahead, yielding
     `(item, result, buffers)` in order; the buffers are reused once the consumer moves on.
     "readback" items are not run (they need the bytes written before them)."""
@@ -522,20 +599,19 @@ def write_perturbed(reader: CheckpointReader, plan: PerturbPlan, directory: Path
     """Write the perturbed weights of `plan` into `directory`; returns the file names."""
     workers = _threads(threads)
 
-    def compute(item: _Item, bufs: _Buffers) -> torch.Tensor:
+    def compute(item: _Item, bufs: _Buffers) -> np.ndarray:
         job = item.job
         if item.kind == "copy":
-            return reader.read_bytes(job.source, item.start, item.count,
-                                     out=bufs.raw("read", item.count))
+            return reader.view_bytes(job.source, item.start, item.count)
         entry = reader.entries[job.source]
         # With alpha = 1 nothing of the original survives: skip reading it.
         w = None
         if options.alpha != 1.0:
-            w = reader.read_range(job.source, item.start, item.count,
-                                  out=bufs.raw("read", item.count * entry.itemsize))
+            w = reader.view_bytes(job.source, item.start * entry.itemsize,
+                                  item.count * entry.itemsize)
         return _perturb_chunk(w, action=job.action, key=job.key,
                               chunk=item.start // CHUNK_ELEMENTS, count=item.count,
-                              scale=job.scale, dtype=entry.torch_dtype, options=options,
+                              scale=job.scale, dtype=entry.dtype, options=options,
                               buffers=bufs)
 
     writers: list[SafetensorsWriter] = []
@@ -550,7 +626,7 @@ def write_perturbed(reader: CheckpointReader, plan: PerturbPlan, directory: Path
             writers.append(SafetensorsWriter(directory / name, specs, metadata))
         return writers[file]
 
-    def read_back(item: _Item, bufs: _Buffers) -> torch.Tensor:
+    def read_back(item: _Item, bufs: _Buffers) -> np.ndarray:
         """The bytes of an already written tensor (the tied partner computed first)."""
         path, offset = written[item.job.readback_of]
         fd = readback_fds.get(path)
@@ -561,21 +637,25 @@ def write_perturbed(reader: CheckpointReader, plan: PerturbPlan, directory: Path
 
     pool = ThreadPoolExecutor(workers, thread_name_prefix="undo-perturb")
     try:
-        with _no_intra_op_threads():
-            results = _ordered_results(pool, _items(plan.jobs), compute, workers + 2)
-            for item, data, bufs in results:
-                job = item.job
-                writer = writer_for(job.file)
-                if item.start == 0:
-                    written[job.spec.name] = (writer.path, writer.offsets[job.spec.name])
-                if item.kind == "readback":
-                    data = read_back(item, bufs)
-                writer.write(job.spec.name, data)
-                if progress is not None:
-                    progress(item.count if item.kind != "compute"
-                             else item.count * job.spec.itemsize)
-            if plan.files:
-                writer_for(len(plan.files) - 1).close()
+        results = _ordered_results(pool, _items(plan.jobs), compute, workers + 2)
+        for item, data, bufs in results:
+            job = item.job
+            writer = writer_for(job.file)
+            if item.start == 0:
+                written[job.spec.name] = (writer.path, writer.offsets[job.spec.name])
+            if item.kind == "readback":
+                data = read_back(item, bufs)
+            writer.write(job.spec.name, data)
+            if item.kind == "copy":
+                reader.release(job.source, item.start, item.count)
+            elif item.kind == "compute" and options.alpha != 1.0:
+                size = job.spec.itemsize
+                reader.release(job.source, item.start * size, item.count * size)
+            if progress is not None:
+                progress(item.count if item.kind != "compute"
+                         else item.count * job.spec.itemsize)
+        if plan.files:
+            writer_for(len(plan.files) - 1).close()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         for w in writers:

@@ -110,6 +110,14 @@ from undo_cli.errors import UsageError
 from undo_cli.evaluate import expected_metrics
 from undo_cli.gates import check_gates as evaluate_gates
 from undo_cli.gates import parse_gates, raise_failed_gates
+from undo_cli.relearn_defaults import (  # torch-free, for the command line
+    DEFAULT_EVAL_EVERY,
+    DEFAULT_LORA_ALPHA,
+    DEFAULT_LORA_RANK,
+    DEFAULT_LORA_TARGETS,
+    DEFAULT_STEPS,
+    PAPER_LRS,
+)
 
 SCHEMA_VERSION = 1
 RESULTS_NAME = "results.json"
@@ -119,13 +127,6 @@ COMPARE_NAME = "compare.json"
 MODELS_DIR = "models"
 STAGE = "relearn-attack"
 
-# The paper's grid: ten log-spaced learning rates from 1e-6 to 1e-3.
-PAPER_LRS = (1e-6, 2.15e-6, 4.64e-6, 1e-5, 2.15e-5, 4.64e-5, 1e-4, 2.15e-4, 4.64e-4, 1e-3)
-DEFAULT_STEPS = 500
-DEFAULT_EVAL_EVERY = 25
-DEFAULT_LORA_RANK = 128
-DEFAULT_LORA_ALPHA = 256.0
-DEFAULT_LORA_TARGETS = "all-linear"
 MAXIMISED = ("accuracy", "accuracy_norm")
 MINIMISED = ("loss", "ppl")
 _COUNTS = ("tokens", "n")  # counts, not performance: never averaged into summaries

@@ -1,9 +1,15 @@
-"""Process-wide set-up shared by every command: offline mode, quiet libraries, devices, seeds."""
+"""Process-wide set-up shared by every command: offline mode, quiet libraries, devices, seeds.
+
+Importing this module is cheap: it sets the environment and imports no torch (`undo --help`
+and `undo perturb` never import torch or transformers); `pick_device` and `seed_everything`
+import torch when called.
+"""
 
 from __future__ import annotations
 
 import os
 import random
+from typing import TYPE_CHECKING
 
 # Nothing in undo ever downloads from a hub: checkpoints are local directories.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -14,7 +20,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-import torch  # noqa: E402
+if TYPE_CHECKING:
+    import torch
 
 
 def quiet_libraries() -> None:
@@ -41,6 +48,8 @@ def quiet_libraries() -> None:
 
 def pick_device(requested: str | None = None) -> torch.device:
     """`requested` ("cpu", "cuda", "cuda:1", ...) or CUDA when available, else CPU."""
+    import torch
+
     if requested:
         return torch.device(requested)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -55,4 +64,6 @@ def seed_everything(seed: int) -> None:
         np.random.seed(seed % (2**32))
     except ImportError:  # pragma: no cover
         pass
+    import torch
+
     torch.manual_seed(seed)

@@ -1,17 +1,23 @@
-"""Reading Hugging Face checkpoint directories (never from a hub: local directories only)."""
+"""Reading Hugging Face checkpoint directories (never from a hub: local directories only).
+
+`inspect_checkpoint` only reads JSON and file names; torch and transformers are imported by
+the functions that load weights, so that commands that never load a model do not pay for them.
+"""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from undo_cli.errors import UndoError, UsageError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -121,17 +127,20 @@ def _from_pretrained(info: CheckpointInfo, dtype: torch.dtype, trust_remote_code
 def load_model(
     path: str | Path,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
 ):
     """Load a causal LM from a checkpoint directory (an adapter is merged into its base).
 
-    Weights are loaded in `dtype` (fp32 by default: bf16 is very slow on CPUs) and moved to
+    Weights are loaded in `dtype` (None: fp32, as bf16 is very slow on CPUs) and moved to
     `device` when given. Pickled weights need `allow_pickle`; custom code needs
     `trust_remote_code`.
     """
+    import torch
+
+    dtype = torch.float32 if dtype is None else dtype
     info = inspect_checkpoint(path, allow_pickle=allow_pickle)
     if info.kind == "adapter":
         from peft import PeftModel

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
+import os
 import platform
 import sys
 import time
@@ -18,7 +20,7 @@ from typing import Any
 from undo_cli import __version__
 
 MANIFEST_NAME = "undo.json"
-_HASH_CHUNK = 8 << 20
+_HASH_WINDOW = 32 << 20  # bytes of a file mapped at a time while hashing
 
 
 def fingerprint(path: str | Path) -> str:
@@ -39,10 +41,19 @@ def fingerprint(path: str | Path) -> str:
     digest = hashlib.sha256()
     for name in names:
         digest.update(name.encode() + b"\0")
-        with open(path / name, "rb") as f:
-            while chunk := f.read(_HASH_CHUNK):
-                digest.update(chunk)
+        _hash_file(path / name, digest)
     return "sha256:" + digest.hexdigest()
+
+
+def _hash_file(file: Path, digest: hashlib._Hash) -> None:
+    """Feed `file`'s bytes to `digest`, hashed in place through windows of the file mapped
+    into memory (no copy into the process; at most one window resident at a time)."""
+    with open(file, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        for offset in range(0, size, _HASH_WINDOW):
+            with mmap.mmap(f.fileno(), min(_HASH_WINDOW, size - offset),
+                           prot=mmap.PROT_READ, offset=offset) as window:
+                digest.update(window)
 
 
 def read_manifest(path: str | Path) -> dict | None:
@@ -68,6 +79,19 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def _library_version(name: str) -> str | None:
+    """The installed version of library `name` (None if not installed), without importing it."""
+    module = sys.modules.get(name)
+    if module is not None and isinstance(getattr(module, "__version__", None), str):
+        return str(module.__version__)
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
 def build_manifest(
     stage: str,
     *,
@@ -85,9 +109,6 @@ def build_manifest(
     parent is fingerprinted and its own manifest (if any) is embedded, giving the full chain.
     `compute` holds tokens and estimated FLOPs where training happened.
     """
-    import torch
-    import transformers
-
     parent_entries = []
     for role, p in (parents or {}).items():
         p = Path(p)
@@ -111,8 +132,8 @@ def build_manifest(
         "metrics": _jsonable(metrics) if metrics is not None else None,
         "environment": {
             "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
+            "torch": _library_version("torch"),
+            "transformers": _library_version("transformers"),
             "platform": platform.platform(),
         },
     }

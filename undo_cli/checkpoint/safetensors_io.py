@@ -6,11 +6,18 @@ spaces so the data starts 8-byte aligned) mapping each tensor name to its dtype,
 
 `CheckpointReader` parses only the headers of a checkpoint's files (one `model.safetensors`,
 or the shards named by `model.safetensors.index.json`) and reads a tensor, or a range of its
-elements, with plain positional file reads when asked: no mmap, so memory use stays at what
-is actually being processed. `SafetensorsWriter` writes the header of a file up front (shapes
-and dtypes are known before any data) and then takes tensor bytes in order, in pieces of any
-size; `write_index` adds the index of a sharded checkpoint. The output loads with
-`safetensors.safe_open` and `transformers`' `from_pretrained`.
+bytes, when asked: copied with positional file reads (`read_bytes`), or viewed in place in
+the file mapped into memory (`view_bytes`, released page by page with `release`), so
+resident memory stays at what is actually being processed.
+
+`SafetensorsWriter` writes the header of a file up front (shapes and dtypes are known before
+any data) and then takes tensor bytes in order, in pieces of any size; `write_index` adds the
+index of a sharded checkpoint. The output loads with `safetensors.safe_open` and
+`transformers`' `from_pretrained`.
+
+Bytes travel as numpy uint8 arrays: the module needs no torch (so `undo perturb` starts in a
+fraction of a second); `CheckpointReader.read`, `save_tensors` and `dtype_name` accept or
+return torch tensors and import torch only when called.
 
 Corrupt input (bad header length, bad JSON, inconsistent entries, truncated data) raises
 `DataError` naming the file.
@@ -18,52 +25,67 @@ Corrupt input (bad header length, bad JSON, inconsistent entries, truncated data
 
 from __future__ import annotations
 
+import contextlib
 import json
+import mmap
 import os
 import re
 import struct
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from undo_cli.errors import DataError, UsageError
+
+if TYPE_CHECKING:
+    import torch
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
 
-# safetensors dtype name -> (bytes per element, torch dtype or None where torch has none).
-DTYPES: dict[str, tuple[int, torch.dtype | None]] = {
-    "BOOL": (1, torch.bool),
-    "U8": (1, torch.uint8),
-    "I8": (1, torch.int8),
-    "F8_E4M3": (1, getattr(torch, "float8_e4m3fn", None)),
-    "F8_E5M2": (1, getattr(torch, "float8_e5m2", None)),
-    "F8_E8M0": (1, getattr(torch, "float8_e8m0fnu", None)),
-    "I16": (2, torch.int16),
-    "U16": (2, getattr(torch, "uint16", None)),
-    "F16": (2, torch.float16),
-    "BF16": (2, torch.bfloat16),
-    "I32": (4, torch.int32),
-    "U32": (4, getattr(torch, "uint32", None)),
-    "F32": (4, torch.float32),
-    "C64": (8, getattr(torch, "complex64", None)),
-    "I64": (8, torch.int64),
-    "U64": (8, getattr(torch, "uint64", None)),
-    "F64": (8, torch.float64),
+# safetensors dtype name -> (bytes per element, name of the torch dtype).
+DTYPES: dict[str, tuple[int, str]] = {
+    "BOOL": (1, "bool"),
+    "U8": (1, "uint8"),
+    "I8": (1, "int8"),
+    "F8_E4M3": (1, "float8_e4m3fn"),
+    "F8_E5M2": (1, "float8_e5m2"),
+    "F8_E8M0": (1, "float8_e8m0fnu"),
+    "I16": (2, "int16"),
+    "U16": (2, "uint16"),
+    "F16": (2, "float16"),
+    "BF16": (2, "bfloat16"),
+    "I32": (4, "int32"),
+    "U32": (4, "uint32"),
+    "F32": (4, "float32"),
+    "C64": (8, "complex64"),
+    "I64": (8, "int64"),
+    "U64": (8, "uint64"),
+    "F64": (8, "float64"),
 }
-TORCH_TO_NAME = {dt: name for name, (_, dt) in DTYPES.items() if dt is not None}
-FLOAT_DTYPES = {"F8_E4M3", "F8_E5M2", "F16", "BF16", "F32", "F64"}
+FLOAT_DTYPES = {"F8_E4M3", "F8_E5M2", "F8_E8M0", "F16", "BF16", "F32", "F64"}
+
+
+def torch_dtype(name: str) -> torch.dtype | None:
+    """The torch dtype of safetensors dtype `name` (None where torch has none); imports
+    torch."""
+    import torch
+
+    return getattr(torch, DTYPES[name][1], None) if name in DTYPES else None
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     """The safetensors name of a torch dtype (`torch.float32` -> "F32")."""
-    try:
-        return TORCH_TO_NAME[dtype]
-    except KeyError:
-        raise UsageError(f"dtype {dtype} cannot be stored in safetensors") from None
+    wanted = str(dtype).removeprefix("torch.")
+    for name, (_, torch_name) in DTYPES.items():
+        if torch_name == wanted:
+            return name
+    raise UsageError(f"dtype {dtype} cannot be stored in safetensors")
 
 
 def natural_key(name: str) -> tuple:
@@ -116,11 +138,11 @@ class TensorSpec:
 
     @property
     def torch_dtype(self) -> torch.dtype | None:
-        return DTYPES[self.dtype][1] if self.dtype in DTYPES else None
+        return torch_dtype(self.dtype)
 
     @property
     def is_float(self) -> bool:
-        return self.dtype in FLOAT_DTYPES and self.torch_dtype is not None
+        return self.dtype in FLOAT_DTYPES
 
 
 @dataclass(frozen=True)
@@ -261,6 +283,8 @@ class CheckpointReader:
                     raise DataError(f"the index places tensor {name!r} in {file}, which does "
                                     "not hold it", self.path / INDEX_NAME)
         self._fds: dict[Path, int] = {}
+        self._maps: dict[Path, tuple[mmap.mmap, np.ndarray]] = {}
+        self._lock = threading.Lock()
 
     def __enter__(self) -> CheckpointReader:
         return self
@@ -270,6 +294,10 @@ class CheckpointReader:
 
     def close(self) -> None:
         fds, self._fds = self._fds, {}
+        maps, self._maps = self._maps, {}
+        for m, _ in maps.values():
+            with contextlib.suppress(BufferError):  # views still in use: freed with them
+                m.close()
         for fd in fds.values():
             os.close(fd)
 
@@ -287,9 +315,9 @@ class CheckpointReader:
         return fd
 
     def read_bytes(self, name: str, start: int = 0, nbytes: int | None = None, *,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
-        """Bytes [start, start + nbytes) of tensor `name`'s data, as a uint8 tensor (read into
-        the front of `out`, a uint8 tensor, when given)."""
+                   out: np.ndarray | None = None) -> np.ndarray:
+        """Bytes [start, start + nbytes) of tensor `name`'s data, as a uint8 array (read into
+        the front of `out`, a uint8 array, when given)."""
         entry = self.entries[name]
         if nbytes is None:
             nbytes = entry.nbytes - start
@@ -298,33 +326,68 @@ class CheckpointReader:
         return pread_exact(self._fd(entry.path), entry.offset + start, nbytes, entry.path,
                            out=out)
 
-    def read_range(self, name: str, start: int, count: int, *,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
-        """Elements [start, start + count) of tensor `name` (flattened), in its own dtype
-        (read into the front of `out`, a uint8 tensor, when given)."""
+    def _mapping(self, path: Path) -> tuple[mmap.mmap, np.ndarray]:
+        with self._lock:
+            found = self._maps.get(path)
+            if found is None:
+                m = mmap.mmap(self._fd(path), 0, prot=mmap.PROT_READ)
+                found = self._maps[path] = (m, np.frombuffer(m, dtype=np.uint8))
+            return found
+
+    def view_bytes(self, name: str, start: int, nbytes: int) -> np.ndarray:
+        """Bytes [start, start + nbytes) of tensor `name`'s data without copying: a read-only
+        view of the file mapped into memory. Only the pages touched become resident; hand
+        them back with `release` once used, which keeps resident memory bounded."""
         entry = self.entries[name]
-        if entry.torch_dtype is None:
-            raise UsageError(f"tensor {name!r} has dtype {entry.dtype}, which torch cannot read")
-        raw = self.read_bytes(name, start * entry.itemsize, count * entry.itemsize, out=out)
-        return raw.view(entry.torch_dtype)
+        if start < 0 or nbytes < 0 or start + nbytes > entry.nbytes:
+            raise ValueError(f"byte range [{start}, {start + nbytes}) outside tensor {name!r}")
+        _, data = self._mapping(entry.path)
+        return data[entry.offset + start:entry.offset + start + nbytes]
+
+    def release(self, name: str, start: int, nbytes: int) -> None:
+        """Drop the pages of a `view_bytes` range from this process's resident memory (they
+        stay in the page cache; a later access reads them again)."""
+        entry = self.entries[name]
+        m = self._maps.get(entry.path)
+        if m is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        page = mmap.PAGESIZE
+        first = -(-(entry.offset + start) // page) * page  # whole pages inside the range
+        last = (entry.offset + start + nbytes) // page * page
+        if last > first:
+            m[0].madvise(mmap.MADV_DONTNEED, first, last - first)
+
+    def read_range(self, name: str, start: int, count: int, *,
+                   out: np.ndarray | None = None) -> np.ndarray:
+        """The bytes of elements [start, start + count) of tensor `name` (flattened), as a
+        uint8 array (read into the front of `out` when given)."""
+        size = self.entries[name].itemsize
+        return self.read_bytes(name, start * size, count * size, out=out)
 
     def read(self, name: str) -> torch.Tensor:
-        """The whole tensor `name`, with its shape and dtype."""
+        """The whole tensor `name` as a torch tensor, with its shape and dtype."""
+        import torch
+
         entry = self.entries[name]
-        return self.read_range(name, 0, entry.numel).reshape(entry.shape)
+        dtype = entry.torch_dtype
+        if dtype is None:
+            raise UsageError(f"tensor {name!r} has dtype {entry.dtype}, which torch cannot read")
+        if entry.numel == 0:
+            return torch.empty(entry.shape, dtype=dtype)
+        return torch.from_numpy(self.read_bytes(name)).view(dtype).reshape(entry.shape)
 
 
 def pread_exact(fd: int, offset: int, nbytes: int, path: Path | None = None, *,
-                out: torch.Tensor | None = None) -> torch.Tensor:
-    """Read exactly `nbytes` at `offset` of `fd` into a uint8 tensor: the front of `out` when
+                out: np.ndarray | None = None) -> np.ndarray:
+    """Read exactly `nbytes` at `offset` of `fd` into a uint8 array: the front of `out` when
     given, else a new one. Plain reads, no mmap."""
     if out is None:
-        buf = torch.empty(nbytes, dtype=torch.uint8)
+        buf = np.empty(nbytes, dtype=np.uint8)
     else:
-        if out.dtype != torch.uint8 or out.numel() < nbytes:
-            raise ValueError("out must be a uint8 tensor of at least nbytes elements")
+        if out.dtype != np.uint8 or out.size < nbytes:
+            raise ValueError("out must be a uint8 array of at least nbytes elements")
         buf = out[:nbytes]
-    view = memoryview(buf.numpy())
+    view = memoryview(buf)
     got = 0
     while got < nbytes:
         n = os.preadv(fd, [view[got:]], offset + got)
@@ -335,9 +398,13 @@ def pread_exact(fd: int, offset: int, nbytes: int, path: Path | None = None, *,
     return buf
 
 
-def as_bytes(data: torch.Tensor | bytes | bytearray | memoryview) -> memoryview:
-    """A byte view of a (contiguous) tensor or bytes-like object, without copying."""
-    if isinstance(data, torch.Tensor):
+def as_bytes(data: np.ndarray | torch.Tensor | bytes | bytearray | memoryview) -> memoryview:
+    """A byte view of a (contiguous) array, tensor or bytes-like object, without copying."""
+    if isinstance(data, np.ndarray):
+        return memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+    if type(data).__module__.startswith("torch"):  # a torch tensor (torch is imported)
+        import torch
+
         flat = data.detach().reshape(-1)
         if not flat.is_contiguous():
             flat = flat.contiguous()
@@ -426,7 +493,8 @@ class SafetensorsWriter:
         self._skip_empty()
         return self.specs[self._index].name if self._index < len(self.specs) else None
 
-    def write(self, name: str, data: torch.Tensor | bytes | bytearray | memoryview) -> None:
+    def write(self, name: str,
+              data: np.ndarray | torch.Tensor | bytes | bytearray | memoryview) -> None:
         """Append bytes of tensor `name` (which must be the current one)."""
         view = as_bytes(data)
         if view.nbytes == 0:

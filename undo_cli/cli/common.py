@@ -1,4 +1,8 @@
-"""Small helpers shared by the command modules: output streams, JSON, option parsing."""
+"""Small helpers shared by the command modules: output streams, JSON, option parsing.
+
+Library modules import `info` from here, so this module imports neither typer nor torch at
+module level.
+"""
 
 from __future__ import annotations
 
@@ -28,6 +32,49 @@ def emit_json(payload: Any) -> None:
     """The one JSON document a `--json` command prints on stdout."""
     sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
     sys.stdout.flush()
+
+
+# ------------------------------------------------------------------------------- lazy help
+#
+# `undo --help` and every command but the one asked for must not import torch, yet some help
+# texts are built from registries in torch-importing modules (e.g. the unlearning methods).
+# Such a command passes a short help for the command list and builds its full help only when
+# it is shown:
+#
+#     @app.command("unlearn", cls=lazy_help(_help, options={"method": _method_help}),
+#                  short_help=_SUMMARY)
+
+
+def lazy_help(text: Callable[[], str], *,
+              options: dict[str, Callable[[], str]] | None = None) -> type:
+    """A typer command class whose help is `text()` and whose options named in `options`
+    (by parameter name) get the help `options[name]()`, called only when help is formatted.
+
+    Pass it as `cls=` with a `short_help=` (the command list shows that without building the
+    full help).
+    """
+    from typer.core import TyperCommand
+
+    options = dict(options or {})
+
+    class LazyHelpCommand(TyperCommand):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            unknown = set(options) - {param.name for param in self.params}
+            if unknown:
+                raise TypeError(f"{self.name}: lazy help for unknown options {sorted(unknown)}")
+            self._help_built = False
+
+        def format_help(self, ctx: Any, formatter: Any) -> None:
+            if not self._help_built:
+                self.help = inspect.cleandoc(text())
+                for param in self.params:
+                    if param.name in options:
+                        param.help = options[param.name]()
+                self._help_built = True
+            return super().format_help(ctx, formatter)
+
+    return LazyHelpCommand
 
 
 # --------------------------------------------------------------------------- training options

@@ -12,14 +12,13 @@ import typer
 from undo_cli.cli import app
 from undo_cli.cli.common import TrainingOptions, emit_json, err_console, info, training_options
 from undo_cli.errors import UsageError
-from undo_cli.relearn import (
+from undo_cli.relearn_defaults import (
     DEFAULT_EVAL_EVERY,
     DEFAULT_LORA_ALPHA,
     DEFAULT_LORA_RANK,
     DEFAULT_LORA_TARGETS,
     DEFAULT_STEPS,
     PAPER_LRS,
-    AttackProgress,
 )
 
 _ATTACK = "Attack"
@@ -27,8 +26,13 @@ _LABELS = {"accuracy": "acc", "accuracy_norm": "acc_norm"}
 _MEASURE = "Measurement"
 
 
-class _Progress(AttackProgress):
-    """One overall progress line on stderr (run i/N, lr, step); plain lines off a terminal."""
+class _ProgressLine:
+    """One overall progress line on stderr (run i/N, lr, step); plain lines off a terminal.
+
+    It implements the callbacks of `undo_cli.relearn.AttackProgress`, which `_progress` adds
+    as a base class when an attack starts: importing `undo_cli.relearn` at the top of this
+    module would import torch for every command, even `undo --help`.
+    """
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
@@ -95,6 +99,16 @@ class _Progress(AttackProgress):
         if self.bar is not None:
             self.bar.stop()
             self.bar = None
+
+
+def _progress(enabled: bool) -> _ProgressLine:
+    """A `_ProgressLine` that is an `undo_cli.relearn.AttackProgress`."""
+    from undo_cli.relearn import AttackProgress
+
+    class _Progress(_ProgressLine, AttackProgress):
+        pass
+
+    return _Progress(enabled)
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -303,7 +317,7 @@ def relearn_command(
         eval_batch_size=eval_batch_size, max_new_tokens=max_new_tokens, finetune=bool(data))
     evals = [parse_named_spec(spec, "--eval") for spec in eval_sets]
     started = time.time()
-    progress = _Progress(enabled=not opts.quiet)
+    progress = _progress(enabled=not opts.quiet)
     results = relearn_checkpoint(
         checkpoint, out, data=list(data), evals=evals, config=config,
         forget_metric=forget_metric, threshold=threshold, max_length=opts.max_length,

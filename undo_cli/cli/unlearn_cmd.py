@@ -7,19 +7,30 @@ from pathlib import Path
 import typer
 
 from undo_cli.cli import app
-from undo_cli.cli.common import TrainingOptions, emit_json, info, training_options
-from undo_cli.unlearn import METHODS, TINY_MODEL_PARAMS
+from undo_cli.cli.common import (
+    TrainingOptions,
+    emit_json,
+    info,
+    lazy_help,
+    training_options,
+)
 
 _METHOD = "Method"
+_SUMMARY = ("Suppress a capability: train IN to forget the --forget data while keeping the "
+            "--retain data, and write the result to OUT (the Unlearn step of UNDO, "
+            "arXiv 2506.06278).")
+
+# The help lists the registered methods, which live in `undo_cli.unlearn` (torch): it is
+# built only when `undo unlearn --help` is shown (`lazy_help`), not for `undo --help`.
 
 
 def _help() -> str:
+    from undo_cli.unlearn import METHODS, TINY_MODEL_PARAMS
+
     # One paragraph per method (typer keeps paragraphs apart, not single lines).
     lines = "\n\n".join(f"  {m.name}: L = {m.formula}" for m in METHODS.values())
     return (
-        "Suppress a capability: train IN to forget the --forget data while keeping the "
-        "--retain data, and write the result to OUT (the Unlearn step of UNDO, "
-        "arXiv 2506.06278)."
+        f"{_SUMMARY}"
         "\n\n"
         "Methods (a = --retain-weight, b = --beta, c = --steering-coeff, u a random unit "
         "vector seeded by --seed, h_L the output of decoder layer --layer, p_ref and h^frozen "
@@ -42,7 +53,14 @@ def _help() -> str:
     )
 
 
-@app.command("unlearn", help=_help())
+def _method_help() -> str:
+    from undo_cli.unlearn import METHODS
+
+    return f"Unlearning method: {', '.join(METHODS)} (formulas above)."
+
+
+@app.command("unlearn", cls=lazy_help(_help, options={"method": _method_help}),
+             short_help=_SUMMARY)
 @training_options(
     defaults={"lr": None, "schedule": "constant"},
     help={"lr": "Peak learning rate (AdamW). Default: 5e-5 for models of 10M+ parameters "
@@ -59,7 +77,7 @@ def unlearn_command(
     out: Path = typer.Argument(..., metavar="OUT", help="Output checkpoint directory."),
     method: str = typer.Option(
         ..., "--method", metavar="NAME", rich_help_panel=_METHOD,
-        help=f"Unlearning method: {', '.join(METHODS)} (formulas above)."),
+        help="Unlearning method (formulas above)."),  # the full help: _method_help
     forget: list[str] = typer.Option(
         ..., "--forget", metavar="PATH[:WEIGHT]", rich_help_panel=_METHOD,
         help="Data to forget, repeatable with mixing weights ({\"text\"} records are packed "
