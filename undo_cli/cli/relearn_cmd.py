@@ -9,17 +9,10 @@ from typing import Any
 
 import typer
 
+from undo_cli import relearn_defaults as defaults
 from undo_cli.cli import app
 from undo_cli.cli.common import TrainingOptions, emit_json, err_console, info, training_options
 from undo_cli.errors import UsageError
-from undo_cli.relearn_defaults import (
-    DEFAULT_EVAL_EVERY,
-    DEFAULT_LORA_ALPHA,
-    DEFAULT_LORA_RANK,
-    DEFAULT_LORA_TARGETS,
-    DEFAULT_STEPS,
-    PAPER_LRS,
-)
 
 _ATTACK = "Attack"
 _LABELS = {"accuracy": "acc", "accuracy_norm": "acc_norm"}
@@ -202,7 +195,7 @@ _HELP = (
 
 @app.command("relearn-attack", help=_HELP)
 @training_options(
-    defaults={"schedule": "constant", "eval_every": DEFAULT_EVAL_EVERY},
+    defaults={"schedule": "constant", "eval_every": defaults.DEFAULT_EVAL_EVERY},
     exclude=("lr", "max_steps", "max_tokens", "save_every", "state_dir", "resume",
              "keep_last_finite", "log_every"),
     help={"eval_every": "Evaluate every N steps (and at step 0 and the last step).",
@@ -232,8 +225,8 @@ def relearn_command(
     lrs: str = typer.Option(
         None, "--lrs", metavar="LR,LR,...", rich_help_panel=_ATTACK,
         help="Learning rates of the grid. Default: the paper's ten log-spaced values "
-        f"{PAPER_LRS[0]:g} ... {PAPER_LRS[-1]:g}."),
-    steps: int = typer.Option(DEFAULT_STEPS, "--steps", rich_help_panel=_ATTACK,
+        f"{defaults.PAPER_LRS[0]:g} ... {defaults.PAPER_LRS[-1]:g}."),
+    steps: int = typer.Option(defaults.DEFAULT_STEPS, "--steps", rich_help_panel=_ATTACK,
                               help="Optimizer steps of every run."),
     seeds: int = typer.Option(1, "--seeds", metavar="N", rich_help_panel=_ATTACK,
                               help="Seeds per learning rate (averaged before the worst case)."),
@@ -244,12 +237,12 @@ def relearn_command(
     lora: bool = typer.Option(False, "--lora", rich_help_panel=_ATTACK,
                               help="Attack with a LoRA adapter instead of full finetuning."),
     lora_rank: int = typer.Option(
-        DEFAULT_LORA_RANK, "--lora-rank", rich_help_panel=_ATTACK,
+        defaults.DEFAULT_LORA_RANK, "--lora-rank", rich_help_panel=_ATTACK,
         help="LoRA rank (clipped to the narrowest wrapped layer of a tiny model)."),
-    lora_alpha: float = typer.Option(DEFAULT_LORA_ALPHA, "--lora-alpha",
+    lora_alpha: float = typer.Option(defaults.DEFAULT_LORA_ALPHA, "--lora-alpha",
                                      rich_help_panel=_ATTACK, help="LoRA alpha."),
     lora_targets: str = typer.Option(
-        DEFAULT_LORA_TARGETS, "--lora-targets", metavar="all-linear|NAME,NAME",
+        defaults.DEFAULT_LORA_TARGETS, "--lora-targets", metavar="all-linear|NAME,NAME",
         rich_help_panel=_ATTACK,
         help="Layers LoRA wraps: all-linear (every attention and MLP projection, not the "
         "output head) or module names such as q_proj,v_proj."),
@@ -309,7 +302,7 @@ def relearn_command(
     parse_gates(fail_if)  # malformed expressions fail before anything else
     config = AttackConfig(
         lrs=parse_lrs(lrs), steps=steps,
-        eval_every=DEFAULT_EVAL_EVERY if opts.eval_every is None else opts.eval_every,
+        eval_every=defaults.DEFAULT_EVAL_EVERY if opts.eval_every is None else opts.eval_every,
         seeds=[opts.seed + i for i in range(seeds)], mode="lora" if lora else "full",
         lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets,
         quantize=quantize, group_size=group_size,
