@@ -15,9 +15,10 @@ start together. Per command it checks that
   beside it, one train_log.jsonl line per step, each progress line and the final message
   once on stderr, one JSON document on stdout.
 
-`relearn-attack` runs its grid in one process and refuses a multi-process launch. FSDP needs
-CUDA; its one piece of undo code (gathering the sharded weights for saving) is checked with a
-stand-in accelerator, and the shipped accelerate configs are checked to load.
+`relearn-attack` runs its grid in one process and refuses a multi-process launch. FSDP2 runs
+for real over gloo in tests/test_fsdp.py; here, gathering the sharded weights for saving is
+also checked with a stand-in accelerator (covering ZeRO-3 and tied weights), and the shipped
+accelerate configs are checked to load.
 """
 
 from __future__ import annotations
@@ -205,7 +206,7 @@ def test_relearn_attack_refuses_a_multi_process_launch(cli, files, tmp_path, mon
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_sharded_weights_are_gathered_into_a_plain_model(tmp_path, arch):
-    """FSDP / ZeRO-3 (GPU only, not run here): the engine rebuilds a plain model on the main
+    """FSDP / ZeRO-3: the engine rebuilds a plain model on the main
     process from accelerate's full state dict, and that is what gets saved. Checked with a
     stand-in accelerator: equal weights, tied ones re-tied, a missing untied one refused."""
     import types

@@ -137,6 +137,13 @@ def _unwrap(model):
     return getattr(model, "module", model)
 
 
+def _is_fsdp(model) -> bool:
+    """True for a model sharded by FSDP2 (`fully_shard`)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
 def student_hidden_states(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Final hidden states through the model's own forward (so DDP sees the call), with the LM
     head applied to one position only (`logits_to_keep=1`): the full logits never exist."""
@@ -168,10 +175,18 @@ def kd_loss_fn(teacher, *, temperature: float = 1.0, ce_weight: float = 0.0,
         else:
             with torch.no_grad():
                 teacher_rows = final_hidden(teacher, batch)[mask]
-        student_rows = student_hidden_states(model, batch)[mask]
+        # Under FSDP2 accelerate shards final norm + LM head as a unit of their own: calling the
+        # head outside the model's forward (and in backward, checkpointed) reshards that unit
+        # before the norm's backward has run. Take the student's logits from its forward then.
+        sharded = _is_fsdp(model)
+        if sharded:
+            student_rows = model(input_ids=batch["input_ids"],
+                                 attention_mask=batch.get("attention_mask")).logits[mask]
+        else:
+            student_rows = student_hidden_states(model, batch)[mask]
 
         def chunk_terms(h_student, target_rows, y, *topk):
-            z_student = output_logits(head_owner, h_student)
+            z_student = h_student if sharded else output_logits(head_owner, h_student)
             if topk:
                 kl = topk_forward_kl(z_student, topk[0], topk[1], temperature).sum()
             else:
@@ -192,7 +207,8 @@ def kd_loss_fn(teacher, *, temperature: float = 1.0, ce_weight: float = 0.0,
                         teacher_rows[0][sl], teacher_rows[1][sl])
             else:
                 args = (student_rows[sl], teacher_rows[sl], kept_targets[sl])
-            kl, ce = checkpoint(chunk_terms, *args, use_reentrant=False)
+            kl, ce = (chunk_terms(*args) if sharded
+                      else checkpoint(chunk_terms, *args, use_reentrant=False))
             kl_sum = kl_sum + kl
             ce_sum = ce_sum + ce
         kd = kl_sum / count

@@ -239,7 +239,32 @@ def _make_accelerator(config: TrainConfig):
     # Under a multi-process launch the launcher decides the devices: CUDA if present.
     _process_state()
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    _fsdp_on_cpu(accelerator)
     return accelerator, accelerator.device
+
+
+def _fsdp_on_cpu(accelerator) -> None:
+    """Honour an FSDP2 config (`accelerate launch --config_file examples/accelerate/fsdp.yaml`)
+    on a machine without CUDA. accelerate turns FSDP on only for GPU-like process groups
+    (AcceleratorState: `distributed_type in [MULTI_GPU, ...]`); over gloo (MULTI_CPU) it drops
+    the plugin and silently runs DDP. torch's FSDP2 (`fully_shard`) works on a CPU device mesh
+    over gloo, so do here what accelerate does on GPUs: keep the plugin and mark the (shared)
+    state FSDP. This is what lets the FSDP path run in the CPU tests (tests/test_fsdp.py)."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if (accelerator.distributed_type != DistributedType.MULTI_CPU
+            or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true"):
+        return
+    plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables the launcher set
+    if plugin.fsdp_version != 2:
+        return  # FSDP1 on the CPU is not supported here: accelerate's DDP fallback stays
+    if accelerator.state.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.state.mixed_precision)
+    AcceleratorState._shared_state["fsdp_plugin"] = plugin
+    # Both: a later AcceleratorState() copies PartialState's fields over its own.
+    AcceleratorState._shared_state["distributed_type"] = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
 @contextmanager
@@ -550,8 +575,16 @@ class _Trainer:
                               {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
         fused = {"fused": True} if self.device.type == "cuda" else {}
         optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), **fused)
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        chosen = [names.get(id(p)) for p in self.params]
         self.prepared, self.optimizer = accelerator.prepare(self.model, optimizer)
-        if self.all_params:  # a sharding wrapper (FSDP) may have replaced the parameters
+        # FSDP2 replaces the parameters by sharded ones (DTensors) of the same names, in place:
+        # clipping, the NaN/inf checks and --keep-last-finite must see those, for a subset of
+        # the parameters (unlearn, --trainable) too. DDP keeps them: the same objects come back.
+        now = dict(self.model.named_parameters())
+        if all(n in now for n in chosen):
+            self.params = [now[n] for n in chosen]
+        elif self.all_params:  # another wrapper renamed them (FSDP1): all that require grad
             self.params = list({id(p): p for p in self.prepared.parameters()
                                 if p.requires_grad}.values())
         self.unwrapped = accelerator.unwrap_model(self.prepared)
