@@ -11,10 +11,12 @@ measures side by side, each in its own process (wall time and peak RSS from `wai
   `save_pretrained`.
 
 The page cache is warmed first (one untimed copy), outputs are deleted and `sync`ed between
-runs, and the median of `--repeat` runs is reported. The floor is the copy plus drawing the
-random numbers on two cores (the single-core rate is measured here). Targets (from the
-issue): perturb at most 4x the copy and at least 3x faster than the naive way; peak RSS at
-most 2x the largest tensor plus 400 MB.
+runs, and the median of `--repeat` runs is reported, with the fastest runs beside it: on the
+shared VM this was written on, page-cache writes stall at random (cp and dd too, by up to
+2.7 s for 1.1 GB, all kernel time), so the medians measure the VM as much as the code.
+The floor is the copy plus drawing the random numbers on two cores (the single-core rate is
+measured here). Targets (from the issue): perturb at most 4x the copy and at least 3x faster
+than the naive way; peak RSS at most 2x the largest tensor plus 400 MB.
 
     python benchmarks/bench_perturb.py [--size-gb 1.1] [--repeat 3] [--json]
 """
@@ -122,7 +124,8 @@ def run(cmd: list[str], env: dict | None = None) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}):\n"
                          f"{stderr[-2000:]}")
-    return {"wall_s": wall, "rss_mb": usage.ru_maxrss / 1024, "stdout": stdout}
+    return {"wall_s": wall, "rss_mb": usage.ru_maxrss / 1024, "stdout": stdout,
+            "user_s": usage.ru_utime, "sys_s": usage.ru_stime}
 
 
 def single_core_uniform_rate() -> float:
@@ -188,12 +191,12 @@ def main() -> None:
         results: dict[str, list[dict]] = {"cp": [], "dd": [], "perturb": [], "naive": []}
         for i in range(max(args.repeat, args.naive_repeat)):
             if i < args.repeat:
-                results["cp"].append(run(["cp", "-r", str(src), str(fresh("cp"))]))
-                results["dd"].append(run(["sh", "-c", dd, "dd", str(src), str(fresh("dd"))]))
                 results["perturb"].append(run(
                     [sys.executable, "-m", "undo_cli", "perturb", str(src),
                      str(fresh("perturb")), "--alpha", "0.6", "--beta", "0.1", "--quiet",
                      "--json"], env=env))
+                results["cp"].append(run(["cp", "-r", str(src), str(fresh("cp"))]))
+                results["dd"].append(run(["sh", "-c", dd, "dd", str(src), str(fresh("dd"))]))
             if i < args.naive_repeat:
                 results["naive"].append(run(
                     [sys.executable, "-c", NAIVE, str(src), str(fresh("naive")), "0.6", "0.1"],
@@ -226,10 +229,18 @@ def main() -> None:
         "cp_rss_mb": median("cp", "rss_mb"), "perturb_rss_mb": median("perturb", "rss_mb"),
         "naive_rss_mb": median("naive", "rss_mb"),
         "perturb_over_cp": pt_s / cp_s, "perturb_over_dd": pt_s / dd_s,
+        # Fastest runs: this VM stalls page-cache writes at random (cp and dd included, up
+        # to 2.7 s for 1.1 GB, all in kernel time); the minimum is what the code costs.
+        "best_cp_s": min(r["wall_s"] for r in results["cp"]),
+        "best_perturb_s": min(r["wall_s"] for r in results["perturb"]),
+        "best_perturb_over_best_cp": (min(r["wall_s"] for r in results["perturb"])
+                                      / min(r["wall_s"] for r in results["cp"])),
         "perturb_in_process_over_cp": in_process / cp_s,
         "naive_over_perturb": nv_s / pt_s, "rss_limit_mb": rss_limit,
         "startup_s": startup["wall_s"], "fingerprint_s": float(fingerprint["stdout"]),
         "runs": {k: [round(r["wall_s"], 3) for r in v] for k, v in results.items()},
+        "cpu_user_sys": {k: [(round(r["user_s"], 2), round(r["sys_s"], 2)) for r in v]
+                         for k, v in results.items()},
         "load_before": load_before, "load_after": load_after, "cpus": os.cpu_count(),
     }
     if args.json:
@@ -250,6 +261,8 @@ def main() -> None:
     print(f"{'  perturb, in-process':28} {in_process:8.2f}")
     print(f"{'  start-up (undo --version)':28} {report['startup_s']:8.2f}")
     print(f"{'  undo.json input sha256':28} {report['fingerprint_s']:8.2f}   (overlapped)")
+    print(f"fastest runs: perturb {report['best_perturb_s']:.2f} s / cp "
+          f"{report['best_cp_s']:.2f} s = {report['best_perturb_over_best_cp']:.1f}x")
     print(f"perturb / cp     = {report['perturb_over_cp']:.1f}x  (target <= 4x; "
           f"in-process {report['perturb_in_process_over_cp']:.1f}x; "
           f"perturb / dd = {report['perturb_over_dd']:.1f}x)")

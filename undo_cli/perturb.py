@@ -221,11 +221,14 @@ class _Buffers:
 _NUMPY_FLOATS = {"F16": np.float16, "F32": np.float32, "F64": np.float64}
 
 
-def _widen(raw: np.ndarray, dtype: str, out: np.ndarray) -> np.ndarray:
-    """The elements stored in `raw` (bytes of `dtype`) as fp32 (fp64 for F64) in `out`."""
-    if dtype in _NUMPY_FLOATS:
-        np.copyto(out, raw.view(_NUMPY_FLOATS[dtype]))
-    elif dtype == "BF16":  # bf16 is the top half of an fp32
+def _widen(raw: np.ndarray, dtype: str, out: np.ndarray, factor: float = 1.0) -> np.ndarray:
+    """`factor` times the elements stored in `raw` (bytes of `dtype`), in `out` (fp32, or
+    fp64 for F64): one correctly rounded multiplication in `out`'s precision."""
+    factor = out.dtype.type(factor)
+    if dtype in _NUMPY_FLOATS:  # widening is exact, so convert and scale in one pass
+        np.multiply(raw.view(_NUMPY_FLOATS[dtype]), factor, out=out)
+        return out
+    if dtype == "BF16":  # bf16 is the top half of an fp32
         np.left_shift(raw.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
     else:  # float8 kinds: torch knows them
         import torch
@@ -234,6 +237,8 @@ def _widen(raw: np.ndarray, dtype: str, out: np.ndarray) -> np.ndarray:
 
         wide = torch.from_numpy(raw.copy()).view(torch_dtype(dtype)).float()  # raw: read-only
         np.copyto(out, wide.numpy())
+    if factor != 1:
+        np.multiply(out, factor, out=out)
     return out
 
 
@@ -294,8 +299,7 @@ def _perturb_chunk(raw: np.ndarray | None, *, action: str, key: str, chunk: int,
     work_type = np.float64 if dtype == "F64" else np.float32
     shrunk = None
     if alpha != 1.0:
-        shrunk = _widen(raw, dtype, scratch("work", work_type))
-        np.multiply(shrunk, work_type(1.0 - alpha), out=shrunk)
+        shrunk = _widen(raw, dtype, scratch("work", work_type), 1.0 - alpha)
     if action == "shrink":
         result = shrunk if shrunk is not None else scratch("work", work_type)
         if shrunk is None:

@@ -55,6 +55,10 @@ def perturb_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or messages."),
 ) -> None:
     """`undo perturb IN OUT --alpha A --beta B` (see PERTURB_HELP)."""
+    import os
+
+    # numpy's OpenBLAS would start a spinning thread per core; perturb uses no BLAS.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from undo_cli.checkpoint.safetensors_io import parse_size
     from undo_cli.perturb import make_options, perturb_checkpoint
 
