@@ -245,6 +245,21 @@ def test_fingerprint_follows_content_not_location(tiny_llama, tmp_path):
     assert fingerprint(copy) != fingerprint(tiny_llama)
 
 
+def test_fingerprint_is_blake3_of_names_and_bytes(tiny_llama, tmp_path, monkeypatch):
+    """The definition, computed independently: BLAKE3 over name + NUL + bytes of config.json
+    and the weight files in sorted order (here with files larger than one hashing window)."""
+    from blake3 import blake3
+
+    from undo_cli.checkpoint import manifest
+
+    monkeypatch.setattr(manifest, "_HASH_WINDOW", 4096)
+    names = sorted(["config.json", *(p.name for p in tiny_llama.glob("*.safetensors"))])
+    expected = blake3()
+    for name in names:
+        expected.update(name.encode() + b"\0" + (tiny_llama / name).read_bytes())
+    assert fingerprint(tiny_llama) == "blake3:" + expected.hexdigest()
+
+
 def test_manifest_chain_tells_the_whole_history(tiny_llama, tmp_path):
     first = tmp_path / "first"
     shutil.copytree(tiny_llama, first)

@@ -384,7 +384,7 @@ def test_manifest_and_summary(tiny_llama, tmp_path, cli):
     assert manifest["seed"] == 3
     assert manifest["arguments"]["alpha"] == 0.5
     assert manifest["parents"][0]["role"] == "input"
-    assert manifest["parents"][0]["fingerprint"].startswith("sha256:")
+    assert manifest["parents"][0]["fingerprint"].startswith("blake3:")
     assert manifest["perturb"]["noised"] == 16
     assert manifest["wall_time_s"] is not None
 

@@ -56,7 +56,7 @@ numbers are written as null:
     {
       "schema_version": 1,
       "checkpoint": "models/unlearned",          # CKPT as given (null for a model in memory)
-      "fingerprint": "sha256:...",              # undo_cli.checkpoint.fingerprint(CKPT)
+      "fingerprint": "blake3:...",              # undo_cli.checkpoint.fingerprint(CKPT)
       "forget_metric": "forget.accuracy",
       "direction": "max",                       # "max" accuracy-like, "min" loss-like
       "eval": {"forget": "forget_eval.jsonl", "retain": "retain_eval.jsonl"},
