@@ -40,17 +40,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import make_checkpoint
 from tests.test_multiprocess import (
     COMMON,
     EXAMPLES,
-    FORGET,
-    TEXT,
     TOLERANCE,
     _env,
     _free_port,
+    _one_thread,  # noqa: F401 - the module-wide fixture: one torch thread in this process
     check_only_main_wrote,
     max_difference,
+    write_files,
 )
 
 STEPS = 4
@@ -97,23 +96,11 @@ app()
 """
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread in this process too: the launched processes need the 2 cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("fsdp")
-    (d / "text.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXT))
-    (d / "forget.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in FORGET))
     (d / "runner.py").write_text(RUNNER)
-    return {"dir": d, "ckpt": make_checkpoint(d / "base"), "text": d / "text.jsonl",
-            "forget": d / "forget.jsonl", "runner": d / "runner.py"}
+    return {**write_files(d), "runner": d / "runner.py"}
 
 
 @pytest.fixture()

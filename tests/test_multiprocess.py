@@ -82,13 +82,17 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("mp")
+def write_files(d: Path) -> dict[str, Path]:
+    """The tiny base checkpoint and the text / forget data the launched runs train on."""
     (d / "text.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXT))
     (d / "forget.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in FORGET))
     return {"dir": d, "ckpt": make_checkpoint(d / "base"), "text": d / "text.jsonl",
             "forget": d / "forget.jsonl"}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    return write_files(tmp_path_factory.mktemp("mp"))
 
 
 def _arguments(files: dict[str, Path]) -> dict[str, tuple[str, list, list]]:
