@@ -38,3 +38,18 @@ def test_module_entry_point_runs():
     done = subprocess.run([sys.executable, "-m", "undo_cli", "--version"], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0 and __version__ in done.stdout
+
+
+def test_training_option_defaults_agree_with_the_engine():
+    """`TrainingOptions` repeats `TrainConfig`'s defaults (to keep torch out of start-up):
+    every field the two share has the same default."""
+    import dataclasses
+
+    from undo_cli.cli.common import TrainingOptions
+    from undo_cli.engine import TrainConfig
+
+    options = {f.name: f.default for f in dataclasses.fields(TrainingOptions)}
+    config = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    shared = options.keys() & config.keys()
+    assert len(shared) >= 15
+    assert {k: options[k] for k in shared} == {k: config[k] for k in shared}

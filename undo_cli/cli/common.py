@@ -93,7 +93,10 @@ def lazy_help(text: Callable[[], str], *,
 
 @dataclass
 class TrainingOptions:
-    """The shared training options of one command invocation (see `training_options`)."""
+    """The shared training options of one command invocation (see `training_options`).
+
+    The defaults repeat `engine.TrainConfig`'s so that parsing options never imports torch
+    (`tests/test_cli.py` checks that the two agree)."""
 
     lr: float = 1e-4
     min_lr: float = 0.0
