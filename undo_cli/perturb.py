@@ -62,6 +62,7 @@ from undo_cli.checkpoint.safetensors_io import (
     pread_exact,
     shard_file_names,
     split_shards,
+    torch_dtype,
     write_index,
 )
 from undo_cli.errors import UsageError
@@ -233,8 +234,6 @@ def _widen(raw: np.ndarray, dtype: str, out: np.ndarray, factor: float = 1.0) ->
     else:  # float8 kinds: torch knows them
         import torch
 
-        from undo_cli.checkpoint.safetensors_io import torch_dtype
-
         wide = torch.from_numpy(raw.copy()).view(torch_dtype(dtype)).float()  # raw: read-only
         np.copyto(out, wide.numpy())
     if factor != 1:
@@ -267,8 +266,6 @@ def _narrow(work: np.ndarray, dtype: str, scratch: Callable[[str, type], np.ndar
             out[nan] = 0x7FC0  # the quiet NaN torch writes
         return out.view(np.uint8)
     import torch
-
-    from undo_cli.checkpoint.safetensors_io import torch_dtype
 
     narrow = torch.from_numpy(work).to(torch_dtype(dtype))
     out = scratch("out", np.uint8)
@@ -425,22 +422,17 @@ def perturb_model_(model, alpha: float, beta: float, seed: int = 0,
     saved checkpoint); returns the model."""
     import torch
 
-    with torch.no_grad():
-        return _perturb_model(model, alpha, beta, seed, noise, include=include,
-                              exclude=exclude, threads=threads)
-
-
-def _perturb_model(model, alpha, beta, seed, noise, *, include, exclude, threads):
     state = model.state_dict()
     tie = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
     new = perturb_state_dict(state, alpha, beta, seed, noise, include=include,
                              exclude=exclude, tie_word_embeddings=tie, threads=threads)
     done: set[int] = set()
-    for name, tensor in state.items():
-        if id(new[name]) in done:
-            continue
-        done.add(id(new[name]))
-        tensor.copy_(new[name])
+    with torch.no_grad():
+        for name, tensor in state.items():
+            if id(new[name]) in done:
+                continue
+            done.add(id(new[name]))
+            tensor.copy_(new[name])
     return model
 
 

@@ -68,7 +68,8 @@ DTYPES: dict[str, tuple[int, str]] = {
     "U64": (8, "uint64"),
     "F64": (8, "float64"),
 }
-FLOAT_DTYPES = {"F8_E4M3", "F8_E5M2", "F8_E8M0", "F16", "BF16", "F32", "F64"}
+# Floats the noise step changes (F8_E8M0, an exponent-only scale format, is copied as is).
+FLOAT_DTYPES = {"F8_E4M3", "F8_E5M2", "F16", "BF16", "F32", "F64"}
 
 
 def torch_dtype(name: str) -> torch.dtype | None:
