@@ -15,16 +15,18 @@ a small runner around `undo` (`RUNNER`) with two test hooks:
 Checked, on a tiny Llama (hidden 32, 2 layers), 4 AdamW steps, `--batch-size` 2 x 2 processes
 against one process with `--batch-size` 4 (TOLERANCE as in tests/test_multiprocess.py):
 
-- default suite (one launch, ~10 s): `train` with `--save-every 2` (a sharded state is written
-  and removed): every trained parameter is a DTensor whose local shards partition it, the
-  AdamW state is sharded too; OUT loads with plain `AutoModelForCausalLM.from_pretrained`
-  and matches one process (measured: max |difference| 2e-8); only the main process wrote;
-- slow (`-m slow`): an interrupted run resumed from its sharded state equals the
-  uninterrupted one bit for bit; `unlearn` (graddiff: `train` gets an explicit parameter
-  list) matches one process (measured 1.8e-6); `distill` under FSDP (expected to fail until
-  undo_cli/distill.py stops calling the LM head outside the model's forward: accelerate
-  shards final norm + LM head as a unit of their own, and the distill loss reads its freed
-  storage in backward, a segmentation fault on the CPU).
+All in the default suite (about 40 s):
+
+- `train` with `--save-every 2` (a sharded state is written and removed): every trained
+  parameter is a DTensor whose local shards partition it, the AdamW state is sharded too;
+  OUT loads with plain `AutoModelForCausalLM.from_pretrained` and matches one process
+  (measured: max |difference| 2e-8); only the main process wrote;
+- an interrupted run resumed from its sharded state equals the uninterrupted one bit for bit;
+- `unlearn` (graddiff: `train` gets an explicit parameter list) matches one process
+  (measured 1.8e-6);
+- `distill` keeps its chunked loss under FSDP (the student's forward returns the logits of
+  one position; accelerate's unit of final norm + LM head stays gathered and the loss applies
+  the head weight directly) and matches one process.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import make_checkpoint
 from tests.test_multiprocess import (
     COMMON,
     EXAMPLES,
@@ -62,6 +65,20 @@ import undo_cli.engine as engine
 probe = os.environ.get("UNDO_TEST_PROBE")
 stop_after = os.environ.get("UNDO_TEST_STOP_AFTER")
 if probe:
+    from transformers import GPT2LMHeadModel, LlamaForCausalLM
+
+    logits_positions = set()  # the sequence lengths of the logits the trained model returned
+
+    def recording(real_forward):
+        def forward(self, *args, **kwargs):
+            out = real_forward(self, *args, **kwargs)
+            if self.training:
+                logits_positions.add(out.logits.shape[1])
+            return out
+        return forward
+
+    for cls in (LlamaForCausalLM, GPT2LMHeadModel):
+        cls.forward = recording(cls.forward)
     real_step = engine._Trainer._step
 
     def step(self, lr):
@@ -74,7 +91,8 @@ if probe:
             record = {"distributed_type": str(self.accelerator.distributed_type),
                       "params": [[type(p).__name__, list(p.shape), list(local(p).shape)]
                                  for p in self.params],
-                      "optimizer_state": sorted({type(t).__name__ for t in state})}
+                      "optimizer_state": sorted({type(t).__name__ for t in state}),
+                      "logits_positions": sorted(logits_positions)}
             Path(probe, f"rank{self.accelerator.process_index}.json").write_text(
                 json.dumps(record))
         return ok
@@ -100,7 +118,11 @@ app()
 def files(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("fsdp")
     (d / "runner.py").write_text(RUNNER)
-    return {**write_files(d), "runner": d / "runner.py"}
+    gpt2 = make_checkpoint(d / "gpt2", arch="gpt2")
+    config = json.loads((gpt2 / "config.json").read_text())  # no dropout: comparable runs
+    config.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    (gpt2 / "config.json").write_text(json.dumps(config))
+    return {**write_files(d), "runner": d / "runner.py", "gpt2": gpt2}
 
 
 @pytest.fixture()
@@ -233,11 +255,15 @@ def test_unlearn_under_fsdp_matches_one_process(launch, files, tmp_path):
     assert max_difference(out, single) < TOLERANCE
 
 
-def test_distill_under_fsdp_matches_one_process(launch, files, tmp_path):
-    """Regression: applying the LM head outside the student's forward (the chunked loss) freed
-    the FSDP unit of final norm + head before the norm's backward (SIGSEGV); under FSDP the
-    student's logits now come from its own forward."""
-    after = ["--teacher", files["ckpt"], "--student", "teacher", "--alpha", "0.6", "--beta",
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: head tied to the embedding
+def test_distill_under_fsdp_is_chunked_and_matches_one_process(launch, files, tmp_path, arch):
+    """Regression: calling the LM head module outside the student's forward (the chunked loss)
+    freed the FSDP unit of final norm + head before the norm's backward (SIGSEGV). The chunked
+    loss now applies the gathered head weight directly: the student's forward returns logits
+    for one position only (the full batch x sequence x vocabulary logits never exist), and
+    the result matches one process."""
+    teacher = files["ckpt"] if arch == "llama" else files["gpt2"]
+    after = ["--teacher", teacher, "--student", "teacher", "--alpha", "0.6", "--beta",
              "0.1", "--data", files["text"], "--max-steps", str(STEPS), "--save-every", "2",
              *COMMON]
     probe = tmp_path / "probe"
@@ -247,5 +273,8 @@ def test_distill_under_fsdp_matches_one_process(launch, files, tmp_path):
     single = _single(tmp_path, "distill", [], after)
     _, stderr = _wait(proc)
     check_sharded(probe)  # the student; the frozen teacher is replicated on each process
+    for rank in (0, 1):
+        record = json.loads((probe / f"rank{rank}.json").read_text())
+        assert record["logits_positions"] == [1], record["logits_positions"]
     check_only_main_wrote(out, STEPS, stderr, single)
     assert max_difference(out, single) < TOLERANCE

@@ -102,9 +102,11 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 # --------------------------------------------------------------- chunked logits from hidden
 
 
-def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    """The LM head applied to final hidden states, with Gemma-2-style soft-capping if set."""
-    logits = model.get_output_embeddings()(hidden)
+def output_logits(model, hidden: torch.Tensor, head=None) -> torch.Tensor:
+    """The LM head applied to final hidden states, with Gemma-2-style soft-capping if set.
+
+    `head`, if given, is called instead of the model's own output embedding module."""
+    logits = (head or model.get_output_embeddings())(hidden)
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
@@ -144,6 +146,36 @@ def _is_fsdp(model) -> bool:
     return isinstance(model, FSDPModule)
 
 
+def _gathered_head(model):
+    """The student's LM head as a function of hidden states for the chunked loss, or None.
+
+    Without FSDP: the output embedding module itself. Under FSDP2 the head module must not
+    be called outside the model's forward: its hooks would register a second post-backward
+    for its unit (accelerate's final norm + head), which then frees the norm's weight before
+    the norm's backward (a segmentation fault on the CPU). So the unit is kept gathered from
+    forward to backward (`set_reshard_after_forward(False)`, as accelerate sets it) and the
+    head is applied with `F.linear` on its gathered weight, bypassing the hooks: exact, and
+    its gradient lands where FSDP reduce-scatters from. None (the caller then takes the full
+    logits from the forward) for a head that is not an `nn.Linear`.
+    """
+    head = _unwrap(model).get_output_embeddings()
+    if not _is_fsdp(model):
+        return head
+    if not isinstance(head, torch.nn.Linear) or type(head).forward is not torch.nn.Linear.forward:
+        return None  # (FSDP swaps the class for a subclass of its own, same forward)
+    if _is_fsdp(head):
+        head.set_reshard_after_forward(False, recurse=False)
+
+    def apply(hidden: torch.Tensor) -> torch.Tensor:
+        if hasattr(head.weight, "to_local"):  # a DTensor: the unit was resharded
+            raise UndoError("distill under FSDP: the LM head's weight is sharded after the "
+                            "forward; wrap the head in an FSDP unit of its own (accelerate's "
+                            "default) or run without FSDP")
+        return F.linear(hidden, head.weight, head.bias)
+
+    return apply
+
+
 def student_hidden_states(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Final hidden states through the model's own forward (so DDP sees the call), with the LM
     head applied to one position only (`logits_to_keep=1`): the full logits never exist."""
@@ -175,18 +207,16 @@ def kd_loss_fn(teacher, *, temperature: float = 1.0, ce_weight: float = 0.0,
         else:
             with torch.no_grad():
                 teacher_rows = final_hidden(teacher, batch)[mask]
-        # Under FSDP2 accelerate shards final norm + LM head as a unit of their own: calling the
-        # head outside the model's forward (and in backward, checkpointed) reshards that unit
-        # before the norm's backward has run. Take the student's logits from its forward then.
-        sharded = _is_fsdp(model)
-        if sharded:
+        head = _gathered_head(model)
+        whole = head is None  # FSDP with a head we cannot call: full logits from the forward
+        if whole:
             student_rows = model(input_ids=batch["input_ids"],
                                  attention_mask=batch.get("attention_mask")).logits[mask]
         else:
             student_rows = student_hidden_states(model, batch)[mask]
 
         def chunk_terms(h_student, target_rows, y, *topk):
-            z_student = h_student if sharded else output_logits(head_owner, h_student)
+            z_student = h_student if whole else output_logits(head_owner, h_student, head)
             if topk:
                 kl = topk_forward_kl(z_student, topk[0], topk[1], temperature).sum()
             else:
@@ -207,7 +237,7 @@ def kd_loss_fn(teacher, *, temperature: float = 1.0, ce_weight: float = 0.0,
                         teacher_rows[0][sl], teacher_rows[1][sl])
             else:
                 args = (student_rows[sl], teacher_rows[sl], kept_targets[sl])
-            kl, ce = (chunk_terms(*args) if sharded
+            kl, ce = (chunk_terms(*args) if whole
                       else checkpoint(chunk_terms, *args, use_reentrant=False))
             kl_sum = kl_sum + kl
             ce_sum = ce_sum + ce
