@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from undo_cli.errors import UndoError, UsageError
+from undo_cli.jsontext import to_json
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[torch.nn.Module, dict[str, Batch]], tuple[torch.Tensor, dict[str, float]]]
@@ -605,7 +606,7 @@ class _Trainer:
             Path(config.log_path).parent.mkdir(parents=True, exist_ok=True)
             self.log_file = open(config.log_path, "w", encoding="utf-8")  # noqa: SIM115
             for entry in self.run_state.log:
-                self.log_file.write(json.dumps(entry) + "\n")
+                self.log_file.write(to_json(entry) + "\n")
             self.log_file.flush()
         if config.max_steps is not None or self.total_steps is not None:
             self.unit, goal = "step", float(self.total_steps or config.max_steps)
@@ -829,7 +830,7 @@ class _Trainer:
     def _write(self, entry: dict) -> None:
         self.run_state.log.append(entry)
         if self.log_file is not None:
-            self.log_file.write(json.dumps(entry) + "\n")
+            self.log_file.write(to_json(entry) + "\n")
             self.log_file.flush()
 
     def _save(self) -> None:

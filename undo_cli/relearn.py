@@ -110,6 +110,7 @@ from undo_cli.errors import UsageError
 from undo_cli.evaluate import expected_metrics
 from undo_cli.gates import check_gates as evaluate_gates
 from undo_cli.gates import parse_gates, raise_failed_gates
+from undo_cli.jsontext import jsonable, to_json
 from undo_cli.relearn_defaults import (  # torch-free, for the command line
     DEFAULT_EVAL_EVERY,
     DEFAULT_LORA_ALPHA,
@@ -568,19 +569,6 @@ def _attach_lora(model: torch.nn.Module, config: AttackConfig, rank: int) -> tor
         raise UsageError(f"--lora-targets {config.lora_targets!r}: {e}") from e
 
 
-def _clean(value: Any) -> Any:
-    """JSON-ready: NaN/inf -> None, tuples -> lists, Paths -> str."""
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
 def run_attack(model: torch.nn.Module, tokenizer, eval_sets: Sequence[Any],
                config: AttackConfig, *, forget_metric: str,
                streams: dict[int, Any] | None = None, threshold: float | None = None,
@@ -670,7 +658,7 @@ def run_attack(model: torch.nn.Module, tokenizer, eval_sets: Sequence[Any],
 
     worst = worst_case_curve(runs, forget_metric, direction)
     wall = time.perf_counter() - started
-    return _clean({
+    return jsonable({
         "schema_version": SCHEMA_VERSION,
         "forget_metric": forget_metric,
         "direction": direction,
@@ -897,7 +885,7 @@ def relearn_checkpoint(
                if k not in ("schema_version", "forget_metric", "direction")},
         }
         if gates:
-            results["gates"] = _clean(evaluate_gates(gates, gate_values(results)))
+            results["gates"] = jsonable(evaluate_gates(gates, gate_values(results)))
         _write_json(Path(tmp) / RESULTS_NAME, results)
         if plot:
             from undo_cli.plots import plot_attack
@@ -942,9 +930,8 @@ def _model_saver(root: Path, tokenizer, checkpoint: str | Path) -> ModelHook:
 
 
 def _write_json(path: Path, payload: Any) -> None:
-    import json
 
-    path.write_text(json.dumps(_clean(payload), indent=2) + "\n")
+    path.write_text(to_json(payload, indent=2) + "\n")
 
 
 # ----------------------------------------------------------------------------- comparing

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from undo_cli.errors import UsageError
+from undo_cli.jsontext import to_json
 
 ROLES = ("base", "unlearned", "oracle")
 
@@ -227,7 +228,7 @@ def write_report(specs: list[str], out: str | Path, *, roles: dict[str, str] | N
     inputs = [Path(row["results"]) for row in report["rows"]]
     with atomic_output(out, inputs=inputs, overwrite=overwrite) as tmp:
         (tmp / "report.md").write_text(render_markdown(report))
-        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (tmp / "report.json").write_text(to_json(report, indent=2) + "\n")
         figures = write_figures(report, tmp)
         write_manifest(tmp, build_manifest("report", arguments={"results": specs,
                                                                  "roles": report["roles"]}))

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from undo_cli import __version__
+from undo_cli.jsontext import jsonable, to_json
 
 MANIFEST_NAME = "undo.json"
 _HASH_WINDOW = 32 << 20  # bytes of a file mapped at a time while hashing
@@ -70,18 +71,6 @@ def read_manifest(path: str | Path) -> dict | None:
         return None
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
-
-
 def _library_version(name: str) -> str | None:
     """The installed version of library `name` (None if not installed), without importing it."""
     module = sys.modules.get(name)
@@ -127,12 +116,12 @@ def build_manifest(
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": "undo " + stage,
         "argv": list(sys.argv),
-        "arguments": _jsonable(arguments),
+        "arguments": jsonable(arguments),
         "seed": seed,
         "parents": parent_entries,
-        "compute": _jsonable(compute) if compute is not None else None,
+        "compute": jsonable(compute) if compute is not None else None,
         "wall_time_s": wall_time_s,
-        "metrics": _jsonable(metrics) if metrics is not None else None,
+        "metrics": jsonable(metrics) if metrics is not None else None,
         "environment": {
             "python": platform.python_version(),
             "torch": _library_version("torch"),
@@ -141,14 +130,14 @@ def build_manifest(
         },
     }
     if extra:
-        manifest.update(_jsonable(extra))
+        manifest.update(jsonable(extra))
     return manifest
 
 
 def write_manifest(directory: str | Path, manifest: dict[str, Any]) -> Path:
     """Write `manifest` as `directory/undo.json`."""
     file = Path(directory) / MANIFEST_NAME
-    file.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    file.write_text(to_json(manifest, indent=2) + "\n")
     return file
 
 

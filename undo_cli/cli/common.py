@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 import sys
 import types
 import typing
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+
+from undo_cli.jsontext import to_json
 
 # Human-readable output goes to stderr so that stdout stays clean for `--json`.
 err_console = Console(stderr=True, highlight=False)
@@ -30,7 +31,7 @@ def info(message: str) -> None:
 
 def emit_json(payload: Any) -> None:
     """The one JSON document a `--json` command prints on stdout."""
-    sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
+    sys.stdout.write(to_json(payload, indent=2) + "\n")
     sys.stdout.flush()
 
 
