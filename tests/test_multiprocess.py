@@ -1,11 +1,11 @@
 """Data parallelism on the CPU: 2 processes over gloo equal 1 process with twice the batch.
 
-Each multi-process run starts a real launcher in a subprocess (train: `accelerate launch
---config_file examples/accelerate/ddp.yaml --num_processes 2`, which is torchrun underneath;
-unlearn and distill: `python -m torch.distributed.run --nproc_per_node 2`) on a tiny Llama
-(hidden 32) with packed text (every example has the same number of labelled tokens, so the
-mean of the two processes' mean losses is the mean over the global batch). The three runs
-start together. Per command it checks that
+Each multi-process run starts a real launcher in a subprocess (train and relearn-attack:
+`accelerate launch --config_file examples/accelerate/ddp.yaml --num_processes 2`, which is
+torchrun underneath; unlearn and distill: `python -m torch.distributed.run
+--nproc_per_node 2`) on a tiny Llama (hidden 32) with packed text (every example has the
+same number of labelled tokens, so the mean of the two processes' mean losses is the mean
+over the global batch). The four runs start together. Per command it checks that
 
 - the weights match a single-process run with the same global batch (`--batch-size` 2 per
   process x 2 processes vs `--batch-size` 4): max |difference| below `TOLERANCE` (measured:
@@ -15,10 +15,12 @@ start together. Per command it checks that
   beside it, one train_log.jsonl line per step, each progress line and the final message
   once on stderr, one JSON document on stdout.
 
-`relearn-attack` runs its grid in one process and refuses a multi-process launch. FSDP2 runs
-for real over gloo in tests/test_fsdp.py; here, gathering the sharded weights for saving is
-also checked with a stand-in accelerator (covering ZeRO-3 and tied weights), and the shipped
-accelerate configs are checked to load.
+relearn-attack writes no weights: there every point of every run's curve (2 learning rates x
+2 seeds, evaluated at steps 0, 2, 4; the evaluations run in full on each process) matches
+one process within `TOLERANCE` (measured: 2e-8 relative). FSDP2 runs for real over gloo in
+tests/test_fsdp.py; here, gathering the sharded weights for saving is also checked with a
+stand-in accelerator (covering ZeRO-3 and tied weights), and the shipped accelerate configs
+are checked to load.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ TOLERANCE = 1e-5
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "accelerate"
 TEXT = [f"{a} + {b} = {a + b}" for a in range(15) for b in range(6)]
 FORGET = [f"{a} * {b} = {a * b}" for a in range(12) for b in range(8)]
-COMMON = ["--max-length", "32", "--log-every", "1", "--seed", "3", "--device", "cpu"]
+ATTACK_COMMON = ["--max-length", "32", "--seed", "3", "--device", "cpu"]
+COMMON = [*ATTACK_COMMON, "--log-every", "1"]
 
 
 def _free_port() -> int:
@@ -111,12 +114,17 @@ def _arguments(files: dict[str, Path]) -> dict[str, tuple[str, list, list]]:
             "--teacher", files["ckpt"], "--student", "teacher", "--alpha", "0.6", "--beta",
             "0.1", "--data", files["text"], "--max-steps", "4", "--save-every", "2",
             *COMMON]),
+        # OUT is --out's value. 2 learning rates x 2 seeds, 4 steps each, evaluated at 0, 2, 4.
+        "relearn-attack": ("accelerate", [files["ckpt"], "--out"], [
+            "--data", files["forget"], "--eval", f"forget={files['forget']}", "--eval",
+            f"retain={files['text']}", "--lrs", "1e-3,3e-3", "--seeds", "2", "--steps", "4",
+            "--eval-every", "2", "--no-plot", "--json", *ATTACK_COMMON]),
     }
 
 
 @pytest.fixture(scope="module")
 def launched(files, tmp_path_factory):
-    """The three 2-process runs, started together (their start-ups overlap)."""
+    """The 2-process runs, started together (their start-ups overlap)."""
     root = tmp_path_factory.mktemp("mp-runs")
     runs = {}
     for command, (launcher, before, after) in _arguments(files).items():
@@ -200,11 +208,42 @@ def test_distill_with_torchrun_matches_one_process(launched, files, tmp_path):
     assert max_difference(out, single) < TOLERANCE
 
 
-def test_relearn_attack_refuses_a_multi_process_launch(cli, files, tmp_path, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun / accelerate launch set
+def test_relearn_attack_with_accelerate_launch_matches_one_process(launched, files, tmp_path):
+    """Every run of the grid trains data-parallel; every process evaluates in full; only the
+    main one prints, reports and writes. Each curve matches one process with the global batch."""
+    out, single, stdout, stderr = finish(launched, files, tmp_path, "relearn-attack")
+    results = json.loads(stdout)  # exactly one JSON document: only rank 0 printed
+    assert json.loads((out / "results.json").read_text()) == results
+    assert sorted(p.name for p in out.iterdir()) == ["results.json", "undo.json"]
+    assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []
+    assert stderr.count(f"wrote {out}") == 1 and "error" not in stderr
+    for lr in ("0.001", "0.003"):
+        for seed in (3, 4):
+            assert stderr.count(f"lr {lr} seed {seed}: forget.loss") == 1, stderr
+    reference = json.loads((single / "results.json").read_text())
+    assert results["compute"]["tokens"] == reference["compute"]["tokens"] > 0
+    processes = [json.loads((d / "undo.json").read_text())["compute"]["processes"]
+                 for d in (out, single)]
+    assert processes == [2, 1]
+    assert results["initial"] == reference["initial"]
+    assert len(results["runs"]) == len(reference["runs"]) == 4
+    worst = 0.0
+    for run, ref in zip(results["runs"], reference["runs"], strict=True):
+        assert (run["lr"], run["seed"], run["diverged"]) == (ref["lr"], ref["seed"], False)
+        assert [p["step"] for p in run["curve"]] == [p["step"] for p in ref["curve"]] == [0, 2, 4]
+        for point, ref_point in zip(run["curve"], ref["curve"], strict=True):
+            for key, value in ref_point.items():
+                worst = max(worst, abs(point[key] - value) / max(1.0, abs(value)))
+    print(f"relearn-attack: max relative |difference| of the curves {worst:.3g}")  # -s
+    assert worst < TOLERANCE
+    assert results["runs"][0]["curve"][-1]["forget.loss"] < results["initial"]["forget.loss"]
+
+
+def test_relearn_attack_refuses_fsdp(cli, files, tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what an FSDP config's launch sets
     r = cli("relearn-attack", files["ckpt"], "--data", files["text"], "--eval",
             f"forget={files['forget']}", "--max-length", "32", "--out", tmp_path / "r")
-    assert r.exit_code == 2 and "runs in one process" in r.stderr
+    assert r.exit_code == 2 and "not under FSDP" in r.stderr and "ddp.yaml" in r.stderr
     assert not (tmp_path / "r").exists()
 
 

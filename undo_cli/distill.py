@@ -469,16 +469,6 @@ def check_compatible(teacher, student, teacher_tok, student_tok) -> None:
                          "tokenizer")
 
 
-def _device_for(config) -> torch.device:
-    """Where the teacher goes: the device the engine trains the student on."""
-    from undo_cli.engine import _process_state, is_distributed
-    from undo_cli.runtime import pick_device
-
-    if is_distributed():
-        return _process_state().device
-    return pick_device(config.device)
-
-
 def distill_checkpoint(teacher_path: str | Path, student: str, out: str | Path, *,
                        data: list[str], evals: list[tuple[str, str]], config,
                        max_length: int, settings: DistillSettings, overwrite: bool = False,
@@ -504,7 +494,7 @@ def distill_checkpoint(teacher_path: str | Path, student: str, out: str | Path, 
         write_manifest,
     )
     from undo_cli.data import build_stream
-    from undo_cli.engine import train, training_output
+    from undo_cli.engine import train, training_device, training_output
     from undo_cli.evaluate import (
         evaluate_model,
         expected_metrics,
@@ -533,7 +523,7 @@ def distill_checkpoint(teacher_path: str | Path, student: str, out: str | Path, 
     if stop is not None:  # before any model is loaded
         stop.check_names(set(expected_metrics(sets)))
 
-    device = _device_for(config)
+    device = training_device(config)
     teacher = load_model(teacher_path, allow_pickle=allow_pickle,
                          trust_remote_code=trust_remote_code).to(device).eval()
     teacher.requires_grad_(False)

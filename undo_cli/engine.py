@@ -214,6 +214,14 @@ def is_main_process() -> bool:
     return _process_state().is_main_process if is_distributed() else True
 
 
+def training_device(config: TrainConfig) -> torch.device:
+    """The device `train` uses: the launcher's (one GPU per process) under a multi-process
+    launch, else `config.device` (`auto`: CUDA if present)."""
+    from undo_cli.runtime import pick_device
+
+    return _process_state().device if is_distributed() else pick_device(config.device)
+
+
 def wait_for_everyone() -> None:
     """A barrier across processes (no-op in a single process)."""
     if is_distributed():
@@ -991,5 +999,6 @@ _NOT_TERMS = {"type", "step", "lr", "grad_norm", "tokens", "flops", "tokens_per_
 
 __all__ = [
     "Batch", "LossFn", "TrainConfig", "TrainResult", "is_distributed", "is_main_process",
-    "latest_state", "lm_loss", "lr_at", "remove_state", "train", "wait_for_everyone",
+    "latest_state", "lm_loss", "lr_at", "remove_state", "train", "training_device",
+    "wait_for_everyone",
 ]

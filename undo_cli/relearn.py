@@ -95,8 +95,10 @@ learning rate giving the worst case, so `worst.<forget metric>` is `summary.fina
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -811,17 +813,15 @@ def relearn_checkpoint(
         inspect_checkpoint,
         load_model,
         load_tokenizer,
-        write_manifest,
     )
-    from undo_cli.engine import is_distributed
+    from undo_cli.engine import is_main_process, training_device, wait_for_everyone
     from undo_cli.evaluate import load_eval_set
-    from undo_cli.runtime import pick_device
 
     started = time.time()
     note = note or (lambda text: None)
-    if is_distributed():
-        raise UsageError("relearn-attack runs in one process: start it without "
-                         "`accelerate launch` / torchrun")
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise UsageError("relearn-attack runs data-parallel (DDP) only, not under FSDP: launch "
+                         "it with examples/accelerate/ddp.yaml")
     config.finetune = bool(data)
     config.validate()
     if not evals:
@@ -861,13 +861,16 @@ def relearn_checkpoint(
                  "(pip install 'undo-cli[plot]'); results.json is written as usual")
             plot = False
 
-    device = pick_device(config.train.device)
-    model = load_model(checkpoint, device=device, allow_pickle=allow_pickle,
-                       trust_remote_code=trust_remote_code)
+    model = load_model(checkpoint, device=training_device(config.train),
+                       allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     digest = fingerprint(checkpoint)
-    with atomic_output(out, inputs=[checkpoint], overwrite=overwrite) as tmp:
+    # Under a multi-process launch every process trains its share of each run's batches and
+    # evaluates in full (the weights are the same everywhere); only the main one writes.
+    main = is_main_process()
+    output = atomic_output(out, inputs=[checkpoint], overwrite=overwrite) if main else None
+    with output or contextlib.nullcontext() as tmp:
         saver = None
-        if save_models:
+        if save_models and main:
             saver = _model_saver(Path(tmp) / MODELS_DIR, tokenizer, checkpoint)
         core = run_attack(model, tokenizer, sets, config, forget_metric=forget_metric,
                           streams=streams, threshold=threshold, progress=progress,
@@ -886,22 +889,19 @@ def relearn_checkpoint(
         }
         if gates:
             results["gates"] = jsonable(evaluate_gates(gates, gate_values(results)))
-        _write_json(Path(tmp) / RESULTS_NAME, results)
-        if plot:
-            from undo_cli.plots import plot_attack
-
-            plot_attack(results, Path(tmp) / PLOT_NAME)
-        compute = dict(results["compute"])
-        compute["runs"] = len(results["runs"])
-        write_manifest(tmp, build_manifest(
-            STAGE, arguments=arguments or {"checkpoint": checkpoint, "data": list(data),
-                                           "eval": [list(e) for e in evals],
-                                           "attack": results["attack"]},
-            parents={"input": checkpoint}, seed=config.train.seed,
-            wall_time_s=time.time() - started, compute=compute,
-            metrics={"forget_metric": forget_metric, **results["summary"],
-                     "worst": final_metrics(results)},
-            extra={"relearn": {"results": RESULTS_NAME, "timing": results["timing"]}}))
+        if main:
+            _write_outputs(Path(tmp), results, plot=plot, manifest=build_manifest(
+                STAGE, arguments=arguments or {"checkpoint": checkpoint, "data": list(data),
+                                               "eval": [list(e) for e in evals],
+                                               "attack": results["attack"]},
+                parents={"input": checkpoint}, seed=config.train.seed,
+                wall_time_s=time.time() - started,
+                compute={**results["compute"], "runs": len(results["runs"]),
+                         "processes": _processes()},
+                metrics={"forget_metric": forget_metric, **results["summary"],
+                         "worst": final_metrics(results)},
+                extra={"relearn": {"results": RESULTS_NAME, "timing": results["timing"]}}))
+    wait_for_everyone()
     if gates and raise_on_gate:
         raise_failed_gates(results["gates"])
     return results
@@ -929,9 +929,22 @@ def _model_saver(root: Path, tokenizer, checkpoint: str | Path) -> ModelHook:
     return save
 
 
-def _write_json(path: Path, payload: Any) -> None:
+def _write_outputs(directory: Path, results: dict[str, Any], *, plot: bool,
+                   manifest: dict[str, Any]) -> None:
+    """results.json, relearn.png (with `plot`) and undo.json into `directory`."""
+    from undo_cli.checkpoint import write_manifest
 
-    path.write_text(to_json(payload, indent=2) + "\n")
+    (directory / RESULTS_NAME).write_text(to_json(results, indent=2) + "\n")
+    if plot:
+        from undo_cli.plots import plot_attack
+
+        plot_attack(results, directory / PLOT_NAME)
+    write_manifest(directory, manifest)
+
+
+def _processes() -> int:
+    """Processes of the launch (1 without a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 # ----------------------------------------------------------------------------- comparing
@@ -1004,7 +1017,7 @@ def compare_results(specs: Sequence[str], out: str | Path, *, overwrite: bool = 
     }
     with atomic_output(out, inputs=inputs, overwrite=overwrite) as tmp:
         plot_compare(loaded, labels, Path(tmp) / COMPARE_PLOT_NAME)
-        _write_json(Path(tmp) / COMPARE_NAME, summary)
+        (Path(tmp) / COMPARE_NAME).write_text(to_json(summary, indent=2) + "\n")
         write_manifest(tmp, build_manifest(
             "relearn-compare", arguments=arguments or {"compare": list(specs)},
             wall_time_s=time.time() - started,

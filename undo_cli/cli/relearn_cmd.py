@@ -190,6 +190,10 @@ _HELP = (
     "\n\n"
     "--quantize 8|4 adds the quantisation attack; --compare [LABEL=]DIR ... only draws the "
     "worst-case curves of earlier results into one figure (--out/compare.png)."
+    "\n\n"
+    "Data-parallel under `accelerate launch` (examples/accelerate/ddp.yaml) or torchrun: each "
+    "run trains on every process (--batch-size each), the evaluations run in full on each, "
+    "only the main process writes. Not under FSDP."
 )
 
 
@@ -200,7 +204,8 @@ _HELP = (
              "keep_last_finite", "log_every"),
     help={"eval_every": "Evaluate every N steps (and at step 0 and the last step).",
           "seed": "First seed: runs use seeds SEED .. SEED+N-1 (--seeds N) for data order.",
-          "batch_size": "Examples per attack step.",
+          "batch_size": "Examples per attack step and per process (N processes under a "
+                        "launcher train on N times this).",
           "schedule": "Learning-rate schedule of each run: constant (default), linear or "
                       "cosine.",
           "json": "Print results.json on stdout."},
@@ -309,8 +314,11 @@ def relearn_command(
         train=opts.train_config(out, lr=1e-4, max_steps=max(1, steps), state_dir=None),
         eval_batch_size=eval_batch_size, max_new_tokens=max_new_tokens, finetune=bool(data))
     evals = [parse_named_spec(spec, "--eval") for spec in eval_sets]
+    from undo_cli.engine import is_main_process
+
     started = time.time()
-    progress = _progress(enabled=not opts.quiet)
+    talk = not opts.quiet and is_main_process()  # one process reports under a launcher
+    progress = _progress(enabled=talk)
     results = relearn_checkpoint(
         checkpoint, out, data=list(data), evals=evals, config=config,
         forget_metric=forget_metric, threshold=threshold, max_length=opts.max_length,
@@ -328,10 +336,10 @@ def relearn_command(
                        "batch_size", "schedule", "warmup_steps", "min_lr", "weight_decay",
                        "grad_accum", "max_grad_norm", "bf16", "seed")},
                    "max_length": opts.max_length},
-        progress=progress, note=None if opts.quiet else info)
-    if opts.json:
+        progress=progress, note=info if talk else None)
+    if opts.json and is_main_process():
         emit_json(results)
-    if not opts.quiet:
+    if talk:
         render_results(results)
         info(f"wrote {out} in {time.time() - started:.1f}s")
     if results.get("gates"):
