@@ -180,9 +180,11 @@ def test_progress_summary_and_quiet(grid, toy):
     assert r.stderr == "" and r.stdout == ""
 
 
-def test_runs_do_not_leak_and_the_model_is_loaded_once(toy, monkeypatch):
-    """A repeated (lr, seed) run after another learning rate gives the identical curve; the
-    in-memory original is unchanged; the checkpoint is read from disk once."""
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_runs_do_not_leak_and_the_model_is_loaded_once(toy, monkeypatch, mode):
+    """A repeated (lr, seed) run after another learning rate gives the identical curve (for
+    LoRA: the adapter's random init comes from the run's seed, not from whatever ran before);
+    the in-memory original is unchanged; the checkpoint is read from disk once."""
     import undo_cli.checkpoint as checkpoint
 
     loads = []
@@ -193,11 +195,12 @@ def test_runs_do_not_leak_and_the_model_is_loaded_once(toy, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(checkpoint, "load_model", counting)
-    config = relearn.AttackConfig(lrs=[1e-3, 1e-2, 1e-3], steps=10, eval_every=5,
-                                  train=TrainConfig(schedule="constant", max_steps=1,
-                                                    batch_size=8))
+    config = relearn.AttackConfig(lrs=[1e-3, 1e-2, 1e-3], steps=10, eval_every=5, mode=mode,
+                                  lora_rank=4, train=TrainConfig(schedule="constant",
+                                                                 max_steps=1, batch_size=8))
+    torch.rand(100)  # whatever ran before in this process must not matter
     res = relearn.relearn_checkpoint(
-        toy["unlearned"], toy["root"] / "leak", data=[str(toy["forget"])],
+        toy["unlearned"], toy["root"] / f"leak-{mode}", data=[str(toy["forget"])],
         evals=[("forget", str(toy["forget"])), ("retain", str(toy["retain"]))], config=config,
         max_length=16, plot=False)
     assert len(loads) == 1

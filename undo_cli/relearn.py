@@ -688,6 +688,9 @@ def _finetune_run(original: torch.nn.Module, lr: float, seed: int, config: Attac
     eval_time = 0.0
     model = copy.deepcopy(original)
     if config.mode == "lora":
+        from undo_cli.runtime import seed_everything
+
+        seed_everything(seed)  # the adapter's random init: from the run's seed alone
         model = _attach_lora(model, config, lora_rank)
     else:
         model.requires_grad_(True)

@@ -31,7 +31,11 @@ def quiet_libraries() -> None:
     they were imported already (so commands that need no transformers never import it).
     """
     import sys
+    import warnings
 
+    # accelerate's DDP wrapping asks transformers 5 a deprecated question; nothing to act on.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                            category=FutureWarning)
     if "transformers" not in sys.modules:
         return
     import transformers
