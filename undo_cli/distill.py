@@ -106,7 +106,7 @@ def output_logits(model, hidden: torch.Tensor, head=None) -> torch.Tensor:
     """The LM head applied to final hidden states, with Gemma-2-style soft-capping if set.
 
     `head`, if given, is called instead of the model's own output embedding module."""
-    logits = (head or model.get_output_embeddings())(hidden)
+    logits = (head if head is not None else model.get_output_embeddings())(hidden)
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
