@@ -16,8 +16,9 @@ over the global batch). The four runs start together. Per command it checks that
   once on stderr, one JSON document on stdout.
 
 relearn-attack writes no weights: there every point of every run's curve (2 learning rates x
-2 seeds, evaluated at steps 0, 2, 4; the evaluations run in full on each process) matches
-one process within `TOLERANCE` (measured: 2e-8 relative). FSDP2 runs for real over gloo in
+2 seeds, evaluated at steps 0, 2, 4; the evaluations split among the processes) matches one
+process within `TOLERANCE` (measured: 2e-8 relative); `test_evaluation_is_split_among_processes`
+checks the split itself. FSDP2 runs for real over gloo in
 tests/test_fsdp.py; here, gathering the sharded weights for saving is also checked with a
 stand-in accelerator (covering ZeRO-3 and tied weights), and the shipped accelerate configs
 are checked to load.
@@ -209,8 +210,9 @@ def test_distill_with_torchrun_matches_one_process(launched, files, tmp_path):
 
 
 def test_relearn_attack_with_accelerate_launch_matches_one_process(launched, files, tmp_path):
-    """Every run of the grid trains data-parallel; every process evaluates in full; only the
-    main one prints, reports and writes. Each curve matches one process with the global batch."""
+    """Every run of the grid trains data-parallel and evaluates split among the processes;
+    only the main one prints, reports and writes. Each curve matches one process with the
+    global batch."""
     out, single, stdout, stderr = finish(launched, files, tmp_path, "relearn-attack")
     results = json.loads(stdout)  # exactly one JSON document: only rank 0 printed
     assert json.loads((out / "results.json").read_text()) == results
@@ -225,7 +227,7 @@ def test_relearn_attack_with_accelerate_launch_matches_one_process(launched, fil
     processes = [json.loads((d / "undo.json").read_text())["compute"]["processes"]
                  for d in (out, single)]
     assert processes == [2, 1]
-    assert results["initial"] == reference["initial"]
+    assert results["initial"] == pytest.approx(reference["initial"], rel=TOLERANCE)
     assert len(results["runs"]) == len(reference["runs"]) == 4
     worst = 0.0
     for run, ref in zip(results["runs"], reference["runs"], strict=True):
@@ -237,6 +239,87 @@ def test_relearn_attack_with_accelerate_launch_matches_one_process(launched, fil
     print(f"relearn-attack: max relative |difference| of the curves {worst:.3g}")  # -s
     assert worst < TOLERANCE
     assert results["runs"][0]["curve"][-1]["forget.loss"] < results["initial"]["forget.loss"]
+
+
+EVAL_RUNNER = """
+import json, sys
+import torch
+import torch.distributed as dist
+import undo_cli.evaluate as ev
+from undo_cli.checkpoint import load_model, load_tokenizer
+
+torch.set_num_threads(1)
+dist.init_process_group("gloo")
+ckpt, out, *paths = sys.argv[1:]
+model, tok = load_model(ckpt), load_tokenizer(ckpt)
+counted = {"scored": 0, "generated": 0}
+real_score, real_generate = ev.score_sequences, ev.greedy_generate
+
+def score(model, requests, **kw):
+    counted["scored"] += len(requests)
+    return real_score(model, requests, **kw)
+
+def generate(model, tok, prompts, **kw):
+    counted["generated"] += len(prompts)
+    return real_generate(model, tok, prompts, **kw)
+
+ev.score_sequences, ev.greedy_generate = score, generate
+sets = [ev.load_eval_set(name, path, tok) for name, path in zip(("text", "sums", "pick"), paths)]
+answers = {}
+metrics = ev.evaluate_model(model, tok, sets, answers=answers, max_new_tokens=4)
+with open(f"{out}/rank{dist.get_rank()}.json", "w") as f:
+    json.dump({"metrics": metrics, "answers": answers, "counted": counted}, f)
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_evaluation_is_split_among_processes(files, tmp_path):
+    """Under a launch every process scores and generates for its half of the requests and
+    all gather the results: the metrics and the generated answers equal one process's (the
+    order of the gathered answers and choice scores matters, so a mix-up would show)."""
+    import random
+
+    from undo_cli.checkpoint import load_model, load_tokenizer
+    from undo_cli.evaluate import evaluate_model, load_eval_set
+
+    rng = random.Random(5)
+    sums, picks = [], []
+    for i in range(21):
+        a, b = rng.randint(0, 30), rng.randint(0, 30)
+        sums.append({"prompt": f"{a} + {b} = ", "answer": str(a + b)})
+        choices = [str(a + b + d) for d in rng.sample([-11, -1, 0, 1, 2, 10], 4)]
+        picks.append({"question": f"{a} + {b} =", "choices": choices, "answer": i % 4})
+    paths = [files["text"]]
+    for name, rows in (("sums", sums), ("pick", picks)):
+        paths.append(tmp_path / f"{name}.jsonl")
+        paths[-1].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "runner.py").write_text(EVAL_RUNNER)
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_port", str(_free_port()), str(tmp_path / "runner.py"), files["ckpt"],
+            tmp_path, *paths]
+    proc = subprocess.run([str(a) for a in argv], capture_output=True, text=True, env=_env(),
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    model, tok = load_model(files["ckpt"]), load_tokenizer(files["ckpt"])
+    sets = [load_eval_set(name, path, tok) for name, path in zip(("text", "sums", "pick"), paths)]
+    answers: dict[str, list[str]] = {}
+    reference = evaluate_model(model, tok, sets, answers=answers, max_new_tokens=4)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for got in ranks:
+        assert got["answers"] == answers and len(answers["sums"]) == 21
+        assert got["metrics"].keys() == reference.keys()
+        for name, values in reference.items():
+            assert got["metrics"][name].keys() == values.keys()
+            for key, value in values.items():
+                assert got["metrics"][name][key] == pytest.approx(value, rel=1e-6), (name, key)
+    scored = [got["counted"]["scored"] for got in ranks]
+    generated = [got["counted"]["generated"] for got in ranks]
+    assert generated == [11, 10]  # 21 prompts: contiguous halves
+    # at least one request per text record, one per sum, 4 continuations per question
+    assert sum(scored) >= reference["text"]["n"] + 21 + 4 * 21
+    assert 0 < scored[1] <= scored[0] < sum(scored)
 
 
 def test_relearn_attack_refuses_fsdp(cli, files, tmp_path, monkeypatch):

@@ -867,8 +867,8 @@ def relearn_checkpoint(
     model = load_model(checkpoint, device=training_device(config.train),
                        allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     digest = fingerprint(checkpoint)
-    # Under a multi-process launch every process trains its share of each run's batches and
-    # evaluates in full (the weights are the same everywhere); only the main one writes.
+    # Under a multi-process launch every process trains on its share of each run's batches
+    # and evaluates its share of the requests (all get every metric); only the main one writes.
     main = is_main_process()
     output = atomic_output(out, inputs=[checkpoint], overwrite=overwrite) if main else None
     with output or contextlib.nullcontext() as tmp:

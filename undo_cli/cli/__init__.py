@@ -123,6 +123,16 @@ def main() -> None:
     except KeyboardInterrupt:  # before a command started (e.g. while importing libraries)
         typer.echo("error: interrupted; nothing was written", err=True)
         sys.exit(EXIT_INTERRUPTED)
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Tear down the process group a multi-process launch set up (without it NCCL warns at
+    exit, and gloo can abort while a slower process still closes its connections)."""
+    dist = sys.modules.get("torch.distributed")  # never imports torch itself
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -192,7 +192,7 @@ _HELP = (
     "worst-case curves of earlier results into one figure (--out/compare.png)."
     "\n\n"
     "Data-parallel under `accelerate launch` (examples/accelerate/ddp.yaml) or torchrun: each "
-    "run trains on every process (--batch-size each), the evaluations run in full on each, "
+    "run trains on every process (--batch-size each), the evaluations are split among them, "
     "only the main process writes. Not under FSDP."
 )
 
