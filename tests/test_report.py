@@ -53,6 +53,12 @@ def test_report_numbers_follow_the_definitions(tmp_path):
     assert rows["undo"]["relative_robustness"] == pytest.approx((0.5 - 0.8) / (0.3 - 0.8))
     assert rows["oracle"]["relative_robustness"] == pytest.approx(1.0)
     assert rows["unlearned"]["relative_robustness"] == pytest.approx(0.0)
+    # the same ratio with the AUCs (here the mean of the two curve points)
+    auc = {"undo": (0.04 + 0.5) / 2, "unlearned": (0.05 + 0.8) / 2, "oracle": (0.02 + 0.3) / 2}
+    assert rows["undo"]["relative_robustness_auc"] == pytest.approx(
+        (auc["undo"] - auc["unlearned"]) / (auc["oracle"] - auc["unlearned"]))
+    assert rows["oracle"]["relative_robustness_auc"] == pytest.approx(1.0)
+    assert rows["undo"]["auc"] == pytest.approx(auc["undo"])
     # compute made from the base: unlearn + distill (the unlearned teacher counted once)
     assert rows["undo"]["compute_flops"] == pytest.approx(42.0)
     assert rows["undo"]["relative_compute"] == pytest.approx(42.0 / 80.0)
@@ -78,6 +84,14 @@ def test_report_cli_writes_markdown_and_figures(cli, tmp_path):
     text = (out / "report.md").read_text()
     for label in ("unlearned", "oracle", "undo"):
         assert f"| {label} |" in text
+    assert "| relative robustness | relative robustness (AUC) |" in text
+    undo = next(r for r in data["rows"] if r["model"] == "undo")
+    row = next(line for line in text.splitlines() if line.startswith("| undo |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[-2:] == [f"{100 * undo['relative_robustness']:.0f}%",
+                          f"{100 * undo['relative_robustness_auc']:.0f}%"]
+    assert undo["relative_robustness"] == pytest.approx((0.4 - 0.9) / (0.2 - 0.9))
+    assert undo["relative_robustness_auc"] == pytest.approx((0.25 - 0.5) / (0.1 - 0.5))
     for figure in ("relearn_curves.png", "pareto.png", "retain_vs_forget.png"):
         assert (out / figure).read_bytes()[:4] == b"\x89PNG"
 

@@ -9,7 +9,10 @@ chain). Output, in `--out`:
   oracle's, and the relative robustness
   `(P_model - P_unlearned) / (P_oracle - P_unlearned)`, P the worst-case forget metric after
   the attack (the paper's definition: 0 = as fragile as unlearning alone, 1 = as robust as
-  data filtering).
+  data filtering); and the same ratio over the whole attack, with each model's AUC (the mean
+  of its worst-case curve) in place of P. The final point of one attack is noisy at small
+  scale (docs/benchmarks.md: 38-53% over three seeds of the demo, where the AUC ratio gave
+  62-77%); the AUC ratio weighs every evaluation of the attack.
 - `relearn_curves.png` (worst-case relearning curves of all models), `pareto.png` (relative
   compute against relative robustness) and `retain_vs_forget.png` (retain performance against
   relearned forget performance); `report.json` with the same numbers.
@@ -45,6 +48,7 @@ class AttackedModel:
     chain_flops: float = 0.0
     compute: float | None = None  # FLOPs to make it from the base
     robustness: float | None = None
+    robustness_auc: float | None = None
 
     @property
     def fingerprint(self) -> str | None:
@@ -53,6 +57,10 @@ class AttackedModel:
     @property
     def forget_metric(self) -> str:
         return self.results["forget_metric"]
+
+    @property
+    def auc(self) -> float | None:
+        return self.results.get("summary", {}).get("auc")
 
     @property
     def forget_before(self) -> float | None:
@@ -164,6 +172,10 @@ def build_report(specs: list[str], *, roles: dict[str, str] | None = None,
             if m.forget_after is not None:
                 m.robustness = relative_robustness(m.forget_after, unlearned.forget_after,
                                                    oracle.forget_after)
+    if oracle and unlearned and oracle.auc is not None and unlearned.auc is not None:
+        for m in models:
+            if m.auc is not None:
+                m.robustness_auc = relative_robustness(m.auc, unlearned.auc, oracle.auc)
     if retain_metric is None:
         set_name = forget_metric.split(".")[0]
         kind = forget_metric.split(".", 1)[1]
@@ -178,10 +190,11 @@ def build_report(specs: list[str], *, roles: dict[str, str] | None = None,
             "model": m.label, "results": str(m.path),
             "retain": initial.get(retain_metric) if retain_metric else None,
             "forget_before": m.forget_before, "forget_after": m.forget_after,
-            "auc": m.results["summary"].get("auc"),
+            "auc": m.auc,
             "compute_flops": m.compute,
             "relative_compute": (m.compute / oracle_compute) if oracle_compute else None,
             "relative_robustness": m.robustness,
+            "relative_robustness_auc": m.robustness_auc,
         })
     return {"forget_metric": forget_metric, "retain_metric": retain_metric, "roles": roles,
             "direction": models[0].results.get("direction"), "rows": rows,
@@ -203,15 +216,18 @@ def render_markdown(report: dict[str, Any]) -> str:
         "# UNDO report", "",
         f"Forget metric: `{fm}` (worst case over the attack's learning rates); retain metric: "
         f"`{rm}`. Relative robustness = (P_model - P_unlearned) / (P_oracle - P_unlearned) "
-        "with P the forget metric after the attack; compute relative to the oracle's.", "",
+        "with P the forget metric after the attack; the AUC column puts each model's mean over "
+        "its whole worst-case curve in place of P (steadier than one final point); compute "
+        "relative to the oracle's.", "",
         f"| model | {rm} | {fm} before attack | {fm} after attack | relative compute | "
-        "relative robustness |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "relative robustness | relative robustness (AUC) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in report["rows"]:
         lines.append(f"| {r['model']} | {_fmt(r['retain'])} | {_fmt(r['forget_before'])} | "
                      f"{_fmt(r['forget_after'])} | {_fmt(r['relative_compute'], pct=True)} | "
-                     f"{_fmt(r['relative_robustness'], pct=True)} |")
+                     f"{_fmt(r['relative_robustness'], pct=True)} | "
+                     f"{_fmt(r['relative_robustness_auc'], pct=True)} |")
     lines += ["", "![worst-case relearning curves](relearn_curves.png)", "",
               "![compute against robustness](pareto.png)", "",
               "![retain against relearned forget performance](retain_vs_forget.png)", ""]
