@@ -322,6 +322,25 @@ def test_evaluation_is_split_among_processes(files, tmp_path):
     assert 0 < scored[1] <= scored[0] < sum(scored)
 
 
+@pytest.mark.parametrize("argv", [
+    ["init", "{out}"],
+    ["data", "arithmetic", "{out}"],
+    ["perturb", "{ckpt}", "{out}"],
+    ["eval", "{ckpt}", "--data", "{text}", "--out", "{out}"],
+    ["report", "{out}", "--out", "{out}"],
+    ["relearn-attack", "--compare", "{out}", "--out", "{out}"],
+], ids=lambda argv: " ".join(a for a in argv if not a.startswith("{")))
+def test_commands_that_do_not_shard_refuse_a_multi_process_launch(cli, files, tmp_path,
+                                                                   monkeypatch, argv):
+    """Under a launcher every process would write the same output: refused, exit 2."""
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun / accelerate launch set
+    out = tmp_path / "out"
+    r = cli(*(a.format(out=out, ckpt=files["ckpt"], text=files["text"]) for a in argv))
+    assert r.exit_code == 2 and "runs in one process" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_relearn_attack_refuses_fsdp(cli, files, tmp_path, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what an FSDP config's launch sets
     r = cli("relearn-attack", files["ckpt"], "--data", files["text"], "--eval",

@@ -22,7 +22,7 @@ except ImportError:  # pragma: no cover - older typer on top of click
     NoArgsIsHelpError = ()
 
 from undo_cli import __version__
-from undo_cli.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, EXIT_USAGE, UndoError
+from undo_cli.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, EXIT_USAGE, UndoError, UsageError
 
 _state = {"debug": os.environ.get("UNDO_DEBUG", "") not in ("", "0")}
 
@@ -74,8 +74,21 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+# Commands that run data-parallel under `accelerate launch` / torchrun; the others would
+# have every process write the same output, so they refuse a multi-process launch.
+SCALES_OUT = ("train", "unlearn", "distill", "relearn-attack")
+
+
+def refuse_launch(what: str) -> None:
+    """`UsageError` if started by a multi-process launcher (WORLD_SIZE > 1)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError(f"{what} runs in one process (docs/scale-out.md): start it without "
+                         "`accelerate launch` / torchrun")
+
+
 @app.callback()
 def _root(
+    ctx: typer.Context,
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
@@ -85,6 +98,8 @@ def _root(
 ) -> None:
     """UNDO: make capability removal in language models robust."""
     _state["debug"] = _state["debug"] or debug
+    if ctx.invoked_subcommand and ctx.invoked_subcommand not in SCALES_OUT:
+        refuse_launch(f"undo {ctx.invoked_subcommand}")
 
 
 def _register() -> None:

@@ -286,6 +286,9 @@ def relearn_command(
         if checkpoint is not None or data or eval_sets:
             raise UsageError("--compare only plots earlier results: give no CKPT, --data or "
                              "--eval with it")
+        from undo_cli.cli import refuse_launch
+
+        refuse_launch("undo relearn-attack --compare")
         from undo_cli.relearn import compare_results
 
         summary = compare_results(compare, out, overwrite=opts.overwrite,
