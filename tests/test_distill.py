@@ -164,6 +164,12 @@ def test_teacher_cache_reproduces_the_loss(cli, setup, tmp_path):
     m2 = json.loads((tmp_path / "c2" / "undo.json").read_text())
     assert m2["compute"]["teacher_cache"]["hits"] == 5
     assert m2["compute"]["flops_teacher"] == 0
+    # Read from the cache, the batches count as many tokens (and student FLOPs) as computed.
+    m1 = json.loads((tmp_path / "c1" / "undo.json").read_text())
+    assert m2["compute"]["tokens"] == m1["compute"]["tokens"] > 0
+    assert m2["compute"]["flops_student"] == m1["compute"]["flops_student"] > 0
+    assert [e["tokens"] for e in _log(tmp_path / "c2")] == [e["tokens"] for e in _log(
+        tmp_path / "c1")]
     losses = {name: [e["kd_loss"] for e in _log(tmp_path / name) if "kd_loss" in e]
               for name in ("plain", "c1", "c2")}
     # k = vocabulary size: the cached loss is the exact loss (to fp32 rounding).

@@ -256,6 +256,7 @@ def kd_loss_fn(teacher, *, temperature: float = 1.0, ce_weight: float = 0.0,
 
 
 CACHE_INFO = "cache.json"
+TOKENS_KEY = "global_tokens"  # metadata of a cached micro-batch: its tokens over all processes
 RANDOM_STUDENT_SEED_OFFSET = 7919
 
 
@@ -315,6 +316,7 @@ class TeacherCache:
         return self.directory / f"mb-{index:08d}-r{self.rank}of{self.world}.safetensors"
 
     def __next__(self) -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
         from safetensors.torch import load_file, save_file
 
         index = self.stream.position
@@ -322,6 +324,12 @@ class TeacherCache:
         if file.is_file():
             batch = load_file(file)
             self.stream.position = index + 1  # batches are a pure function of the position
+            # The engine counts tokens from the stream's `last_tokens` (the global micro-batch,
+            # all processes): restore the count stored with the batch (None: the engine
+            # counts this process's tokens times the processes).
+            with safe_open(str(file), "pt") as f:
+                stored = (f.metadata() or {}).get(TOKENS_KEY)
+            self.stream.last_tokens = int(stored) if stored is not None else None
             self.hits += 1
             return batch
         batch = next(self.stream)
@@ -337,7 +345,9 @@ class TeacherCache:
         batch = {**batch, "teacher_topk_logprobs": top_lp.cpu().contiguous(),
                  "teacher_topk_ids": top_ids.to(torch.int32).cpu().contiguous()}
         tmp = file.with_name(file.name + ".tmp")
-        save_file({k: v.contiguous() for k, v in batch.items()}, str(tmp))
+        tokens = getattr(self.stream, "last_tokens", None)
+        save_file({k: v.contiguous() for k, v in batch.items()}, str(tmp),
+                  metadata={TOKENS_KEY: str(tokens)} if tokens is not None else None)
         os.replace(tmp, file)
         return batch
 
