@@ -445,9 +445,10 @@ def _eval_share(model) -> tuple[int, int]:
 
     Under a multi-process launch (a process group exists) each process scores and generates
     for its own contiguous share of the requests, and all gather the results in order: the
-    same numbers as one process, in about 1/N of the time. `(0, 1)` without a process group,
-    and for a sharded model (FSDP DTensors, DeepSpeed ZeRO-3), whose every forward is a
-    collective that all processes must take part in: there each process evaluates everything.
+    same numbers as one process, each process doing about 1/N of the work. `(0, 1)` without
+    a process group, and for a sharded model (FSDP DTensors, DeepSpeed ZeRO-3), whose every
+    forward is a collective that all processes must take part in: there each process
+    evaluates everything.
     """
     import torch.distributed as dist
 
