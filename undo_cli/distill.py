@@ -317,18 +317,18 @@ class TeacherCache:
 
     def __next__(self) -> dict[str, torch.Tensor]:
         from safetensors import safe_open
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import save_file
 
         index = self.stream.position
         file = self._file(index)
         if file.is_file():
-            batch = load_file(file)
+            with safe_open(str(file), "pt") as f:
+                batch = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (not a dict)
+                stored = (f.metadata() or {}).get(TOKENS_KEY)
             self.stream.position = index + 1  # batches are a pure function of the position
             # The engine counts tokens from the stream's `last_tokens` (the global micro-batch,
             # all processes): restore the count stored with the batch (None: the engine
             # counts this process's tokens times the processes).
-            with safe_open(str(file), "pt") as f:
-                stored = (f.metadata() or {}).get(TOKENS_KEY)
             self.stream.last_tokens = int(stored) if stored is not None else None
             self.hits += 1
             return batch

@@ -190,9 +190,19 @@ def lm_loss(stream: str = "train") -> LossFn:
 # --------------------------------------------------------------------------- processes
 
 
+def world_size() -> int:
+    """Processes of the launch (`accelerate launch` / `torchrun` set WORLD_SIZE; 1 without)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def is_distributed() -> bool:
     """True when launched by `accelerate launch` / `torchrun` with more than one process."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return world_size() > 1
+
+
+def fsdp_requested() -> bool:
+    """True when the launcher was given an FSDP config (it sets ACCELERATE_USE_FSDP)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
 def _process_state():
@@ -262,8 +272,7 @@ def _fsdp_on_cpu(accelerator) -> None:
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-    if (accelerator.distributed_type != DistributedType.MULTI_CPU
-            or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true"):
+    if accelerator.distributed_type != DistributedType.MULTI_CPU or not fsdp_requested():
         return
     plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables the launcher set
     if plugin.fsdp_version != 2:
@@ -998,7 +1007,8 @@ class _Window:
 _NOT_TERMS = {"type", "step", "lr", "grad_norm", "tokens", "flops", "tokens_per_s", "elapsed_s"}
 
 __all__ = [
-    "Batch", "LossFn", "TrainConfig", "TrainResult", "is_distributed", "is_main_process",
+    "Batch", "LossFn", "TrainConfig", "TrainResult", "fsdp_requested", "is_distributed",
+    "is_main_process",
     "latest_state", "lm_loss", "lr_at", "remove_state", "train", "training_device",
-    "wait_for_everyone",
+    "wait_for_everyone", "world_size",
 ]

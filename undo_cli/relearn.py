@@ -98,7 +98,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -817,12 +816,18 @@ def relearn_checkpoint(
         load_model,
         load_tokenizer,
     )
-    from undo_cli.engine import is_main_process, training_device, wait_for_everyone
+    from undo_cli.engine import (
+        fsdp_requested,
+        is_main_process,
+        training_device,
+        wait_for_everyone,
+        world_size,
+    )
     from undo_cli.evaluate import load_eval_set
 
     started = time.time()
     note = note or (lambda text: None)
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+    if fsdp_requested():
         raise UsageError("relearn-attack runs data-parallel (DDP) only, not under FSDP: launch "
                          "it with examples/accelerate/ddp.yaml")
     config.finetune = bool(data)
@@ -900,7 +905,7 @@ def relearn_checkpoint(
                 parents={"input": checkpoint}, seed=config.train.seed,
                 wall_time_s=time.time() - started,
                 compute={**results["compute"], "runs": len(results["runs"]),
-                         "processes": _processes()},
+                         "processes": world_size()},
                 metrics={"forget_metric": forget_metric, **results["summary"],
                          "worst": final_metrics(results)},
                 extra={"relearn": {"results": RESULTS_NAME, "timing": results["timing"]}}))
@@ -943,11 +948,6 @@ def _write_outputs(directory: Path, results: dict[str, Any], *, plot: bool,
 
         plot_attack(results, directory / PLOT_NAME)
     write_manifest(directory, manifest)
-
-
-def _processes() -> int:
-    """Processes of the launch (1 without a launcher)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 # ----------------------------------------------------------------------------- comparing
