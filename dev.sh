@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set-up and everyday tasks on a fresh machine that has only Python 3.10+:
 #   ./dev.sh demo        create .venv if needed, then run the main job on the built-in default
-#   ./dev.sh test [ARGS] create .venv if needed, then lint and run the default test suite
+#   ./dev.sh test [ARGS] create .venv if needed, then lint (ruff, import layers) and run the
+#                        default test suite
 #   ./dev.sh setup       only create/refresh .venv
 # torch's CPU build is installed first (requirements/cpu-constraints.txt pins it), so pip never
 # pulls the multi-GB CUDA build. Set UNDO_TORCH_SPEC (e.g. "torch") to install another build.
@@ -41,8 +42,9 @@ case "$cmd" in
   test)
     setup
     "$VENV/bin/ruff" check undo_cli tests benchmarks
+    "$VENV/bin/lint-imports" --no-cache
     exec "$VENV/bin/python" -m pytest "$@" ;;
   *)
-    sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
     [ "$cmd" = help ] || exit 2 ;;
 esac

@@ -76,7 +76,7 @@ def engine_throughput(tok, teacher, student, data: Path, steps: int, max_length:
 
     teacher.requires_grad_(False)
     stream = build_stream(tok, [str(data)], max_length, batch, 0, name="train")
-    config = TrainConfig(lr=1e-4, max_steps=steps + 2, batch_size=batch, quiet=True,
+    config = TrainConfig(lr=1e-4, max_steps=steps + 2, batch_size=batch,
                          log_every=1000)
     # Two warm-up steps are included in the budget; time the rest from the log.
     start = time.perf_counter()

@@ -12,7 +12,11 @@ settings. They differ in what the engine exists for:
   tokenised and padded to `--max-length`, batches come from a shuffling DataLoader, the loss
   is `model(**batch).loss`, and `loss.item()` is read every step for logging.
 - engine: `undo_cli.engine.train` on `undo_cli.data.build_stream`, which packs documents
-  (EOS-separated) into full blocks, so no compute is spent on padding.
+  into rows, so (almost) no compute is spent on padding; once per packing mode, side by
+  side (`--packing documents,concat`): `documents` (the default: whole documents share a
+  row, best fit, each attending only to itself through the block-diagonal mask transformers
+  builds from restarting position ids) and `concat` (a continuous stream cut into full
+  blocks, documents attending across their boundaries).
 
 Throughput counts *real* (non-padding) tokens per second, in steady state (warmup steps are
 excluded). MFU = 6 * parameters * tokens/s / peak, where the peak is the fp32 (or, with --bf16,
@@ -147,14 +151,22 @@ def reference_loop(model, tokenizer, docs, args, device) -> dict:
             "padding_fraction": 1 - tokens / padded, "final_loss": losses[-1]}
 
 
-def engine_loop(model, tokenizer, data_file, args, device) -> dict:
+def engine_loop(model, tokenizer, data_file, args, device, packing: str) -> dict:
     from undo_cli.data import build_stream
     from undo_cli.engine import TrainConfig, lm_loss, train
 
-    stream = build_stream(tokenizer, [str(data_file)], args.max_length, args.batch_size,
-                          args.seed, name="train")
+    def stream():
+        return build_stream(tokenizer, [str(data_file)], args.max_length, args.batch_size,
+                            args.seed, name="train", packing=packing)
+
+    # The same batches again, to count the padding slots of the timed steps.
+    replay = stream()
+    batches = [next(replay) for _ in range(args.warmup + args.steps)][args.warmup:]
+    real = sum(int(b["attention_mask"].sum()) for b in batches)
+    slots = sum(b["attention_mask"].numel() for b in batches)
+    stream = stream()
     config = TrainConfig(lr=args.lr, max_steps=args.warmup + args.steps, batch_size=args.batch_size,
-                         log_every=1, quiet=True, seed=args.seed, device=str(device),
+                         log_every=1, seed=args.seed, device=str(device),
                          bf16=args.bf16)
     result = train(model, lm_loss("train"), {"train": stream}, config)
     # log_every=1: one line per step, each with that step's tokens/s; steps after warmup only
@@ -163,8 +175,8 @@ def engine_loop(model, tokenizer, data_file, args, device) -> dict:
     tokens = sum(cur["tokens"] - prev["tokens"] for prev, cur in steady)
     seconds = sum((cur["tokens"] - prev["tokens"]) / cur["tokens_per_s"] for prev, cur in steady)
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-            "padding_fraction": 0.0, "final_loss": result.loss["loss"],
-            "wall_time_s": result.wall_time_s}
+            "padding_fraction": 1 - real / slots, "final_loss": result.loss["loss"],
+            "wall_time_s": result.wall_time_s, "packing": packing}
 
 
 def main() -> None:
@@ -180,8 +192,11 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--packing", default="documents,concat",
+                        help="engine packing modes to time, side by side")
     parser.add_argument("--json", action="store_true", help="also print a JSON summary")
     args = parser.parse_args()
+    modes = [m.strip() for m in args.packing.split(",") if m.strip()]
     quiet_libraries()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -205,9 +220,13 @@ def main() -> None:
         model = build_model(tokenizer, args.max_length, args.seed, args.preset)
         n_params = count_parameters(model)
         ref = reference_loop(model, tokenizer, docs, args, device)
-        model = build_model(tokenizer, args.max_length, args.seed, args.preset)
-        eng = engine_loop(model, tokenizer, data_file, args, device)
+        engines = {}
+        for mode in modes:
+            model = build_model(tokenizer, args.max_length, args.seed, args.preset)
+            engines[mode] = engine_loop(model, tokenizer, data_file, args, device, mode)
         peak_after = matmul_peak(device, peak_dtype)
+    eng = engines[modes[0]]
+    names = {"reference": "reference", **{f"engine:{m}": f"engine {m}" for m in modes}}
     # On a shared machine the attainable rate moves with the load: take the higher of the two
     # measurements (the conservative choice for MFU).
     peak = max(peak_before, peak_after)
@@ -231,10 +250,10 @@ def main() -> None:
                   "mean_doc_tokens": sum(lengths) / len(lengths),
                   "min_doc_tokens": min(lengths), "max_doc_tokens": max(lengths)},
         "peak_matmul_flops": peak, "peak_before": peak_before, "peak_after": peak_after,
-        "reference": ref, "engine": eng,
+        "reference": ref, "engine": eng, **{f"engine:{m}": e for m, e in engines.items()},
         "speedup": eng["tokens_per_s"] / ref["tokens_per_s"],
     }
-    for name in ("reference", "engine"):
+    for name in names:
         r = summary[name]
         r["mfu"] = 6 * n_params * r["tokens_per_s"] / peak
         # the padded loop computes on padding too: its hardware utilisation counts all slots
@@ -255,16 +274,20 @@ def main() -> None:
     print(f"measured {'bf16' if args.bf16 else 'fp32'} matmul peak: {peak / 1e9:,.1f} GFLOP/s "
           f"(before the loops {peak_before / 1e9:,.1f}, after {peak_after / 1e9:,.1f})")
     print()
-    print(f"{'loop':<10} {'tokens/s':>12} {'MFU':>7} {'MFU+attn':>9} {'HW util':>8} "
-          f"{'final loss':>11}")
-    for name in ("reference", "engine"):
+    print(f"{'loop':<18} {'tokens/s':>12} {'padding':>8} {'MFU':>7} {'MFU+attn':>9} "
+          f"{'HW util':>8} {'final loss':>11}")
+    for name, shown in names.items():
         r = summary[name]
-        print(f"{name:<10} {r['tokens_per_s']:>12,.0f} {r['mfu']:>7.1%} "
-              f"{r['mfu_incl_attention']:>9.1%} {r['hardware_utilisation']:>8.1%} "
-              f"{r['final_loss']:>11.3f}")
+        print(f"{shown:<18} {r['tokens_per_s']:>12,.0f} {r['padding_fraction']:>8.1%} "
+              f"{r['mfu']:>7.1%} {r['mfu_incl_attention']:>9.1%} "
+              f"{r['hardware_utilisation']:>8.1%} {r['final_loss']:>11.3f}")
     print()
-    print(f"engine / reference throughput (real tokens/s): {summary['speedup']:.2f}x "
-          "(target >= 2x)")
+    print(f"engine ({modes[0]}) / reference throughput (real tokens/s): "
+          f"{summary['speedup']:.2f}x (target >= 2x)")
+    for mode in modes[1:]:
+        ratio = eng["tokens_per_s"] / engines[mode]["tokens_per_s"]
+        summary[f"{modes[0]}_over_{mode}"] = ratio
+        print(f"engine {modes[0]} / engine {mode}: {ratio:.2f}x")
     print(f"engine MFU against the measured matmul peak: {eng['mfu']:.1%} (target >= 50%)")
     if args.json:
         print(json.dumps(summary, indent=2))

@@ -81,7 +81,7 @@ def main() -> None:
                             args.max_length, 16, 0, name="pretrain")
     train(model, lm_loss("pretrain"), {"pretrain": pretrain},
           TrainConfig(lr=1e-3, max_steps=args.train_steps, warmup_steps=20, batch_size=16,
-                      quiet=True, device=str(device)))
+                      device=str(device)))
     pretrain_s = time.perf_counter() - t0
 
     sets = [load_eval_set("forget", paths["forget_eval_equation"], tok),

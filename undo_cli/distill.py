@@ -1,7 +1,8 @@
 """Distillation on outputs: forward KL(teacher || student) over next-token distributions.
 
-Loss functions come first (pure functions, formula in each docstring), then the model-level
-pieces (logits computed in chunks from hidden states, the teacher cache) and the command's
+The loss formulas are in `undo_cli.losses` (`forward_kl`, `topk_forward_kl`, `kd_objective`);
+here are the model-level pieces (the KL computed in chunks from hidden states so that the full
+logits never exist, the teacher cache), the student's initial weights and the command's
 library entry point `distill_checkpoint`.
 """
 
@@ -9,95 +10,32 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from undo_cli import losses, stage
+from undo_cli.data import model_inputs
 from undo_cli.errors import UndoError, UsageError
-
-IGNORE_INDEX = -100
-
-
-# ------------------------------------------------------------------------------------ losses
-
-
-def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-               temperature: float = 1.0) -> torch.Tensor:
-    """Per-row KL(p || q) = sum_v p_v (log p_v - log q_v), p = softmax(teacher / T),
-    q = softmax(student / T). Rows are positions (`[N, V]` -> `[N]`), computed in fp32.
-
-    This is the true KL, teacher entropy included (it is 0 when the distributions match).
-    """
-    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
-
-
-def topk_forward_kl(student_logits: torch.Tensor, teacher_topk_logprobs: torch.Tensor,
-                    teacher_topk_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """KL between the teacher's top-k distribution plus one "rest" bucket and the student's
-    distribution coarsened the same way, per row (`[N, V]`, `[N, k]`, `[N, k]` -> `[N]`):
-
-    KL = sum_{i in topk} p_i (log p_i - log q_i) + r (log r - log q_rest),
-    r = 1 - sum_{topk} p_i, q_rest = sum_{v not in topk} q_v (0 * log 0 taken as 0).
-
-    With k = V it equals `forward_kl`; for k < V it is a lower bound of the full KL (the
-    data-processing inequality) that stays well defined because the remaining mass is kept.
-    `teacher_topk_logprobs` are log-probabilities at the same temperature.
-    """
-    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_q_top = log_q.gather(-1, teacher_topk_ids.long())
-    log_p_top = teacher_topk_logprobs.float()
-    p_top = log_p_top.exp()
-    kl_top = (p_top * (log_p_top - log_q_top)).sum(-1)
-    # Remaining teacher mass; below 1e-6 it is rounding error (e.g. k = V) and counts as 0.
-    rest_p = 1.0 - p_top.sum(-1)
-    rest_p = torch.where(rest_p > 1e-6, rest_p, torch.zeros_like(rest_p))
-    # log of the student's mass outside the top-k, computed stably with the top-k masked out
-    # (clamped so that an empty rest, -inf, gives no NaN gradient).
-    masked = log_q.scatter(-1, teacher_topk_ids.long(), float("-inf"))
-    log_q_rest = torch.logsumexp(masked, dim=-1).clamp_min(-1e4)
-    rest_term = rest_p * (torch.log(rest_p.clamp_min(1e-30)) - log_q_rest)
-    return kl_top + rest_term
-
-
-def next_token_mask(labels: torch.Tensor) -> torch.Tensor:
-    """`[B, T]` bool: position t is distilled when its next token `labels[:, t+1]` is kept.
-
-    The last position has no next token and is never used (as in the causal LM loss).
-    """
-    mask = torch.zeros_like(labels, dtype=torch.bool)
-    mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-    return mask
-
-
-def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                 labels: torch.Tensor, temperature: float = 1.0,
-                 ce_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """loss = T^2 * mean_{kept t} KL(p_T(.|t) || q_T(.|t)) + ce_weight * CE(student, labels).
-
-    `[B, T, V]` logits, `[B, T]` labels (-100 = not distilled). Returns the loss and its terms:
-    `kd_loss` (the mean KL itself, at temperature T) and `ce` (the hard-label cross-entropy,
-    computed only when `ce_weight` > 0). The T^2 factor keeps gradient scales comparable across
-    temperatures (Hinton et al.); at T = 1 the loss is the KL.
-    """
-    mask = next_token_mask(labels)
-    kl = forward_kl(student_logits[mask], teacher_logits[mask], temperature)
-    count = mask.sum().clamp_min(1)
-    kd = kl.sum() / count
-    loss = temperature**2 * kd
-    terms = {"kd_loss": kd.detach()}
-    if ce_weight > 0:
-        targets = labels[:, 1:][mask[:, :-1]]
-        ce = F.cross_entropy(student_logits[:, :-1][mask[:, :-1]].float(), targets,
-                             reduction="sum") / count
-        loss = loss + ce_weight * ce
-        terms["ce"] = ce.detach()
-    return loss, terms
-
+from undo_cli.losses import forward_kl, next_token_mask, topk_forward_kl
+from undo_cli.options import (
+    DISTILL_EVAL_EVERY,
+    DISTILL_STOP_WHEN_CAP,
+    TRAIN_STEPS,
+    DataOptions,
+    DistillOptions,
+    EvalOptions,
+    LoadOptions,
+    NoiseOptions,
+    TrainConfig,
+    check,
+)
 
 # --------------------------------------------------------------- chunked logits from hidden
 
@@ -115,7 +53,7 @@ def output_logits(model, hidden: torch.Tensor, head=None) -> torch.Tensor:
 
 def final_hidden(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """`[B, T, H]` final hidden states (after the final norm), without computing logits."""
-    out = model.base_model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+    out = model.base_model(**model_inputs(batch))
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
@@ -179,8 +117,7 @@ def _gathered_head(model):
 def student_hidden_states(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Final hidden states through the model's own forward (so DDP sees the call), with the LM
     head applied to one position only (`logits_to_keep=1`): the full logits never exist."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                output_hidden_states=True, logits_to_keep=1)
+    out = model(**model_inputs(batch), output_hidden_states=True, logits_to_keep=1)
     return out.hidden_states[-1]
 
 
@@ -210,8 +147,7 @@ def kd_loss_fn(teacher, *, temperature: float = 1.0, ce_weight: float = 0.0,
         head = _gathered_head(model)
         whole = head is None  # FSDP with a head we cannot call: full logits from the forward
         if whole:
-            student_rows = model(input_ids=batch["input_ids"],
-                                 attention_mask=batch.get("attention_mask")).logits[mask]
+            student_rows = model(**model_inputs(batch)).logits[mask]
         else:
             student_rows = student_hidden_states(model, batch)[mask]
 
@@ -241,13 +177,9 @@ def kd_loss_fn(teacher, *, temperature: float = 1.0, ce_weight: float = 0.0,
                       else checkpoint(chunk_terms, *args, use_reentrant=False))
             kl_sum = kl_sum + kl
             ce_sum = ce_sum + ce
-        kd = kl_sum / count
-        loss = temperature**2 * kd
-        terms = {"kd_loss": kd.detach()}
-        if ce_weight > 0:
-            loss = loss + ce_weight * ce_sum / count
-            terms["ce"] = (ce_sum / count).detach()
-        return loss, terms
+        if "num_targets" in batch:  # the step's mean count (undo_cli.losses, `normalizer`)
+            count = batch["num_targets"].to(kl_sum)
+        return losses.kd_objective(kl_sum, ce_sum, count, temperature, ce_weight)
 
     return loss_fn
 
@@ -257,6 +189,7 @@ def kd_loss_fn(teacher, *, temperature: float = 1.0, ce_weight: float = 0.0,
 
 CACHE_INFO = "cache.json"
 TOKENS_KEY = "global_tokens"  # metadata of a cached micro-batch: its tokens over all processes
+TARGETS_KEY = "global_targets"  # ... and its predicted tokens
 RANDOM_STUDENT_SEED_OFFSET = 7919
 
 
@@ -324,12 +257,14 @@ class TeacherCache:
         if file.is_file():
             with safe_open(str(file), "pt") as f:
                 batch = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (not a dict)
-                stored = (f.metadata() or {}).get(TOKENS_KEY)
+                meta = f.metadata() or {}
             self.stream.position = index + 1  # batches are a pure function of the position
-            # The engine counts tokens from the stream's `last_tokens` (the global micro-batch,
-            # all processes): restore the count stored with the batch (None: the engine
-            # counts this process's tokens times the processes).
-            self.stream.last_tokens = int(stored) if stored is not None else None
+            # The engine counts tokens from the stream's `last_tokens` and `last_targets` (the
+            # global micro-batch, all processes): restore the counts stored with the batch
+            # (None: the engine counts this process's tokens times the processes).
+            for attribute, key in (("last_tokens", TOKENS_KEY), ("last_targets", TARGETS_KEY)):
+                stored = meta.get(key)
+                setattr(self.stream, attribute, int(stored) if stored is not None else None)
             self.hits += 1
             return batch
         batch = next(self.stream)
@@ -345,9 +280,10 @@ class TeacherCache:
         batch = {**batch, "teacher_topk_logprobs": top_lp.cpu().contiguous(),
                  "teacher_topk_ids": top_ids.to(torch.int32).cpu().contiguous()}
         tmp = file.with_name(file.name + ".tmp")
-        tokens = getattr(self.stream, "last_tokens", None)
+        counts = {key: getattr(self.stream, attribute, None) for attribute, key in
+                  (("last_tokens", TOKENS_KEY), ("last_targets", TARGETS_KEY))}
         save_file({k: v.contiguous() for k, v in batch.items()}, str(tmp),
-                  metadata={TOKENS_KEY: str(tokens)} if tokens is not None else None)
+                  metadata={k: str(v) for k, v in counts.items() if v is not None} or None)
         os.replace(tmp, file)
         return batch
 
@@ -355,92 +291,8 @@ class TeacherCache:
 # --------------------------------------------------------------------------- the command
 
 
-@dataclass
-class DistillSettings:
-    """What `undo distill` adds to the shared training options."""
-
-    temperature: float = 1.0
-    ce_weight: float = 0.0
-    chunk_size: int = 1024
-    alpha: float | None = None
-    beta: float | None = None
-    noise: str = "xavier-uniform"
-    perturb_seed: int = 0
-    stop_when: str | None = None
-    cache_dir: Path | None = None
-    cache_topk: int = 64
-    eval_batch_size: int | None = None
-    max_new_tokens: int = 16
-
-    def validate(self) -> None:
-        """Raise `UsageError` for impossible settings (named as the CLI options)."""
-        if not self.temperature > 0:
-            raise UsageError(f"--temperature must be positive (got {self.temperature})")
-        if self.ce_weight < 0:
-            raise UsageError(f"--ce-weight must not be negative (got {self.ce_weight})")
-        if self.chunk_size < 1:
-            raise UsageError(f"--kd-chunk-size must be at least 1 (got {self.chunk_size})")
-        if (self.alpha is None) != (self.beta is None):
-            raise UsageError("--alpha and --beta go together")
-        if self.alpha is not None and not 0 <= self.alpha <= 1:
-            raise UsageError(f"--alpha must lie in [0, 1] (got {self.alpha})")
-        if self.beta is not None and self.beta < 0:
-            raise UsageError(f"--beta must not be negative (got {self.beta})")
-        if self.cache_topk < 1:
-            raise UsageError(f"--cache-topk must be at least 1 (got {self.cache_topk})")
-
-
-class StopCondition:
-    """`--stop-when`: a gate expression comparing student metrics with the teacher's.
-
-    Names are `SET.METRIC` (the student's metric on an `--eval` set), `teacher.SET.METRIC` (the
-    teacher's, measured once before training), or bare `teacher`: the teacher's value of the
-    one student metric in the expression, e.g. `retain.accuracy >= teacher - 0.05`.
-    """
-
-    def __init__(self, text: str):
-        from undo_cli.gates import parse_expression
-
-        self.text = text
-        try:
-            self.expr = parse_expression(text)
-        except UsageError as e:
-            raise UsageError(f"--stop-when: {e}") from e
-        names = set(self.expr.names())
-        self.student_names = sorted(n for n in names if n != "teacher"
-                                    and not n.startswith("teacher."))
-        self.teacher_names = sorted(n for n in names if n.startswith("teacher."))
-        self.bare_teacher = "teacher" in names
-        if self.bare_teacher and len(self.student_names) != 1:
-            raise UsageError(f"--stop-when {text!r}: bare 'teacher' needs exactly one student "
-                             "metric to refer to; name it as teacher.SET.METRIC instead")
-        if not self.student_names:
-            raise UsageError(f"--stop-when {text!r} names no student metric (SET.METRIC)")
-
-    def metrics_needed(self) -> set[str]:
-        """Flat metric names (`SET.METRIC`) the condition reads, student and teacher alike."""
-        return set(self.student_names) | {n[len("teacher."):] for n in self.teacher_names}
-
-    def check_names(self, available: set[str]) -> None:
-        """`UsageError` if the condition reads a metric the eval sets do not produce."""
-        missing = sorted(self.metrics_needed() - available)
-        if missing:
-            raise UsageError(f"--stop-when {self.text!r}: unknown metric(s) {', '.join(missing)}; "
-                             f"available: {', '.join(sorted(available)) or 'none (add --eval)'}")
-
-    def holds(self, student: dict[str, float], teacher: dict[str, float]) -> bool:
-        values = dict(student)
-        values.update({f"teacher.{k}": v for k, v in teacher.items()})
-        if self.bare_teacher:
-            values["teacher"] = teacher[self.student_names[0]]
-        try:
-            return bool(self.expr.evaluate(values))
-        except UndoError:  # a NaN metric (diverging student) never satisfies the condition
-            return False
-
-
-def build_student(spec: str, teacher, teacher_path: Path, settings: DistillSettings, seed: int,
-                  *, allow_pickle: bool = False, trust_remote_code: bool = False):
+def build_student(spec: str, teacher, noise: NoiseOptions, noise_seed: int, seed: int, *,
+                  load: LoadOptions | None = None):
     """The model to train: a checkpoint, `random` (fresh init with the teacher's config), or,
     with `--alpha/--beta`, the teacher noised in memory exactly as `undo perturb` would."""
     import copy
@@ -449,22 +301,27 @@ def build_student(spec: str, teacher, teacher_path: Path, settings: DistillSetti
     from undo_cli.modelfactory import random_model
     from undo_cli.perturb import perturb_model_
 
-    if settings.alpha is not None:
+    load = load or LoadOptions()
+    if noise.alpha is not None:
         if spec not in ("teacher", ""):
             raise UsageError("--alpha/--beta noise the teacher in memory: give --student "
                              "teacher (or leave --student out), not another model")
         student = copy.deepcopy(teacher).train().requires_grad_(True)
-        perturb_model_(student, settings.alpha, settings.beta, seed=settings.perturb_seed,
-                       noise=settings.noise)
+        perturb_model_(student, noise.alpha, noise.beta, seed=noise_seed, noise=noise.noise,
+                       include=noise.include or None, exclude=noise.exclude or None)
         return student
     if spec == "random":
         # A seed of its own: `undo init --seed S` and `--seed S` here must not give the base
         # model's starting weights back.
         return random_model(teacher.config, seed=RANDOM_STUDENT_SEED_OFFSET + seed)
-    if spec in ("teacher", ""):
+    if spec == "teacher":
+        raise UsageError("--student teacher noises the teacher in memory: give --alpha A "
+                         "--beta B (the paper: --alpha 0.6 --beta 0.1)")
+    if spec == "":
         raise UsageError("--student is needed: a checkpoint directory (e.g. the output of "
                          "`undo perturb`), `random`, or `teacher` with --alpha/--beta")
-    return load_model(spec, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    return load_model(spec, allow_pickle=load.allow_pickle,
+                      trust_remote_code=load.trust_remote_code)
 
 
 def check_compatible(teacher, student, teacher_tok, student_tok) -> None:
@@ -480,128 +337,115 @@ def check_compatible(teacher, student, teacher_tok, student_tok) -> None:
 
 
 def distill_checkpoint(teacher_path: str | Path, student: str, out: str | Path, *,
-                       data: list[str], evals: list[tuple[str, str]], config,
-                       max_length: int, settings: DistillSettings, overwrite: bool = False,
-                       allow_pickle: bool = False, trust_remote_code: bool = False,
-                       arguments: dict | None = None) -> dict:
-    """Distil `teacher_path` into `student` (a checkpoint, `random`, or the noised teacher) and
+                       data: Sequence[str], options: DistillOptions | None = None,
+                       noise: NoiseOptions | None = None, train: TrainConfig | None = None,
+                       data_options: DataOptions | None = None,
+                       evals: EvalOptions | None = None, load: LoadOptions | None = None,
+                       overwrite: bool = False,
+                       callbacks: stage.Callbacks | None = None) -> dict[str, Any]:
+    """Distil `teacher_path` into `student` (a checkpoint, `random`, or `teacher` noised in
+    memory with `noise`, as `undo perturb` with seed `options.perturb_seed`) on `data` and
     write the result to `out`; returns the summary printed by `undo distill`.
 
-    `config` is the engine's `TrainConfig` (budgets, optimizer, schedule, state directory);
-    `evals` are `(name, path)` sets used by `--stop-when` and the periodic evaluation.
+    No budget in `train` means `TRAIN_STEPS` steps, or with `options.stop_when` alone a
+    generous cap (`DISTILL_STOP_WHEN_CAP`) and evaluation every `DISTILL_EVAL_EVERY` steps
+    unless `train.eval_every` says otherwise; the `evals` sets are measured on the teacher
+    once and on the student at each evaluation.
     """
-    import time
-    from dataclasses import asdict
-
-    from undo_cli.checkpoint import (
-        build_manifest,
-        check_output_path,
-        fingerprint,
-        inspect_checkpoint,
-        load_model,
-        load_tokenizer,
-        save_model,
-        write_manifest,
-    )
-    from undo_cli.data import build_stream
-    from undo_cli.engine import train, training_device, training_output
-    from undo_cli.evaluate import (
-        evaluate_model,
-        expected_metrics,
-        flatten_metrics,
-        load_eval_set,
-    )
+    from undo_cli.checkpoint import fingerprint, load_model, load_tokenizer
+    from undo_cli.data import build_stream, fit_packing
+    from undo_cli.engine import training_device
+    from undo_cli.evaluate import expected_metrics
+    from undo_cli.gates import StopCondition
 
     started = time.time()
     teacher_path = Path(teacher_path)
-    settings.validate()
+    options, data_options = options or DistillOptions(), data_options or DataOptions()
+    evals, load = evals or EvalOptions(), load or LoadOptions()
+    noise = noise or NoiseOptions(alpha=None, beta=None)
+    train = train or TrainConfig(lr=1e-3)
+    student = student or ("teacher" if noise.alpha is not None else "")
+    check(options)
+    noise.validate()
+    budget = train.max_steps or train.max_tokens or train.max_flops
+    if budget is None:
+        train = replace(train, max_steps=DISTILL_STOP_WHEN_CAP if options.stop_when
+                        else TRAIN_STEPS)
+    if options.stop_when and train.eval_every is None:
+        train = replace(train, eval_every=DISTILL_EVAL_EVERY)
+    config = train.for_output(out)
     config.validate()
-    stop = StopCondition(settings.stop_when) if settings.stop_when else None
-    if stop is not None and not evals:
+    stop = StopCondition(options.stop_when) if options.stop_when else None
+    if stop is not None and not evals.eval:
         raise UsageError("--stop-when needs --eval sets to measure")
+    if student == "teacher" and noise.alpha is None:
+        build_student(student, None, noise, 0, config.seed)  # the clear error, before work
     student_is_dir = student not in ("random", "teacher", "")
     inputs = [teacher_path] + ([Path(student)] if student_is_dir else [])
-    for path in inputs:
-        inspect_checkpoint(path, allow_pickle=allow_pickle)
-    check_output_path(out, inputs=inputs, overwrite=overwrite)
+    infos = stage.check_inputs(out, inputs, load, overwrite=overwrite)
+    stage.check_length(data_options.max_length, infos[0].config)
 
-    tok = load_tokenizer(teacher_path, trust_remote_code=trust_remote_code)
-    student_tok = (load_tokenizer(student, trust_remote_code=trust_remote_code)
+    tok = load_tokenizer(teacher_path, trust_remote_code=load.trust_remote_code)
+    student_tok = (load_tokenizer(student, trust_remote_code=load.trust_remote_code)
                    if student_is_dir else None)
-    stream = build_stream(tok, data, max_length, config.batch_size, config.seed, name="train")
-    sets = [load_eval_set(name, path, tok) for name, path in evals]
+    stream = build_stream(tok, data, data_options.max_length, config.batch_size, config.seed,
+                          name="train", packing=data_options.packing)
+    sets = stage.load_eval_sets(evals, tok)
     if stop is not None:  # before any model is loaded
         stop.check_names(set(expected_metrics(sets)))
 
-    device = training_device(config)
-    teacher = load_model(teacher_path, allow_pickle=allow_pickle,
-                         trust_remote_code=trust_remote_code).to(device).eval()
+    device = training_device(config.device)
+    teacher = load_model(teacher_path, allow_pickle=load.allow_pickle,
+                         trust_remote_code=load.trust_remote_code).to(device).eval()
     teacher.requires_grad_(False)
-    model = build_student(student, teacher, teacher_path, settings, config.seed,
-                          allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    model = build_student(student, teacher, noise, options.perturb_seed, config.seed, load=load)
     check_compatible(teacher, model, tok, student_tok)
-    limit = getattr(teacher.config, "max_position_embeddings", None) or getattr(
-        teacher.config, "n_positions", None)
-    if limit is not None and max_length > limit:
-        raise UsageError(f"--max-length {max_length} exceeds the model's maximum length {limit}")
 
-    eval_kwargs = dict(batch_size=settings.eval_batch_size,
-                       max_new_tokens=settings.max_new_tokens)
-    teacher_metrics: dict[str, float] = {}
-    if sets:
-        teacher_metrics = flatten_metrics(evaluate_model(teacher, tok, sets, **eval_kwargs))
-
+    measure = stage.measure(tok, sets, evals)
+    teacher_metrics = measure(teacher) if sets else {}
     streams: dict = {"train": stream}
+    fit_packing(streams, [teacher, model])  # before the teacher cache sees a batch
     frozen = sum(p.numel() for p in {id(p): p for p in teacher.parameters()}.values())
     cache = None
-    if settings.cache_dir is not None:
-        key = {"teacher": fingerprint(teacher_path), "data": list(data),
-               "seed": config.seed, "batch_size": config.batch_size, "max_length": max_length}
-        cache = TeacherCache(stream, teacher, settings.cache_dir, key, k=settings.cache_topk,
-                             temperature=settings.temperature, device=device)
+    if options.cache_teacher is not None:
+        key = {"teacher": fingerprint(teacher_path), "data": list(data), "seed": config.seed,
+               "batch_size": config.batch_size, "max_length": data_options.max_length,
+               "packing": "documents-padded" if stream.padded_documents
+               else data_options.packing}
+        cache = TeacherCache(stream, teacher, options.cache_teacher, key, k=options.cache_topk,
+                             temperature=options.temperature, device=device)
         streams = {"train": cache}
-    loss_fn = kd_loss_fn(teacher, temperature=settings.temperature,
-                         ce_weight=settings.ce_weight, chunk_size=settings.chunk_size)
-
-    evaluate = should_stop = None
-    if sets:
-        def evaluate(m, step):  # noqa: ARG001 - the engine passes the step
-            return flatten_metrics(evaluate_model(m, tok, sets, **eval_kwargs))
+    loss_fn = kd_loss_fn(teacher, temperature=options.temperature,
+                         ce_weight=options.ce_weight, chunk_size=options.kd_chunk_size)
+    should_stop = None
     if stop is not None:
         def should_stop(step, metrics):  # noqa: ARG001
             return f"stop_when: {stop.text}" if stop.holds(metrics, teacher_metrics) else None
 
-    with training_output(out, config, inputs=inputs, overwrite=overwrite) as (tmp, run_config):
-        result = train(model, loss_fn, streams, run_config,
-                       frozen_forward_params=0 if cache is not None else frozen,
-                       evaluate=evaluate, should_stop=should_stop)
-        compute = result.compute()
+    def amend(compute: dict) -> dict:
         if cache is not None:  # the teacher ran only on batches missing from the cache
             compute["flops_frozen"] = 2.0 * frozen * cache.teacher_tokens
             compute["flops"] = compute["flops_trained"] + compute["flops_frozen"]
-            compute["teacher_cache"] = {"dir": str(settings.cache_dir), "hits": cache.hits,
+            compute["teacher_cache"] = {"dir": str(options.cache_teacher), "hits": cache.hits,
                                         "teacher_tokens": cache.teacher_tokens}
         compute["flops_student"] = compute["flops_trained"]
         compute["flops_teacher"] = compute["flops_frozen"]
-        final = result.final_metrics()
-        if tmp is not None:
-            save_model(result.model, tok, tmp, source=teacher_path)
-            parents = {"teacher": teacher_path}
-            if student_is_dir:
-                parents["student"] = Path(student)
-            write_manifest(tmp, build_manifest(
-                "distill", arguments={**(arguments or {}), "settings": asdict(settings)},
-                parents=parents, seed=config.seed, wall_time_s=time.time() - started,
-                compute=compute, metrics={"train": result.loss, **final},
-                extra={"teacher_metrics": teacher_metrics, "stop_reason": result.stop_reason,
-                       "parameters": result.parameters,
-                       "data": {"train": stream.describe()}},
-            ))
-    return {"output": str(out), "teacher": str(teacher_path), "student": student,
-            "steps": result.steps, "tokens": result.tokens,
-            "flops_student": compute["flops_student"], "flops_teacher": compute["flops_teacher"],
-            "stop_reason": result.stop_reason, "kd_loss": result.loss.get("kd_loss"),
-            "teacher_metrics": teacher_metrics, "metrics": final,
-            "diverged_step": result.diverged_step, "resumed_from": result.resumed_from,
-            "wall_time_s": round(time.time() - started, 3),
-            "is_main_process": result.is_main_process}
+        return compute
+
+    parents = {"teacher": teacher_path, **({"student": Path(student)} if student_is_dir
+                                           else {})}
+    arguments = stage.arguments(config, data_options, evals, teacher=teacher_path,
+                                student=student, data=list(data), settings=asdict(options),
+                                noise=asdict(noise))
+    written = stage.train_and_write(
+        "distill", out, model=model, tokenizer=tok, loss_fn=loss_fn, streams=streams,
+        config=config, inputs=inputs, source=teacher_path, parents=parents,
+        arguments=arguments, overwrite=overwrite, started=started,
+        evaluate=stage.evaluation_hook(tok, sets, evals), should_stop=should_stop,
+        frozen_forward_params=0 if cache is not None else frozen, callbacks=callbacks,
+        compute=amend, extra={"teacher_metrics": teacher_metrics})
+    result, compute = written.result, written.compute
+    return stage.summary(out, result, started, teacher=str(teacher_path), student=student,
+                         flops_student=compute["flops_student"],
+                         flops_teacher=compute["flops_teacher"],
+                         kd_loss=result.loss.get("kd_loss"), teacher_metrics=teacher_metrics)

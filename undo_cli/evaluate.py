@@ -50,9 +50,7 @@ per batch from a token budget; a CUDA out-of-memory error halves the batch and r
 
 from __future__ import annotations
 
-import json
 import math
-import random
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -61,7 +59,7 @@ from typing import Any
 
 import torch
 
-from undo_cli.errors import DataError, UndoError, UsageError
+from undo_cli.errors import DataError, UsageError
 from undo_cli.generation import (
     greedy_generate,
     model_device,
@@ -69,7 +67,7 @@ from undo_cli.generation import (
     run_batched,
     unwrap_model,
 )
-from undo_cli.records import Record, completion_of, file_shape, read_records
+from undo_cli.records import EvalData, read_eval_data
 
 CHOICE_FORMATS = ("qa", "letters", "raw")
 DEFAULT_MAX_NEW_TOKENS = 32
@@ -79,167 +77,6 @@ SCORE_MAX_ROWS = 256
 LM_EVAL_HINT = ("--lm-eval-tasks needs lm-evaluation-harness: pip install 'lm_eval[hf]' "
                 "(its tasks download data sets from the Hugging Face Hub: run with "
                 "HF_HUB_OFFLINE=0 or with the data sets already cached)")
-
-# Built-in data sets that may be named instead of a path: name -> records factory.
-BUILTIN_SETS: dict[str, Callable[[], list[Record]]] = {}
-
-
-def register_builtin_set(name: str, factory: Callable[[], list[Record]]) -> None:
-    """Make `name` usable instead of a data file path (`--data NAME=name`)."""
-    BUILTIN_SETS[name] = factory
-
-
-def _arithmetic_factory(key: str) -> Callable[[], list[Record]]:
-    def factory() -> list[Record]:
-        from undo_cli.synthetic import arithmetic_records
-
-        rows = arithmetic_records().records[key]
-        return [Record(row, f"arithmetic:{key}", i + 1) for i, row in enumerate(rows)]
-
-    return factory
-
-
-def _builtin(name: str) -> Callable[[], list[Record]] | None:
-    """The factory of a built-in set: registered ones, and `arithmetic:FILE_KEY` (the
-    synthetic arithmetic task with the generator's default options)."""
-    if name in BUILTIN_SETS:
-        return BUILTIN_SETS[name]
-    task, _, key = name.partition(":")
-    if task == "arithmetic" and key:
-        try:
-            from undo_cli.synthetic import FILES
-        except ImportError:
-            return None
-        if key in FILES:
-            return _arithmetic_factory(key)
-    return None
-
-
-# ----------------------------------------------------------------------------- reading
-
-
-@dataclass
-class EvalData:
-    """A validated data file: its records reduced to what the metrics need (no tokens yet).
-
-    `items` per shape: `text` -> the text; `completion` -> (prompt, answer);
-    `choice` -> (question, choices, index of the correct choice).
-    """
-
-    name: str
-    shape: str
-    source: str
-    records: list[Record]
-    items: list[Any]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-
-def _as_text(rec: Record, key: str) -> str:
-    value = rec.data.get(key)
-    if value is None:
-        raise rec.error(f"'{key}' is missing")
-    if isinstance(value, (dict, list)):
-        raise rec.error(f"'{key}' must be a string, not {type(value).__name__}")
-    return str(value)
-
-
-def _choice_answer(rec: Record, value: Any, n_choices: int) -> int:
-    if isinstance(value, bool) or value is None:
-        raise rec.error(f"'answer' must be a choice index or a letter, not {value!r}")
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    index: int | None = None
-    if isinstance(value, int):
-        index = value
-    elif isinstance(value, str):
-        s = value.strip()
-        if s.isdigit():
-            index = int(s)
-        elif len(s) == 1 and "A" <= s.upper() <= "Z":
-            index = ord(s.upper()) - ord("A")
-    if index is None:
-        raise rec.error(f"'answer' must be a choice index (0-based) or a letter A-Z, "
-                        f"not {value!r}")
-    if not 0 <= index < n_choices:
-        raise rec.error(f"'answer' {value!r} is out of range for {n_choices} choices")
-    return index
-
-
-def _choice_item(rec: Record) -> tuple[str, list[str], int]:
-    question = _as_text(rec, "question")
-    choices = rec.data.get("choices")
-    if isinstance(choices, str):  # CSV cells hold the list as JSON text
-        try:
-            choices = json.loads(choices)
-        except json.JSONDecodeError as e:
-            raise rec.error("'choices' must be a list (in CSV: a JSON list)") from e
-    if hasattr(choices, "tolist"):  # numpy arrays from Parquet
-        choices = choices.tolist()
-    if not isinstance(choices, (list, tuple)) or not choices:
-        raise rec.error("'choices' must be a non-empty list")
-    if any(c is None or isinstance(c, (dict, list)) for c in choices):
-        raise rec.error("every choice must be a string")
-    choices = [str(c) for c in choices]
-    if any(not c for c in choices):
-        raise rec.error("every choice must be a non-empty string")
-    if len(choices) > 26:
-        raise rec.error(f"{len(choices)} choices; at most 26 (A-Z) are supported")
-    return question, choices, _choice_answer(rec, rec.data.get("answer"), len(choices))
-
-
-def _check_choice_fields(records: list[Record]) -> None:
-    """A clearer error than "unknown shape" for multiple-choice records missing a field."""
-    for rec in records:
-        keys = rec.data
-        if "question" in keys and not ("prompt" in keys or "text" in keys):
-            for need in ("choices", "answer"):
-                if need not in keys:
-                    raise rec.error(f"'{need}' is missing (a multiple-choice record needs "
-                                    "'question', 'choices' and 'answer')")
-
-
-def read_eval_data(name: str, path: str | Path, *, limit: int | None = None,
-                   seed: int = 0) -> EvalData:
-    """Read and validate a data file (or a built-in set's name) for evaluation.
-
-    `limit`: keep a seeded random sample of that many records (in file order). Raises
-    `DataError` naming the file and line for an unknown record shape, a missing or bad
-    field, an answer index out of range, or an empty file.
-    """
-    if limit is not None and limit < 1:
-        raise UsageError(f"--limit must be at least 1 (got {limit})")
-    builtin = None if Path(path).exists() else _builtin(str(path))
-    if builtin is None and not Path(path).exists() and str(path).startswith("arithmetic:"):
-        from undo_cli.synthetic import FILES
-
-        raise UsageError(f"unknown built-in data set {str(path)!r}; the arithmetic task has "
-                         + ", ".join(f"arithmetic:{key}" for key in FILES))
-    if builtin is not None:
-        records = builtin()
-        if not records:
-            raise DataError("the data set is empty", path)
-    else:
-        records = read_records(path)
-    if limit is not None and limit < len(records):
-        picked = sorted(random.Random(seed).sample(range(len(records)), limit))
-        records = [records[i] for i in picked]
-    _check_choice_fields(records)
-    shape = file_shape(records)
-    items: list[Any]
-    if shape == "text":
-        items = [_as_text(rec, "text") for rec in records]
-    elif shape == "completion":
-        items = []
-        for rec in records:
-            if isinstance(rec.data.get("completion", rec.data.get("answer")), (dict, list)):
-                raise rec.error("'completion' (or 'answer') must be a string")
-            items.append((_as_text(rec, "prompt"), completion_of(rec)))
-    else:
-        items = [_choice_item(rec) for rec in records]
-    return EvalData(name=name, shape=shape, source=str(path), records=records, items=items)
-
 
 # ----------------------------------------------------------------------------- tokenising
 
@@ -588,120 +425,3 @@ def flatten_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
     """`{"retain": {"accuracy": x}}` -> `{"retain.accuracy": x}`."""
     return {f"{name}.{key}": value for name, values in metrics.items()
             for key, value in values.items()}
-
-
-# ----------------------------------------------------------------------------- lm-eval bridge
-
-
-def lm_eval_available() -> bool:
-    """Whether lm-evaluation-harness (`lm_eval`) can be imported."""
-    import importlib.util
-
-    return importlib.util.find_spec("lm_eval") is not None
-
-
-def lm_eval_metrics(output: dict[str, Any], tasks: Sequence[str]) -> dict[str, dict[str, float]]:
-    """lm-eval's `simple_evaluate` output -> `{task: {metric: value}}`.
-
-    `acc` becomes `accuracy`, `acc_norm` `accuracy_norm`; standard errors are dropped; a
-    filter other than `none` is appended (`exact_match_strict-match`). Only the requested
-    tasks (or groups) are kept when present, else every reported task.
-    """
-    table: dict[str, dict[str, Any]] = {}
-    for part in ("results", "groups"):
-        for task, values in (output.get(part) or {}).items():
-            table.setdefault(task, {}).update(values)
-    wanted = [t for t in tasks if t in table] or sorted(table)
-    out: dict[str, dict[str, float]] = {}
-    for task in wanted:
-        metrics: dict[str, float] = {}
-        for key, value in table[task].items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                continue
-            metric, _, filt = key.partition(",")
-            if metric.endswith("_stderr"):
-                continue
-            name = {"acc": "accuracy", "acc_norm": "accuracy_norm"}.get(metric, metric)
-            if filt and filt != "none":
-                name = f"{name}_{filt}"
-            metrics[name] = float(value)
-        out[task] = metrics
-    return out
-
-
-def run_lm_eval(model, tokenizer, tasks: Sequence[str], *, batch_size: int | None = None,
-                limit: int | None = None, seed: int = 0) -> dict[str, dict[str, float]]:
-    """Run lm-evaluation-harness tasks on a model in memory; `{task: {metric: value}}`.
-
-    Raises `UsageError` with installation instructions when `lm_eval` is not installed.
-    """
-    try:
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM
-    except ImportError as e:
-        raise UsageError(LM_EVAL_HINT) from e
-    model = unwrap_model(model)
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size or 8)
-        output = lm_eval.simple_evaluate(
-            model=lm, tasks=list(tasks), limit=limit, random_seed=seed,
-            numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
-    except (KeyError, ValueError, OSError, ConnectionError) as e:
-        raise UndoError(f"lm-eval could not run {','.join(tasks)}: {e} "
-                        "(tasks download their data sets: set HF_HUB_OFFLINE=0 or cache them)"
-                        ) from e
-    finally:
-        for module, training in modes.items():
-            module.training = training
-    if not output:
-        raise UndoError("lm-eval returned no results")
-    return lm_eval_metrics(output, tasks)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def evaluate_checkpoints(checkpoints: Sequence[str | Path], data: Sequence[EvalData], *,
-                         batch_size: int | None = None,
-                         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-                         max_length: int | None = None, choice_format: str = "qa",
-                         device: torch.device | str | None = None,
-                         lm_eval_tasks: Sequence[str] = (), limit: int | None = None,
-                         seed: int = 0, allow_pickle: bool = False,
-                         trust_remote_code: bool = False,
-                         on_start: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """Load each checkpoint in turn and evaluate it on every data set (and lm-eval task).
-
-    Returns `[{"checkpoint": path, "metrics": {name: {metric: value}}}, ...]`. Checkpoint
-    paths are checked before any model is loaded (`UsageError`); a checkpoint that fails
-    to load raises `UndoError`.
-    """
-    from undo_cli.checkpoint import inspect_checkpoint, load_model, load_tokenizer
-    from undo_cli.runtime import pick_device
-
-    for ckpt in checkpoints:
-        inspect_checkpoint(ckpt, allow_pickle=allow_pickle)
-    if lm_eval_tasks and not lm_eval_available():
-        raise UsageError(LM_EVAL_HINT)
-    target = pick_device(str(device) if device is not None else None)
-    results = []
-    for ckpt in checkpoints:
-        if on_start is not None:
-            on_start(str(ckpt))
-        model = load_model(ckpt, device=target, allow_pickle=allow_pickle,
-                           trust_remote_code=trust_remote_code)
-        tokenizer = load_tokenizer(ckpt, trust_remote_code=trust_remote_code)
-        sets = [tokenize_eval_data(d, tokenizer, choice_format=choice_format) for d in data]
-        metrics = evaluate_model(model, tokenizer, sets, batch_size=batch_size,
-                                 max_new_tokens=max_new_tokens, max_length=max_length,
-                                 device=target)
-        if lm_eval_tasks:
-            metrics.update(run_lm_eval(model, tokenizer, lm_eval_tasks, batch_size=batch_size,
-                                       limit=limit, seed=seed))
-        results.append({"checkpoint": str(ckpt), "metrics": metrics})
-        del model
-        if target.type == "cuda":
-            torch.cuda.empty_cache()
-    return results

@@ -13,6 +13,13 @@ from pathlib import Path
 from typing import Any
 
 
+def is_finite_number(value: Any) -> bool:
+    """Whether `value` is an int or float (not a bool) with a finite value: a metric that
+    counts (NaN, infinities and missing values do not)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
 def jsonable(value: Any) -> Any:
     """A JSON-ready copy of `value`: NaN and +-inf -> None, tuples -> lists, dict keys -> str,
     Paths and other unknown objects -> str, numpy and 0-d torch numbers -> Python numbers."""

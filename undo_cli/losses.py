@@ -9,6 +9,11 @@ Conventions shared by every function here:
 - "Mean over tokens" is the mean over the kept (non-ignored) target tokens of the whole batch,
   so every kept token weighs the same whatever sequence it is in. A batch with no kept token
   gives a loss of exactly 0 (with a gradient of 0), never NaN.
+- `normalizer` (where a function takes one): divide the sum by it instead of by this batch's
+  own count. The engine passes the mean count per micro-batch over a whole optimizer step
+  (all micro-batches of gradient accumulation, all processes: the batch's `num_targets`), so
+  that every kept token of the step weighs the same, however the tokens fall into
+  micro-batches and processes: the step equals one on the whole global batch.
 - Every loss is computed in fp32 whatever the dtype of its inputs.
 """
 
@@ -38,10 +43,14 @@ def shift_for_next_token(logits: torch.Tensor,
     return pred, target.masked_fill(~mask, 0), mask
 
 
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of `values` over `mask`; 0 (keeping the graph) when the mask is empty."""
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor,
+                 normalizer: torch.Tensor | float | None = None) -> torch.Tensor:
+    """Sum of `values` over `mask` divided by the mask's count (or by `normalizer`); 0 (keeping
+    the graph) when the mask is empty."""
     mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+    count = mask.sum() if normalizer is None else torch.as_tensor(
+        normalizer, dtype=values.dtype, device=values.device)
+    return (values * mask).sum() / count.clamp_min(1.0)
 
 
 def token_log_probs(logits: torch.Tensor,
@@ -52,30 +61,64 @@ def token_log_probs(logits: torch.Tensor,
     return logp.masked_fill(~mask, 0.0), mask
 
 
-def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """CE = -(1/N) * sum_{kept t} log p(y_{t+1} | y_{<=t}), N = number of kept target tokens."""
-    logp, mask = token_log_probs(logits, labels)
-    return _masked_mean(-logp, mask)
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
+                        normalizer: torch.Tensor | float | None = None) -> torch.Tensor:
+    """CE = -(1/N) * sum_{kept t} log p(y_{t+1} | y_{<=t}), N = number of kept target tokens
+    (or `normalizer`)."""
+    pred, target, mask = shift_for_next_token(logits, labels)
+    nll = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1),
+                          reduction="none").view_as(target)
+    return _masked_mean(nll, mask, normalizer)
 
 
-def maxent_kl(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def maxent_kl(logits: torch.Tensor, labels: torch.Tensor,
+              normalizer: torch.Tensor | float | None = None) -> torch.Tensor:
     """MaxEnt: mean over kept positions of KL(U || p_t) = -log V - (1/V) sum_v log p_t(v).
 
     U is the uniform distribution over the V vocabulary entries, so KL(U || p_t) =
     sum_v (1/V) log((1/V) / p_t(v)) = -log V - mean_v log p_t(v) >= 0, zero iff p_t is uniform.
     Position t counts when its target `labels[:, t + 1]` is kept (the value of the label is
-    not used: only which positions belong to the forget text).
+    not used: only which positions belong to the forget text). N = `normalizer` if given.
     """
     pred, _, mask = shift_for_next_token(logits, labels)
     vocab = pred.shape[-1]
     kl = -math.log(vocab) - torch.log_softmax(pred, dim=-1).mean(dim=-1)
-    return _masked_mean(kl, mask)
+    return _masked_mean(kl, mask, normalizer)
 
 
-def sequence_log_prob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log p(y | x) per sequence, `[B]`: sum_{kept t} log p(y_{t+1} | y_{<=t})."""
+def sequence_log_prob(logits: torch.Tensor, labels: torch.Tensor,
+                      position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """log p(y | x) per sequence: sum_{kept t} log p(y_{t+1} | y_{<=t}).
+
+    Without `position_ids`, a sequence is a row (`[B]`). With them, a sequence is a document
+    of a packed row (it starts where the position ids restart at 0): `[D]`, the documents in
+    row-major order (padding continues the last document and adds nothing: its labels are
+    ignored)."""
     logp, _ = token_log_probs(logits, labels)
-    return logp.sum(dim=-1)
+    if position_ids is None:
+        return logp.sum(dim=-1)
+    document = document_index(position_ids)[:, 1:]  # the document of each target
+    total = logp.new_zeros(int(document.max()) + 1)
+    return total.index_add(0, document.reshape(-1), logp.reshape(-1))
+
+
+def sequence_has_targets(labels: torch.Tensor,
+                         position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Per sequence (as in `sequence_log_prob`), whether it has a kept target token."""
+    kept = (labels[:, 1:] != IGNORE_INDEX)
+    if position_ids is None:
+        return kept.any(dim=-1)
+    document = document_index(position_ids)[:, 1:]
+    counts = torch.zeros(int(document_index(position_ids).max()) + 1, dtype=torch.long,
+                         device=labels.device)
+    return counts.index_add(0, document.reshape(-1), kept.reshape(-1).long()) > 0
+
+
+def document_index(position_ids: torch.Tensor) -> torch.Tensor:
+    """`[B, T]` index of each token's document, counted row-major from 0: a document starts
+    at every position id 0."""
+    starts = (position_ids == 0).reshape(-1)
+    return (starts.cumsum(0) - 1).clamp_min(0).view_as(position_ids)
 
 
 def npo_loss(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, beta: float,
@@ -162,3 +205,76 @@ def repnoise_loss(hidden_states: list[torch.Tensor] | tuple[torch.Tensor, ...],
             noise_terms.append(gaussian_mmd(acts, noise))
     noise_term = torch.stack(noise_terms).mean() if noise_terms else forget_ce.new_zeros(())
     return beta * noise_term - alpha * torch.log1p(forget_ce.float().clamp_min(0.0))
+
+
+# ------------------------------------------------------------------------ distillation
+
+
+def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+               temperature: float = 1.0) -> torch.Tensor:
+    """Per-row KL(p || q) = sum_v p_v (log p_v - log q_v), p = softmax(teacher / T),
+    q = softmax(student / T). Rows are positions (`[N, V]` -> `[N]`), computed in fp32.
+
+    This is the true KL, teacher entropy included (it is 0 when the distributions match).
+    """
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def topk_forward_kl(student_logits: torch.Tensor, teacher_topk_logprobs: torch.Tensor,
+                    teacher_topk_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL between the teacher's top-k distribution plus one "rest" bucket and the student's
+    distribution coarsened the same way, per row (`[N, V]`, `[N, k]`, `[N, k]` -> `[N]`):
+
+    KL = sum_{i in topk} p_i (log p_i - log q_i) + r (log r - log q_rest),
+    r = 1 - sum_{topk} p_i, q_rest = sum_{v not in topk} q_v (0 * log 0 taken as 0).
+
+    With k = V it equals `forward_kl`; for k < V it is a lower bound of the full KL (the
+    data-processing inequality) that stays well defined because the remaining mass is kept.
+    `teacher_topk_logprobs` are log-probabilities at the same temperature.
+    """
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_q_top = log_q.gather(-1, teacher_topk_ids.long())
+    log_p_top = teacher_topk_logprobs.float()
+    p_top = log_p_top.exp()
+    kl_top = (p_top * (log_p_top - log_q_top)).sum(-1)
+    # Remaining teacher mass; below 1e-6 it is rounding error (e.g. k = V) and counts as 0.
+    rest_p = 1.0 - p_top.sum(-1)
+    rest_p = torch.where(rest_p > 1e-6, rest_p, torch.zeros_like(rest_p))
+    # log of the student's mass outside the top-k, computed stably with the top-k masked out
+    # (clamped so that an empty rest, -inf, gives no NaN gradient).
+    masked = log_q.scatter(-1, teacher_topk_ids.long(), float("-inf"))
+    log_q_rest = torch.logsumexp(masked, dim=-1).clamp_min(-1e4)
+    rest_term = rest_p * (torch.log(rest_p.clamp_min(1e-30)) - log_q_rest)
+    return kl_top + rest_term
+
+
+def next_token_mask(labels: torch.Tensor) -> torch.Tensor:
+    """`[B, T]` bool: position t is distilled when its next token `labels[:, t+1]` is kept.
+
+    The last position has no next token and is never used (as in the causal LM loss).
+    """
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return mask
+
+
+def kd_objective(kl_sum: torch.Tensor, ce_sum: torch.Tensor | None, count: torch.Tensor,
+                 temperature: float = 1.0,
+                 ce_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """loss = T^2 * (sum KL) / N + ce_weight * (sum CE) / N over N distilled positions.
+
+    Returns the loss and its terms: `kd_loss` (the mean KL itself, at temperature T) and, when
+    `ce_weight` > 0, `ce` (the mean hard-label cross-entropy). The T^2 factor keeps gradient
+    scales comparable across temperatures (Hinton et al.); at T = 1 the loss is the KL.
+    """
+    count = count.clamp_min(1)
+    kd = kl_sum / count
+    loss = temperature**2 * kd
+    terms = {"kd_loss": kd.detach()}
+    if ce_weight > 0 and ce_sum is not None:
+        ce = ce_sum / count
+        loss = loss + ce_weight * ce
+        terms["ce"] = ce.detach()
+    return loss, terms

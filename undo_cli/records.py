@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import csv
 import json
+import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,3 +194,166 @@ def parse_named_spec(spec: str, option: str = "--data") -> tuple[str, str]:
         raise UsageError(f"{option} {spec!r}: NAME may use letters, digits and '_' only "
                          "(it is used in metric names such as NAME.accuracy)")
     return name, path
+
+
+def parse_named_specs(specs: list[str], option: str = "--eval") -> list[tuple[str, str]]:
+    """`NAME=PATH` values of a repeatable option as `(name, path)` pairs, names unique."""
+    pairs = [parse_named_spec(spec, option) for spec in specs]
+    names = [name for name, _ in pairs]
+    if len(set(names)) != len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise UsageError(f"{option} name {twice!r} is used twice; give each set its own NAME "
+                         f"({option} NAME=PATH)")
+    return pairs
+
+
+# ----------------------------------------------------------------------------- evaluation data
+
+
+def _arithmetic_factory(key: str) -> Callable[[], list[Record]]:
+    def factory() -> list[Record]:
+        from undo_cli.synthetic import arithmetic_records
+
+        rows = arithmetic_records().records[key]
+        return [Record(row, f"arithmetic:{key}", i + 1) for i, row in enumerate(rows)]
+
+    return factory
+
+
+def _builtin(name: str) -> Callable[[], list[Record]] | None:
+    """The factory of a built-in set: `arithmetic:FILE_KEY` (the synthetic arithmetic task
+    with the generator's default options)."""
+    task, _, key = name.partition(":")
+    if task == "arithmetic" and key:
+        try:
+            from undo_cli.synthetic import FILES
+        except ImportError:
+            return None
+        if key in FILES:
+            return _arithmetic_factory(key)
+    return None
+
+
+@dataclass
+class EvalData:
+    """A validated data file: its records reduced to what the metrics need (no tokens yet).
+
+    `items` per shape: `text` -> the text; `completion` -> (prompt, answer);
+    `choice` -> (question, choices, index of the correct choice).
+    """
+
+    name: str
+    shape: str
+    source: str
+    records: list[Record]
+    items: list[Any]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def text_field(rec: Record, key: str) -> str:
+    """The string in field `key` of `rec`; `DataError` (file and line) if it is missing, null
+    or not a scalar."""
+    value = rec.data.get(key)
+    if value is None:
+        raise rec.error(f"'{key}' is missing or null")
+    if isinstance(value, (dict, list)):
+        raise rec.error(f"'{key}' must be a string, not {type(value).__name__}")
+    return str(value)
+
+
+def _choice_answer(rec: Record, value: Any, n_choices: int) -> int:
+    if isinstance(value, bool) or value is None:
+        raise rec.error(f"'answer' must be a choice index or a letter, not {value!r}")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    index: int | None = None
+    if isinstance(value, int):
+        index = value
+    elif isinstance(value, str):
+        s = value.strip()
+        if s.isdigit():
+            index = int(s)
+        elif len(s) == 1 and "A" <= s.upper() <= "Z":
+            index = ord(s.upper()) - ord("A")
+    if index is None:
+        raise rec.error(f"'answer' must be a choice index (0-based) or a letter A-Z, "
+                        f"not {value!r}")
+    if not 0 <= index < n_choices:
+        raise rec.error(f"'answer' {value!r} is out of range for {n_choices} choices")
+    return index
+
+
+def _choice_item(rec: Record) -> tuple[str, list[str], int]:
+    question = text_field(rec, "question")
+    choices = rec.data.get("choices")
+    if isinstance(choices, str):  # CSV cells hold the list as JSON text
+        try:
+            choices = json.loads(choices)
+        except json.JSONDecodeError as e:
+            raise rec.error("'choices' must be a list (in CSV: a JSON list)") from e
+    if hasattr(choices, "tolist"):  # numpy arrays from Parquet
+        choices = choices.tolist()
+    if not isinstance(choices, (list, tuple)) or not choices:
+        raise rec.error("'choices' must be a non-empty list")
+    if any(c is None or isinstance(c, (dict, list)) for c in choices):
+        raise rec.error("every choice must be a string")
+    choices = [str(c) for c in choices]
+    if any(not c for c in choices):
+        raise rec.error("every choice must be a non-empty string")
+    if len(choices) > 26:
+        raise rec.error(f"{len(choices)} choices; at most 26 (A-Z) are supported")
+    return question, choices, _choice_answer(rec, rec.data.get("answer"), len(choices))
+
+
+def _check_choice_fields(records: list[Record]) -> None:
+    """A clearer error than "unknown shape" for multiple-choice records missing a field."""
+    for rec in records:
+        keys = rec.data
+        if "question" in keys and not ("prompt" in keys or "text" in keys):
+            for need in ("choices", "answer"):
+                if need not in keys:
+                    raise rec.error(f"'{need}' is missing (a multiple-choice record needs "
+                                    "'question', 'choices' and 'answer')")
+
+
+def read_eval_data(name: str, path: str | Path, *, limit: int | None = None,
+                   seed: int = 0) -> EvalData:
+    """Read and validate a data file (or a built-in set's name) for evaluation.
+
+    `limit`: keep a seeded random sample of that many records (in file order). Raises
+    `DataError` naming the file and line for an unknown record shape, a missing or bad
+    field, an answer index out of range, or an empty file.
+    """
+    if limit is not None and limit < 1:
+        raise UsageError(f"--limit must be at least 1 (got {limit})")
+    builtin = None if Path(path).exists() else _builtin(str(path))
+    if builtin is None and not Path(path).exists() and str(path).startswith("arithmetic:"):
+        from undo_cli.synthetic import FILES
+
+        raise UsageError(f"unknown built-in data set {str(path)!r}; the arithmetic task has "
+                         + ", ".join(f"arithmetic:{key}" for key in FILES))
+    if builtin is not None:
+        records = builtin()
+        if not records:
+            raise DataError("the data set is empty", path)
+    else:
+        records = read_records(path)
+    if limit is not None and limit < len(records):
+        picked = sorted(random.Random(seed).sample(range(len(records)), limit))
+        records = [records[i] for i in picked]
+    _check_choice_fields(records)
+    shape = file_shape(records)
+    items: list[Any]
+    if shape == "text":
+        items = [text_field(rec, "text") for rec in records]
+    elif shape == "completion":
+        items = []
+        for rec in records:
+            if isinstance(rec.data.get("completion", rec.data.get("answer")), (dict, list)):
+                raise rec.error("'completion' (or 'answer') must be a string")
+            items.append((text_field(rec, "prompt"), completion_of(rec)))
+    else:
+        items = [_choice_item(rec) for rec in records]
+    return EvalData(name=name, shape=shape, source=str(path), records=records, items=items)

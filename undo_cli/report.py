@@ -26,6 +26,7 @@ oracle, which does not descend from the base).
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -260,10 +261,9 @@ def write_figures(report: dict[str, Any], directory: Path) -> list[str]:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        from undo_cli.cli.common import info
-
-        info("note: matplotlib is not installed, so the report has no figures "
-             "(pip install 'undo-cli[plot]')")
+        logging.getLogger(__name__).info(
+            "note: matplotlib is not installed, so the report has no figures "
+            "(pip install 'undo-cli[plot]')")
         return []
     fm = report["forget_metric"]
     written = []

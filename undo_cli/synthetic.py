@@ -149,7 +149,7 @@ HELDOUT_TEMPLATES: dict[str, tuple[str, ...]] = {
     ),
 }
 
-_PLACEHOLDER = re.compile(r"\{(a|b|name|name2|items)(?::([a-z]+))?\}")
+PLACEHOLDER = re.compile(r"\{(a|b|name|name2|items)(?::([a-z]+))?\}")
 
 
 # ----------------------------------------------------------------------------- text
@@ -172,28 +172,7 @@ def render(template: str, a: int, b: int, *, name: str = "Tom", name2: str = "An
             return f"{n} {word if n == 1 else _plural(word)}"
         return {"name": name, "name2": name2, "items": _plural(item)}[key]
 
-    return _PLACEHOLDER.sub(fill, template)
-
-
-def template_fragments(template: str) -> list[str]:
-    """The fixed (placeholder-free) pieces of a template, stripped, empty ones dropped."""
-    return [p.strip() for p in _PLACEHOLDER.split(template)[::3] if p.strip()]
-
-
-def template_regex(template: str) -> re.Pattern:
-    """A pattern matching every text the template renders to (any numbers, names, items);
-    groups `a` and `b` capture the operands."""
-    out, pos = [], 0
-    for m in _PLACEHOLDER.finditer(template):
-        out.append(re.escape(template[pos:m.start()]))
-        if m.group(1) in ("a", "b"):
-            number = f"(?P<{m.group(1)}>\\d+)"
-            out.append(number + r" [A-Za-z]+" if m.group(2) else number)
-        else:
-            out.append(r"[A-Za-z]+")
-        pos = m.end()
-    out.append(re.escape(template[pos:]))
-    return re.compile("".join(out))
+    return PLACEHOLDER.sub(fill, template)
 
 
 def compute(op: str, a: int, b: int) -> int:

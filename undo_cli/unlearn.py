@@ -25,15 +25,22 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from undo_cli import losses
-from undo_cli.engine import TrainConfig
+from undo_cli import losses, stage
+from undo_cli.data import model_inputs
 from undo_cli.errors import UsageError
+from undo_cli.options import (
+    DataOptions,
+    EvalOptions,
+    LoadOptions,
+    TrainConfig,
+    UnlearnOptions,
+)
 
 Batch = dict[str, torch.Tensor]
 MethodFn = Callable[[torch.nn.Module, dict[str, Batch], "UnlearnContext"],
@@ -91,24 +98,6 @@ def get_method(name: str) -> Method:
 
 
 @dataclass
-class UnlearnOptions:
-    """Method options (`undo unlearn` flags); None means the method's own default."""
-
-    retain_weight: float | None = None
-    beta: float = 0.1  # NPO inverse temperature (NPO paper)
-    layer: int | None = None  # RMU: decoder layer (0-based) whose output is steered
-    steering_coeff: float = 6.5  # RMU: c (WMDP paper, Zephyr-7B)
-    trainable: str | None = None  # regex over parameter names; default: all (RMU: see above)
-    repnoise: bool = False
-    repnoise_alpha: float = 1.0  # weight of the ascent term log(1 + CE(forget))
-    repnoise_beta: float = 1e-3  # weight of the noise (MMD) term
-    seed: int = 0  # seeds RMU's random direction u
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
 class UnlearnContext:
     """What a method needs besides the model and the batches."""
 
@@ -125,9 +114,8 @@ class UnlearnContext:
     def forward(self, model: torch.nn.Module, name: str, batch: Batch):
         """The model's output on stream `name`'s batch, computed once per loss evaluation."""
         if name not in self._outputs:
-            self._outputs[name] = model(
-                input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                output_hidden_states=name in self.hidden_streams, use_cache=False)
+            self._outputs[name] = model(**model_inputs(batch),
+                                        output_hidden_states=name in self.hidden_streams)
         return self._outputs[name]
 
     def reference_value(self, key: str, batch: Batch,
@@ -149,8 +137,7 @@ class UnlearnContext:
         if next(ref.parameters()).device != ids.device:
             ref.to(ids.device)
         with torch.no_grad():
-            out = ref(input_ids=ids, attention_mask=batch.get("attention_mask"),
-                      output_hidden_states=self.steering is not None, use_cache=False)
+            out = ref(**model_inputs(batch), output_hidden_states=self.steering is not None)
             value = compute(out).detach()
         self._reference[slot] = (ids, value)
         while len(self._reference) > max(1, self.reference_cache_size):
@@ -167,9 +154,9 @@ class UnlearnContext:
         self._outputs.clear()
 
 
-def _forget_ce_for_logs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _forget_ce_for_logs(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     with torch.no_grad():
-        return losses.token_cross_entropy(logits, labels)
+        return losses.token_cross_entropy(logits, batch["labels"], batch.get("num_targets"))
 
 
 def _retain_ce(model, batches, ctx: UnlearnContext, terms: dict[str, float]) -> torch.Tensor:
@@ -177,7 +164,8 @@ def _retain_ce(model, batches, ctx: UnlearnContext, terms: dict[str, float]) -> 
     batch = batches.get("retain")
     if batch is None:
         return torch.zeros((), device=batches["forget"]["input_ids"].device)
-    ce = losses.token_cross_entropy(ctx.forward(model, "retain", batch).logits, batch["labels"])
+    ce = losses.token_cross_entropy(ctx.forward(model, "retain", batch).logits, batch["labels"],
+                                    batch.get("num_targets"))
     terms["retain_ce"] = ce.detach()
     return ctx.retain_weight * ce
 
@@ -196,8 +184,8 @@ def maxent(model, batches, ctx):
     """
     batch = batches["forget"]
     logits = ctx.forward(model, "forget", batch).logits
-    kl = losses.maxent_kl(logits, batch["labels"])
-    terms = {"forget_kl": kl.detach(), "forget_ce": _forget_ce_for_logs(logits, batch["labels"])}
+    kl = losses.maxent_kl(logits, batch["labels"], batch.get("num_targets"))
+    terms = {"forget_kl": kl.detach(), "forget_ce": _forget_ce_for_logs(logits, batch)}
     return kl + _retain_ce(model, batches, ctx, terms), terms
 
 
@@ -205,7 +193,8 @@ def maxent(model, batches, ctx):
 def graddiff(model, batches, ctx):
     """Gradient difference: L = -CE(forget) + a * CE(retain), a = --retain-weight (default 1)."""
     batch = batches["forget"]
-    ce = losses.token_cross_entropy(ctx.forward(model, "forget", batch).logits, batch["labels"])
+    ce = losses.token_cross_entropy(ctx.forward(model, "forget", batch).logits, batch["labels"],
+                                    batch.get("num_targets"))
     terms = {"forget_ce": ce.detach()}
     return -ce + _retain_ce(model, batches, ctx, terms), terms
 
@@ -215,7 +204,8 @@ def graddiff(model, batches, ctx):
 def gradient_ascent(model, batches, ctx):
     """Gradient ascent: L = -CE(forget). Unbounded: limit it with --max-steps."""
     batch = batches["forget"]
-    ce = losses.token_cross_entropy(ctx.forward(model, "forget", batch).logits, batch["labels"])
+    ce = losses.token_cross_entropy(ctx.forward(model, "forget", batch).logits, batch["labels"],
+                                    batch.get("num_targets"))
     return -ce, {"forget_ce": ce.detach()}
 
 
@@ -225,17 +215,19 @@ def npo(model, batches, ctx):
     """NPO: L = mean_seq -(2/b) log sigmoid(-b (log p_theta(y|x) - log p_ref(y|x))) + a CE(retain).
 
     p_ref is the frozen input model, b = --beta (default 0.1, as in the NPO paper), a =
-    --retain-weight (default 1). Sequences without forget tokens are skipped.
+    --retain-weight (default 1). A sequence is a document (packed documents are scored one by
+    one); sequences without forget tokens are skipped. The mean is over the micro-batch's
+    sequences.
     """
     batch = batches["forget"]
-    labels = batch["labels"]
+    labels, positions = batch["labels"], batch.get("position_ids")
     logits = ctx.forward(model, "forget", batch).logits
-    logp = losses.sequence_log_prob(logits, labels)
+    logp = losses.sequence_log_prob(logits, labels, positions)
     ref_logp = ctx.reference_value(
-        "forget", batch, lambda out: losses.sequence_log_prob(out.logits, labels))
-    valid = (labels[:, 1:] != losses.IGNORE_INDEX).any(dim=-1)
+        "forget", batch, lambda out: losses.sequence_log_prob(out.logits, labels, positions))
+    valid = losses.sequence_has_targets(labels, positions)
     loss = losses.npo_loss(logp, ref_logp, ctx.options.beta, valid)
-    terms = {"forget_npo": loss.detach(), "forget_ce": _forget_ce_for_logs(logits, labels)}
+    terms = {"forget_npo": loss.detach(), "forget_ce": _forget_ce_for_logs(logits, batch)}
     return loss + _retain_ce(model, batches, ctx, terms), terms
 
 
@@ -461,11 +453,6 @@ def default_lr(method: Method, parameters: int) -> float:
     return method.lr if parameters >= TINY_MODEL_PARAMS else method.tiny_lr
 
 
-def methods_help() -> str:
-    """One line per method: `name: formula` (for `undo unlearn --help`)."""
-    return "\n".join(f"{m.name}: {m.formula}" for m in METHODS.values())
-
-
 # --------------------------------------------------------------------------------------------
 # The library entry point of `undo unlearn`
 # --------------------------------------------------------------------------------------------
@@ -481,12 +468,12 @@ def unlearn_checkpoint(
     options: UnlearnOptions | None = None,
     train_config: TrainConfig | None = None,
     *,
-    max_length: int = 256,
-    eval_specs: Sequence[tuple[str, str]] = (),
+    data_options: DataOptions | None = None,
+    evals: EvalOptions | None = None,
+    load: LoadOptions | None = None,
     overwrite: bool = False,
-    allow_pickle: bool = False,
-    trust_remote_code: bool = False,
     keep_state: bool = False,
+    callbacks: stage.Callbacks | None = None,
 ) -> dict[str, Any]:
     """Unlearn `forget_specs` from checkpoint `src` with `method`; write the result to `dst`.
 
@@ -494,100 +481,60 @@ def unlearn_checkpoint(
     tokens or FLOPs) means the method's `max_steps`; no `train_config` means both, with a
     constant learning rate (the paper's).
 
-    `forget_specs` / `retain_specs` are `PATH[:WEIGHT]` data specs (`undo_cli.data`);
-    `eval_specs` are `(name, path)` pairs evaluated every `eval_every` steps and at the end
-    (metrics `name.loss`, ...). `dst` gets the model, tokenizer, `undo.json` and
-    `train_log.jsonl`, atomically: a failed or diverged run leaves nothing. The training
-    state in `train_config.state_dir` (for `--resume`) is deleted once the output is
-    written, unless `keep_state`. Returns a summary (also recorded in the manifest).
+    `forget_specs` / `retain_specs` are `PATH[:WEIGHT]` data specs (`undo_cli.data`); the
+    `evals` sets are evaluated every `eval_every` steps and at the end (metrics `name.loss`,
+    ...). `dst` gets the model, tokenizer, `undo.json` and `train_log.jsonl`, atomically: a
+    failed or diverged run leaves nothing. The training state in `train_config.state_dir`
+    (for `--resume`) is deleted once the output is written, unless `keep_state`. Returns a
+    summary (also recorded in the manifest).
     """
-    from undo_cli.checkpoint import (
-        build_manifest,
-        check_output_path,
-        inspect_checkpoint,
-        load_model,
-        load_tokenizer,
-        save_model,
-        write_manifest,
-    )
+    from undo_cli.checkpoint import load_model, load_tokenizer
     from undo_cli.data import build_stream
-    from undo_cli.engine import train, training_output
 
     started = time.time()
     options = options or UnlearnOptions()
+    data_options, evals = data_options or DataOptions(), evals or EvalOptions()
+    load = load or LoadOptions()
     config = train_config or TrainConfig(lr=None, schedule="constant")
     chosen = get_method(method)
     forget_specs, retain_specs = list(forget_specs), list(retain_specs)
     if not forget_specs:
         raise UsageError("no forget data: give --forget FILE")
+    options = replace(options, seed=config.seed)
     validate_options(chosen, options, has_retain=bool(retain_specs))
     if config.max_steps is None and config.max_tokens is None and config.max_flops is None:
         config = replace(config, max_steps=chosen.max_steps)
+    config = config.for_output(dst)
     # lr None is chosen once the model (its size) is known.
     replace(config, lr=1.0 if config.lr is None else config.lr).validate()
-    check_output_path(dst, inputs=[src], overwrite=overwrite)
-    model_config = inspect_checkpoint(src, allow_pickle=allow_pickle).config
-    limit = model_config.get("max_position_embeddings") or model_config.get("n_positions")
-    if isinstance(limit, int) and max_length > limit:
-        raise UsageError(f"--max-length {max_length} exceeds the model's maximum length {limit}")
+    info = stage.check_inputs(dst, [src], load, overwrite=overwrite)[0]
+    stage.check_length(data_options.max_length, info.config)
 
-    tokenizer = load_tokenizer(src, trust_remote_code=trust_remote_code)
-    streams = {"forget": build_stream(tokenizer, forget_specs, max_length, config.batch_size,
-                                      config.seed, name="forget")}
-    if retain_specs:
-        streams["retain"] = build_stream(tokenizer, retain_specs, max_length, config.batch_size,
-                                         config.seed, name="retain")
-    eval_sets = []
-    if eval_specs:
-        from undo_cli.evaluate import load_eval_set
-
-        eval_sets = [load_eval_set(name, path, tokenizer) for name, path in eval_specs]
-    model = load_model(src, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(src, trust_remote_code=load.trust_remote_code)
+    streams = {name: build_stream(tokenizer, specs, data_options.max_length, config.batch_size,
+                                  config.seed, name=name, packing=data_options.packing)
+               for name, specs in (("forget", forget_specs), ("retain", retain_specs)) if specs}
+    sets = stage.load_eval_sets(evals, tokenizer)
+    model = load_model(src, allow_pickle=load.allow_pickle,
+                       trust_remote_code=load.trust_remote_code)
     if config.lr is None:
-        n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-        config = replace(config, lr=default_lr(chosen, n_params))
+        from undo_cli.engine import count_parameters
+
+        config = replace(config, lr=default_lr(chosen, count_parameters(model)))
     setup = prepare_method(model, chosen, options, has_retain=bool(retain_specs),
                            grad_accum=config.grad_accum)
-
-    evaluate = None
-    if eval_sets:
-        from undo_cli.evaluate import evaluate_model, flatten_metrics
-
-        def evaluate(m, step):  # noqa: ARG001 - the engine passes the step
-            return flatten_metrics(evaluate_model(m, tokenizer, eval_sets))
-
-    arguments = {
-        "method": chosen.name, "formula": chosen.formula, "forget": forget_specs,
-        "retain": retain_specs, "options": options.as_dict(),
-        "retain_weight": setup.context.retain_weight, "layer": setup.context.layer,
-        "trainable": setup.trainable_pattern, "max_length": max_length,
-        "eval": [list(e) for e in eval_specs],
-        "train": {k: v for k, v in asdict(config).items()
-                  if k not in ("log_path", "quiet", "state_dir", "resume", "device")},
-    }
-    with training_output(dst, config, inputs=[src], overwrite=overwrite,
-                         keep_state=keep_state) as (tmp, run_config):
-        result = train(model, setup.loss_fn, streams, run_config, parameters=setup.parameters,
-                       frozen_forward_params=setup.frozen_forward_params(streams),
-                       evaluate=evaluate)
-        summary = {
-            "output": str(dst), "method": chosen.name, "lr": config.lr, "steps": result.steps,
-            "tokens": result.tokens, "flops": result.flops["total"],
-            "stop_reason": result.stop_reason, "diverged": result.diverged,
-            "trainable_parameters": result.trainable_parameters,
-            "parameters": result.parameters, "final": result.loss,
-            "metrics": result.evals[-1] if result.evals else None,
-            "diverged_step": result.diverged_step, "resumed_from": result.resumed_from,
-        }
-        if tmp is not None:
-            save_model(result.model, tokenizer, tmp, source=src)
-            write_manifest(tmp, build_manifest(
-                "unlearn", arguments=arguments, parents={"input": src}, seed=config.seed,
-                wall_time_s=time.time() - started, compute=result.compute(),
-                metrics={"train": result.loss, **result.final_metrics()},
-                extra={"unlearn": {"trainable_parameters": setup.trainable_names[:50],
-                                   "trainable_count": len(setup.trainable_names),
-                                   "data": {k: s.describe() for k, s in streams.items()
-                                            if hasattr(s, "describe")}}},
-            ))
-    return summary
+    arguments = stage.arguments(
+        config, data_options, evals, method=chosen.name, formula=chosen.formula,
+        forget=forget_specs, retain=retain_specs, options=options.as_dict(),
+        retain_weight=setup.context.retain_weight, layer=setup.context.layer,
+        trainable=setup.trainable_pattern)
+    written = stage.train_and_write(
+        "unlearn", dst, model=model, tokenizer=tokenizer, loss_fn=setup.loss_fn,
+        streams=streams, config=config, inputs=[src], source=src, parents={"input": src},
+        arguments=arguments, overwrite=overwrite, started=started,
+        evaluate=stage.evaluation_hook(tokenizer, sets, evals), parameters=setup.parameters,
+        frozen_forward_params=setup.frozen_forward_params(streams), callbacks=callbacks,
+        keep_state=keep_state,
+        extra={"unlearn": {"trainable_parameters": setup.trainable_names[:50],
+                           "trainable_count": len(setup.trainable_names)}})
+    return stage.summary(dst, written.result, started, method=chosen.name, lr=config.lr)

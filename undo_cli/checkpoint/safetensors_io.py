@@ -436,11 +436,6 @@ def file_order(specs: Iterable[TensorSpec]) -> list[TensorSpec]:
     return sorted(specs, key=lambda s: (-s.itemsize, s.name))
 
 
-def file_size(specs: Sequence[TensorSpec], metadata: dict[str, str] | None = None) -> int:
-    """The size in bytes of a .safetensors file holding `specs`."""
-    return len(_header_bytes(specs, metadata)) + sum(s.nbytes for s in specs)
-
-
 class SafetensorsWriter:
     """Write one .safetensors file: the header at once, then the tensors' bytes in order.
 

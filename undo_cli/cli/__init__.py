@@ -27,6 +27,28 @@ from undo_cli.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, EXIT_USAGE, UndoErro
 _state = {"debug": os.environ.get("UNDO_DEBUG", "") not in ("", "0")}
 
 
+def _conventional_help() -> None:
+    """Help as click and most command lines show it: `OUT`, not typer 0.2x's `{OUT}`, for a
+    required argument in the usage line, and flags without a `<bool>` type."""
+    from typer import core
+
+    usage = getattr(core.TyperArgument, "_usage_display_name", None)
+    if usage is not None:
+        def plain_usage(self) -> str:
+            return usage(self).replace("{", "").replace("}", "")
+
+        core.TyperArgument._usage_display_name = plain_usage
+    display = getattr(core.TyperOption, "display_type_rich", None)
+    if display is not None:
+        def no_bool_type(self, ctx):
+            return None if getattr(self, "is_flag", False) else display(self, ctx)
+
+        core.TyperOption.display_type_rich = no_bool_type
+
+
+_conventional_help()
+
+
 def _fail(message: str, code: int) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
@@ -100,6 +122,9 @@ def _root(
     _state["debug"] = _state["debug"] or debug
     if ctx.invoked_subcommand and ctx.invoked_subcommand not in SCALES_OUT:
         refuse_launch(f"undo {ctx.invoked_subcommand}")
+    from undo_cli.cli.common import show_output
+
+    show_output(quiet=False)  # the library's notes on stderr (a command's --quiet narrows it)
 
 
 def _register() -> None:

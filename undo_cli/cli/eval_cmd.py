@@ -17,7 +17,10 @@ import typer
 
 from undo_cli.cli import app
 from undo_cli.cli.common import emit_json, err_console, info
-from undo_cli.errors import UndoError, UsageError
+from undo_cli.cli.options import with_options
+from undo_cli.errors import UsageError
+from undo_cli.options import EvalOptions, GateOptions, LoadOptions
+from undo_cli.records import parse_named_specs
 
 # Short column labels of the table.
 _LABELS = {"loss": "loss", "ppl": "ppl", "accuracy": "acc", "accuracy_norm": "acc_norm",
@@ -25,74 +28,9 @@ _LABELS = {"loss": "loss", "ppl": "ppl", "accuracy": "acc", "accuracy_norm": "ac
 _HIDDEN = ("tokens",)  # in --json only
 
 
-def parse_data_specs(specs: list[str]) -> list[tuple[str, str]]:
-    """`--data NAME=PATH` values -> [(NAME, PATH)], names unique."""
-    from undo_cli.records import parse_named_spec
-
-    pairs = [parse_named_spec(spec, "--data") for spec in specs]
-    seen: set[str] = set()
-    for name, _ in pairs:
-        if name in seen:
-            raise UsageError(f"--data name {name!r} is used twice; give each set its own "
-                             "NAME (--data NAME=PATH)")
-        seen.add(name)
-    return pairs
-
-
 def parse_tasks(value: str | None) -> list[str]:
     """`wmdp_bio,mmlu` -> ["wmdp_bio", "mmlu"]."""
     return [t.strip() for t in (value or "").split(",") if t.strip()]
-
-
-REFERENCE_PREFIXES = ("teacher", "reference")  # gate names of the --reference model's metrics
-
-
-def check_gate_names(gates: list, sets: list, tasks: list[str], reference: bool) -> None:
-    """`UsageError` (exit 2) for a gate name that no set gives, before any model is loaded.
-
-    Known: `SET.METRIC` for each data set's shape, `teacher.` / `reference.` + those with a
-    reference. lm-eval tasks' metrics are only known once they ran, so `TASK.*` names are
-    checked then.
-    """
-    from undo_cli.evaluate import expected_metrics
-
-    own = expected_metrics(sets)
-    known = set(own)
-    if reference:
-        known |= {f"{prefix}.{name}" for prefix in REFERENCE_PREFIXES for name in own}
-    for expr in gates:
-        deferred = set()
-        for name in expr.names():
-            parts = name.split(".")
-            if reference and len(parts) > 1 and parts[0] in REFERENCE_PREFIXES:
-                parts = parts[1:]
-            if parts[0] in tasks:
-                deferred.add(name)
-            elif name not in known and name.split(".")[0] in REFERENCE_PREFIXES \
-                    and not reference:
-                raise UsageError(f"--fail-if {expr.text!r} uses {name!r}: give --reference "
-                                 "CKPT to compare with a reference model's metrics")
-        expr.check_names(known | deferred)
-
-
-def gate_values(metrics: dict[str, dict[str, Any]],
-                reference: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
-    """The values a checkpoint's gates are evaluated on (module doc)."""
-    from undo_cli.evaluate import flatten_metrics
-
-    values = flatten_metrics(metrics)
-    if reference is not None:
-        for name, value in flatten_metrics(reference).items():
-            for prefix in REFERENCE_PREFIXES:
-                values[f"{prefix}.{name}"] = value
-    return values
-
-
-def _same_path(a: Path, b: Path) -> bool:
-    try:
-        return a.resolve() == b.resolve()
-    except OSError:
-        return False
 
 
 def _format(key: str, value: Any) -> str:
@@ -136,6 +74,7 @@ def render_table(results: list[dict[str, Any]]) -> None:
 
 
 @app.command("eval")
+@with_options("eval", load=LoadOptions, gates=GateOptions)
 def eval_command(
     checkpoints: list[Path] = typer.Argument(..., metavar="CKPT...",
                                              help="Checkpoint directories to evaluate."),
@@ -149,8 +88,9 @@ def eval_command(
                                   help="Print one JSON object on stdout and nothing else."),
     batch_size: int = typer.Option(None, "--batch-size", min=1,
                                    help="Sequences per batch (default: adapts to length)."),
-    max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1,
-                                       help="Longest generated answer, in tokens."),
+    max_new_tokens: int = typer.Option(EvalOptions().max_new_tokens, "--max-new-tokens", min=1,
+                                       help="Greedy tokens generated per prompt when "
+                                       "measuring accuracy."),
     max_length: int = typer.Option(
         None, "--max-length", min=2,
         help="Window in tokens (default: the model's maximum length, at most 4096); longer "
@@ -167,101 +107,56 @@ def eval_command(
         help="Comma-separated lm-evaluation-harness tasks (e.g. wmdp_bio,mmlu), run when "
         "lm_eval is installed; their scores are merged into the results."),
     device: str = typer.Option(None, help="cpu, cuda, cuda:1, ... (default: CUDA if any)."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle",
-                                      help="Load pickled (.bin) weights."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
-                                           help="Run a checkpoint's own model code."),
-    fail_if: list[str] = typer.Option(
-        None, "--fail-if", metavar="EXPR",
-        help="Exit with code 3 (after printing the results) if EXPR holds for any checkpoint, "
-        "e.g. \"forget.accuracy > 0.05\" (repeatable). Names: SET.METRIC; with --reference "
-        "also teacher.SET.METRIC (= reference.SET.METRIC), e.g. \"retain.accuracy < "
-        "teacher.retain.accuracy - 0.03\". Numbers, + - * /, comparisons, and/or/not."),
     reference: Path = typer.Option(
         None, "--reference", metavar="CKPT",
         help="A reference model (e.g. the teacher before unlearning) evaluated on the same "
         "sets: its metrics are shown and usable in --fail-if as teacher.SET.METRIC."),
+    *,
+    load: LoadOptions,
+    gates: GateOptions,
 ) -> None:
     """Evaluate checkpoints on data files: loss/perplexity, exact match, multiple choice."""
-    from undo_cli.evaluate import (
-        CHOICE_FORMATS,
-        LM_EVAL_HINT,
-        evaluate_checkpoints,
-        lm_eval_available,
-        read_eval_data,
-    )
-    from undo_cli.gates import check_gates, describe_gate, parse_gates, raise_failed_gates
+    from undo_cli.evaluate import CHOICE_FORMATS, LM_EVAL_HINT
+    from undo_cli.evaluation import evaluate_and_gate, lm_eval_available
+    from undo_cli.gates import describe_gate, parse_gates, raise_failed_gates
+    from undo_cli.records import read_eval_data
 
     start = time.time()
-    gates = parse_gates(fail_if or [])  # a malformed expression: exit 2 before anything else
-    specs = parse_data_specs(data or [])
+    parse_gates(gates.fail_if)  # malformed: exit 2 before anything else
+    specs = parse_named_specs(data or [], "--data")
     tasks = parse_tasks(lm_eval_tasks)
     if not specs and not tasks:
         raise UsageError("nothing to evaluate: give --data NAME=PATH (or --lm-eval-tasks)")
     if choice_format not in CHOICE_FORMATS:
         raise UsageError(f"--choice-format {choice_format!r}: choose one of "
                          f"{', '.join(CHOICE_FORMATS)}")
-    clash = sorted({name for name, _ in specs} & set(tasks))
-    if clash:
-        raise UsageError(f"--data name(s) {clash} clash with --lm-eval-tasks; rename the set")
     if tasks and not lm_eval_available():
         raise UsageError(LM_EVAL_HINT)
-    if reference is not None:
-        taken = sorted({name for name, _ in specs} & set(REFERENCE_PREFIXES))
-        if taken:
-            raise UsageError(f"--data name(s) {taken} are reserved for --reference metrics "
-                             "in --fail-if; rename the set")
     # Read and validate every data file (and every gate's names) before any model is loaded.
     sets = [read_eval_data(name, path, limit=limit, seed=seed) for name, path in specs]
-    check_gate_names(gates, sets, tasks, reference is not None)
-    to_load = list(checkpoints)
-    reference_index = None
-    if reference is not None:
-        reference_index = next((i for i, c in enumerate(checkpoints)
-                                if _same_path(c, reference)), None)
-        if reference_index is None:  # evaluated once, last
-            to_load.append(reference)
-            reference_index = len(to_load) - 1
 
     def on_start(ckpt: str) -> None:
         extra = " (reference)" if reference is not None and ckpt == str(reference) else ""
         info(f"evaluating {ckpt}{extra}")
 
-    results = evaluate_checkpoints(
-        to_load, sets, batch_size=batch_size, max_new_tokens=max_new_tokens,
-        max_length=max_length, choice_format=choice_format, device=device,
-        lm_eval_tasks=tasks, limit=limit, seed=seed, allow_pickle=allow_pickle,
-        trust_remote_code=trust_remote_code, on_start=on_start,
-    )
-    payload: dict[str, Any] = {"results": results[:len(checkpoints)]}
-    ref_metrics = None
-    if reference_index is not None:
-        ref_metrics = results[reference_index]["metrics"]
-        payload["reference"] = {"checkpoint": str(reference), "metrics": ref_metrics}
-    records: list[dict[str, Any]] = []
-    problem: UndoError | None = None
-    for result in payload["results"]:
-        try:
-            records += check_gates(gates, gate_values(result["metrics"], ref_metrics),
-                                   checkpoint=result["checkpoint"])
-        except UndoError as e:  # e.g. a NaN metric: show the results, then fail
-            problem = type(e)(f"{e} for {result['checkpoint']}") \
-                if type(e) in (UndoError, UsageError) else e
-            records = []
-            break
-    if gates and problem is None:
-        payload["gates"] = records
+    payload = evaluate_and_gate(
+        checkpoints, sets, reference=reference, fail_if=gates.fail_if, tasks=tasks,
+        on_start=on_start, batch_size=batch_size, max_new_tokens=max_new_tokens,
+        max_length=max_length, choice_format=choice_format, device=device, limit=limit,
+        seed=seed, allow_pickle=load.allow_pickle, trust_remote_code=load.trust_remote_code)
+    problem = payload.pop("error", None)
+    listed = payload.get("reference", {}).pop("listed", True)
     if json_out:
         emit_json(payload)
     else:
         rows = list(payload["results"])
-        if "reference" in payload and reference_index == len(checkpoints):
-            rows.append({**payload["reference"],
-                         "checkpoint": f"{reference} (reference)"})
+        if "reference" in payload and not listed:
+            rows.append({**payload["reference"], "checkpoint": f"{reference} (reference)"})
         render_table(rows)
         info(f"done in {time.time() - start:.1f}s")
     if problem is not None:
         raise problem
+    records = payload.get("gates", [])
     for record in records:
         if not record["failed"]:
             err_console.print(f"gate passed: {describe_gate(record)}", markup=False,

@@ -7,10 +7,10 @@ from pathlib import Path
 import typer
 
 from undo_cli.cli import app
-from undo_cli.cli.common import emit_json, err_console, info
-
-NOISE_HELP = "Noise distribution: xavier-uniform (the paper's) or xavier-normal."
-
+from undo_cli.cli.common import emit_json, info, show_output
+from undo_cli.cli.options import with_options
+from undo_cli.console import ProgressDisplay
+from undo_cli.options import NOISE, NoiseOptions, OutputOptions
 
 PERTURB_HELP = (
     "Shrink every weight and add Xavier noise: the Noise step of UNDO (arXiv 2506.06278)."
@@ -28,31 +28,19 @@ PERTURB_HELP = (
 
 
 @app.command("perturb", help=PERTURB_HELP)
+@with_options("perturb", settings=NoiseOptions, output=OutputOptions)
 def perturb_command(
     src: Path = typer.Argument(..., metavar="IN", help="Input checkpoint directory "
                                "(safetensors, single file or sharded)."),
     out: Path = typer.Argument(..., metavar="OUT", help="Output checkpoint directory."),
-    alpha: float = typer.Option(
-        0.6, "--alpha", help="Fraction of each weight replaced by noise, in [0, 1]: "
-        "out = (1 - alpha) * w + alpha * beta * N. 0 leaves the weights unchanged."),
-    beta: float = typer.Option(
-        0.1, "--beta", help="Scale of the Xavier noise N (>= 0). --alpha 1 --beta 1 is a "
-        "fresh Xavier initialisation."),
-    seed: int = typer.Option(0, "--seed", help="Noise seed; the same seed gives "
-                             "byte-identical weights."),
-    noise: str = typer.Option("xavier-uniform", "--noise", help=NOISE_HELP),
-    include: list[str] = typer.Option(
-        None, "--include", metavar="REGEX", help="Perturb only tensors whose name matches "
-        "(repeatable; others are copied unchanged)."),
-    exclude: list[str] = typer.Option(
-        None, "--exclude", metavar="REGEX", help="Copy tensors whose name matches unchanged "
-        "(repeatable)."),
+    seed: int = typer.Option(0, "--seed", rich_help_panel=NOISE,
+                             help="Noise seed; the same seed gives byte-identical weights."),
     max_shard_size: str = typer.Option(
         None, "--max-shard-size", metavar="SIZE", help="Re-shard the output into files of at "
         "most SIZE (e.g. 2GB, 500MB); default: shard like the input."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT."),
-    json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or messages."),
+    *,
+    settings: NoiseOptions,
+    output: OutputOptions,
 ) -> None:
     """`undo perturb IN OUT --alpha A --beta B` (see PERTURB_HELP)."""
     import os
@@ -63,45 +51,27 @@ def perturb_command(
     from undo_cli.perturb import make_options, perturb_checkpoint
 
     # Check every argument before any work.
-    make_options(alpha, beta, seed, noise, include or None, exclude or None)
+    s = settings
+    make_options(s.alpha, s.beta, seed, s.noise, s.include or None, s.exclude or None)
     if max_shard_size is not None:
         parse_size(max_shard_size)
+    display = ProgressDisplay(show_output(output.quiet), transient=True, bytes_=True)
 
-    def run(progress=None) -> dict:
-        return perturb_checkpoint(
-            src, out, alpha, beta, seed, noise, include=include or None,
-            exclude=exclude or None, max_shard_size=max_shard_size, overwrite=overwrite,
-            progress=progress)
+    def progress(done: int, total: int) -> None:
+        if not display.live:  # only once the checks passed and writing began
+            display.start(total, "perturb")
+        display.update(done, total=total)
 
-    if quiet or not err_console.is_terminal:
-        summary = run()
-    else:
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
-
-        bar = Progress(TextColumn("perturb"), BarColumn(), DownloadColumn(),
-                       TransferSpeedColumn(), TimeRemainingColumn(), console=err_console,
-                       transient=True)
-        task = bar.add_task("perturb", total=None)
-
-        def progress(done: int, total: int) -> None:
-            if not bar.live.is_started:  # only once the checks passed and writing began
-                bar.start()
-            bar.update(task, completed=done, total=total)
-
-        try:
-            summary = run(progress)
-        finally:
-            bar.stop()
-    if json_out:
+    try:
+        summary = perturb_checkpoint(
+            src, out, s.alpha, s.beta, seed, s.noise, include=s.include or None,
+            exclude=s.exclude or None, max_shard_size=max_shard_size,
+            overwrite=output.overwrite, progress=progress)
+    finally:
+        display.close()
+    if output.json:
         emit_json(summary)
-    elif not quiet:
+    elif not output.quiet:
         info(f"wrote {out}: {summary['noised']} tensors noised, {summary['shrunk']} shrunk, "
              f"{summary['copied']} copied (alpha {summary['alpha']}, beta {summary['beta']}, "
              f"{summary['noise']}, seed {summary['seed']})")

@@ -1,0 +1,66 @@
+"""The UNDO pipelines (examples/arithmetic.sh, alpha_sweep.sh) in their smoke configuration."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_arithmetic_pipeline_smoke(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "SMOKE": "1", "OUT": str(out), "OMP_NUM_THREADS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    done = subprocess.run(["bash", str(ROOT / "examples" / "arithmetic.sh")], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    # Every stage wrote what the next one reads, with its manifest.
+    stages = {"base": "train", "oracle": "train", "unlearned": "unlearn",
+              "perturbed": "perturb", "undo": "distill"}
+    for name, stage in stages.items():
+        ckpt = out / name
+        assert json.loads((ckpt / "undo.json").read_text())["stage"] == stage
+        AutoModelForCausalLM.from_pretrained(ckpt)
+        AutoTokenizer.from_pretrained(ckpt)
+    chain = json.loads((out / "undo" / "undo.json").read_text())
+    roles = {p["role"]: p for p in chain["parents"]}
+    assert roles["teacher"]["manifest"]["stage"] == "unlearn"
+    assert roles["student"]["manifest"]["stage"] == "perturb"
+    assert roles["teacher"]["manifest"]["parents"][0]["manifest"]["stage"] == "train"
+
+    for name in ("base", "unlearned", "undo", "oracle"):
+        results = json.loads((out / "attacks" / name / "results.json").read_text())
+        assert results["forget_metric"] == "forget.accuracy"
+        assert results["worst_case"] and results["runs"]
+
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert [r["model"] for r in report["rows"]] == ["base", "unlearned", "undo", "oracle"]
+    text = (out / "report" / "report.md").read_text()
+    for name in ("base", "unlearned", "undo", "oracle"):
+        assert f"| {name} |" in text
+    for figure in ("relearn_curves.png", "pareto.png", "retain_vs_forget.png"):
+        assert (out / "report" / figure).stat().st_size > 1000
+    rows = {r["model"]: r for r in report["rows"]}
+    assert rows["oracle"]["relative_compute"] == 1.0
+    assert rows["base"]["compute_flops"] == 0.0
+    assert rows["undo"]["compute_flops"] > 0
+
+    # The alpha sweep reuses the run: one student per alpha, the teacher cached once.
+    done = subprocess.run(["bash", str(ROOT / "examples" / "alpha_sweep.sh")], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    sweep = json.loads((out / "sweep" / "report" / "report.json").read_text())
+    assert [r["model"] for r in sweep["rows"]] == ["base", "unlearned", "oracle", "undo-0.2",
+                                                   "undo-0.8"]
+    first, second = (json.loads((out / "sweep" / f"undo-{a}" / "undo.json").read_text())
+                     for a in ("0.2", "0.8"))
+    assert first["compute"]["flops_teacher"] > 0
+    assert second["compute"]["flops_teacher"] == 0  # read from the teacher cache
+    assert second["compute"]["teacher_cache"]["hits"] == second["compute"]["steps"]

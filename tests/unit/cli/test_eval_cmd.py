@@ -1,0 +1,126 @@
+"""`undo eval` on the command line: JSON on stdout only, the table on stderr, exit codes."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from undo_cli.checkpoint import load_model, load_tokenizer
+from undo_cli.evaluate import evaluate_model, load_eval_set
+from undo_cli.evaluation import lm_eval_available
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("data")
+    rng = random.Random(0)
+    sums = []
+    for _ in range(12):
+        a, b = rng.randint(0, 20), rng.randint(0, 20)
+        sums.append({"prompt": f"{a} + {b} = ", "answer": a + b})  # a number, not a string
+    return {
+        "text": write_jsonl(root / "text.jsonl", [{"text": f"{i} + {i} = {2 * i}"}
+                                                  for i in range(15)]),
+        "sums": write_jsonl(root / "sums.jsonl", sums),
+        "mc": write_jsonl(root / "mc.jsonl", [
+            {"question": f"{i} + 1 =", "choices": [str(i + 1), str(i + 2), "no"], "answer": "A"}
+            for i in range(6)]),
+    }
+
+
+def test_json_output_is_one_object_on_stdout(cli, tiny_llama, tiny_gpt2, files):
+    result = cli("eval", tiny_llama, tiny_gpt2, "--data", f"retain={files['sums']}",
+                 "--data", f"lm={files['text']}", "--data", f"mc={files['mc']}", "--json",
+                 "--max-new-tokens", "4")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)  # nothing else on stdout
+    assert [r["checkpoint"] for r in payload["results"]] == [str(tiny_llama), str(tiny_gpt2)]
+    metrics = payload["results"][0]["metrics"]
+    assert set(metrics) == {"retain", "lm", "mc"}
+    assert set(metrics["retain"]) == {"loss", "accuracy", "tokens", "n"}
+    assert set(metrics["lm"]) == {"loss", "ppl", "tokens", "n"}
+    assert set(metrics["mc"]) == {"accuracy", "accuracy_norm", "n"}
+    assert metrics["retain"]["n"] == 12 and metrics["mc"]["n"] == 6
+
+    # The same numbers as the library on the model in memory.
+    model, tok = load_model(tiny_llama), load_tokenizer(tiny_llama)
+    sets = [load_eval_set("retain", files["sums"], tok), load_eval_set("lm", files["text"], tok),
+            load_eval_set("mc", files["mc"], tok)]
+    direct = evaluate_model(model, tok, sets, max_new_tokens=4)
+    for name, values in direct.items():
+        for key, value in values.items():
+            assert metrics[name][key] == pytest.approx(value, abs=1e-6)
+
+
+def test_table_goes_to_stderr(cli, tiny_llama, files):
+    result = cli("eval", tiny_llama, "--data", f"lm={files['text']}", "--data", str(files["mc"]))
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ""
+    assert "checkpoint" in result.stderr and "acc_norm" in result.stderr
+    assert "ppl" in result.stderr and "mc" in result.stderr  # bare PATH: named by its stem
+
+
+def test_limit(cli, tiny_llama, files):
+    result = cli("eval", tiny_llama, "--data", f"s={files['sums']}", "--limit", "5", "--json",
+                 "--batch-size", "2", "--max-new-tokens", "2")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["results"][0]["metrics"]["s"]["n"] == 5
+
+
+@pytest.mark.parametrize(("rows", "message"), [
+    ([{"foo": 1}], "bad.jsonl:1: record has fields"),
+    ([{"question": "q", "answer": 1}], "bad.jsonl:1: 'choices' is missing"),
+    ([{"question": "q", "choices": ["a"], "answer": 0},
+      {"question": "q", "choices": ["a", "b"], "answer": 5}], "bad.jsonl:2: 'answer' 5 is out"),
+])
+def test_bad_data_exits_2_naming_file_and_line(cli, tiny_llama, tmp_path, rows, message):
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
+    result = cli("eval", tiny_llama, "--data", f"x={path}")
+    assert result.exit_code == 2
+    assert message in result.stderr and result.stdout == ""
+
+
+def test_empty_file_exits_2(cli, tiny_llama, tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("")
+    result = cli("eval", tiny_llama, "--data", f"x={path}")
+    assert result.exit_code == 2 and f"{path}: the data set is empty" in result.stderr
+
+
+def test_usage_errors_exit_2(cli, tiny_llama, tmp_path, files):
+    assert cli("eval", tiny_llama).exit_code == 2  # no --data
+    missing = cli("eval", tmp_path / "nope", "--data", f"s={files['sums']}")
+    assert missing.exit_code == 2 and "checkpoint not found" in missing.stderr
+    twice = cli("eval", tiny_llama, "--data", f"s={files['sums']}", "--data", f"s={files['text']}")
+    assert twice.exit_code == 2 and "used twice" in twice.stderr
+    fmt = cli("eval", tiny_llama, "--data", f"s={files['mc']}", "--choice-format", "nope")
+    assert fmt.exit_code == 2 and "--choice-format" in fmt.stderr
+    batch = cli("eval", tiny_llama, "--data", f"s={files['sums']}", "--batch-size", "0")
+    assert batch.exit_code == 2
+
+
+def test_checkpoint_that_fails_to_load_exits_1(cli, tmp_path, tiny_llama, files):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in tiny_llama.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    result = cli("eval", broken, "--data", f"s={files['sums']}")
+    assert result.exit_code == 1
+    assert "cannot load model from" in result.stderr
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.skipif(lm_eval_available(), reason="lm_eval is installed")
+def test_lm_eval_tasks_without_lm_eval_say_how_to_install(cli, tiny_llama):
+    result = cli("eval", tiny_llama, "--lm-eval-tasks", "wmdp_bio,mmlu")
+    assert result.exit_code == 2
+    assert "pip install 'lm_eval[hf]'" in result.stderr

@@ -1,0 +1,115 @@
+"""The command line generated from the option groups of `undo_cli.options`.
+
+A command declares which groups it takes; their fields become its options, with the flag, help
+and help panel the field declares, the command's defaults from `COMMAND_DEFAULTS` and its help
+from `COMMAND_HELP`. The function receives one instance of each group, checked:
+
+    @app.command("distill")
+    @with_options("distill", train=TrainConfig, evals=EvalOptions, distill=DistillOptions,
+                  exclude=("sam_rho",))
+    def distill_command(out: Path = typer.Argument(...), *, train: TrainConfig,
+                        evals: EvalOptions, distill: DistillOptions) -> None: ...
+
+(The groups are the function's keyword-only parameters, named as in `with_options`; fields in
+`exclude` are not offered and keep their default.)
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import types
+import typing
+from collections.abc import Callable, Iterable
+from dataclasses import fields
+from typing import Any
+
+from undo_cli.options import COMMAND_DEFAULTS, COMMAND_HELP, check, flag_of
+
+
+def _cli_type(f, hint: Any) -> Any:
+    """The type typer parses a field as: `str` for fields with a `parse` hook, Optional when
+    the default is None."""
+    kind = str if f.metadata.get("parse") else hint
+    return kind
+
+
+def with_options(command: str, *, exclude: Iterable[str] = (),
+                 **groups: type) -> Callable[[Callable], Callable]:
+    """Decorator: the fields of `groups` become options of `command` (module doc)."""
+    import typer
+
+    exclude = set(exclude)
+    defaults = COMMAND_DEFAULTS.get(command, {})
+    helps = COMMAND_HELP.get(command, {})
+
+    def decorate(func: Callable) -> Callable:
+        signature = inspect.signature(func)
+        hints = typing.get_type_hints(func)
+        missing = set(groups) - set(signature.parameters)
+        if missing:
+            raise TypeError(f"{func.__name__} has no parameter for option groups {missing}")
+        own = [p for name, p in signature.parameters.items() if name not in groups]
+        added: list[inspect.Parameter] = []
+        annotations = {p.name: hints[p.name] for p in own if p.name in hints}
+        plan: dict[str, list[tuple[str, Any]]] = {}  # group -> (field, internal name)
+        fixed: dict[str, dict[str, Any]] = {}  # group -> excluded fields' values
+        flags: set[str] = set()
+        for group, cls in groups.items():
+            field_hints = typing.get_type_hints(cls)
+            base = cls()
+            plan[group], fixed[group] = [], {}
+            for f in fields(cls):
+                default = defaults.get(f.name, getattr(base, f.name))
+                if f.name in exclude or not f.metadata.get("cli", False):
+                    if f.name in defaults:
+                        fixed[group][f.name] = default
+                    continue
+                flag = flag_of(f)
+                if flag in flags:
+                    raise TypeError(f"{command}: option {flag} declared twice")
+                flags.add(flag)
+                kind = _cli_type(f, field_hints[f.name])
+                if f.metadata.get("parse") and default is not None:
+                    default = None  # the field's own default applies when not given
+                if default is None and not isinstance(kind, types.UnionType):
+                    kind = kind | None
+                decls = [flag] + ([f.metadata["short"]] if f.metadata.get("short") else [])
+                shown = isinstance(default, (int, float, str)) and not isinstance(default, bool)
+                extra = {"metavar": f.metadata["metavar"]} if f.metadata.get("metavar") else {}
+                opt = typer.Option(
+                    list(default) if isinstance(default, list) else default, *decls,
+                    help=helps.get(f.name, f.metadata.get("help", "")),
+                    rich_help_panel=f.metadata.get("panel"), show_default=shown, **extra)
+                internal = f"{group}__{f.name}"
+                added.append(inspect.Parameter(internal, inspect.Parameter.KEYWORD_ONLY,
+                                               default=opt, annotation=kind))
+                annotations[internal] = kind
+                plan[group].append((f.name, internal))
+
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            built = {}
+            for group, cls in groups.items():
+                values = dict(fixed[group])
+                for name, internal in plan[group]:
+                    value = kwargs.pop(internal)
+                    parse = next(f for f in fields(cls) if f.name == name).metadata.get("parse")
+                    if parse is not None:
+                        if value is None:
+                            continue
+                        value = parse(value)
+                    values[name] = value
+                instance = cls(**values)
+                check(instance)
+                built[group] = instance
+            return func(*args, **kwargs, **built)
+
+        params = [p.replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                            annotation=hints.get(p.name, p.annotation)) for p in own]
+        wrapper.__signature__ = signature.replace(parameters=params + added)
+        wrapper.__annotations__ = {**annotations, "return": hints.get("return")}
+        del wrapper.__wrapped__  # typer must see the new signature, not the original's
+        return wrapper
+
+    return decorate

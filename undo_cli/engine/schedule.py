@@ -1,0 +1,40 @@
+"""The learning-rate schedule and the planned length of a run."""
+
+from __future__ import annotations
+
+import math
+
+from undo_cli.options import TrainConfig
+
+
+def lr_at(step: int, config: TrainConfig, total_steps: int) -> float:
+    """Learning rate of optimizer step `step` (0-based) in a run of `total_steps` steps.
+
+    Linear warmup to `lr` over `warmup_steps` steps ((step + 1) / warmup_steps * lr), then
+    constant, or a linear or cosine decay that would reach `min_lr` at `total_steps`.
+    """
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    if config.schedule == "constant":
+        return config.lr
+    span = max(1, total_steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    if config.schedule == "linear":
+        return config.lr - (config.lr - config.min_lr) * progress
+    return config.min_lr + (config.lr - config.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def planned_steps(config: TrainConfig, streams: dict, flops_per_token: float) -> int | None:
+    """Steps the run will take (for the schedule and the progress bar), or None if unknown."""
+    plans = [config.max_steps] if config.max_steps else []
+    if config.max_tokens or config.max_flops:
+        try:
+            per_step = sum(s.tokens_per_batch() for s in streams.values()) * config.grad_accum
+        except AttributeError:
+            per_step = None
+        if per_step:
+            if config.max_tokens:
+                plans.append(math.ceil(config.max_tokens / per_step))
+            if config.max_flops:
+                plans.append(math.ceil(config.max_flops / (per_step * flops_per_token)))
+    return min(plans) if plans else None

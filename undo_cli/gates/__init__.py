@@ -1,0 +1,33 @@
+"""Conditions on metrics for `--stop-when` and `--fail-if`: a small, safe expression language
+(`expression.py`: grammar, parser, evaluation, the `--fail-if` records) and the names each
+command's gates use (`namespaces.py`)."""
+
+from undo_cli.gates.expression import (
+    MAX_DEPTH,
+    MAX_LENGTH,
+    Expr,
+    check_gates,
+    describe_gate,
+    parse_condition,
+    parse_expression,
+    parse_gates,
+    raise_failed_gates,
+)
+from undo_cli.gates.namespaces import (
+    INITIAL,
+    REFERENCE_PREFIXES,
+    TEACHER,
+    WORST,
+    StopCondition,
+    attack_gate_names,
+    attack_gate_values,
+    check_eval_gate_names,
+    eval_gate_values,
+)
+
+__all__ = [
+    "INITIAL", "MAX_DEPTH", "MAX_LENGTH", "REFERENCE_PREFIXES", "TEACHER", "WORST", "Expr",
+    "StopCondition", "attack_gate_names", "attack_gate_values", "check_eval_gate_names",
+    "check_gates", "describe_gate", "eval_gate_values", "parse_condition", "parse_expression",
+    "parse_gates", "raise_failed_gates",
+]

@@ -1,0 +1,144 @@
+"""The names gates use, in one place: who measures what, under which prefix.
+
+- `undo eval --fail-if`: `SET.METRIC` (the checkpoint's own metrics) and, with
+  `--reference CKPT`, `teacher.SET.METRIC` = `reference.SET.METRIC` (the reference model's on
+  the same sets); lm-eval tasks' `TASK.METRIC` are known only once they ran.
+- `undo relearn-attack --fail-if`: `worst.SET.METRIC` (every metric at the last step of the
+  configuration giving the worst case), `initial.SET.METRIC` (before the attack) and the
+  summary numbers `final`, `auc`, `steps_to_threshold` (with a threshold).
+- `undo distill --stop-when` (`StopCondition`): `SET.METRIC` of the student, `teacher.SET.METRIC`
+  of the teacher, and bare `teacher`, the teacher's value of the one student metric named.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from undo_cli.errors import UndoError, UsageError
+from undo_cli.gates.expression import Expr, parse_expression
+from undo_cli.jsontext import is_finite_number
+
+TEACHER = "teacher"
+REFERENCE_PREFIXES = (TEACHER, "reference")  # undo eval --reference
+WORST, INITIAL = "worst", "initial"  # undo relearn-attack
+SUMMARY_NAMES = ("final", "auc")
+THRESHOLD_NAME = "steps_to_threshold"
+
+
+# ----------------------------------------------------------------------------- undo eval
+
+
+def check_eval_gate_names(gates: Sequence[Expr], metrics: Iterable[str], tasks: Sequence[str],
+                          reference: bool) -> None:
+    """`UsageError` (exit 2) for a gate name that no set gives, before any model is loaded.
+
+    Known: `metrics` (`SET.METRIC`), and with a reference those under each of
+    `REFERENCE_PREFIXES`; names under an lm-eval task are checked once the task ran.
+    """
+    own = list(metrics)
+    known = set(own)
+    if reference:
+        known |= {f"{prefix}.{name}" for prefix in REFERENCE_PREFIXES for name in own}
+    for expr in gates:
+        deferred = set()
+        for name in expr.names():
+            parts = name.split(".")
+            if reference and len(parts) > 1 and parts[0] in REFERENCE_PREFIXES:
+                parts = parts[1:]
+            if parts[0] in tasks:
+                deferred.add(name)
+            elif name not in known and parts[0] in REFERENCE_PREFIXES and not reference:
+                raise UsageError(f"--fail-if {expr.text!r} uses {name!r}: give --reference "
+                                 "CKPT to compare with a reference model's metrics")
+        expr.check_names(known | deferred)
+
+
+def eval_gate_values(metrics: Mapping[str, Any],
+                     reference: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The values a checkpoint's `undo eval` gates read: its flat metrics and the reference's
+    under each of `REFERENCE_PREFIXES`."""
+    values = dict(metrics)
+    for name, value in (reference or {}).items():
+        for prefix in REFERENCE_PREFIXES:
+            values[f"{prefix}.{name}"] = value
+    return values
+
+
+# ----------------------------------------------------------------------------- relearn-attack
+
+
+def attack_gate_names(metrics: Iterable[str], threshold: float | None) -> list[str]:
+    """The names an attack's `--fail-if` may use, known before any work."""
+    metrics = list(metrics)
+    names = [f"{prefix}.{m}" for prefix in (WORST, INITIAL) for m in metrics]
+    names += list(SUMMARY_NAMES)
+    if threshold is not None:
+        names.append(THRESHOLD_NAME)
+    return names
+
+
+def attack_gate_values(worst: Mapping[str, Any], initial: Mapping[str, Any],
+                       summary: Mapping[str, Any]) -> dict[str, float]:
+    """The values an attack's gates read: `worst` (every metric at the end of the worst
+    case), `initial` and the `summary` numbers; steps to a threshold never reached is
+    infinite."""
+    values = {f"{WORST}.{name}": value for name, value in worst.items()}
+    values.update({f"{INITIAL}.{name}": v for name, v in initial.items() if is_finite_number(v)})
+    values.update({name: summary[name] for name in SUMMARY_NAMES
+                   if is_finite_number(summary.get(name))})
+    if summary.get("threshold") is not None:
+        steps = summary.get(THRESHOLD_NAME)
+        values[THRESHOLD_NAME] = math.inf if steps is None else steps
+    return values
+
+
+# ----------------------------------------------------------------------------- distill
+
+
+class StopCondition:
+    """`--stop-when`: a gate expression comparing student metrics with the teacher's.
+
+    Names are `SET.METRIC` (the student's metric on an `--eval` set), `teacher.SET.METRIC` (the
+    teacher's, measured once before training), or bare `teacher`: the teacher's value of the
+    one student metric in the expression, e.g. `retain.accuracy >= teacher - 0.05`.
+    """
+
+    def __init__(self, text: str):
+        self.text = text
+        try:
+            self.expr = parse_expression(text)
+        except UsageError as e:
+            raise UsageError(f"--stop-when: {e}") from e
+        names = set(self.expr.names())
+        self.student_names = sorted(n for n in names if n != "teacher"
+                                    and not n.startswith("teacher."))
+        self.teacher_names = sorted(n for n in names if n.startswith("teacher."))
+        self.bare_teacher = "teacher" in names
+        if self.bare_teacher and len(self.student_names) != 1:
+            raise UsageError(f"--stop-when {text!r}: bare 'teacher' needs exactly one student "
+                             "metric to refer to; name it as teacher.SET.METRIC instead")
+        if not self.student_names:
+            raise UsageError(f"--stop-when {text!r} names no student metric (SET.METRIC)")
+
+    def metrics_needed(self) -> set[str]:
+        """Flat metric names (`SET.METRIC`) the condition reads, student and teacher alike."""
+        return set(self.student_names) | {n[len("teacher."):] for n in self.teacher_names}
+
+    def check_names(self, available: set[str]) -> None:
+        """`UsageError` if the condition reads a metric the eval sets do not produce."""
+        missing = sorted(self.metrics_needed() - available)
+        if missing:
+            raise UsageError(f"--stop-when {self.text!r}: unknown metric(s) {', '.join(missing)}; "
+                             f"available: {', '.join(sorted(available)) or 'none (add --eval)'}")
+
+    def holds(self, student: dict[str, float], teacher: dict[str, float]) -> bool:
+        values = dict(student)
+        values.update({f"teacher.{k}": v for k, v in teacher.items()})
+        if self.bare_teacher:
+            values["teacher"] = teacher[self.student_names[0]]
+        try:
+            return bool(self.expr.evaluate(values))
+        except UndoError:  # a NaN metric (diverging student) never satisfies the condition
+            return False

@@ -1,0 +1,132 @@
+"""The noise step on tensors already in memory (torch): the same values as `undo perturb` on
+the saved checkpoint, used by `undo distill --student teacher --alpha A --beta B`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from undo_cli.checkpoint.safetensors_io import dtype_name
+from undo_cli.perturb import noise
+from undo_cli.perturb.noise import (
+    PerturbOptions,
+    make_options,
+    noise_scale,
+    perturb_chunk,
+    tensor_action,
+    thread_count,
+    tied_embeddings,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+
+def perturb_tensor(name: str, tensor: torch.Tensor, alpha: float, beta: float, seed: int = 0,
+                   noise: str = "xavier-uniform", *, key: str | None = None,
+                   threads: int | None = None) -> torch.Tensor:
+    """The noise step applied to one in-memory tensor; returns a new tensor (same dtype, shape
+    and device). Identical to what `perturb_checkpoint` writes for a tensor of that name.
+
+    `key` names the noise (default `name`; tied weights use the input embedding's name).
+    Include/exclude filters are not applied here (see `perturb_state_dict`).
+    """
+    options = make_options(alpha, beta, seed, noise)
+    return _perturb_in_memory(name if key is None else key, tensor, options, threads)
+
+
+def _perturb_in_memory(key: str, tensor: torch.Tensor, options: PerturbOptions,
+                       threads: int | None = None) -> torch.Tensor:
+    import torch
+
+    src = tensor.detach()
+    dtype = dtype_name(src.dtype) if src.is_floating_point() else None
+    action = tensor_action(key, tuple(src.shape), dtype is not None, options)
+    if action == "copy" or src.numel() == 0:
+        return src.clone()
+    raw = src.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+    n, size = src.numel(), src.element_size()
+    scale = noise_scale(tuple(src.shape), options.noise) if action == "noise" else 0.0
+    out = np.empty(n * size, dtype=np.uint8)
+
+    def run(chunk: int) -> None:
+        start = chunk * noise.CHUNK_ELEMENTS
+        count = min(noise.CHUNK_ELEMENTS, n - start)
+        out[start * size:(start + count) * size] = perturb_chunk(
+            raw[start * size:(start + count) * size], action=action, key=key, chunk=chunk,
+            count=count, scale=scale, dtype=dtype, options=options)
+
+    chunks = range(math.ceil(n / noise.CHUNK_ELEMENTS))
+    workers = thread_count(threads)
+    if workers > 1 and len(chunks) > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(run, chunks))
+    else:
+        for chunk in chunks:
+            run(chunk)
+    return torch.from_numpy(out).view(src.dtype).reshape(src.shape).to(tensor.device)
+
+
+def perturb_state_dict(state_dict: dict[str, torch.Tensor], alpha: float, beta: float,
+                       seed: int = 0, noise: str = "xavier-uniform", *,
+                       include: str | Iterable[str] | None = None,
+                       exclude: str | Iterable[str] | None = None,
+                       tie_word_embeddings: bool = False,
+                       threads: int | None = None) -> dict[str, torch.Tensor]:
+    """The noise step on a state dict; returns new tensors (the input is not modified).
+
+    Gives the same values as `perturb_checkpoint` on a checkpoint of this state dict. Names
+    sharing one tensor (tied weights) get one perturbed tensor, keyed by the input
+    embedding's name when `tie_word_embeddings` (else by the first name).
+    """
+    options = make_options(alpha, beta, seed, noise, include, exclude)
+    ties = tied_embeddings(state_dict, tie_word_embeddings)
+    groups: dict[tuple, list[str]] = {}
+    for name, t in state_dict.items():
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
+                 tuple(t.stride()), t.dtype, t.device) if t.numel() else ("empty", name)
+        groups.setdefault(ident, []).append(name)
+    for alias, canonical in ties.items():  # tied by config even if stored as two tensors
+        a = next(k for k, v in groups.items() if alias in v)
+        c = next(k for k, v in groups.items() if canonical in v)
+        if a != c and _same_layout(state_dict[alias], state_dict[canonical]):
+            groups[c] += groups.pop(a)
+    out: dict[str, torch.Tensor] = {}
+    for members in groups.values():
+        key = next((ties[m] for m in members if m in ties), members[0])
+        if key not in members:
+            key = members[0]
+        value = _perturb_in_memory(key, state_dict[key], options, threads)
+        for m in members:
+            out[m] = value
+    return {name: out[name] for name in state_dict}
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype
+
+
+def perturb_model_(model, alpha: float, beta: float, seed: int = 0,
+                   noise: str = "xavier-uniform", *, include: str | Iterable[str] | None = None,
+                   exclude: str | Iterable[str] | None = None,
+                   threads: int | None = None):
+    """Apply the noise step to a loaded model in place (same values as `undo perturb` on its
+    saved checkpoint); returns the model."""
+    import torch
+
+    state = model.state_dict()
+    tie = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    new = perturb_state_dict(state, alpha, beta, seed, noise, include=include,
+                             exclude=exclude, tie_word_embeddings=tie, threads=threads)
+    done: set[int] = set()
+    with torch.no_grad():
+        for name, tensor in state.items():
+            if id(new[name]) in done:
+                continue
+            done.add(id(new[name]))
+            tensor.copy_(new[name])
+    return model

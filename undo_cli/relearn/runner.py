@@ -1,0 +1,305 @@
+"""Running a relearning attack on a model in memory: every run of the grid (learning rate x
+seed) finetunes a fresh copy of the same original weights on the attack data (full-parameter
+AdamW, or a peft LoRA adapter), evaluating every `eval_every` steps; quantisation (RTN) runs
+on top. The statistics of the worst case are `worst_case.py`'s; writing them is `results.py`'s.
+
+- Every run starts from the same in-memory original weights (a `copy.deepcopy` of the model
+  loaded once): nothing is reloaded and nothing leaks from one run into the next. The step-0
+  evaluation is the same for every run, so it is computed once (`initial`) and shared.
+- Divergence: runs train with the engine's `keep_last_finite` (so a NaN/inf at a high
+  learning rate ends that run, not the grid). A diverged run stays in the results with
+  `"diverged": true`, `"diverged_step"` and only the evaluations from before it diverged. An
+  evaluation of non-finite weights counts as divergence at that step.
+- LoRA: a peft adapter on the copy (base weights frozen), by default rank 128 and alpha 256 on
+  every attention and MLP projection (`all-linear`, not the output head); on a model narrower
+  than the rank, the rank is clipped to the narrowest wrapped layer.
+- Quantisation (`quantize` 8 or 4, `undo_cli.quantize`): without attack data the original
+  model is quantised and evaluated; with attack data each finetuning run's final model is also
+  quantised and evaluated, as a run of its own at the final step.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from undo_cli.engine.processes import all_finite
+from undo_cli.errors import UsageError
+from undo_cli.jsontext import jsonable
+from undo_cli.options import AttackConfig, EvalOptions
+from undo_cli.relearn.worst_case import (
+    attackable_metrics,
+    metric_direction,
+    per_lr_table,
+    summarize,
+    worst_case_curve,
+)
+
+SCHEMA_VERSION = 1
+
+
+def lora_target_list(targets: str | Sequence[str]) -> str | list[str]:
+    """`"all-linear"` stays as is (peft's shorthand); `"q_proj,v_proj"` -> a list."""
+    if isinstance(targets, str):
+        if targets.strip() == "all-linear":
+            return "all-linear"
+        return [t.strip() for t in targets.split(",") if t.strip()]
+    return [str(t) for t in targets]
+
+
+class AttackProgress:
+    """Callbacks of `run_attack` (no-ops here; the CLI shows a progress line)."""
+
+    def start(self, total_runs: int, steps: int) -> None:
+        """Before the first run."""
+
+    def run_started(self, index: int, lr: float | None, seed: int | None,
+                    quantize: bool = False) -> None:
+        """Run `index` (1-based) begins."""
+
+    def step(self, step: int) -> None:
+        """The current run finished optimizer step `step`."""
+
+    def run_finished(self, run: dict[str, Any], metric: str) -> None:
+        """Run finished; `run` is its results entry."""
+
+    def message(self, text: str) -> None:
+        """A note for the user (e.g. a diverged run)."""
+
+    def close(self) -> None:
+        """After the last run (also on failure)."""
+
+
+ModelHook = Callable[[dict[str, Any], torch.nn.Module], None]
+
+
+@dataclass
+class _Clock:
+    eval_s: float = 0.0
+    evaluations: int = 0
+
+
+def _lora_rank(model: torch.nn.Module, rank: int, targets: str | list[str]) -> int:
+    """`rank`, clipped to the narrowest dimension of the layers LoRA will wrap."""
+    from undo_cli.quantize import quantizable_layers
+
+    names = targets if isinstance(targets, list) else None
+    widths = []
+    for name, module, _ in quantizable_layers(model):
+        if names is not None and name.rsplit(".", 1)[-1] not in names and name not in names:
+            continue
+        w = module.weight
+        widths.append(min(int(w.shape[0]), int(w.shape[1])))
+    return max(1, min([rank, *widths]))
+
+
+def _attach_lora(model: torch.nn.Module, config: AttackConfig, rank: int) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    try:
+        lora = LoraConfig(r=rank, lora_alpha=config.lora_alpha,
+                          target_modules=lora_target_list(config.lora_targets),
+                          lora_dropout=config.lora_dropout, bias="none", task_type="CAUSAL_LM")
+        return get_peft_model(model, lora)
+    except ValueError as e:
+        raise UsageError(f"--lora-targets {config.lora_targets!r}: {e}") from e
+
+
+def run_attack(model: torch.nn.Module, tokenizer, eval_sets: Sequence[Any],
+               config: AttackConfig, *, forget_metric: str,
+               streams: dict[int, Any] | None = None, threshold: float | None = None,
+               evals: EvalOptions | None = None, progress: AttackProgress | None = None,
+               on_model: ModelHook | None = None) -> dict[str, Any]:
+    """Run the attack grid on `model` (kept unchanged) and return the results (module doc)
+    without `checkpoint`, `fingerprint`, `eval` and `attack`, which the caller adds.
+    `eval_sets` are measured with `evals`' batch size and generation length.
+
+    `streams` maps each seed to its attack-data `BatchStream` (`undo_cli.data.build_stream`
+    with that seed), reset to its start before each run. `on_model(run, model)` is called
+    with every attacked model before it is dropped (a LoRA run's model is the peft model, its
+    adapter unmerged); it must not change the model.
+    """
+    from undo_cli.stage import measure as measure_on
+
+    config.validate()
+    seeds = config.seed_list()
+    if config.finetune and (not streams or any(s not in streams for s in seeds)):
+        raise UsageError("no attack data stream for every seed")
+    direction = metric_direction(forget_metric)
+    progress = progress or AttackProgress()
+    clock = _Clock()
+    started = time.perf_counter()
+
+    metrics_of = measure_on(tokenizer, eval_sets, evals or EvalOptions())
+
+    def measure(m: torch.nn.Module) -> dict[str, float]:
+        t0 = time.perf_counter()
+        try:
+            return metrics_of(m)
+        finally:
+            clock.eval_s += time.perf_counter() - t0
+            clock.evaluations += 1
+
+    was_training = model.training
+    model.eval()
+    initial = measure(model)
+    if forget_metric not in initial:
+        raise UsageError(f"--forget-metric {forget_metric!r} is not among the measured "
+                         f"metrics: {', '.join(attackable_metrics(list(initial))) or 'none'}")
+
+    runs: list[dict[str, Any]] = []
+    grid = [(lr, seed) for lr in config.lrs for seed in seeds] if config.finetune else []
+    quant_runs = len(grid) if config.quantize is not None else 0
+    total = len(grid) + quant_runs + (1 if not config.finetune else 0)
+    lora_rank = (_lora_rank(model, config.lora_rank, lora_target_list(config.lora_targets))
+                 if config.finetune and config.lora else None)
+    progress.start(total, config.steps if config.finetune else 0)
+    index = 0
+    tokens, flops = 0, 0.0
+    try:
+        for lr, seed in grid:
+            index += 1
+            progress.run_started(index, lr, seed)
+            run, attacked = _finetune_run(model, lr, seed, config, streams[seed], measure,
+                                          initial, lora_rank, progress)
+            tokens += run["tokens"]
+            flops += run["flops"]
+            runs.append(run)
+            progress.run_finished(run, forget_metric)
+            if run["diverged"]:
+                progress.message(f"warning: the run at lr {lr:g} (seed {seed}) diverged at step "
+                                 f"{run['diverged_step']}; its later steps do not count")
+            if on_model is not None:
+                on_model(run, attacked)
+            if config.quantize is not None:
+                index += 1
+                progress.run_started(index, lr, seed, quantize=True)
+                qrun, attacked = _quantized_run(attacked, run, config, measure)
+                runs.append(qrun)
+                progress.run_finished(qrun, forget_metric)
+                if on_model is not None and not qrun["diverged"]:
+                    on_model(qrun, attacked)
+            del attacked
+        if not config.finetune:
+            index += 1
+            progress.run_started(index, None, None, quantize=True)
+            base = {"lr": None, "seed": None, "diverged": False, "steps": 0}
+            qrun, attacked = _quantized_run(copy.deepcopy(model), base, config, measure)
+            runs.append(qrun)
+            progress.run_finished(qrun, forget_metric)
+            if on_model is not None:
+                on_model(qrun, attacked)
+            del attacked
+    finally:
+        progress.close()
+        model.train(was_training)
+
+    worst = worst_case_curve(runs, forget_metric, direction)
+    wall = time.perf_counter() - started
+    return jsonable({
+        "schema_version": SCHEMA_VERSION,
+        "forget_metric": forget_metric,
+        "direction": direction,
+        "initial": initial,
+        "runs": runs,
+        "worst_case": worst,
+        "summary": summarize(runs, worst, forget_metric, direction, initial, threshold),
+        "per_lr": per_lr_table(runs, forget_metric, direction),
+        "timing": {"wall_s": wall, "eval_s": clock.eval_s,
+                   "eval_share": clock.eval_s / wall if wall > 0 else None,
+                   "evaluations": clock.evaluations},
+        "compute": {"tokens": tokens, "flops": flops},
+        "lora_rank": lora_rank,
+    })
+
+
+def _finetune_run(original: torch.nn.Module, lr: float, seed: int, config: AttackConfig,
+                  stream: Any, measure: Callable[[torch.nn.Module], dict[str, float]],
+                  initial: dict[str, float], lora_rank: int | None,
+                  progress: AttackProgress) -> tuple[dict[str, Any], torch.nn.Module]:
+    """One finetuning run on a fresh copy of `original`: (its results entry, the model)."""
+    from undo_cli.engine import lm_loss, train
+
+    t0 = time.perf_counter()
+    eval_time = 0.0
+    model = copy.deepcopy(original)
+    if config.lora:
+        from undo_cli.runtime import seed_everything
+
+        seed_everything(seed)  # the adapter's random init: from the run's seed alone
+        model = _attach_lora(model, config, lora_rank)
+    else:
+        model.requires_grad_(True)
+    stream.load_state_dict({"position": 0})
+    schedule = set(range(config.eval_every, config.steps + 1, config.eval_every))
+    schedule.add(config.steps)
+    recorded: dict[int, dict[str, float]] = {}
+    broken: list[int] = []
+
+    def evaluate(m, step: int) -> dict[str, float]:
+        nonlocal eval_time
+        if step in recorded:  # the engine's re-evaluation after a divergence
+            return recorded[step]
+        if step not in schedule:
+            return {}
+        if not all_finite(list(m.parameters())):
+            broken.append(step)
+            recorded[step] = {}
+            return {}
+        t = time.perf_counter()
+        metrics = measure(m)
+        eval_time += time.perf_counter() - t
+        recorded[step] = metrics
+        return metrics
+
+    result = train(model, lm_loss("attack"), {"attack": stream}, config.run_config(lr, seed),
+                   evaluate=evaluate, on_step=lambda step, total, tokens: progress.step(step))
+    diverged_step = result.diverged_step
+    if broken:
+        diverged_step = min(broken[0], diverged_step or broken[0])
+    curve = [{"step": 0, **initial}]
+    for step in sorted(recorded):
+        if diverged_step is not None and step >= diverged_step:
+            continue
+        if recorded[step]:
+            curve.append({"step": step, **recorded[step]})
+    run = {
+        "lr": lr, "seed": seed, "quantize": None, "curve": curve,
+        "diverged": diverged_step is not None, "diverged_step": diverged_step,
+        "steps": result.steps, "tokens": result.tokens, "flops": result.flops["total"],
+        "trainable_parameters": result.trainable_parameters,
+        "train_loss": result.loss.get("loss"),
+        "wall_time_s": time.perf_counter() - t0, "eval_time_s": eval_time,
+    }
+    return run, result.model
+
+
+def _quantized_run(model: torch.nn.Module, source: dict[str, Any], config: AttackConfig,
+                   measure: Callable[[torch.nn.Module], dict[str, float]]
+                   ) -> tuple[dict[str, Any], torch.nn.Module]:
+    """Quantise `model` in place (a LoRA model is merged first) and evaluate it at the step
+    its source run ended; a diverged source run is not quantised."""
+    from undo_cli.quantize import quantize_model
+
+    t0 = time.perf_counter()
+    settings = {"bits": config.quantize, "group_size": config.group_size}
+    run = {"lr": source["lr"], "seed": source["seed"], "quantize": settings, "curve": [],
+           "diverged": bool(source["diverged"]), "diverged_step": source.get("diverged_step"),
+           "steps": source["steps"], "tokens": 0, "flops": 0.0, "trainable_parameters": 0,
+           "train_loss": None, "wall_time_s": 0.0, "eval_time_s": 0.0}
+    if source["diverged"]:
+        return run, model
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    settings.update(quantize_model(model, config.quantize, config.group_size))
+    t = time.perf_counter()
+    metrics = measure(model)
+    run["eval_time_s"] = time.perf_counter() - t
+    run["curve"] = [{"step": source["steps"], **metrics}]
+    run["wall_time_s"] = time.perf_counter() - t0
+    return run, model

@@ -1,0 +1,168 @@
+"""What every command that trains does around the engine, written once.
+
+A stage (`train`, `unlearn`, `distill`; `relearn-attack` uses the checks and the evaluation)
+runs: check the settings and the output path against the inputs -> inspect the input
+checkpoints -> check the row length against the model -> tokenizer -> data streams -> eval
+sets -> load the models -> train with an evaluation hook -> save the model, its tokenizer,
+`train_log.jsonl` and `undo.json`, atomically. The stage functions
+(`undo_cli.training.train_checkpoint`, `undo_cli.unlearn.unlearn_checkpoint`,
+`undo_cli.distill.distill_checkpoint`) are that skeleton with their own loss; the pieces here
+are the parts they share.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from undo_cli.errors import UsageError
+from undo_cli.options import DataOptions, EvalOptions, LoadOptions, TrainConfig
+from undo_cli.records import parse_named_specs
+
+OnStep = Callable[[int, "int | None", int], None]
+OnLog = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class Callbacks:
+    """How a stage reports progress (the command line draws its progress bar from these)."""
+
+    on_step: OnStep | None = None  # (step, planned steps or None, tokens)
+    on_log: OnLog | None = None  # each training-log entry: train, eval, diverged
+
+
+def length_limit(config: Any) -> int | None:
+    """The longest sequence a model takes, from its config (a dict or a transformers config)."""
+    get = config.get if isinstance(config, dict) else (lambda k: getattr(config, k, None))
+    for key in ("max_position_embeddings", "n_positions"):
+        value = get(key)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def check_length(max_length: int, config: Any) -> None:
+    """`UsageError` if rows of `max_length` tokens do not fit the model."""
+    limit = length_limit(config)
+    if limit is not None and max_length > limit:
+        raise UsageError(f"--max-length {max_length} exceeds the model's maximum length "
+                         f"{limit}")
+
+
+def check_inputs(out: str | Path, inputs: Sequence[str | Path], load: LoadOptions, *,
+                 overwrite: bool = False) -> list[Any]:
+    """Check every input checkpoint (readable, not pickled unless allowed) and the output
+    path against them, before any work; returns the inputs' `CheckpointInfo`."""
+    from undo_cli.checkpoint import check_output_path, inspect_checkpoint
+
+    infos = [inspect_checkpoint(path, allow_pickle=load.allow_pickle) for path in inputs]
+    check_output_path(out, inputs=list(inputs), overwrite=overwrite)
+    return infos
+
+
+def load_eval_sets(evals: EvalOptions, tokenizer, *, limit: int | None = None,
+                   seed: int = 0) -> list[Any]:
+    """The `--eval NAME=PATH` sets, read, validated and tokenised once."""
+    if not evals.eval:
+        return []
+    from undo_cli.evaluate import load_eval_set
+
+    return [load_eval_set(name, path, tokenizer, limit=limit, seed=seed)
+            for name, path in parse_named_specs(evals.eval)]
+
+
+def measure(tokenizer, sets: Sequence[Any], evals: EvalOptions
+            ) -> Callable[[Any], dict[str, float]]:
+    """`measure(model)`: the flat metrics (`SET.METRIC`) of `model` on `sets`."""
+    from undo_cli.evaluate import evaluate_model, flatten_metrics
+
+    def run(model) -> dict[str, float]:
+        return flatten_metrics(evaluate_model(model, tokenizer, sets,
+                                              batch_size=evals.eval_batch_size,
+                                              max_new_tokens=evals.max_new_tokens))
+
+    return run
+
+
+def evaluation_hook(tokenizer, sets: Sequence[Any], evals: EvalOptions):
+    """The engine's `evaluate(model, step)` on `sets`, or None without sets."""
+    if not sets:
+        return None
+    run = measure(tokenizer, sets, evals)
+
+    def evaluate(model, step: int) -> dict[str, float]:  # noqa: ARG001 - the engine's step
+        return run(model)
+
+    return evaluate
+
+
+def arguments(train_config: TrainConfig, data_options: DataOptions, eval_options: EvalOptions,
+              /, **own: Any) -> dict[str, Any]:
+    """The `arguments` of a trained output's `undo.json`: the stage's own, the data layout,
+    the eval sets and the training settings that shape the result."""
+    return {**own, "max_length": data_options.max_length, "packing": data_options.packing,
+            "eval": [list(e) for e in parse_named_specs(eval_options.eval)],
+            "train": train_config.manifest()}
+
+
+@dataclass
+class Written:
+    """What `train_and_write` did: the engine's result and the compute recorded."""
+
+    result: Any
+    compute: dict[str, Any] = field(default_factory=dict)
+
+
+def train_and_write(stage: str, out: str | Path, *, model, tokenizer, loss_fn, streams: dict,
+                    config: TrainConfig, inputs: Sequence[str | Path], source: Any,
+                    parents: dict[str, Any], arguments: dict[str, Any], overwrite: bool,
+                    started: float, evaluate=None, should_stop=None, parameters=None,
+                    frozen_forward_params: int = 0, callbacks: Callbacks | None = None,
+                    compute: Callable[[dict], dict] | None = None,
+                    extra: dict[str, Any] | None = None, keep_state: bool = False) -> Written:
+    """Train `model` with the engine and write it as `stage`'s output `out`, atomically.
+
+    `out` gets the model, `tokenizer`, `source`'s support files, `train_log.jsonl` and
+    `undo.json` (arguments, parents, seed, compute, final metrics, the data streams, `extra`);
+    `compute(dict)` may amend the compute record (e.g. a teacher cache's FLOPs). Under a
+    multi-process launch every process trains and only the main one writes. The training
+    state of `config.state_dir` is removed after success (unless `keep_state`).
+    """
+    from undo_cli.checkpoint import build_manifest, save_model, write_manifest
+    from undo_cli.engine import train, training_output
+
+    callbacks = callbacks or Callbacks()
+    with training_output(out, config, inputs=inputs, overwrite=overwrite,
+                         keep_state=keep_state) as (tmp, run_config):
+        result = train(model, loss_fn, streams, run_config, parameters=parameters,
+                       frozen_forward_params=frozen_forward_params, evaluate=evaluate,
+                       should_stop=should_stop, on_step=callbacks.on_step,
+                       on_log=callbacks.on_log)
+        record = result.compute()
+        if compute is not None:
+            record = compute(record)
+        if tmp is not None:
+            save_model(result.model, tokenizer, tmp, source=source)
+            write_manifest(tmp, build_manifest(
+                stage, arguments=arguments, parents=parents, seed=config.seed,
+                wall_time_s=time.time() - started, compute=record,
+                metrics={"train": result.loss, **result.final_metrics()},
+                extra={"parameters": result.parameters,
+                       "data": {k: s.describe() for k, s in streams.items()
+                                if hasattr(s, "describe")}, **(extra or {})}))
+    return Written(result=result, compute=record)
+
+
+def summary(out: str | Path, result: Any, started: float, **own: Any) -> dict[str, Any]:
+    """The summary a training stage returns (and `--json` prints)."""
+    return {"output": str(out), **own, "steps": result.steps, "tokens": result.tokens,
+            "flops": result.flops["total"], "parameters": result.parameters,
+            "trainable_parameters": result.trainable_parameters,
+            "loss": result.loss.get("loss"), "final": result.loss,
+            "stop_reason": result.stop_reason, "diverged": result.diverged,
+            "diverged_step": result.diverged_step, "resumed_from": result.resumed_from,
+            "metrics": result.final_metrics(), "wall_time_s": round(time.time() - started, 3),
+            "is_main_process": result.is_main_process}

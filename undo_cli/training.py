@@ -1,0 +1,114 @@
+"""`train_checkpoint`: plain language-model training (the library of `undo train`).
+
+Pretraining from a preset (`tiny`, `small`: a new model built as `undo init` builds it) or
+finetuning a checkpoint, with the cross-entropy loss on the engine; base models and
+data-filtered oracles of the paper's protocol are made this way.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from undo_cli import stage
+from undo_cli.errors import UsageError
+from undo_cli.options import (
+    TRAIN_STEPS,
+    DataOptions,
+    EvalOptions,
+    LoadOptions,
+    TrainConfig,
+)
+
+PRESET_LR = 1e-3  # --lr default when pretraining from a preset
+FINETUNE_LR = 1e-4  # ... and when finetuning a checkpoint
+
+
+def train_checkpoint(out: str | Path, init: str, data: list[str], *,
+                     train: TrainConfig | None = None, data_options: DataOptions | None = None,
+                     evals: EvalOptions | None = None, load: LoadOptions | None = None,
+                     arch: str | None = None, tokenizer: str | None = None,
+                     overwrite: bool = False, callbacks: stage.Callbacks | None = None
+                     ) -> dict[str, Any]:
+    """Train on `data` (`PATH[:WEIGHT]` specs) from `init` (a checkpoint directory, or a size
+    preset with `arch` and `tokenizer`) and write the result to `out`; returns the summary.
+
+    `train.lr` None means `PRESET_LR` from a preset, `FINETUNE_LR` from a checkpoint; no budget
+    means `TRAIN_STEPS` steps.
+    """
+    from undo_cli.modelfactory import ARCHITECTURES, PRESETS
+
+    started = time.time()
+    train = train or TrainConfig(lr=None)
+    data_options, evals = data_options or DataOptions(), evals or EvalOptions()
+    load = load or LoadOptions()
+    preset = init in PRESETS and not Path(init).exists()
+    if not preset:
+        if not Path(init).exists():
+            raise UsageError(f"--init {init!r} is neither a checkpoint directory nor a preset "
+                             f"({', '.join(PRESETS)})")
+        if arch is not None or tokenizer is not None:
+            raise UsageError("--arch and --tokenizer apply only when --init is a preset; a "
+                             "checkpoint brings its own architecture and tokenizer")
+    elif arch is not None and arch not in ARCHITECTURES:
+        raise UsageError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    if train.lr is None:
+        train = replace(train, lr=PRESET_LR if preset else FINETUNE_LR)
+    if train.max_steps is None and train.max_tokens is None and train.max_flops is None:
+        train = replace(train, max_steps=TRAIN_STEPS)
+    config = train.for_output(out)
+    config.validate()
+    inputs = [] if preset else [init]
+    infos = stage.check_inputs(out, inputs, load, overwrite=overwrite)
+    if infos:
+        stage.check_length(data_options.max_length, infos[0].config)
+
+    # Tokenizer and data first: a bad file fails before any model is built or loaded.
+    tok, model, shape = _tokenizer(init, preset, tokenizer, load), None, None
+    from undo_cli.data import build_stream
+
+    streams = {"train": build_stream(tok, data, data_options.max_length, config.batch_size,
+                                     config.seed, name="train", packing=data_options.packing)}
+    sets = stage.load_eval_sets(evals, tok)
+    if preset:
+        from undo_cli.modelfactory import build_config, random_model, resolve_shape
+
+        shape = resolve_shape(init)
+        if data_options.max_length > shape.max_position:
+            shape = replace(shape, max_position=data_options.max_length)
+        model = random_model(build_config(arch or "llama", shape, tok), seed=config.seed)
+    else:
+        from undo_cli.checkpoint import load_model
+
+        model = load_model(init, allow_pickle=load.allow_pickle,
+                           trust_remote_code=load.trust_remote_code)
+    arguments = stage.arguments(
+        config, data_options, evals, init=init, data=list(data),
+        preset=init if preset else None, arch=(arch or "llama") if preset else None,
+        tokenizer=(tokenizer or "char") if preset else None,
+        shape=asdict(shape) if shape else None)
+    written = stage.train_and_write(
+        "train", out, model=model, tokenizer=tok, loss_fn=_lm_loss(), streams=streams,
+        config=config, inputs=inputs, source=None if preset else init,
+        parents={} if preset else {"init": init}, arguments=arguments, overwrite=overwrite,
+        started=started, evaluate=stage.evaluation_hook(tok, sets, evals),
+        callbacks=callbacks)
+    return stage.summary(out, written.result, started, init=init)
+
+
+def _tokenizer(init: str, preset: bool, spec: str | None, load: LoadOptions):
+    if preset:
+        from undo_cli.modelfactory import load_tokenizer_spec
+
+        return load_tokenizer_spec(spec or "char")
+    from undo_cli.checkpoint import load_tokenizer
+
+    return load_tokenizer(init, trust_remote_code=load.trust_remote_code)
+
+
+def _lm_loss():
+    from undo_cli.engine import lm_loss
+
+    return lm_loss("train")
