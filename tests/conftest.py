@@ -39,6 +39,22 @@ def make_checkpoint(path: Path, arch: str = "llama", *, layers: int = 2, hidden:
     return path
 
 
+def write_jsonl(path: Path, rows: list) -> Path:
+    """Write `rows` (dicts) as JSON Lines to `path`; returns `path`."""
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """The character tokenizer of the test models (TEST_ALPHABET)."""
+    from undo_cli.modelfactory import build_char_tokenizer
+
+    return build_char_tokenizer(TEST_ALPHABET)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     """A 2-layer, 32-wide random Llama with a character tokenizer (read-only: do not modify)."""

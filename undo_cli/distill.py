@@ -65,7 +65,7 @@ def chunked_distill_loss(student, teacher, batch: dict[str, torch.Tensor], *,
     Neither model's full `[B, T, V]` logits ever exist: each chunk's logits are computed from
     the final hidden states and the student's are recomputed in the backward pass (activation
     checkpointing), so peak memory grows with `chunk_size * V` instead of `B * T * V`. Value
-    and gradient equal the plain loss (tests/test_distill_losses.py).
+    and gradient equal the plain loss (tests/unit/test_distill_losses.py).
     """
     loss_fn = kd_loss_fn(teacher, temperature=temperature, ce_weight=ce_weight,
                          chunk_size=chunk_size)

@@ -24,7 +24,7 @@ Operands: addition and subtraction use 0..add_max (subtraction only a >= b, so n
 negative); multiplication uses factors 1..mul_max; division is exact, `(b*q) / b = q` with
 divisor b and quotient q in 1..mul_max. All text is ASCII (characters in `ALPHABET`).
 
-What is held out (checked by tests/test_synthetic.py):
+What is held out (checked by tests/unit/test_synthetic.py):
 
 - Templates, always: eval word problems come only from held-out templates; every held-out
   template has a fixed phrase (its longest placeholder-free fragment) that occurs in no

@@ -10,7 +10,7 @@ the fixture files built once in `inputs`. Loading untrusted checkpoints is cover
 pickled weights are refused without --allow-pickle (`*-pickle-refused`), a checkpoint's own
 code does not run without --trust-remote-code (`*-remote-code-refused`: its module would
 write a file into the inputs), and a malicious pickle is not executed even with
---allow-pickle (tests/test_checkpoint.py::test_malicious_pickle_is_not_executed).
+--allow-pickle (tests/unit/test_checkpoint.py::test_malicious_pickle_is_not_executed).
 """
 
 from __future__ import annotations

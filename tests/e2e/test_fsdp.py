@@ -14,7 +14,7 @@ a small runner around `undo` (`RUNNER`) with two test hooks:
   (an interruption at a known point; the state stays for `--resume`).
 
 Checked, on a tiny Llama (hidden 32, 2 layers), 4 AdamW steps, `--batch-size` 2 x 2 processes
-against one process with `--batch-size` 4 (TOLERANCE as in tests/test_multiprocess.py):
+against one process with `--batch-size` 4 (TOLERANCE as in tests/e2e/test_multiprocess.py):
 
 All in the default suite (about 40 s):
 

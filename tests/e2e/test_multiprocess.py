@@ -19,7 +19,7 @@ relearn-attack writes no weights: there every point of every run's curve (2 lear
 2 seeds, evaluated at steps 0, 2, 4; the evaluations split among the processes) matches one
 process within `TOLERANCE` (measured: 2e-8 relative); `test_evaluation_is_split_among_processes`
 checks the split itself. FSDP2 runs for real over gloo in
-tests/test_fsdp.py; here, gathering the sharded weights for saving is also checked with a
+tests/e2e/test_fsdp.py; here, gathering the sharded weights for saving is also checked with a
 stand-in accelerator (covering ZeRO-3 and tied weights), and the shipped accelerate configs
 are checked to load.
 """

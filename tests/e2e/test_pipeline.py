@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,3 +65,20 @@ def test_arithmetic_pipeline_smoke(tmp_path):
     assert first["compute"]["flops_teacher"] > 0
     assert second["compute"]["flops_teacher"] == 0  # read from the teacher cache
     assert second["compute"]["teacher_cache"]["hits"] == second["compute"]["steps"]
+
+
+@pytest.mark.slow
+def test_the_demo_shows_the_papers_ordering(tmp_path):
+    """The default demo (several minutes): unlearning alone is undone by the attack, the
+    oracle relearns less, and UNDO sits between them (positive robustness)."""
+    out = tmp_path / "run"
+    env = {**os.environ, "OUT": str(out),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    done = subprocess.run(["bash", str(ROOT / "examples" / "arithmetic.sh")], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=3600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {r["model"]: r for r in json.loads(
+        (out / "report" / "report.json").read_text())["rows"]}
+    assert rows["unlearned"]["forget_before"] < 0.1 < rows["unlearned"]["forget_after"]
+    assert rows["oracle"]["forget_after"] < rows["unlearned"]["forget_after"]
+    assert rows["undo"]["relative_robustness_auc"] > 0

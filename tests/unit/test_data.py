@@ -5,12 +5,11 @@ from __future__ import annotations
 import csv
 import json
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import TEST_ALPHABET
+from conftest import write_jsonl
 
 from undo_cli.data import (
     IGNORE_INDEX,
@@ -22,18 +21,6 @@ from undo_cli.data import (
     parse_data_specs,
 )
 from undo_cli.errors import DataError, UsageError
-from undo_cli.modelfactory import build_char_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_char_tokenizer(TEST_ALPHABET)
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
 
 DOCS = ["1 + 2 = 3", "a much longer document about numbers and words", "x", "",
         "twelve times seven is eighty four", "9 - 4 = 5", "the end."]

@@ -9,20 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TEST_ALPHABET
 
 from undo_cli.data import build_stream, model_inputs
 from undo_cli.engine import TrainConfig, latest_state, lm_loss, lr_at, remove_state, train
 from undo_cli.errors import UndoError, UsageError
-from undo_cli.modelfactory import ModelShape, build_char_tokenizer, build_config, random_model
+from undo_cli.modelfactory import ModelShape, build_config, random_model
 
 TEXT = [f"{a} + {b} = {a + b}" for a in range(12) for b in range(5)]
 PAIRS = [{"prompt": f"{a} * 3 =", "completion": f" {a * 3}"} for a in range(20)]
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return build_char_tokenizer(TEST_ALPHABET)
 
 
 @pytest.fixture(scope="module")

@@ -3,15 +3,13 @@ transformers, batched == one-by-one, generation identical to one prompt at a tim
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_checkpoint
+from conftest import make_checkpoint, write_jsonl
 
 from undo_cli.checkpoint import load_model, load_tokenizer
 from undo_cli.errors import DataError, UsageError
@@ -28,10 +26,6 @@ from undo_cli.records import read_eval_data
 
 # --------------------------------------------------------------------------- fixtures
 
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def _sum_example(rng: random.Random, eos: str) -> str:

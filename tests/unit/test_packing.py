@@ -10,12 +10,11 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import TEST_ALPHABET, make_checkpoint
+from conftest import make_checkpoint, write_jsonl
 
 from undo_cli.data import (
     IGNORE_INDEX,
@@ -28,21 +27,13 @@ from undo_cli.data import (
     unpack_documents,
 )
 from undo_cli.errors import UsageError
-from undo_cli.modelfactory import build_char_tokenizer
 
 ARCHS = ("llama", "gemma2", "gpt2", "qwen2")
 DOCS = ["1 + 2 = 3", "a much longer document about numbers and words", "x", "",
         "twelve times seven is eighty four", "9 - 4 = 5", "the end.", "7 * 6 = 42"]
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return build_char_tokenizer(TEST_ALPHABET)
 
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def documents_of(batch: dict[str, torch.Tensor]) -> list[list[int]]:

@@ -7,15 +7,11 @@ import random
 from pathlib import Path
 
 import pytest
+from conftest import write_jsonl
 
 from undo_cli.checkpoint import load_model, load_tokenizer
 from undo_cli.evaluate import evaluate_model, load_eval_set
 from undo_cli.evaluation import lm_eval_available
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture(scope="module")

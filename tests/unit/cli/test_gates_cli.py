@@ -7,14 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import write_jsonl
 
 from undo_cli.errors import EXIT_GATE, GateFailed
 from undo_cli.gates import check_gates, describe_gate, parse_gates, raise_failed_gates
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture(scope="module")

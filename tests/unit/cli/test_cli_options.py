@@ -1,0 +1,75 @@
+"""The command line generated from the option groups (`undo_cli.cli.options.with_options`)."""
+
+from __future__ import annotations
+
+import typer
+from typer.testing import CliRunner
+
+from undo_cli.cli.options import with_options
+from undo_cli.options import AttackConfig, DataOptions, OutputOptions, TrainConfig
+
+
+def make_app(command: str, **kwargs):
+    app = typer.Typer()
+    seen: dict = {}
+
+    @app.command()
+    @with_options(command, **kwargs)
+    def run(name: str = typer.Argument("x"), *, train: TrainConfig, data: DataOptions,
+            output: OutputOptions) -> None:
+        seen.update(name=name, train=train, data=data, output=output)
+
+    return app, seen
+
+
+def invoke(app, *args: str):
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_fields_become_options_and_groups_arrive_checked():
+    app, seen = make_app("train", train=TrainConfig, data=DataOptions, output=OutputOptions)
+    r = invoke(app, "y", "--lr", "3e-3", "--max-length", "64", "--packing", "concat",
+               "--batch-size", "2", "--json", "-q")
+    assert r.exit_code == 0, r.output
+    assert seen["name"] == "y"
+    assert seen["train"].lr == 3e-3 and seen["train"].batch_size == 2
+    assert seen["data"] == DataOptions(max_length=64, packing="concat")
+    assert seen["output"].json and seen["output"].quiet and not seen["output"].overwrite
+    # The command's defaults apply (train: --lr decided later, from the preset or checkpoint).
+    r = invoke(app)
+    assert seen["train"].lr is None and seen["train"].schedule == "cosine"
+
+
+def test_excluded_fields_are_not_offered_and_keep_the_command_default():
+    app, seen = make_app("relearn-attack", train=TrainConfig, data=DataOptions,
+                         output=OutputOptions, exclude=("lr", "max_steps"))
+    r = invoke(app, "--lr", "1e-3")
+    assert r.exit_code != 0 and "No such option" in r.output
+    assert invoke(app).exit_code == 0
+    assert seen["train"].schedule == "constant" and seen["train"].eval_every == 25
+
+
+def test_bad_values_fail_at_parse_time_naming_the_flag():
+    import pytest
+
+    from undo_cli.errors import UsageError
+
+    app, _ = make_app("train", train=TrainConfig, data=DataOptions, output=OutputOptions)
+    with pytest.raises(UsageError, match="--weight-decay must be a finite number"):
+        invoke(app, "--weight-decay", "inf")
+
+
+def test_parse_hooks_and_list_fields():
+    app = typer.Typer()
+    seen = {}
+
+    @app.command()
+    @with_options("relearn-attack", attack=AttackConfig)
+    def run(*, attack: AttackConfig) -> None:
+        seen["attack"] = attack
+
+    assert invoke(app, "--lrs", "1e-4,1e-3", "--seeds", "2", "--lora").exit_code == 0
+    assert seen["attack"].lrs == [1e-4, 1e-3] and seen["attack"].seeds == 2
+    assert seen["attack"].lora
+    assert invoke(app).exit_code == 0
+    assert len(seen["attack"].lrs) == 10  # the paper's grid when --lrs is not given
