@@ -120,5 +120,31 @@ def plot_compare(results: Sequence[dict[str, Any]], labels: Sequence[str],
     return _finish(fig, ax, metric, f"relearning attacks: worst-case {metric}", path)
 
 
+def plot_probes(results: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Probe accuracy per layer, one line per checkpoint and one panel per data set, with each
+    set's majority-class baseline dashed (`undo probe`)."""
+    import matplotlib.pyplot as plt
+
+    names = list(results[0]["probes"])
+    fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4.0), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        for result in results:
+            probe = result["probes"][name]
+            ax.plot(probe["layers"], probe["accuracy"], marker="o", markersize=3,
+                    label=Path(result["checkpoint"]).name)
+        ax.axhline(results[0]["probes"][name]["baseline"], color="grey", linestyle="--",
+                   linewidth=1, label="majority baseline")
+        ax.set_xlabel("layer (-1: embeddings)")
+        ax.set_ylabel("held-out probe accuracy")
+        ax.set_title(f"linear probe: {name}")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
 __all__ = ["INSTALL_HINT", "matplotlib_available", "plot_attack", "plot_compare",
-           "require_matplotlib"]
+           "plot_probes", "require_matplotlib"]

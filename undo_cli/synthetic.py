@@ -17,6 +17,12 @@ written by `generate_arithmetic` (or `undo data arithmetic OUT_DIR`) holds:
   held-out word-problem templates, so the equation files give the cleaner accuracy metric.
 - `retain_eval_text.jsonl`, `forget_eval_text.jsonl`: the eval items as text records
   `{"text": prompt + answer}`, for a loss / perplexity metric.
+- `forget_attack_train.jsonl`, `forget_attack_eval_equation.jsonl`,
+  `forget_heldout_eval_equation.jsonl`: the forget facts in two disjoint halves (each forget
+  operation's operand pairs split by a seeded shuffle; no pair in both): the training text and
+  eval equations of half A, and the eval equations of half B. Attacking with half A and
+  measuring half B tells knowledge that comes back (recovered) from knowledge the attack
+  itself teaches (relearned): Deeb & Roger 2024. The other files are unchanged by this split.
 - `info.json`: options, counts, ranges, held-out operand pairs, templates (training and
   held-out) and the alphabet; `undo.json`: the provenance manifest.
 
@@ -76,6 +82,10 @@ FILES: dict[str, str] = {
     "forget_eval_word": "forget_eval_word.jsonl",
     "retain_eval_text": "retain_eval_text.jsonl",
     "forget_eval_text": "forget_eval_text.jsonl",
+    # Disjoint forget facts (Deeb & Roger 2024): attack on half A, measure half B.
+    "forget_attack_train": "forget_attack_train.jsonl",
+    "forget_attack_eval_equation": "forget_attack_eval_equation.jsonl",
+    "forget_heldout_eval_equation": "forget_heldout_eval_equation.jsonl",
 }
 INFO_NAME = "info.json"
 ANSWER_CUE = " Answer: "
@@ -372,9 +382,12 @@ def arithmetic_records(**options: Any) -> ArithmeticData:
     records: dict[str, list[dict[str, Any]]] = {}
     heldout: dict[str, list[list[int]]] = {}
     counts: dict[str, dict[str, int]] = {}
+    halves = random.Random(f"undo-arithmetic-halves:{opts.seed}")  # its own stream
+    half_a: set[tuple[str, int]] = set()  # (op, pair index) of the forget facts' half A
     for split, ops in SPLIT_OPS.items():
         train: list[dict[str, Any]] = []
         evals: list[dict[str, Any]] = []
+        facts: dict[int, tuple[str, int]] = {}  # id(record) -> its (op, pair index)
         for op, n_train, n_eval in zip(ops, _share(opts.train_size, len(ops)),
                                        _share(opts.eval_size, len(ops))):
             space = PairSpace(op, opts.add_max, opts.mul_max)
@@ -394,16 +407,23 @@ def arithmetic_records(**options: Any) -> ArithmeticData:
             for i in _cycle(rng, pool, n_train - n_word):
                 a, b = space.pair(i)
                 train.append({"text": equation_prompt(op, a, b) + str(compute(op, a, b))})
+                facts[id(train[-1])] = (op, i)
             templates = TRAIN_TEMPLATES[op]
             for i, t in zip(_cycle(rng, pool, n_word),
                             _cycle(rng, list(range(len(templates))), n_word)):
                 a, b = space.pair(i)
                 text = render(templates[t], a, b, **_word_fields(rng))
                 train.append({"text": text + ANSWER_CUE + str(compute(op, a, b))})
+                facts[id(train[-1])] = (op, i)
             for i in eval_pairs:
                 a, b = space.pair(i)
                 evals.append({"prompt": equation_prompt(op, a, b),
                               "answer": str(compute(op, a, b)), "op": op, "kind": "equation"})
+                facts[id(evals[-1])] = (op, i)
+            if split == "forget":
+                order = list(range(len(space)))
+                halves.shuffle(order)
+                half_a |= {(op, i) for i in order[:len(order) // 2]}
             evals.extend(_eval_word_problems(rng, op, space, n_eval - n_eq_eval))
             counts[op] = {"operand_pairs": len(space), "heldout_pairs": n_reserved,
                           "train_equations": n_train - n_word, "train_word_problems": n_word,
@@ -415,6 +435,13 @@ def arithmetic_records(**options: Any) -> ArithmeticData:
         for kind in KINDS:
             records[f"{split}_eval_{kind}"] = [r for r in evals if r["kind"] == kind]
         records[f"{split}_eval_text"] = [{"text": r["prompt"] + r["answer"]} for r in evals]
+        if split == "forget":  # the disjoint halves: operand pairs never shared
+            records["forget_attack_train"] = [r for r in train if facts[id(r)] in half_a]
+            equations = records["forget_eval_equation"]
+            records["forget_attack_eval_equation"] = [r for r in equations
+                                                      if facts[id(r)] in half_a]
+            records["forget_heldout_eval_equation"] = [r for r in equations
+                                                       if facts[id(r)] not in half_a]
     info = {
         "task": "arithmetic",
         "options": asdict(opts),
@@ -427,6 +454,10 @@ def arithmetic_records(**options: Any) -> ArithmeticData:
         "equation_format": "'A OP B = RESULT'; eval prompt 'A OP B = ', answer 'RESULT'",
         "answer_cue": ANSWER_CUE,
         "heldout_pairs": heldout,
+        "forget_halves": {"attack": "forget_attack_train (text), forget_attack_eval_equation",
+                          "heldout": "forget_heldout_eval_equation",
+                          "rule": "each forget operation's operand pairs split in two halves "
+                                  "by a seeded shuffle; no pair is in both"},
         "templates": {"train": {k: list(v) for k, v in TRAIN_TEMPLATES.items()},
                       "heldout": {k: list(v) for k, v in HELDOUT_TEMPLATES.items()}},
         "alphabet": ALPHABET,

@@ -20,6 +20,7 @@ from undo_cli.options import (
     LoadOptions,
     NoiseOptions,
     OutputOptions,
+    RunSpec,
     TrainConfig,
     UnlearnOptions,
     check,
@@ -97,7 +98,7 @@ def test_attack_config_derives_its_grid():
     attack = AttackConfig(lrs=[1e-4], seeds=3, train=TrainConfig(seed=5, max_steps=1))
     assert attack.seed_list() == [5, 6, 7]
     assert attack.mode == "full" and attack.eval_every == 25
-    run = attack.run_config(1e-4, 6)
+    run = attack.run_config(RunSpec(lr=1e-4, seed=6))
     assert (run.lr, run.seed, run.max_steps, run.keep_last_finite) == (1e-4, 6, 500, True)
     assert AttackConfig(lora=True).mode == "lora"
     attack.finetune = False

@@ -228,10 +228,11 @@ def test_the_original_in_memory_model_is_untouched(toy):
     config = AttackConfig(lrs=[1e-2], steps=5,
                           train=TrainConfig(schedule="constant", max_steps=1, batch_size=8,
                                             eval_every=5))
-    streams = {0: build_stream(tok, [str(toy["forget"])], 16, 8, 0, name="attack")}
     seen = []
     relearn.run_attack(model, tok, sets, config, forget_metric="forget.accuracy",
-                       streams=streams, on_model=lambda run, m: seen.append(m))
+                       make_stream=lambda seed, bs: build_stream(
+                           tok, [str(toy["forget"])], 16, bs, seed, name="attack"),
+                       on_model=lambda run, m: seen.append(m))
     assert seen and seen[0] is not model
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -246,10 +247,11 @@ def test_lora_attack_trains_an_adapter_and_leaves_base_weights(toy):
     config = AttackConfig(lrs=[1e-2], steps=10, lora=True,
                           train=TrainConfig(schedule="constant", max_steps=1, batch_size=8,
                                             eval_every=5))
-    streams = {0: build_stream(tok, [str(toy["forget"])], 16, 8, 0, name="attack")}
     attacked = []
     res = relearn.run_attack(model, tok, sets, config, forget_metric="forget.accuracy",
-                             streams=streams, on_model=lambda run, m: attacked.append(m))
+                             make_stream=lambda seed, bs: build_stream(
+                                 tok, [str(toy["forget"])], 16, bs, seed, name="attack"),
+                             on_model=lambda run, m: attacked.append(m))
     assert res["lora_rank"] == 32  # 128 clipped to the hidden width of the tiny model
     peft_model = attacked[0]
     assert hasattr(peft_model, "peft_config")
@@ -382,16 +384,16 @@ def test_worst_case_averages_seeds_first_and_skips_diverged_steps():
         _run(1e-3, 1, [(0, 5.0), (10, 3.5), (20, 2.5)]),  # lr 1e-3 means: 2.5, then 2.5
     ]
     worst = relearn.worst_case_curve(runs, "f.loss", "min")
-    assert worst == [{"step": 0, "value": 5.0, "lr": None},
-                     {"step": 10, "value": 2.5, "lr": 1e-3},
-                     {"step": 20, "value": 2.0, "lr": 1e-4}]
+    assert worst == [{"step": 0, "value": 5.0, "lr": None, "config": None},
+                     {"step": 10, "value": 2.5, "lr": 1e-3, "config": "lr0.001"},
+                     {"step": 20, "value": 2.0, "lr": 1e-4, "config": "lr0.0001"}]
     s = relearn.summarize(runs, worst, "f.loss", "min", {"f.loss": 5.0, "r.loss": 6.0},
                           threshold=2.5)
     assert s["final"] == 2.0 and s["best_lr"] == 1e-4 and s["final_step"] == 20
     assert s["auc"] == pytest.approx(((5.0 + 2.5) * 10 / 2 + (2.5 + 2.0) * 10 / 2) / 20)
     assert s["steps_to_threshold"] == 10
     assert s["retain_at_threshold"] == {"r.loss": pytest.approx(3.5)}  # lr 1e-3 at step 10
-    table = relearn.per_lr_table(runs, "f.loss", "min")
+    table = relearn.per_config_table(runs, "f.loss", "min")
     assert table[1]["diverged_runs"] == 1 and table[1]["final"] == 2.5
     never = relearn.summarize(runs, worst, "f.loss", "min", {"f.loss": 5.0}, threshold=0.1)
     assert never["steps_to_threshold"] is None and never["retain_at_threshold"] is None
@@ -432,7 +434,7 @@ def test_quantize_only_attack(toy):
     assert run["lr"] is None and run["quantize"]["bits"] == 8 and run["quantize"]["layers"] > 0
     assert [e["step"] for e in run["curve"]] == [0]
     assert res["worst_case"] == [{"step": 0, "value": run["curve"][0]["forget.accuracy"],
-                                  "lr": None, "quantized": True}]
+                                  "lr": None, "config": "original", "quantized": True}]
     # 8 bits barely change this model
     assert run["curve"][0]["retain.accuracy"] == res["initial"]["retain.accuracy"]
     assert run["curve"][0]["retain.loss"] == pytest.approx(res["initial"]["retain.loss"],
@@ -455,8 +457,8 @@ def test_quantize_after_finetuning(toy):
     best = max(plain["curve"][-1]["forget.accuracy"], quant["curve"][0]["forget.accuracy"])
     assert last["step"] == 5 and last["value"] == best and "quantized" in last
     # --save-models: the finetuned and the quantised model, as plain checkpoints
-    assert plain["saved_as"] == "models/lr0.01-seed0"
-    assert quant["saved_as"] == "models/lr0.01-seed0-q4"
+    assert plain["saved_as"] == "models/adamw-constant-bs8-lr0.01-seed0"
+    assert quant["saved_as"] == "models/adamw-constant-bs8-lr0.01-seed0-q4"
     finetuned, quantised = load_model(out / plain["saved_as"]), load_model(out / quant["saved_as"])
     layer = "model.layers.0.mlp.down_proj.weight"
     w, q = finetuned.state_dict()[layer], quantised.state_dict()[layer]

@@ -357,3 +357,29 @@ def test_data_group_lists_arithmetic(cli):
 def test_data_directory_is_usable_as_paths(tmp_path):
     paths = generate_arithmetic(tmp_path / "e", train_size=20, eval_size=4)
     assert all(isinstance(p, Path) and p.is_file() for p in paths.values())
+
+
+def test_the_forget_halves_share_no_operand_pair():
+    data = arithmetic_records(train_size=400, eval_size=80, seed=3)
+    recs = data.records
+
+    def pairs(texts):
+        found = set()
+        for t in texts:
+            m = re.match(r"(\d+) ([*/]) (\d+) = ", t)
+            if m:
+                found.add((m.group(2), int(m.group(1)), int(m.group(3))))
+        return found
+
+    attack_train = pairs(r["text"] for r in recs["forget_attack_train"])
+    attack_eval = pairs(r["prompt"] for r in recs["forget_attack_eval_equation"])
+    heldout_eval = pairs(r["prompt"] for r in recs["forget_heldout_eval_equation"])
+    assert attack_train and attack_eval and heldout_eval
+    assert not heldout_eval & (attack_train | attack_eval)  # half B never in half A
+    assert attack_eval <= pairs(r["text"] for r in recs["forget_train"])
+    # Every forget eval equation is in exactly one half; the attack text is forget text.
+    assert len(recs["forget_attack_eval_equation"]) + len(
+        recs["forget_heldout_eval_equation"]) == len(recs["forget_eval_equation"])
+    assert all(r in recs["forget_train"] for r in recs["forget_attack_train"])
+    # Deterministic per seed (the halves come from a generator of their own).
+    assert arithmetic_records(train_size=400, eval_size=80, seed=3).records == recs

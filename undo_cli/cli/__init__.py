@@ -138,6 +138,7 @@ def _register() -> None:
         distill_cmd,
         relearn_cmd,
         eval_cmd,
+        probe_cmd,
         report_cmd,
     )
 

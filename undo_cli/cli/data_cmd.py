@@ -62,6 +62,9 @@ def arithmetic_command(
     - retain_eval_equation, retain_eval_word (and forget_...):
       the eval items of one kind
     - retain_eval_text, forget_eval_text: {"text": prompt + answer}
+    - forget_attack_train, forget_attack_eval_equation (half A of the
+      forget facts), forget_heldout_eval_equation (half B; no operand
+      pair in both): attack with A, measure B (recovered vs relearned)
     - info.json (options, counts, held-out pairs, templates), undo.json
 
     Eval word problems come from templates never used in training. Tiny models learn the

@@ -45,10 +45,10 @@ class _AttackDisplay:
         self.display.start(max(1, total_runs * max(1, steps)), "relearn-attack")
 
     def run_started(self, index: int, lr: float | None, seed: int | None,
-                    quantize: bool = False) -> None:
-        what = "original" if lr is None else f"lr {lr:g} seed {seed}"
-        if quantize:
-            what += ", quantised"
+                    config: str = "") -> None:
+        what = config or ("original" if lr is None else f"lr {lr:g}")
+        if seed is not None:
+            what += f" seed {seed}"
         self.current = f"run {index}/{self.total}: {what}"
         if self.display.live:
             self.display.update(description=self.current, status="")
@@ -58,8 +58,11 @@ class _AttackDisplay:
             self.display.update(self.done + step, status=f"step {step}")
 
     def run_finished(self, run: dict[str, Any], metric: str) -> None:
-        if not run.get("quantize"):
+        if run.get("attack") == "finetune" and not run.get("quantize"):
             self.done += self.steps
+        if run.get("static") or run.get("quantize"):
+            name = run.get("config", "")
+            self.current = f"{name}, quantised" if run.get("quantize") else name
         if self.display.live:
             self.display.update(self.done)
         last = run["curve"][-1] if run["curve"] else {}
@@ -95,7 +98,7 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 
 def render_results(results: dict[str, Any]) -> None:
-    """A rich table on stderr: per learning rate the forget metric at the end and at best,
+    """A rich table on stderr: per configuration the forget metric at the end and at best,
     diverged runs and the other sets' metrics at the end; then the worst case."""
     from rich.table import Table
 
@@ -106,26 +109,28 @@ def render_results(results: dict[str, Any]) -> None:
     others = [k for k in results["initial"] if k != metric and
               k.rsplit(".", 1)[-1] in ("accuracy", "accuracy_norm", "loss")]
     table = Table(title=f"relearn-attack on {results['checkpoint']} "
-                        f"({results['attack']['mode']}): {metric} by learning rate",
+                        f"({results['attack']['mode']}): {metric} by configuration",
                   title_justify="left")
 
     def header(name: str, suffix: str = "") -> str:
         head, _, key = name.rpartition(".")
         return f"{head}\n{_LABELS.get(key, key)}{suffix}"
 
-    for name in ("lr", "runs", "diverged", header(metric, " end"), header(metric, " best"),
-                 *[header(k) for k in others]):
-        table.add_column(name, justify="right")
-    table.add_row("initial", "", "", _fmt(results["initial"].get(metric)), "",
+    excluded = any(row.get("excluded_evaluations") for row in results["per_lr"])
+    for name in ("configuration", "runs", "diverged", *(["excluded"] if excluded else []),
+                 header(metric, " end"), header(metric, " best"), *[header(k) for k in others]):
+        table.add_column(name, justify="left" if name == "configuration" else "right")
+    table.add_row("initial", "", "", *([""] if excluded else []),
+                  _fmt(results["initial"].get(metric)), "",
                   *[_fmt(results["initial"].get(k)) for k in others])
     for row in results["per_lr"]:
-        lr = "original" if row["lr"] is None else f"{row['lr']:g}"
-        if row["quantized"]:
-            lr += f" q{results['attack']['quantize']['bits']}"
-        ends = (group_means(runs, row["final_step"], (row["lr"], row["quantized"]))
+        key = row.get("config") or ("original" if row["lr"] is None else f"lr{row['lr']:g}")
+        name = key + (f" q{results['attack']['quantize']['bits']}" if row["quantized"] else "")
+        ends = (group_means(runs, row["final_step"], (key, row["quantized"]))
                 if row["final_step"] is not None else {})
-        table.add_row(lr, str(row["runs"]), str(row["diverged_runs"]), _fmt(row["final"]),
-                      _fmt(row["best"]), *[_fmt(ends.get(k)) for k in others])
+        table.add_row(name, str(row["runs"]), str(row["diverged_runs"]),
+                      *([str(row.get("excluded_evaluations", 0))] if excluded else []),
+                      _fmt(row["final"]), _fmt(row["best"]), *[_fmt(ends.get(k)) for k in others])
     console = err_console
     if not console.is_terminal:  # a log file: do not squeeze the table into 80 columns
         from rich.console import Console
@@ -135,7 +140,8 @@ def render_results(results: dict[str, Any]) -> None:
         console = Console(stderr=True, highlight=False, width=max(console.width, width))
     console.print(table)
     s = results["summary"]
-    lr = f" (lr {s['best_lr']:g})" if isinstance(s.get("best_lr"), float) else ""
+    lr = f" ({s['best_config']})" if s.get("best_config") else (
+        f" (lr {s['best_lr']:g})" if isinstance(s.get("best_lr"), float) else "")
     line = (f"worst case: {metric} {_fmt(s['initial'])} -> {_fmt(s['final'])} at step "
             f"{s['final_step']}{lr}; mean over the attack (AUC) {_fmt(s['auc'])}")
     if s.get("threshold") is not None:
@@ -178,8 +184,8 @@ _HELP = (
 @with_options("relearn-attack", attack=AttackConfig, train=TrainConfig,
               data_options=DataOptions, evals=EvalOptions, measurement=AttackMeasurement,
               gates=GateOptions, load=LoadOptions, output=OutputOptions,
-              exclude=("lr", "max_steps", "max_tokens", "max_flops", "save_every", "state_dir",
-                       "resume", "keep_last_finite", "log_every", "sam_rho"))
+              exclude=("lr", "optimizer", "max_steps", "max_tokens", "max_flops", "save_every",
+                       "state_dir", "resume", "keep_last_finite", "log_every", "sam_rho"))
 def relearn_command(
     checkpoint: Path = typer.Argument(
         None, metavar="CKPT", help="The model to attack (not needed with --compare)."),

@@ -1,10 +1,12 @@
 """The one training engine: every command that trains (train, unlearn, distill,
 relearn-attack) runs its loss through `train`.
 
-- `loop.py`: `train` and its step loop (AdamW without weight decay on 1-D parameters,
-  constant / linear / cosine schedules with warmup and a floor, budgets in steps, tokens or
-  FLOPs, gradient accumulation, clipping, SAM, NaN/inf guard, evaluation hooks, a JSONL log,
-  progress callbacks, compute accounting, bf16 autocast on CUDA);
+- `loop.py`: `train` and its step loop (gradient accumulation, clipping, SAM, NaN/inf guard,
+  evaluation hooks, a JSONL log, progress callbacks, compute accounting, bf16 autocast on
+  CUDA, budgets in steps, tokens or FLOPs);
+- `schedule.py`: the optimizer (AdamW, Adam, SGD, SGD-Nesterov, Adagrad; no weight decay on
+  1-D parameters) and the constant / linear / cosine schedules with warmup and a floor;
+- `result.py`: what a run did and the running means of its log;
 - `state.py`: training-state checkpoints with bit-exact `--resume`, and `training_output`;
 - `processes.py`: one process or many (`accelerate launch -m undo_cli ...`, torchrun): DDP,
   FSDP2 (also over gloo on the CPU), DeepSpeed; devices and barriers.

@@ -4,7 +4,7 @@ What a step is: for each of `grad_accum` micro-steps, one batch is drawn from *e
 stream and `loss_fn(model, {name: batch, ...})` is minimised (its loss divided by
 `grad_accum`); then, optionally, sharpness-aware minimisation recomputes the gradient at the
 weights moved by `sam_rho * g / ||g||`; then the gradient is clipped, checked for NaN/inf and
-AdamW takes a step at the scheduled learning rate.
+the optimizer (`--optimizer`, AdamW by default) takes a step at the scheduled learning rate.
 
 Compute accounting: a trained forward + backward costs 6 * P * tokens FLOPs (P = all distinct
 parameters of the trained model, whether or not they are updated; doubled with SAM), a frozen
@@ -32,7 +32,7 @@ from undo_cli.engine.processes import (
     make_accelerator,
 )
 from undo_cli.engine.result import NOT_TERMS, LogWindow, TrainResult
-from undo_cli.engine.schedule import lr_at, planned_steps
+from undo_cli.engine.schedule import lr_at, make_optimizer, planned_steps
 from undo_cli.engine.state import (
     RunState,
     clear_states,
@@ -307,8 +307,7 @@ class _Trainer:
         no_decay = [p for p in self.params if p.ndim < 2]
         groups = [g for g in ({"params": decay, "weight_decay": config.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-        fused = {"fused": True} if self.device.type == "cuda" else {}
-        optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), **fused)
+        optimizer = make_optimizer(groups, config, self.device)
         names = {id(p): n for n, p in self.model.named_parameters()}
         chosen = [names.get(id(p)) for p in self.params]
         self.prepared, self.optimizer = accelerator.prepare(self.model, optimizer)

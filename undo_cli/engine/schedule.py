@@ -1,10 +1,37 @@
-"""The learning-rate schedule and the planned length of a run."""
+"""The optimizer, the learning-rate schedule and the planned length of a run."""
 
 from __future__ import annotations
 
 import math
 
-from undo_cli.options import TrainConfig
+import torch
+
+from undo_cli.options import OPTIMIZERS, TrainConfig
+
+SGD_MOMENTUM = 0.9  # sgd and sgd-nesterov (the TAR red team's SGD adversaries use momentum)
+
+
+def make_optimizer(groups: list[dict], config: TrainConfig,
+                   device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer `config.optimizer` names, over parameter `groups` (each with its own
+    `weight_decay`: none on norms and biases).
+
+    adamw: AdamW (decoupled weight decay), fused on CUDA; adam: Adam (weight decay as L2 in
+    the gradient); sgd: SGD with momentum 0.9; sgd-nesterov: the same with Nesterov momentum;
+    adagrad: Adagrad. Betas apply to the Adam kinds.
+    """
+    kind = config.optimizer
+    fused = {"fused": True} if device.type == "cuda" else {}
+    if kind == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), **fused)
+    if kind == "adam":
+        return torch.optim.Adam(groups, lr=config.lr, betas=tuple(config.betas), **fused)
+    if kind in ("sgd", "sgd-nesterov"):
+        return torch.optim.SGD(groups, lr=config.lr, momentum=SGD_MOMENTUM,
+                               nesterov=kind == "sgd-nesterov")
+    if kind == "adagrad":
+        return torch.optim.Adagrad(groups, lr=config.lr)
+    raise ValueError(f"unknown optimizer {kind!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 
 def lr_at(step: int, config: TrainConfig, total_steps: int) -> float:

@@ -31,7 +31,7 @@ from undo_cli.relearn.worst_case import (
     final_metrics,
     group_means,
     metric_direction,
-    per_lr_table,
+    per_config_table,
     resolve_forget_metric,
     summarize,
     worst_case_curve,
@@ -40,7 +40,7 @@ from undo_cli.relearn.worst_case import (
 __all__ = [
     "RESULTS_NAME", "SCHEMA_VERSION", "AttackProgress", "area_under_curve", "compare_results",
     "default_label", "describe_attack", "final_metrics", "gate_values", "group_means",
-    "load_results", "metric_direction", "parse_compare_spec", "per_lr_table",
+    "load_results", "metric_direction", "parse_compare_spec", "per_config_table",
     "relearn_checkpoint", "resolve_forget_metric", "run_attack", "summarize",
     "worst_case_curve",
 ]

@@ -6,14 +6,17 @@ docs/relearn-results.md), and `compare_results` (`--compare`: several results in
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from undo_cli.errors import UsageError
+from undo_cli.evaluate import tokenize_eval_data
 from undo_cli.gates import (
     attack_gate_names,
     attack_gate_values,
@@ -30,7 +33,7 @@ from undo_cli.options import (
     GateOptions,
     LoadOptions,
 )
-from undo_cli.records import parse_named_specs
+from undo_cli.records import EvalData, parse_named_specs, read_eval_data
 from undo_cli.relearn.runner import (
     SCHEMA_VERSION,
     AttackProgress,
@@ -38,7 +41,7 @@ from undo_cli.relearn.runner import (
     lora_target_list,
     run_attack,
 )
-from undo_cli.relearn.worst_case import final_metrics, resolve_forget_metric
+from undo_cli.relearn.worst_case import final_metrics, metric_direction, resolve_forget_metric
 
 RESULTS_NAME = "results.json"
 PLOT_NAME = "relearn.png"
@@ -49,27 +52,67 @@ STAGE = "relearn-attack"
 
 
 def describe_attack(config: AttackConfig, data: Sequence[str], data_options: DataOptions,
+                    measurement: AttackMeasurement | None = None,
                     lora_rank: int | None = None) -> dict[str, Any]:
-    """The `attack` entry of results.json: every setting of the grid."""
+    """The `attack` entry of results.json: every setting of the adversary's space."""
     t = config.train
+    measurement = measurement or AttackMeasurement()
     quant = ({"bits": config.quantize, "group_size": config.group_size}
              if config.quantize is not None else None)
+    static = {"few_shot": config.few_shot, "ablate_direction": config.ablate_direction,
+              "max_retain_drop": measurement.max_retain_drop,
+              "retain_metric": measurement.retain_metric if measurement.max_retain_drop
+              is not None or config.ablate_direction else None}
     if not config.finetune:
         return {"mode": "none", "lrs": [], "steps": 0, "batch_size": t.batch_size,
-                "eval_every": config.eval_every, "seeds": [], "data": [],
-                "max_length": data_options.max_length, "lora": None, "quantize": quant}
+                "eval_every": config.eval_every, "seeds": config.seed_list(),
+                "data": [str(d) for d in data], "max_length": data_options.max_length,
+                "lora": None, "quantize": quant, "search": None, **static}
     lora = None
-    if config.lora:
+    if config.lora or config.search:
         lora = {"rank": lora_rank or config.lora_rank, "rank_requested": config.lora_rank,
                 "alpha": config.lora_alpha, "targets": lora_target_list(config.lora_targets),
                 "dropout": config.lora_dropout}
-    return {"mode": config.mode, "lrs": list(config.lrs), "steps": config.steps,
-            "batch_size": t.batch_size, "eval_every": config.eval_every,
+    lrs: Any = config.lr_grid(config.optimizers[0])
+    if len(config.optimizers) > 1 and not config.lrs:
+        lrs = {opt: config.lr_grid(opt) for opt in config.optimizers}
+    search = None
+    if config.search:
+        search = {"trials": config.search, "sampler": "TPE", "pruner": "median",
+                  "seed": t.seed, "storage": config.search_storage}
+    return {"mode": config.mode, "lrs": lrs, "optimizers": list(config.optimizers),
+            "schedules": config.schedule_list(), "batch_sizes": config.batch_size_list(),
+            "steps": config.steps, "batch_size": t.batch_size, "eval_every": config.eval_every,
             "seeds": config.seed_list(), "data": [str(d) for d in data],
             "max_length": data_options.max_length, "packing": data_options.packing,
             "schedule": t.schedule, "warmup_steps": t.warmup_steps, "min_lr": t.min_lr,
             "weight_decay": t.weight_decay, "grad_accum": t.grad_accum,
-            "max_grad_norm": t.max_grad_norm, "bf16": t.bf16, "lora": lora, "quantize": quant}
+            "max_grad_norm": t.max_grad_norm, "bf16": t.bf16, "lora": lora, "quantize": quant,
+            "search": search, **static}
+
+
+def _retain_metric(measurement: AttackMeasurement, available: Sequence[str]) -> str:
+    """--retain-metric, checked, or retain.accuracy / retain.loss when a set named retain
+    gives one."""
+    metric = measurement.retain_metric
+    if metric is None:
+        metric = next((m for m in ("retain.accuracy", "retain.accuracy_norm", "retain.loss")
+                       if m in available), None)
+        if metric is None:
+            raise UsageError("--max-retain-drop and --ablate-direction need the retain "
+                             "utility: give --retain-metric SET.METRIC (or an --eval set "
+                             "named retain)")
+    if metric not in available:
+        raise UsageError(f"--retain-metric {metric!r} is not a metric of the eval sets; "
+                         f"available: {', '.join(available)}")
+    metric_direction(metric)
+    return metric
+
+
+def _prompts_of(data: EvalData, tokenizer) -> list[list[int]]:
+    """Token ids of what a set's items start from: prompts, questions or texts."""
+    texts = [item if data.shape == "text" else item[0] for item in data.items]
+    return [tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
 
 
 def relearn_checkpoint(
@@ -124,11 +167,14 @@ def relearn_checkpoint(
     if fsdp_requested():
         raise UsageError("relearn-attack runs data-parallel (DDP) only, not under FSDP: launch "
                          "it with examples/accelerate/ddp.yaml")
-    config.finetune = bool(data)
+    config.finetune = bool(data) and not config.no_finetune
     config.validate()
     if not evals.eval:
         raise UsageError("nothing to measure: give --eval NAME=PATH (e.g. the forget and "
                          "retain eval sets)")
+    if (config.few_shot or config.ablate_direction) and not data:
+        raise UsageError("--few-shot and --ablate-direction take their forget-domain text "
+                         "from --data: give --data PATH")
     eval_specs = parse_named_specs(evals.eval)
     gate_list = parse_gates(gates_given.fail_if)
     info = stage.check_inputs(out, [checkpoint], load, overwrite=overwrite)[0]
@@ -136,20 +182,27 @@ def relearn_checkpoint(
         stage.check_length(data_options.max_length, info.config)
 
     tokenizer = load_tokenizer(checkpoint, trust_remote_code=load.trust_remote_code)
-    sets = stage.load_eval_sets(evals, tokenizer, limit=measurement.eval_limit,
-                                seed=config.train.seed)
+    raw = [read_eval_data(name, path, limit=measurement.eval_limit, seed=config.train.seed)
+           for name, path in eval_specs]
+    sets = [tokenize_eval_data(d, tokenizer) for d in raw]
     available = expected_metrics(sets)
     forget_metric = resolve_forget_metric(measurement.forget_metric, available)
+    retain_metric = None
+    if measurement.max_retain_drop is not None or config.ablate_direction:
+        retain_metric = _retain_metric(measurement, available)
+        measurement = replace(measurement, retain_metric=retain_metric)
     for expr in gate_list:
         expr.check_names(attack_gate_names(available, measurement.threshold))
-    streams: dict[int, Any] = {}
+    make_stream = None
     if config.finetune:
         from undo_cli.data import build_stream
 
-        for seed in config.seed_list():
-            streams[seed] = build_stream(tokenizer, list(data), data_options.max_length,
-                                         config.train.batch_size, seed, name="attack",
-                                         packing=data_options.packing)
+        def make_stream(seed: int, batch_size: int):
+            return build_stream(tokenizer, list(data), data_options.max_length, batch_size,
+                                seed, name="attack", packing=data_options.packing)
+
+        make_stream(config.train.seed, config.batch_size_list()[0])  # bad data: fail now
+    static_attacks = _static_attacks(config, data, raw, tokenizer, evals, retain_metric)
     plot = not measurement.no_plot
     if plot:
         from undo_cli.plots import matplotlib_available
@@ -170,9 +223,13 @@ def relearn_checkpoint(
         saver = None
         if measurement.save_models and main:
             saver = _model_saver(Path(tmp) / MODELS_DIR, tokenizer, checkpoint)
-        core = run_attack(model, tokenizer, sets, config, forget_metric=forget_metric,
-                          streams=streams, threshold=measurement.threshold, evals=evals,
-                          progress=progress, on_model=saver)
+        core = run_attack(
+            model, tokenizer, sets, config, forget_metric=forget_metric,
+            make_stream=make_stream, threshold=measurement.threshold, evals=evals,
+            progress=progress, on_model=saver, static_attacks=static_attacks,
+            retain_rule=(retain_metric, measurement.max_retain_drop)
+            if measurement.max_retain_drop is not None else None,
+            study_name=f"undo-relearn-{digest.split(':')[-1][:16]}")
         lora_rank = core.pop("lora_rank")
         results = {
             "schema_version": SCHEMA_VERSION,
@@ -181,7 +238,7 @@ def relearn_checkpoint(
             "forget_metric": forget_metric,
             "direction": core["direction"],
             "eval": {name: str(path) for name, path in eval_specs},
-            "attack": describe_attack(config, data, data_options, lora_rank),
+            "attack": describe_attack(config, data, data_options, measurement, lora_rank),
             **{k: v for k, v in core.items()
                if k not in ("schema_version", "forget_metric", "direction")},
         }
@@ -205,6 +262,41 @@ def relearn_checkpoint(
     return results
 
 
+def _static_attacks(config: AttackConfig, data: Sequence[str], raw: list[EvalData], tokenizer,
+                    evals: EvalOptions, retain_metric: str | None) -> list:
+    """The attacks without finetuning that `config` asks for, with their data read now."""
+    if not (config.few_shot or config.ablate_direction):
+        return []
+    from undo_cli import stage
+    from undo_cli.records import parse_weighted_spec, read_records
+    from undo_cli.relearn.static import (
+        demonstrations,
+        direction_attack,
+        few_shot_attack,
+        sample_prompts,
+    )
+
+    records = [r.data for spec in data for r in read_records(parse_weighted_spec(spec)[0])]
+    pool = demonstrations(records)
+    if not pool:
+        raise UsageError("--data holds no text to take demonstrations or directions from")
+    attacks = []
+    if config.few_shot:
+        def measure_sets(sets: list[EvalData]):
+            return stage.measure(tokenizer, [tokenize_eval_data(d, tokenizer) for d in sets],
+                                 evals)
+
+        attacks.append(few_shot_attack(raw, pool, config.few_shot, config.seed_list(),
+                                       measure_sets))
+    if config.ablate_direction:
+        retain_set = next(d for d in raw if d.name == retain_metric.rsplit(".", 1)[0])
+        forget = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in pool]
+        attacks.append(direction_attack(
+            sample_prompts(forget, config.train.seed),
+            sample_prompts(_prompts_of(retain_set, tokenizer), config.train.seed)))
+    return attacks
+
+
 def gate_values(results: dict[str, Any]) -> dict[str, float]:
     """The values the attack's `--fail-if` gates read (`undo_cli.gates.namespaces`)."""
     return attack_gate_values(final_metrics(results), results["initial"], results["summary"])
@@ -215,7 +307,9 @@ def _model_saver(root: Path, tokenizer, checkpoint: str | Path) -> ModelHook:
     from undo_cli.checkpoint import save_model
 
     def save(run: dict[str, Any], model: torch.nn.Module) -> None:
-        name = f"lr{run['lr']:g}-seed{run['seed']}" if run["lr"] is not None else "original"
+        name = re.sub(r"[^A-Za-z0-9.=-]+", "-", run.get("config") or "original").strip("-")
+        if run.get("seed") is not None:
+            name += f"-seed{run['seed']}"
         if run.get("quantize"):
             name += f"-q{run['quantize']['bits']}"
         target = root / name

@@ -31,11 +31,12 @@ import torch
 from undo_cli.engine.processes import all_finite
 from undo_cli.errors import UsageError
 from undo_cli.jsontext import jsonable
-from undo_cli.options import AttackConfig, EvalOptions
+from undo_cli.options import AttackConfig, EvalOptions, RunSpec
 from undo_cli.relearn.worst_case import (
+    apply_retain_rule,
     attackable_metrics,
     metric_direction,
-    per_lr_table,
+    per_config_table,
     summarize,
     worst_case_curve,
 )
@@ -59,8 +60,8 @@ class AttackProgress:
         """Before the first run."""
 
     def run_started(self, index: int, lr: float | None, seed: int | None,
-                    quantize: bool = False) -> None:
-        """Run `index` (1-based) begins."""
+                    config: str = "") -> None:
+        """Run `index` (1-based) begins (`config`: its configuration's name)."""
 
     def step(self, step: int) -> None:
         """The current run finished optimizer step `step`."""
@@ -76,12 +77,6 @@ class AttackProgress:
 
 
 ModelHook = Callable[[dict[str, Any], torch.nn.Module], None]
-
-
-@dataclass
-class _Clock:
-    eval_s: float = 0.0
-    evaluations: int = 0
 
 
 def _lora_rank(model: torch.nn.Module, rank: int, targets: str | list[str]) -> int:
@@ -110,97 +105,121 @@ def _attach_lora(model: torch.nn.Module, config: AttackConfig, rank: int) -> tor
         raise UsageError(f"--lora-targets {config.lora_targets!r}: {e}") from e
 
 
+StaticAttack = Callable[[torch.nn.Module, Callable[[torch.nn.Module], dict[str, float]]],
+                        list[tuple[dict[str, Any], "torch.nn.Module | None"]]]
+
+
+@dataclass
+class Measure:
+    """Evaluations of the eval sets, timed (the share of the attack spent evaluating)."""
+
+    metrics_of: Callable[[torch.nn.Module], dict[str, float]]
+    eval_s: float = 0.0
+    evaluations: int = 0
+
+    def __call__(self, model: torch.nn.Module) -> dict[str, float]:
+        t0 = time.perf_counter()
+        try:
+            return self.metrics_of(model)
+        finally:
+            self.eval_s += time.perf_counter() - t0
+            self.evaluations += 1
+
+
 def run_attack(model: torch.nn.Module, tokenizer, eval_sets: Sequence[Any],
                config: AttackConfig, *, forget_metric: str,
-               streams: dict[int, Any] | None = None, threshold: float | None = None,
-               evals: EvalOptions | None = None, progress: AttackProgress | None = None,
-               on_model: ModelHook | None = None) -> dict[str, Any]:
-    """Run the attack grid on `model` (kept unchanged) and return the results (module doc)
-    without `checkpoint`, `fingerprint`, `eval` and `attack`, which the caller adds.
-    `eval_sets` are measured with `evals`' batch size and generation length.
+               make_stream: Callable[[int, int], Any] | None = None,
+               threshold: float | None = None, evals: EvalOptions | None = None,
+               progress: AttackProgress | None = None, on_model: ModelHook | None = None,
+               static_attacks: Sequence[StaticAttack] = (),
+               retain_rule: tuple[str, float] | None = None,
+               study_name: str = "undo-relearn-attack") -> dict[str, Any]:
+    """Run the attack on `model` (kept unchanged) and return the results
+    (docs/relearn-results.md) without `checkpoint`, `fingerprint`, `eval` and `attack`, which
+    the caller adds. `eval_sets` are measured with `evals`' batch size and generation length.
 
-    `streams` maps each seed to its attack-data `BatchStream` (`undo_cli.data.build_stream`
-    with that seed), reset to its start before each run. `on_model(run, model)` is called
-    with every attacked model before it is dropped (a LoRA run's model is the peft model, its
-    adapter unmerged); it must not change the model.
+    Finetuning runs: every `RunSpec` of `config.grid()` (or, with `config.search`, the runs an
+    Optuna study picks, `undo_cli.relearn.search`), each on `make_stream(seed, batch_size)`
+    (a `BatchStream` of the attack data, reset to its start before each run). `static_attacks`
+    (prompting, directional ablation: `undo_cli.relearn.static`) each return their runs.
+    `retain_rule = (retain_metric, max_drop)` excludes the evaluations where the attacked model
+    lost more than `max_drop` of its retain metric. `on_model(run, model)` sees every attacked
+    model before it is dropped (a LoRA run's model is the peft model, its adapter unmerged); it
+    must not change the model.
     """
     from undo_cli.stage import measure as measure_on
 
     config.validate()
-    seeds = config.seed_list()
-    if config.finetune and (not streams or any(s not in streams for s in seeds)):
-        raise UsageError("no attack data stream for every seed")
+    if config.finetune and make_stream is None:
+        raise UsageError("no attack data stream")
     direction = metric_direction(forget_metric)
     progress = progress or AttackProgress()
-    clock = _Clock()
     started = time.perf_counter()
-
-    metrics_of = measure_on(tokenizer, eval_sets, evals or EvalOptions())
-
-    def measure(m: torch.nn.Module) -> dict[str, float]:
-        t0 = time.perf_counter()
-        try:
-            return metrics_of(m)
-        finally:
-            clock.eval_s += time.perf_counter() - t0
-            clock.evaluations += 1
-
+    measure = Measure(measure_on(tokenizer, eval_sets, evals or EvalOptions()))
     was_training = model.training
     model.eval()
     initial = measure(model)
     if forget_metric not in initial:
         raise UsageError(f"--forget-metric {forget_metric!r} is not among the measured "
                          f"metrics: {', '.join(attackable_metrics(list(initial))) or 'none'}")
-
-    runs: list[dict[str, Any]] = []
-    grid = [(lr, seed) for lr in config.lrs for seed in seeds] if config.finetune else []
-    quant_runs = len(grid) if config.quantize is not None else 0
-    total = len(grid) + quant_runs + (1 if not config.finetune else 0)
     lora_rank = (_lora_rank(model, config.lora_rank, lora_target_list(config.lora_targets))
                  if config.finetune and config.lora else None)
-    progress.start(total, config.steps if config.finetune else 0)
-    index = 0
-    tokens, flops = 0, 0.0
+    streams: dict[tuple[int, int], Any] = {}
+
+    def stream_for(spec: RunSpec) -> Any:
+        key = (spec.seed, spec.batch_size)
+        if key not in streams:
+            streams[key] = make_stream(spec.seed, spec.batch_size)
+        return streams[key]
+
+    def finetune(spec: RunSpec, stop=None) -> tuple[dict[str, Any], torch.nn.Module]:
+        return _finetune_run(model, spec, config, stream_for(spec), measure, initial,
+                             progress, stop)
+
+    runs: list[dict[str, Any]] = []
     try:
-        for lr, seed in grid:
-            index += 1
-            progress.run_started(index, lr, seed)
-            run, attacked = _finetune_run(model, lr, seed, config, streams[seed], measure,
-                                          initial, lora_rank, progress)
-            tokens += run["tokens"]
-            flops += run["flops"]
-            runs.append(run)
-            progress.run_finished(run, forget_metric)
-            if run["diverged"]:
-                progress.message(f"warning: the run at lr {lr:g} (seed {seed}) diverged at step "
-                                 f"{run['diverged_step']}; its later steps do not count")
-            if on_model is not None:
-                on_model(run, attacked)
-            if config.quantize is not None:
-                index += 1
-                progress.run_started(index, lr, seed, quantize=True)
-                qrun, attacked = _quantized_run(attacked, run, config, measure)
-                runs.append(qrun)
-                progress.run_finished(qrun, forget_metric)
-                if on_model is not None and not qrun["diverged"]:
-                    on_model(qrun, attacked)
-            del attacked
-        if not config.finetune:
-            index += 1
-            progress.run_started(index, None, None, quantize=True)
-            base = {"lr": None, "seed": None, "diverged": False, "steps": 0}
+        if config.finetune and config.search:
+            from undo_cli.relearn.search import search_runs
+
+            progress.start(config.search, config.steps)
+            search_rank = lora_rank or _lora_rank(model, config.lora_rank,
+                                                  lora_target_list(config.lora_targets))
+            for run, attacked in search_runs(model, config, finetune, forget_metric,
+                                             direction, search_rank, progress, study_name):
+                _collect(runs, run, attacked, config, measure, progress, on_model,
+                         forget_metric)
+        elif config.finetune:
+            grid = config.grid(lora_rank)
+            progress.start(len(grid) * (2 if config.quantize else 1), config.steps)
+            for index, spec in enumerate(grid, 1):
+                progress.run_started(index, spec.lr, spec.seed, spec.config_id)
+                run, attacked = finetune(spec)
+                _collect(runs, run, attacked, config, measure, progress, on_model,
+                         forget_metric)
+        elif config.quantize is not None:
+            progress.start(1, 0)
+            progress.run_started(1, None, None, "original, quantised")
+            base = {"lr": None, "seed": None, "diverged": False, "steps": 0,
+                    "config": "original", "attack": "quantize", "static": True}
             qrun, attacked = _quantized_run(copy.deepcopy(model), base, config, measure)
             runs.append(qrun)
             progress.run_finished(qrun, forget_metric)
             if on_model is not None:
                 on_model(qrun, attacked)
-            del attacked
+        for attack in static_attacks:
+            for run, attacked in attack(model, measure):
+                runs.append(run)
+                progress.run_finished(run, forget_metric)
+                if on_model is not None and attacked is not None:
+                    on_model(run, attacked)
     finally:
         progress.close()
         model.train(was_training)
-
+    if retain_rule is not None:
+        apply_retain_rule(runs, initial, *retain_rule)
     worst = worst_case_curve(runs, forget_metric, direction)
     wall = time.perf_counter() - started
+    table = per_config_table(runs, forget_metric, direction)
     return jsonable({
         "schema_version": SCHEMA_VERSION,
         "forget_metric": forget_metric,
@@ -209,30 +228,56 @@ def run_attack(model: torch.nn.Module, tokenizer, eval_sets: Sequence[Any],
         "runs": runs,
         "worst_case": worst,
         "summary": summarize(runs, worst, forget_metric, direction, initial, threshold),
-        "per_lr": per_lr_table(runs, forget_metric, direction),
-        "timing": {"wall_s": wall, "eval_s": clock.eval_s,
-                   "eval_share": clock.eval_s / wall if wall > 0 else None,
-                   "evaluations": clock.evaluations},
-        "compute": {"tokens": tokens, "flops": flops},
+        "per_config": table,
+        "per_lr": table,  # the same table under its earlier name
+        "timing": {"wall_s": wall, "eval_s": measure.eval_s,
+                   "eval_share": measure.eval_s / wall if wall > 0 else None,
+                   "evaluations": measure.evaluations},
+        "compute": {"tokens": sum(r.get("tokens", 0) for r in runs),
+                    "flops": sum(r.get("flops", 0.0) for r in runs)},
         "lora_rank": lora_rank,
     })
 
 
-def _finetune_run(original: torch.nn.Module, lr: float, seed: int, config: AttackConfig,
+def _collect(runs: list, run: dict[str, Any], attacked: torch.nn.Module, config: AttackConfig,
+             measure: Measure, progress: AttackProgress, on_model: ModelHook | None,
+             forget_metric: str) -> None:
+    """Record a finetuning run (and its quantised twin with --quantize); `attacked` is None
+    for a trial a resumed search ran before (its run is recorded, its model is gone)."""
+    runs.append(run)
+    progress.run_finished(run, forget_metric)
+    if attacked is None:
+        return
+    if run["diverged"]:
+        progress.message(f"warning: the run {run['config']} (seed {run['seed']}) diverged at "
+                         f"step {run['diverged_step']}; its later steps do not count")
+    if on_model is not None:
+        on_model(run, attacked)
+    if config.quantize is not None:
+        qrun, attacked = _quantized_run(attacked, run, config, measure)
+        runs.append(qrun)
+        progress.run_finished(qrun, forget_metric)
+        if on_model is not None and not qrun["diverged"]:
+            on_model(qrun, attacked)
+
+
+def _finetune_run(original: torch.nn.Module, spec: RunSpec, config: AttackConfig,
                   stream: Any, measure: Callable[[torch.nn.Module], dict[str, float]],
-                  initial: dict[str, float], lora_rank: int | None,
-                  progress: AttackProgress) -> tuple[dict[str, Any], torch.nn.Module]:
-    """One finetuning run on a fresh copy of `original`: (its results entry, the model)."""
+                  initial: dict[str, float], progress: AttackProgress,
+                  stop: Callable[[int, dict[str, float]], bool] | None = None
+                  ) -> tuple[dict[str, Any], torch.nn.Module]:
+    """One finetuning run on a fresh copy of `original`: (its results entry, the model).
+    `stop(step, metrics)` may end it early after an evaluation (a pruned search trial)."""
     from undo_cli.engine import lm_loss, train
 
     t0 = time.perf_counter()
     eval_time = 0.0
     model = copy.deepcopy(original)
-    if config.lora:
+    if spec.lora_rank:
         from undo_cli.runtime import seed_everything
 
-        seed_everything(seed)  # the adapter's random init: from the run's seed alone
-        model = _attach_lora(model, config, lora_rank)
+        seed_everything(spec.seed)  # the adapter's random init: from the run's seed alone
+        model = _attach_lora(model, config, spec.lora_rank)
     else:
         model.requires_grad_(True)
     stream.load_state_dict({"position": 0})
@@ -257,8 +302,12 @@ def _finetune_run(original: torch.nn.Module, lr: float, seed: int, config: Attac
         recorded[step] = metrics
         return metrics
 
-    result = train(model, lm_loss("attack"), {"attack": stream}, config.run_config(lr, seed),
-                   evaluate=evaluate, on_step=lambda step, total, tokens: progress.step(step))
+    def should_stop(step: int, metrics: dict[str, float]) -> str | None:
+        return "pruned" if stop is not None and metrics and stop(step, metrics) else None
+
+    result = train(model, lm_loss("attack"), {"attack": stream}, config.run_config(spec),
+                   evaluate=evaluate, should_stop=should_stop,
+                   on_step=lambda step, total, tokens: progress.step(step))
     diverged_step = result.diverged_step
     if broken:
         diverged_step = min(broken[0], diverged_step or broken[0])
@@ -269,8 +318,9 @@ def _finetune_run(original: torch.nn.Module, lr: float, seed: int, config: Attac
         if recorded[step]:
             curve.append({"step": step, **recorded[step]})
     run = {
-        "lr": lr, "seed": seed, "quantize": None, "curve": curve,
-        "diverged": diverged_step is not None, "diverged_step": diverged_step,
+        **spec.describe(), "config": spec.config_id, "attack": "finetune", "quantize": None,
+        "curve": curve, "diverged": diverged_step is not None, "diverged_step": diverged_step,
+        "pruned": result.stop_reason == "pruned",
         "steps": result.steps, "tokens": result.tokens, "flops": result.flops["total"],
         "trainable_parameters": result.trainable_parameters,
         "train_loss": result.loss.get("loss"),
@@ -288,7 +338,10 @@ def _quantized_run(model: torch.nn.Module, source: dict[str, Any], config: Attac
 
     t0 = time.perf_counter()
     settings = {"bits": config.quantize, "group_size": config.group_size}
-    run = {"lr": source["lr"], "seed": source["seed"], "quantize": settings, "curve": [],
+    run = {**{k: source[k] for k in ("lr", "seed", "optimizer", "schedule", "batch_size",
+                                     "mode", "lora_rank", "config", "attack", "static")
+              if k in source},
+           "quantize": settings, "curve": [],
            "diverged": bool(source["diverged"]), "diverged_step": source.get("diverged_step"),
            "steps": source["steps"], "tokens": 0, "flops": 0.0, "trainable_parameters": 0,
            "train_loss": None, "wall_time_s": 0.0, "eval_time_s": 0.0}

@@ -13,6 +13,7 @@ with a value), `auc` (the trapezoid mean of the worst-case curve over the attack
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -72,32 +73,65 @@ def resolve_forget_metric(metric: str | None, available: Sequence[str]) -> str:
 # ----------------------------------------------------------------------------- the worst case
 
 
-def _group_key(run: dict[str, Any]) -> tuple[Any, bool]:
-    return run.get("lr"), bool(run.get("quantize"))
+Key = tuple[str, bool]  # (configuration name, quantised)
+UNATTACKED = None  # the `config` of the worst case at step 0 when no attack beats the model
+
+
+def config_key(run: dict[str, Any]) -> Key:
+    """The configuration a run belongs to (everything but its seed) and whether it was
+    quantised. Results written before configurations had names group by learning rate."""
+    name = run.get("config")
+    if name is None:
+        lr = run.get("lr")
+        name = "original" if lr is None else f"lr{lr:g}"
+    return name, bool(run.get("quantize"))
 
 
 def _better(a: float, b: float, direction: str) -> bool:
     return a > b if direction == "max" else a < b
 
 
+def _counted(run: dict[str, Any]) -> list[dict[str, Any]]:
+    """The curve entries of `run` that count (not excluded by the utility rule)."""
+    excluded = set(run.get("excluded_steps") or ())
+    return [e for e in run.get("curve", []) if e.get("step") not in excluded]
+
+
 def group_values(runs: Sequence[dict[str, Any]], metric: str
-                 ) -> dict[int, dict[tuple[Any, bool], list[float]]]:
-    """step -> (lr, quantized) -> the finite values of `metric` of that group's seeds."""
-    table: dict[int, dict[tuple[Any, bool], list[float]]] = {}
+                 ) -> dict[int, dict[Key, list[float]]]:
+    """step -> configuration -> the finite values of `metric` of that configuration's seeds.
+
+    A static attack (no finetuning: prompting, directional ablation, quantising the original
+    model; `"static": true`) is measured once, at step 0, and its value holds at every step of
+    the attack: the attacker can use it whenever it likes.
+    """
+    table: dict[int, dict[Key, list[float]]] = {}
+    static: dict[Key, list[float]] = {}
     for run in runs:
-        key = _group_key(run)
-        for entry in run.get("curve", []):
+        key = config_key(run)
+        for entry in _counted(run):
             value = entry.get(metric)
-            if is_finite_number(value):
-                table.setdefault(int(entry["step"]), {}).setdefault(key, []).append(float(value))
+            if not is_finite_number(value):
+                continue
+            target = static if run.get("static") else table.setdefault(int(entry["step"]), {})
+            target.setdefault(key, []).append(float(value))
+    for step in set(table) | ({0} if static else set()):
+        table.setdefault(step, {}).update({k: list(v) for k, v in static.items()})
     return table
+
+
+def static_keys(runs: Sequence[dict[str, Any]]) -> set[Key]:
+    return {config_key(r) for r in runs if r.get("static")}
 
 
 def worst_case_curve(runs: Sequence[dict[str, Any]], metric: str,
                      direction: str) -> list[dict[str, Any]]:
-    """The defender's worst case at each step (module doc): the best over groups (learning
-    rate, quantised or not) of the seed-mean of `metric`; ties go to the group met first."""
+    """The defender's worst case at each step (module doc): the best over configurations of
+    the seed-mean of `metric`; ties go to the configuration met first. At step 0 a finetuning
+    configuration is the unattacked model (`config` and `lr` null)."""
     quantizing = any(run.get("quantize") for run in runs)
+    statics = static_keys(runs)
+    lrs = {config_key(r): r.get("lr") for r in runs}
     out = []
     for step, groups in sorted(group_values(runs, metric).items()):
         best_key, best = None, None
@@ -105,24 +139,25 @@ def worst_case_curve(runs: Sequence[dict[str, Any]], metric: str,
             mean = sum(values) / len(values)
             if best is None or _better(mean, best, direction):
                 best_key, best = key, mean
-        entry: dict[str, Any] = {"step": step, "value": best, "lr": best_key[0]}
-        if step == 0 and not best_key[1]:
-            entry["lr"] = None  # the unattacked model, shared by every run
+        entry: dict[str, Any] = {"step": step, "value": best, "lr": lrs.get(best_key),
+                                 "config": best_key[0]}
+        if step == 0 and best_key not in statics:
+            entry["lr"], entry["config"] = None, UNATTACKED  # every run starts from the model
         if quantizing:
             entry["quantized"] = best_key[1]
         out.append(entry)
     return out
 
 
-def group_means(runs: Sequence[dict[str, Any]], step: int,
-                key: tuple[Any, bool]) -> dict[str, float]:
-    """Seed-mean of every metric of group `key` at `step` (finite values only)."""
+def group_means(runs: Sequence[dict[str, Any]], step: int, key: Key) -> dict[str, float]:
+    """Seed-mean of every metric of configuration `key` at `step` (a static attack's at its
+    one evaluation; finite values only)."""
     sums: dict[str, list[float]] = {}
     for run in runs:
-        if _group_key(run) != key:
+        if config_key(run) != key:
             continue
-        for entry in run.get("curve", []):
-            if entry.get("step") != step:
+        for entry in _counted(run):
+            if entry.get("step") != step and not run.get("static"):
                 continue
             for name, value in entry.items():
                 if name != "step" and is_finite_number(value):
@@ -143,17 +178,44 @@ def area_under_curve(points: Sequence[tuple[float, float]]) -> float | None:
 
 def point_metrics(runs: Sequence[dict[str, Any]], initial: dict[str, Any],
                   entry: dict[str, Any]) -> dict[str, float]:
-    """Every metric at a worst-case point: the seed means of the group (learning rate,
-    quantised) that gives it; at step 0 of the unattacked model, the initial metrics."""
-    if entry["step"] == 0 and not entry.get("quantized"):
+    """Every metric at a worst-case point: the seed means of the configuration that gives it;
+    for the unattacked model at step 0, the initial metrics."""
+    if entry["step"] == 0 and entry.get("config", "original") in (UNATTACKED, "original") \
+            and not entry.get("quantized"):
         return {k: v for k, v in initial.items() if is_finite_number(v)}
-    return group_means(runs, entry["step"], (entry["lr"], bool(entry.get("quantized"))))
+    name = entry.get("config")
+    if name is None:  # results written before configurations had names
+        name = f"lr{entry['lr']:g}"
+    return group_means(runs, entry["step"], (name, bool(entry.get("quantized"))))
+
+
+def apply_retain_rule(runs: Sequence[dict[str, Any]], initial: dict[str, Any],
+                      retain_metric: str, max_drop: float) -> int:
+    """The utility rule: mark (`run["excluded_steps"]`) every evaluation at which the retain
+    metric is more than `max_drop` worse than the unattacked model's (lower for accuracy-like
+    metrics, higher for loss-like ones), or not a number. Returns how many were excluded."""
+    direction = metric_direction(retain_metric)
+    base = initial.get(retain_metric)
+    if not is_finite_number(base):
+        raise UsageError(f"--retain-metric {retain_metric!r} has no value before the attack")
+    excluded = 0
+    for run in runs:
+        steps = []
+        for entry in run.get("curve", []):
+            value = entry.get(retain_metric)
+            worse = (base - value if direction == "max" else value - base) \
+                if is_finite_number(value) else math.inf
+            if worse > max_drop:
+                steps.append(entry["step"])
+        run["excluded_steps"] = steps
+        excluded += len(steps)
+    return excluded
 
 
 def summarize(runs: Sequence[dict[str, Any]], worst: Sequence[dict[str, Any]], metric: str,
               direction: str, initial: dict[str, Any],
               threshold: float | None = None) -> dict[str, Any]:
-    """The `summary` entry of results.json (module doc)."""
+    """The `summary` entry of results.json (docs/relearn-results.md)."""
     forget_set = metric.rsplit(".", 1)[0]
     final = worst[-1] if worst else None
     to_threshold, retain = None, None
@@ -175,29 +237,41 @@ def summarize(runs: Sequence[dict[str, Any]], worst: Sequence[dict[str, Any]], m
         "steps_to_threshold": to_threshold,
         "retain_at_threshold": retain,
         "best_lr": final["lr"] if final else None,
+        "best_config": final.get("config") if final else None,
+        "excluded_evaluations": sum(len(r.get("excluded_steps") or ()) for r in runs),
     }
 
 
-def per_lr_table(runs: Sequence[dict[str, Any]], metric: str,
-                 direction: str) -> list[dict[str, Any]]:
-    """Per group (learning rate, quantised): runs, diverged runs, the seed-mean forget metric
-    at its last step and the best seed-mean over steps."""
+_DESCRIBED = ("lr", "optimizer", "schedule", "batch_size", "mode", "lora_rank", "attack",
+              "few_shot", "layer")
+
+
+def per_config_table(runs: Sequence[dict[str, Any]], metric: str,
+                     direction: str) -> list[dict[str, Any]]:
+    """Per configuration (and quantised or not): its settings, runs, diverged runs, excluded
+    evaluations, the seed-mean forget metric at its last step and the best over steps."""
     table = group_values(runs, metric)
-    keys: list[tuple[Any, bool]] = []
+    statics = static_keys(runs)
+    keys: list[Key] = []
     for run in runs:
-        if _group_key(run) not in keys:
-            keys.append(_group_key(run))
+        if config_key(run) not in keys:
+            keys.append(config_key(run))
     out = []
     for key in keys:
-        members = [r for r in runs if _group_key(r) == key]
-        means = [(step, sum(g[key]) / len(g[key])) for step, g in sorted(table.items())
-                 if key in g]
+        members = [r for r in runs if config_key(r) == key]
+        steps = [0] if key in statics else sorted(table)
+        means = [(step, sum(table[step][key]) / len(table[step][key])) for step in steps
+                 if key in table.get(step, {})]
         best = None
         for _, v in means:
             if best is None or _better(v, best, direction):
                 best = v
-        out.append({"lr": key[0], "quantized": key[1], "runs": len(members),
+        out.append({"config": key[0], **{k: members[0].get(k) for k in _DESCRIBED
+                                           if k in members[0]},
+                    "quantized": key[1], "runs": len(members),
                     "diverged_runs": sum(bool(r.get("diverged")) for r in members),
+                    "excluded_evaluations": sum(len(r.get("excluded_steps") or ())
+                                                for r in members),
                     "final": means[-1][1] if means else None,
                     "final_step": means[-1][0] if means else None, "best": best})
     return out

@@ -72,4 +72,5 @@ def test_parse_hooks_and_list_fields():
     assert seen["attack"].lrs == [1e-4, 1e-3] and seen["attack"].seeds == 2
     assert seen["attack"].lora
     assert invoke(app).exit_code == 0
-    assert len(seen["attack"].lrs) == 10  # the paper's grid when --lrs is not given
+    assert seen["attack"].lrs is None  # each optimizer's own grid when --lrs is not given
+    assert len(seen["attack"].lr_grid("adamw")) == 10

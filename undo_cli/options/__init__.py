@@ -1,0 +1,85 @@
+"""Option groups: torch-free dataclasses, each setting declared once with its flag and help.
+
+Every setting a command takes is a field of one of these groups, declared with `option(...)`:
+its default, its help text, its flag, its help panel and the values it accepts. The command
+line is generated from the fields (`undo_cli.cli.options.with_options`, as mergekit builds its
+click options from `MergeOptions`), and the library takes the same objects, so a new setting
+is one field here plus the code that uses it. `check()` validates a group at parse time with
+a message naming the flag (finite numbers, ranges, choices); a group's `validate()` adds the
+checks that involve several fields.
+
+Defaults that differ by command (learning rates, step budgets) are decided once, in
+`COMMAND_DEFAULTS` (`defaults.py`); the ones that depend on the model or the method are decided
+where that knowledge lives (`undo_cli.unlearn`'s method registry) and shown by `--help`.
+
+Modules: `base.py` (`option`, `check`), `groups.py` (the shared groups), `attack.py` (the
+relearning attack), `defaults.py` (per-command defaults and help).
+
+Groups: `TrainConfig` (the engine: optimizer, schedule, budgets, state), `DataOptions` (how
+training data becomes rows), `EvalOptions` (the evaluation every command that measures
+shares), `NoiseOptions` (perturb, and distill's in-memory noise), `GateOptions`,
+`LoadOptions`, `OutputOptions`, and one group per command (`UnlearnOptions`,
+`DistillOptions`, `AttackConfig` with `AttackMeasurement`).
+"""
+
+from undo_cli.options.attack import (
+    ATTACK_EVAL_EVERY,
+    ATTACK_SCHEDULES,
+    DEFAULT_LRS,
+    PAPER_LRS,
+    SEARCH_BATCH_SIZES,
+    SEARCH_LORA_RANKS,
+    AttackConfig,
+    AttackMeasurement,
+    RunSpec,
+    parse_lrs,
+)
+from undo_cli.options.base import (
+    ATTACK,
+    DATA,
+    DISTILLATION,
+    EVALUATION,
+    IN_OUT,
+    MEASUREMENT,
+    METHOD,
+    NOISE,
+    TRAINING,
+    check,
+    flag_of,
+    option,
+)
+from undo_cli.options.defaults import (
+    COMMAND_DEFAULTS,
+    COMMAND_HELP,
+    DISTILL_EVAL_EVERY,
+    DISTILL_STOP_WHEN_CAP,
+    TRAIN_STEPS,
+)
+from undo_cli.options.groups import (
+    DEFAULT_PACKING,
+    NOISES,
+    OPTIMIZERS,
+    PACKING_MODES,
+    RESUME_KEYS,
+    SCHEDULES,
+    DataOptions,
+    DistillOptions,
+    EvalOptions,
+    GateOptions,
+    LoadOptions,
+    NoiseOptions,
+    OutputOptions,
+    TrainConfig,
+    UnlearnOptions,
+)
+
+__all__ = [
+    "ATTACK", "ATTACK_EVAL_EVERY", "ATTACK_SCHEDULES", "COMMAND_DEFAULTS", "COMMAND_HELP", "DATA",
+    "DEFAULT_LRS", "DEFAULT_PACKING", "DISTILLATION", "DISTILL_EVAL_EVERY",
+    "DISTILL_STOP_WHEN_CAP", "EVALUATION", "IN_OUT", "MEASUREMENT", "METHOD", "NOISE", "NOISES",
+    "OPTIMIZERS", "PACKING_MODES", "PAPER_LRS", "RESUME_KEYS", "SCHEDULES", "SEARCH_BATCH_SIZES",
+    "SEARCH_LORA_RANKS", "TRAINING",
+    "TRAIN_STEPS", "AttackConfig", "AttackMeasurement", "DataOptions", "DistillOptions",
+    "EvalOptions", "GateOptions", "LoadOptions", "NoiseOptions", "OutputOptions", "RunSpec",
+    "TrainConfig", "UnlearnOptions", "check", "flag_of", "option", "parse_lrs",
+]

@@ -1,0 +1,293 @@
+"""The relearning attack's settings (`undo relearn-attack`): the adversary's space and what is
+measured. `AttackConfig.grid()` is every finetuning run of the grid as a `RunSpec`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from undo_cli.errors import UsageError
+from undo_cli.options.base import ATTACK, IN_OUT, MEASUREMENT, check, option
+from undo_cli.options.groups import OPTIMIZERS, TrainConfig
+
+
+def _log_grid(low: float, high: float, n: int = 10) -> tuple[float, ...]:
+    """`n` log-spaced values from `low` to `high`, rounded to 3 significant digits."""
+    step = (math.log10(high) - math.log10(low)) / (n - 1)
+    return tuple(float(f"{10 ** (math.log10(low) + i * step):.3g}") for i in range(n))
+
+
+# The paper's relearning grid: ten log-spaced learning rates from 1e-6 to 1e-3.
+PAPER_LRS = (1e-6, 2.15e-6, 4.64e-6, 1e-5, 2.15e-5, 4.64e-5, 1e-4, 2.15e-4, 4.64e-4, 1e-3)
+# Each optimizer's default grid when --lrs is not given (SGD needs ~100x Adam's rates).
+DEFAULT_LRS: dict[str, tuple[float, ...]] = {
+    "adamw": PAPER_LRS, "adam": PAPER_LRS, "sgd": _log_grid(1e-4, 1e-1),
+    "sgd-nesterov": _log_grid(1e-4, 1e-1), "adagrad": _log_grid(1e-5, 1e-2),
+}
+ATTACK_SCHEDULES = ("constant", "cosine", "warmup-cosine", "linear")
+WARMUP_SHARE = 0.1  # warmup-cosine: linear warmup over this share of the steps, then cosine
+ATTACK_EVAL_EVERY = 25
+SEARCH_BATCH_SIZES = (4, 16, 64)  # --search without --batch-sizes
+SEARCH_LORA_RANKS = (8, 32, 128)  # --search over LoRA ranks (clipped for tiny models)
+
+
+def parse_list(kind: type, option_name: str):
+    """A parser of comma-separated values of `kind` (for `--optimizers adam,sgd` etc.)."""
+
+    def parse(text: str | list | None) -> list | None:
+        if text is None:
+            return None
+        parts = text.replace(";", ",").split(",") if isinstance(text, str) else list(text)
+        values = []
+        for part in (str(p).strip() for p in parts):
+            if not part:
+                continue
+            try:
+                values.append(kind(part))
+            except ValueError:
+                raise UsageError(f"{option_name}: {part!r} is not a valid value") from None
+        if not values:
+            raise UsageError(f"{option_name} is empty")
+        if len(set(values)) != len(values):
+            raise UsageError(f"{option_name} lists {next(v for v in values if values.count(v) > 1)}"
+                             " twice")
+        return values
+
+    return parse
+
+
+def parse_lrs(text: str | list[float] | tuple[float, ...] | None) -> list[float]:
+    """`"1e-5,1e-4"` (or a list) -> [1e-5, 1e-4]; None -> the paper's grid. `UsageError` for
+    an empty list, a value that is not a positive number, or a value given twice."""
+    if text is None:
+        return list(PAPER_LRS)
+    if isinstance(text, str):
+        values = []
+        for part in (p.strip() for p in text.replace(";", ",").split(",")):
+            if not part:
+                continue
+            try:
+                values.append(float(part))
+            except ValueError:
+                raise UsageError(f"--lrs: {part!r} is not a number (give e.g. "
+                                 "--lrs 1e-5,1e-4,1e-3)") from None
+    else:
+        values = [float(v) for v in text]
+    if not values:
+        raise UsageError("--lrs is empty: give at least one learning rate, e.g. "
+                         "--lrs 1e-5,1e-4")
+    for v in values:
+        if not (math.isfinite(v) and v > 0):
+            raise UsageError(f"--lrs: every learning rate must be positive (got {v:g})")
+    if len(set(values)) != len(values):
+        raise UsageError(f"--lrs lists {next(v for v in values if values.count(v) > 1):g} twice")
+    return values
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One finetuning run of an attack: its configuration and seed."""
+
+    lr: float
+    seed: int
+    optimizer: str = "adamw"
+    schedule: str = "constant"
+    batch_size: int = 8
+    lora_rank: int | None = None  # None: full finetuning
+
+    @property
+    def config_id(self) -> str:
+        """The configuration (everything but the seed) as a short stable name."""
+        mode = f" lora-r{self.lora_rank}" if self.lora_rank else ""
+        return f"{self.optimizer} {self.schedule} bs{self.batch_size} lr{self.lr:g}{mode}"
+
+    def describe(self) -> dict:
+        return {"lr": self.lr, "seed": self.seed, "optimizer": self.optimizer,
+                "schedule": self.schedule, "batch_size": self.batch_size,
+                "mode": "lora" if self.lora_rank else "full", "lora_rank": self.lora_rank}
+
+
+@dataclass
+class AttackConfig:
+    """One relearning attack (`undo relearn-attack`): the adversary's space and each run.
+
+    The grid is the product of `optimizers`, `schedules`, `batch_sizes` and learning rates
+    (`lrs`, or each optimizer's `DEFAULT_LRS`), for `seeds` seeds (`train.seed` ..
+    `train.seed + seeds - 1`); with `search` N, an Optuna study of N runs over the same space
+    replaces the product. `train` is the template of every run's `TrainConfig` (warmup,
+    weight decay, accumulation, clipping, bf16, device; and the schedule and batch size when
+    the lists are not given). Without attack data (`finetune` False) only the attacks without
+    finetuning run (`quantize` of CKPT, `few_shot`, `ablate_direction`).
+    """
+
+    lrs: list[float] | None = option(None, "Learning rates of the grid, e.g. 1e-5,1e-4. "
+                                     "Default: each optimizer's ten log-spaced values: "
+                                     "adamw and adam the paper's 1e-06 ... 0.001, sgd and "
+                                     "sgd-nesterov 1e-4 ... 0.1, adagrad 1e-5 ... 0.01.",
+                                     metavar="LR,LR,...", panel=ATTACK, above=0,
+                                     parse=lambda text: parse_lrs(text))
+    optimizers: list[str] = option(help="Optimizers of the grid: adamw (default), adam, sgd, "
+                                   "sgd-nesterov, adagrad (comma-separated).",
+                                   metavar="NAME,NAME", panel=ATTACK, choices=OPTIMIZERS,
+                                   factory=lambda: ["adamw"],
+                                   parse=lambda text: parse_list(str, "--optimizers")(text))
+    schedules: list[str] | None = option(None, "Learning-rate schedules of the grid: "
+                                         "constant, cosine, warmup-cosine (10% warmup), "
+                                         "linear. Default: --schedule.", metavar="NAME,NAME",
+                                         panel=ATTACK, choices=ATTACK_SCHEDULES,
+                                         parse=lambda text: parse_list(str, "--schedules")(text))
+    batch_sizes: list[int] | None = option(None, "Batch sizes of the grid (per process), e.g. "
+                                           "4,16,64. Default: --batch-size.", metavar="N,N",
+                                           panel=ATTACK, minimum=1,
+                                           parse=lambda text: parse_list(
+                                               int, "--batch-sizes")(text))
+    steps: int = option(500, "Optimizer steps of every run.", panel=ATTACK, minimum=1)
+    seeds: int = option(1, "Seeds per configuration (averaged before the worst case).",
+                        metavar="N", panel=ATTACK, minimum=1)
+    search: int | None = option(None, "Instead of the full grid, an Optuna study (TPE sampler "
+                                "seeded by --seed, median pruner on the evaluation curve) of N "
+                                "runs over the same space: learning rate log-uniform over the "
+                                "grid's range, optimizer, schedule, batch size (default "
+                                "4,16,64), LoRA or full and LoRA rank (8, 32, 128; LoRA only "
+                                "with --lora). Needs optuna (pip install 'undo-cli[search]').",
+                                metavar="N", panel=ATTACK, minimum=1)
+    search_storage: str | None = option(None, "Keep the study in this Optuna storage (e.g. "
+                                        "sqlite:///attack.db) so that an interrupted search "
+                                        "resumes: finished trials are reused, the study runs "
+                                        "until it has --search trials.", metavar="URL",
+                                        panel=ATTACK)
+    lora: bool = option(False, "Attack with a LoRA adapter instead of full finetuning.",
+                        panel=ATTACK)
+    lora_rank: int = option(128, "LoRA rank (clipped to the narrowest wrapped layer of a tiny "
+                            "model).", panel=ATTACK, minimum=1)
+    lora_alpha: float = option(256.0, "LoRA alpha.", panel=ATTACK, above=0)
+    lora_targets: str = option("all-linear", "Layers LoRA wraps: all-linear (every attention "
+                               "and MLP projection, not the output head) or module names such "
+                               "as q_proj,v_proj.", metavar="all-linear|NAME,NAME",
+                               panel=ATTACK)
+    lora_dropout: float = option(0.0, "LoRA dropout.", cli=False, minimum=0, maximum=1)
+    quantize: int | None = option(None, "Round-to-nearest weight quantisation of the linear "
+                                  "layers (symmetric, dequantised to float): of CKPT itself "
+                                  "without finetuning, else of each run's final model.",
+                                  metavar="8|4", panel=ATTACK)
+    group_size: int | None = option(None, "With --quantize: one scale per G input weights "
+                                    "(default: per output channel).", metavar="G",
+                                    panel=ATTACK, minimum=1)
+    few_shot: int | None = option(None, "Also attack without finetuning by prompting: K "
+                                  "forget-domain demonstrations from --data (seeded, K per "
+                                  "prompt) before every evaluation prompt, as "
+                                  "lm-evaluation-harness's num_fewshot.", metavar="K",
+                                  panel=ATTACK, minimum=1)
+    ablate_direction: bool = option(False, "Also attack without finetuning by directional "
+                                    "ablation: per layer, the difference of the mean residual "
+                                    "states of forget (--data) and retain (the retain eval "
+                                    "set) prompts, projected out of every weight that writes "
+                                    "to the residual stream; every layer is tried.",
+                                    panel=ATTACK)
+    no_finetune: bool = option(False, "Run only the attacks without finetuning (--quantize of "
+                               "CKPT, --few-shot, --ablate-direction); --data then only "
+                               "provides demonstrations and directions.", panel=ATTACK)
+    finetune: bool = option(True, "Whether finetuning runs (attack data given).", cli=False)
+    train: TrainConfig = option(help="Every run's engine settings.", cli=False,
+                                factory=lambda: TrainConfig(schedule="constant", max_steps=1))
+
+    @property
+    def mode(self) -> str:
+        """"full" or "lora" finetuning, "none" without it."""
+        return "none" if not self.finetune else "lora" if self.lora else "full"
+
+    @property
+    def eval_every(self) -> int:
+        """Steps between evaluations of every run (the template's, else the default)."""
+        return self.train.eval_every or ATTACK_EVAL_EVERY
+
+    def seed_list(self) -> list[int]:
+        return [self.train.seed + i for i in range(self.seeds)]
+
+    def lr_grid(self, optimizer: str) -> list[float]:
+        """The learning rates `optimizer` runs at: `lrs`, or its default grid."""
+        return list(self.lrs) if self.lrs else list(DEFAULT_LRS[optimizer])
+
+    def schedule_list(self) -> list[str]:
+        return list(self.schedules) if self.schedules else [self.train.schedule]
+
+    def batch_size_list(self) -> list[int]:
+        return list(self.batch_sizes) if self.batch_sizes else [self.train.batch_size]
+
+    def grid(self, lora_rank: int | None = None) -> list[RunSpec]:
+        """Every finetuning run of the full grid, seeds innermost (`lora_rank`: the clipped
+        rank of a LoRA attack)."""
+        rank = lora_rank if self.lora else None
+        return [RunSpec(lr=lr, seed=seed, optimizer=opt, schedule=schedule, batch_size=bs,
+                        lora_rank=rank)
+                for opt in self.optimizers for schedule in self.schedule_list()
+                for bs in self.batch_size_list() for lr in self.lr_grid(opt)
+                for seed in self.seed_list()]
+
+    def validate(self) -> None:
+        """`UsageError` (named as the command-line options) for impossible settings."""
+        check(self)
+        if self.quantize is not None or self.group_size is not None:
+            if self.quantize is None:
+                raise UsageError("--group-size needs --quantize")
+            if self.quantize not in (4, 8):
+                raise UsageError(f"--quantize must be 8 or 4 (got {self.quantize})")
+        if self.search_storage is not None and self.search is None:
+            raise UsageError("--search-storage needs --search N")
+        if not self.finetune:
+            if self.quantize is None and self.few_shot is None and not self.ablate_direction:
+                raise UsageError("nothing to attack with: give --data PATH (finetuning), or "
+                                 "--quantize 8|4, --few-shot K or --ablate-direction")
+            return
+        if self.lrs is not None and not self.lrs:
+            raise UsageError("--lrs is empty: give at least one learning rate")
+        if self.lora and not self.lora_targets.strip():
+            raise UsageError("--lora-targets is empty")
+        for schedule in self.schedule_list():
+            if schedule not in ATTACK_SCHEDULES:
+                raise UsageError(f"--schedules must be one of {', '.join(ATTACK_SCHEDULES)} "
+                                 f"(got {schedule!r})")
+        self.run_config(self.grid(1)[0]).validate()
+
+    def run_config(self, spec: RunSpec) -> TrainConfig:
+        """The engine settings of run `spec`."""
+        schedule, warmup = spec.schedule, self.train.warmup_steps
+        if schedule == "warmup-cosine":
+            schedule, warmup = "cosine", max(1, round(WARMUP_SHARE * self.steps))
+        return replace(self.train, lr=spec.lr, optimizer=spec.optimizer, schedule=schedule,
+                       warmup_steps=warmup, batch_size=spec.batch_size, max_steps=self.steps,
+                       max_tokens=None, max_flops=None, seed=spec.seed,
+                       eval_every=self.eval_every, eval_at_start=False, keep_last_finite=True,
+                       log_path=None, state_dir=None, save_every=None, resume=False)
+
+
+@dataclass
+class AttackMeasurement:
+    """What `undo relearn-attack` measures and keeps, besides the eval sets."""
+
+    forget_metric: str | None = option(None, "What the attacker recovers: NAME.accuracy / "
+                                       "NAME.accuracy_norm (maximised) or NAME.loss / NAME.ppl "
+                                       "(minimised). Default: forget.accuracy, else "
+                                       "forget.loss.", metavar="NAME.METRIC",
+                                       panel=MEASUREMENT)
+    retain_metric: str | None = option(None, "The utility the attacker must keep, for "
+                                       "--max-retain-drop (and the retain set of "
+                                       "--ablate-direction). Default: retain.accuracy, else "
+                                       "retain.loss, when a set named retain is given.",
+                                       metavar="NAME.METRIC", panel=MEASUREMENT)
+    max_retain_drop: float | None = option(None, "An evaluation at which a run's retain "
+                                           "metric is more than D worse than the unattacked "
+                                           "model's does not count toward the worst case "
+                                           "(TamperBench's utility rule: an attack that "
+                                           "destroys the model does not count). In the "
+                                           "metric's units: 0.1 = 10 points of accuracy, or "
+                                           "+0.1 nats of loss. Default: off.", metavar="D",
+                                           panel=MEASUREMENT, minimum=0)
+    threshold: float | None = option(None, "Report the first step at which the worst case "
+                                     "reaches this value (and the retain metrics there).",
+                                     panel=MEASUREMENT)
+    eval_limit: int | None = option(None, "Evaluate a seeded sample of N records per set.",
+                                    metavar="N", panel=MEASUREMENT, minimum=1)
+    save_models: bool = option(False, "Keep every attacked model under RESULTS_DIR/models "
+                               "(LoRA runs as adapters on CKPT).", panel=IN_OUT)
+    no_plot: bool = option(False, "Do not draw relearn.png.", panel=IN_OUT)

@@ -1,0 +1,76 @@
+"""Defaults that differ by command: decided here, once; `--help` shows them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from undo_cli.options.attack import ATTACK_EVAL_EVERY
+
+TRAIN_STEPS = 1000  # `undo train` and `undo distill` without another budget
+DISTILL_STOP_WHEN_CAP = 100 * TRAIN_STEPS  # --stop-when alone: a generous safety cap
+DISTILL_EVAL_EVERY = 50  # --stop-when without --eval-every
+
+COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {
+    # lr None: 1e-3 from a preset, 1e-4 from a checkpoint (`undo_cli.training.default_lr`).
+    "train": {"lr": None, "max_steps": None},
+    # lr and max_steps None: the method's own (`undo_cli.unlearn` registry).
+    "unlearn": {"lr": None, "schedule": "constant", "max_steps": None},
+    # No noise unless asked: the student is a checkpoint, `random`, or `teacher` with both.
+    "distill": {"lr": 1e-3, "max_steps": None, "alpha": None, "beta": None},
+    "relearn-attack": {"schedule": "constant", "eval_every": ATTACK_EVAL_EVERY},
+}
+
+COMMAND_HELP: dict[str, dict[str, str]] = {
+    "train": {
+        "lr": "Peak learning rate. Default: 1e-3 from a preset, 1e-4 from a checkpoint.",
+        "max_steps": f"Stop after this many optimizer steps. Default: {TRAIN_STEPS} unless "
+                     "--max-tokens or --max-flops is given.",
+    },
+    "unlearn": {
+        "lr": "Peak learning rate. Default: the method's (see above): 5e-5 for models of 10M+ "
+              "parameters (the paper sweeps 1e-5..8e-5), 1e-3 below (RMU: 1e-2).",
+        "max_steps": "Stop after this many optimizer steps. Default: the method's, 100 (RMU: "
+                     "500), unless --max-tokens or --max-flops is given.",
+        "schedule": "Learning-rate schedule after warmup: constant (the paper's), linear or "
+                    "cosine.",
+        "batch_size": "Examples per micro-batch, per data stream (forget and retain) and per "
+                      "process.",
+    },
+    "distill": {
+        "lr": "Peak learning rate. 1e-3 suits tiny models trained from a noised init; use "
+              "~1e-4 or lower for large models.",
+        "max_steps": f"Stop after this many optimizer steps. Default: {TRAIN_STEPS} unless "
+                     "--max-tokens, --max-flops or --stop-when is given.",
+        "eval_every": f"Evaluate every N steps (and at the end). Default with --stop-when: "
+                      f"{DISTILL_EVAL_EVERY}.",
+        "max_flops": "Stop once student + teacher FLOPs reach this.",
+        "alpha": "With --student teacher: noise the teacher in memory, (1-alpha)*w + "
+                 "alpha*beta*N, exactly as undo perturb (paper: 0.6).",
+        "beta": "Noise scale with --alpha (paper: 0.1).",
+        "include": "With --alpha: noise only tensors whose name matches (repeatable).",
+        "exclude": "With --alpha: leave tensors whose name matches unnoised (repeatable).",
+        "eval": "Sets measured on the teacher once and on the student every --eval-every steps "
+                "(metrics NAME.loss, NAME.accuracy, ...); used by --stop-when.",
+    },
+    "eval": {
+        "fail_if": "Exit with code 3 (after printing the results) if EXPR holds for any "
+                   "checkpoint, e.g. \"forget.accuracy > 0.05\" (repeatable). Names: "
+                   "SET.METRIC; with --reference also teacher.SET.METRIC (= "
+                   "reference.SET.METRIC), e.g. \"retain.accuracy < teacher.retain.accuracy - "
+                   "0.03\". Numbers, + - * /, comparisons, and/or/not.",
+    },
+    "relearn-attack": {
+        "fail_if": "Exit with code 3 (after writing the results) if EXPR holds, e.g. "
+                   "\"worst.forget.accuracy > 0.25\" (repeatable). Names: worst.SET.METRIC "
+                   "(at the end of the worst case), initial.SET.METRIC, final, auc, "
+                   "steps_to_threshold. Numbers, + - * /, comparisons, and/or/not.",
+        "eval": "Eval sets measured at step 0, every --eval-every steps and at the end "
+                "(metrics NAME.loss, NAME.accuracy, ...; repeatable).",
+        "eval_every": "Evaluate every N steps (and at step 0 and the last step).",
+        "seed": "First seed: runs use seeds SEED .. SEED+N-1 (--seeds N) for data order.",
+        "batch_size": "Examples per attack step and per process (N processes under a launcher "
+                      "train on N times this).",
+        "schedule": "Learning-rate schedule of each run: constant (default), linear or "
+                    "cosine.",
+    },
+}

@@ -1,0 +1,261 @@
+"""The option groups every command shares or a stage adds (`undo_cli.options`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from undo_cli.errors import UsageError
+from undo_cli.options.base import (
+    DATA,
+    DISTILLATION,
+    EVALUATION,
+    IN_OUT,
+    MEASUREMENT,
+    METHOD,
+    NOISE,
+    TRAINING,
+    check,
+    option,
+)
+
+SCHEDULES = ("constant", "linear", "cosine")
+OPTIMIZERS = ("adamw", "adam", "sgd", "sgd-nesterov", "adagrad")
+PACKING_MODES = ("documents", "concat", "none")
+DEFAULT_PACKING = "documents"
+NOISES = ("xavier-uniform", "xavier-normal")  # the noise step's distributions (undo_cli.perturb)
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run (`undo_cli.engine.train`)."""
+
+    optimizer: str = option("adamw", "Optimizer: adamw, adam, sgd (momentum 0.9), sgd-nesterov "
+                            "or adagrad.", panel=TRAINING, choices=OPTIMIZERS)
+    lr: float | None = option(1e-4, "Peak learning rate.", panel=TRAINING, above=0)
+    min_lr: float = option(0.0, "Floor the linear/cosine decay ends at.", panel=TRAINING,
+                           minimum=0)
+    schedule: str = option("cosine", "Learning-rate schedule after warmup: constant, linear "
+                           "or cosine.", panel=TRAINING, choices=SCHEDULES)
+    warmup_steps: int = option(0, "Steps of linear warmup from 0 to --lr.", panel=TRAINING,
+                               minimum=0)
+    weight_decay: float = option(0.0, "Weight decay (decoupled for adamw, L2 otherwise; never "
+                                 "applied to norms and biases).", panel=TRAINING, minimum=0)
+    betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas.", cli=False)
+    batch_size: int = option(8, "Examples per micro-batch, per data stream and per process.",
+                             panel=TRAINING, minimum=1)
+    grad_accum: int = option(1, "Micro-batches accumulated into one optimizer step.",
+                             panel=TRAINING, minimum=1)
+    max_grad_norm: float | None = option(1.0, "Clip the gradient norm to this; 0 turns "
+                                         "clipping off.", panel=TRAINING, minimum=0)
+    max_steps: int | None = option(None, "Stop after this many optimizer steps.",
+                                   panel=TRAINING, minimum=1)
+    max_tokens: int | None = option(None, "Stop once this many tokens (all streams, all "
+                                    "processes) were trained on.", panel=TRAINING, minimum=1)
+    max_flops: float | None = option(None, "Stop once the FLOPs spent (trained model and "
+                                     "frozen models) reach this.", panel=TRAINING, above=0)
+    seed: int = option(0, "Seed of data order, sampling and dropout (a CPU run is repeatable "
+                       "bit for bit).", panel=TRAINING)
+    log_every: int = option(10, "Log (train_log.jsonl, progress) every N steps.",
+                            panel=TRAINING, minimum=1)
+    eval_every: int | None = option(None, "Evaluate every N steps (and at the end).",
+                                    panel=EVALUATION, minimum=1)
+    save_every: int | None = option(None, "Save the training state every N steps so that "
+                                    "--resume can continue after an interruption.",
+                                    panel=TRAINING, minimum=1)
+    state_dir: Path | None = option(None, "Where training state is saved (default: "
+                                    "OUT.undo-state beside OUT; removed after success).",
+                                    panel=TRAINING)
+    resume: bool = option(False, "Continue from the last saved training state (same "
+                          "settings); the result equals an uninterrupted run.", panel=TRAINING)
+    keep_last_finite: bool = option(False, "If training diverges (NaN/inf), write the last "
+                                    "finite weights instead of failing.", panel=TRAINING)
+    sam_rho: float = option(0.0, "Sharpness-aware minimisation with radius RHO (e.g. 0.05; 0: "
+                            "off). Doubles the compute of a step.", flag="--sam",
+                            metavar="RHO", panel=METHOD, minimum=0)
+    bf16: bool = option(False, "bf16 autocast on CUDA (CPU always trains in fp32).",
+                        panel=TRAINING)
+    device: str | None = option(None, "cpu, cuda or cuda:N (default: CUDA if available).",
+                                panel=TRAINING)
+    log_path: Path | None = option(None, "The JSONL training log.", cli=False)
+    eval_at_start: bool = option(False, "Also evaluate before the first step.", cli=False)
+
+    def validate(self) -> None:
+        """`UsageError` (named as the command-line options) for impossible settings."""
+        check(self)
+        if self.lr is None:
+            raise UsageError("--lr is not set")
+        if self.min_lr > self.lr:
+            raise UsageError(f"--min-lr must lie between 0 and --lr (got {self.min_lr:g})")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise UsageError("AdamW betas must lie in [0, 1)")
+        if self.max_steps is None and self.max_tokens is None and self.max_flops is None:
+            raise UsageError("no training budget: give --max-steps or --max-tokens")
+        if self.save_every is not None and self.state_dir is None:
+            raise UsageError("--save-every needs a state directory")
+        if self.resume and self.state_dir is None:
+            raise UsageError("--resume needs a state directory")
+
+    def state_dir_for(self, out: str | Path) -> Path:
+        """`state_dir`, or its default `OUT.undo-state` beside the output directory."""
+        if self.state_dir is not None:
+            return Path(self.state_dir)
+        out = Path(out)
+        return out.parent / f"{out.name}.undo-state"
+
+    def for_output(self, out: str | Path) -> TrainConfig:
+        """This configuration with its state directory defaulted for output `out`."""
+        return replace(self, state_dir=self.state_dir_for(out))
+
+    def manifest(self) -> dict[str, Any]:
+        """The settings that shape the result, as recorded in `undo.json`."""
+        skip = ("log_path", "state_dir", "resume", "device", "eval_at_start")
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+
+
+# Settings whose change changes the result: resuming with other values is refused.
+RESUME_KEYS = ("optimizer", "lr", "min_lr", "schedule", "warmup_steps", "weight_decay", "betas",
+               "batch_size", "grad_accum", "max_grad_norm", "max_steps", "max_tokens",
+               "max_flops", "seed", "sam_rho", "bf16")
+
+
+@dataclass
+class DataOptions:
+    """How training data becomes rows (`undo_cli.data`)."""
+
+    max_length: int = option(256, "Row length in tokens: text is packed into rows of this "
+                             "many tokens; the longest prompt + completion allowed.",
+                             panel=DATA, minimum=2)
+    packing: str = option("documents", "How {\"text\"} records fill --max-length rows: "
+                          "documents (whole documents share a row, each attending only to "
+                          "itself, positions restarting: what evaluation sees), concat (a "
+                          "continuous stream cut into blocks: documents see each other; "
+                          "long-document pretraining) or none (one document per row, padded). "
+                          "Prompt/completion records are always one per row.", panel=DATA,
+                          choices=PACKING_MODES)
+
+
+@dataclass
+class EvalOptions:
+    """The evaluation of every command that measures while it works."""
+
+    eval: list[str] = option(help="Held-out data evaluated every --eval-every steps and at "
+                             "the end (metrics NAME.loss, NAME.accuracy, ...; repeatable).",
+                             metavar="NAME=PATH", panel=EVALUATION, factory=list)
+    eval_batch_size: int | None = option(None, "Batch size of evaluation (default: "
+                                         "automatic).", panel=EVALUATION, minimum=1)
+    max_new_tokens: int = option(32, "Greedy tokens generated per prompt when measuring "
+                                 "accuracy.", panel=EVALUATION, minimum=1)
+
+
+@dataclass
+class LoadOptions:
+    """How checkpoints are read."""
+
+    allow_pickle: bool = option(False, "Allow loading pickled (.bin) weights.", panel=IN_OUT)
+    trust_remote_code: bool = option(False, "Allow a checkpoint's custom code.", panel=IN_OUT)
+
+
+@dataclass
+class OutputOptions:
+    """What a command prints and whether it may replace its output."""
+
+    json: bool = option(False, "Print a JSON summary on stdout.", panel=IN_OUT)
+    overwrite: bool = option(False, "Replace a non-empty OUT.", panel=IN_OUT)
+    quiet: bool = option(False, "No progress bar or status lines.", short="-q", panel=IN_OUT)
+
+
+@dataclass
+class UnlearnOptions:
+    """Method options of `undo unlearn`; None means the method's own default."""
+
+    retain_weight: float | None = option(None, "Weight a of the retain term. Default: 1 (rmu: "
+                                         "1200, as in the WMDP paper).", metavar="A",
+                                         panel=METHOD, minimum=0)
+    beta: float = option(0.1, "npo: inverse temperature b (> 0; the NPO paper's 0.1). Small b "
+                         "behaves like gradient ascent.", metavar="B", panel=METHOD, above=0)
+    layer: int | None = option(None, "rmu: decoder layer (0-based) whose output is steered. "
+                               "Default: min(7, layers/2 - 1): 7 as in the WMDP paper on deep "
+                               "models, 0 on a 2-layer model.", metavar="L", panel=METHOD,
+                               minimum=0)
+    steering_coeff: float = option(6.5, "rmu: norm c of the target c * u of forget "
+                                   "activations (WMDP paper: 6.5).", metavar="C",
+                                   panel=METHOD, minimum=0)
+    trainable: str | None = option(None, "Train only parameters whose name matches "
+                                   "(re.search). Default: all; rmu: the MLP down-projections "
+                                   "of layers L-2..L.", metavar="REGEX", panel=METHOD)
+    repnoise: bool = option(False, "Add RepNoise: pull forget activations (every layer) "
+                            "toward Gaussian noise (MMD) and ascend the forget loss.",
+                            panel=METHOD)
+    repnoise_alpha: float = option(1.0, "RepNoise weight of the ascent term "
+                                   "-log(1 + CE(forget)).", panel=METHOD, minimum=0)
+    repnoise_beta: float = option(1e-3, "RepNoise weight of the noise (MMD) term.",
+                                  panel=METHOD, minimum=0)
+    seed: int = option(0, "Seeds RMU's random direction u (the run's --seed).", cli=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class DistillOptions:
+    """What `undo distill` adds to the training settings."""
+
+    perturb_seed: int = option(0, "Seed of the in-memory noise (as undo perturb --seed).",
+                               panel=NOISE)
+    temperature: float = option(1.0, "Softmax temperature of both models; the loss is "
+                                "T^2 * KL.", panel=DISTILLATION, above=0)
+    ce_weight: float = option(0.0, "Weight of the hard-label CE mixed into the loss "
+                              "(paper: 0).", panel=DISTILLATION, minimum=0)
+    kd_chunk_size: int = option(1024, "Positions per chunk of the KL computation: bounds peak "
+                                "memory with large vocabularies (the result is the same for "
+                                "any value).", panel=DISTILLATION, minimum=1)
+    stop_when: str | None = option(None, "Stop at the first evaluation where EXPR holds, "
+                                   "comparing student metrics with the teacher's, e.g. "
+                                   "\"retain.accuracy >= teacher - 0.05\" or \"retain.loss <= "
+                                   "teacher * 1.05\" (teacher = the teacher's value of the "
+                                   "same metric; or teacher.SET.METRIC).", metavar="EXPR",
+                                   panel=DISTILLATION)
+    cache_teacher: Path | None = option(None, "Store the teacher's top-k outputs for the data "
+                                        "stream in DIR (or read them back), so an alpha sweep "
+                                        "runs the teacher once.", metavar="DIR",
+                                        panel=DISTILLATION)
+    cache_topk: int = option(64, "Teacher log-probabilities kept per position in the cache; "
+                             "the rest is one bucket (exact when k >= vocabulary size).",
+                             panel=DISTILLATION, minimum=1)
+
+
+@dataclass
+class GateOptions:
+    """`--fail-if`: release gates on the measured numbers (`undo_cli.gates`)."""
+
+    fail_if: list[str] = option(help="Exit with code 3 (after writing the results) if EXPR "
+                                "holds (repeatable). Numbers, names, + - * /, comparisons, "
+                                "and/or/not.", metavar="EXPR", panel=MEASUREMENT,
+                                factory=list)
+
+
+@dataclass
+class NoiseOptions:
+    """The noise step: (1 - alpha) * w + alpha * beta * N on the selected tensors
+    (`undo perturb`, and `undo distill --student teacher` in memory)."""
+
+    alpha: float | None = option(0.6, "Fraction of each weight replaced by noise, in [0, 1]: "
+                                 "out = (1 - alpha) * w + alpha * beta * N. 0 leaves the "
+                                 "weights unchanged.", panel=NOISE, minimum=0, maximum=1)
+    beta: float | None = option(0.1, "Scale of the Xavier noise N (>= 0). --alpha 1 --beta 1 "
+                                "is a fresh Xavier initialisation.", panel=NOISE, minimum=0)
+    noise: str = option("xavier-uniform", "Noise distribution: xavier-uniform (the paper's) or "
+                        "xavier-normal.", panel=NOISE, choices=NOISES)
+    include: list[str] = option(help="Perturb only tensors whose name matches (repeatable; "
+                                "others are copied unchanged).", metavar="REGEX", panel=NOISE,
+                                factory=list)
+    exclude: list[str] = option(help="Copy tensors whose name matches unchanged "
+                                "(repeatable).", metavar="REGEX", panel=NOISE, factory=list)
+
+    def validate(self) -> None:
+        check(self)
+        if (self.alpha is None) != (self.beta is None):
+            raise UsageError("--alpha and --beta go together: give both to noise the teacher "
+                             "in memory (--student teacher), or neither")

@@ -1,0 +1,162 @@
+"""`undo probe`: how much of the forget knowledge is still linearly readable from the hidden
+states? (Łucki et al. 2024: unlearned knowledge often remains in the representations.)
+
+For every checkpoint, data set and layer: the residual state after that layer at the last
+prompt token (a prompt/answer record's prompt, a multiple-choice record's question as
+formatted for scoring) is the input of a linear probe, a multinomial logistic regression
+predicting the answer's first token (prompt/answer sets) or the correct choice (multiple
+choice). The records are split by a seeded shuffle into a training part (`train_share`) and
+a held-out part; the probe is fitted on the first (L-BFGS on the mean cross-entropy plus
+`l2` times the squared weights, features standardised on the training part) and scored on
+the second. A probe that reads the answer scores well above the majority-class baseline (the
+most frequent training label's share of the held-out part); on shuffled labels it scores at
+chance. Layer -1 is the embedding output, 0..L-1 the decoder layers.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from undo_cli.errors import UsageError
+from undo_cli.records import EvalData
+
+TRAIN_SHARE = 0.6
+L2 = 1e-3
+MAX_ITER = 200
+
+
+def probe_inputs(data: EvalData, tokenizer) -> tuple[list[list[int]], list[int]]:
+    """(prompt token ids, label) per record: prompt/answer -> the answer's first token;
+    multiple choice -> the correct choice's index (the prompt as `undo eval` scores it)."""
+    from undo_cli.evaluate import choice_prompt
+
+    if data.shape == "completion":
+        prompts, labels = [], []
+        for prompt, answer in data.items:
+            answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+            if not answer_ids:
+                continue
+            prompts.append(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+            labels.append(int(answer_ids[0]))
+        return prompts, labels
+    if data.shape == "choice":
+        prompts = [tokenizer(choice_prompt(q, choices)[0], add_special_tokens=True)["input_ids"]
+                   for q, choices, _ in data.items]
+        return prompts, [int(target) for _, _, target in data.items]
+    raise UsageError(f"{data.source}: probing needs prompt/answer or multiple-choice records "
+                     "(text records have no label)")
+
+
+def hidden_states(model, prompts: Sequence[Sequence[int]], batch_size: int = 16
+                  ) -> torch.Tensor:
+    """`[layers + 1, records, H]`: the state after the embedding and after every decoder layer
+    at each prompt's last token."""
+    device = next(model.parameters()).device
+    rows: list[torch.Tensor] = []
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            width = max(len(p) for p in chunk)
+            ids = torch.zeros((len(chunk), width), dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, p in enumerate(chunk):
+                ids[row, :len(p)] = torch.tensor(list(p))
+                mask[row, :len(p)] = 1
+            out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                        output_hidden_states=True, use_cache=False)
+            last = (mask.sum(1) - 1).to(device)
+            index = torch.arange(len(chunk), device=device)
+            rows.append(torch.stack([h[index, last].float().cpu() for h in out.hidden_states]))
+    return torch.cat(rows, dim=1)
+
+
+def fit_probe(x: torch.Tensor, y: torch.Tensor, classes: int, *, l2: float = L2,
+              max_iter: int = MAX_ITER) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A multinomial logistic regression fitted on `x` `[N, H]`, labels `y` `[N]` in
+    `[0, classes)`: minimise mean CE(x W + b, y) + l2 * |W|^2 with L-BFGS (features
+    standardised with the training mean and deviation). Returns the predict function."""
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    xs = (x - mean) / std
+    weight = torch.zeros((x.shape[1], classes), requires_grad=True)
+    bias = torch.zeros(classes, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter,
+                                  line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(xs @ weight + bias, y) + l2 * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    w, b = weight.detach(), bias.detach()
+    return lambda z: ((z - mean) / std @ w + b).argmax(-1)
+
+
+def probe_layers(states: torch.Tensor, labels: Sequence[int], *, seed: int = 0,
+                 train_share: float = TRAIN_SHARE) -> dict[str, Any]:
+    """Probe accuracy per layer on a seeded held-out split (module doc) and the baseline."""
+    n = len(labels)
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    cut = max(1, min(n - 1, round(train_share * n)))
+    train, test = order[:cut], order[cut:]
+    values = sorted(set(labels))
+    index = {v: i for i, v in enumerate(values)}
+    y = torch.tensor([index[v] for v in labels])
+    majority = Counter(y[train].tolist()).most_common(1)[0][0]
+    baseline = float((y[test] == majority).float().mean())
+    accuracy = []
+    for layer in range(states.shape[0]):
+        predict = fit_probe(states[layer, train], y[train], len(values))
+        accuracy.append(float((predict(states[layer, test]) == y[test]).float().mean()))
+    best = max(range(len(accuracy)), key=lambda i: accuracy[i])
+    return {"records": n, "train": len(train), "test": len(test), "classes": len(values),
+            "baseline": baseline, "accuracy": accuracy, "layers": list(range(-1, len(accuracy)
+                                                                               - 1)),
+            "best_layer": best - 1, "best_accuracy": accuracy[best],
+            "above_baseline": accuracy[best] - baseline}
+
+
+def probe_checkpoints(checkpoints: Sequence[str | Path], data: Sequence[EvalData], *,
+                      seed: int = 0, train_share: float = TRAIN_SHARE,
+                      allow_pickle: bool = False, trust_remote_code: bool = False,
+                      device: str | None = None,
+                      on_start: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Probe every checkpoint on every set: `[{"checkpoint", "probes": {set: result}}]`."""
+    from undo_cli.checkpoint import inspect_checkpoint, load_model, load_tokenizer
+    from undo_cli.runtime import pick_device
+
+    if not 0 < train_share < 1:
+        raise UsageError(f"--train-share must lie between 0 and 1 (got {train_share})")
+    for ckpt in checkpoints:
+        inspect_checkpoint(ckpt, allow_pickle=allow_pickle)
+    target = pick_device(device)
+    out = []
+    for ckpt in checkpoints:
+        if on_start is not None:
+            on_start(str(ckpt))
+        started = time.time()
+        model = load_model(ckpt, device=target, allow_pickle=allow_pickle,
+                           trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(ckpt, trust_remote_code=trust_remote_code)
+        probes = {}
+        for d in data:
+            prompts, labels = probe_inputs(d, tokenizer)
+            if len(labels) < 4:
+                raise UsageError(f"{d.source}: probing needs at least 4 records (got "
+                                 f"{len(labels)})")
+            probes[d.name] = probe_layers(hidden_states(model, prompts), labels, seed=seed,
+                                          train_share=train_share)
+        out.append({"checkpoint": str(ckpt), "probes": probes,
+                    "wall_time_s": round(time.time() - started, 3)})
+        del model
+    return out
