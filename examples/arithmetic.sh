@@ -10,10 +10,16 @@
 # exact-match accuracy on held-out equations. Every knob below can be set from the
 # environment, e.g. `OUT=runs/a2 ALPHA=0.8 bash examples/arithmetic.sh`. SMOKE=1 runs a
 # seconds-long version with tiny budgets (what the test suite runs).
+#
+# SEEDS=3 runs the UNDO stages (perturb, distill) and all four attacks once per seed (SEED,
+# SEED+1, ...) from the same base, unlearned and oracle models, and pools them in one report
+# with 95% intervals (about 2.5 more minutes per extra seed). Seed SEED writes `undo` and
+# `attacks/MODEL`, the others `undo-sK` and `attacks/MODEL-sK`.
 set -euo pipefail
 
 OUT="${OUT:-runs/arithmetic}"
 SEED="${SEED:-0}"
+SEEDS="${SEEDS:-1}"                        # UNDO stages and attacks per seed, pooled in the report
 ALPHA="${ALPHA:-0.6}"
 BETA="${BETA:-0.1}"
 PRESET="${PRESET:-tiny}"
@@ -65,23 +71,32 @@ undo unlearn "$OUT/base" "$OUT/unlearned" --method maxent --forget "$D/forget_tr
 fi
 [ "$STAGES" = prepare ] && exit 0
 
-echo "== perturb (alpha $ALPHA, beta $BETA) and distill" >&2
-undo perturb "$OUT/unlearned" "$OUT/perturbed" --alpha "$ALPHA" --beta "$BETA" --seed "$SEED" \
-  --overwrite --quiet
-undo distill "$OUT/undo" --teacher "$OUT/unlearned" --student "$OUT/perturbed" \
-  "${DISTILL_FILES[@]}" "${EVALS[@]}" \
-  --stop-when "retain.accuracy >= teacher - 0.05" --eval-every 50 \
-  --max-steps "$DISTILL_MAX_STEPS" --lr "$DISTILL_LR" --warmup-steps 20 "${TRAIN[@]}"
+REPORT=()
+for ((k = 0; k < SEEDS; k++)); do
+  seed=$((SEED + k))
+  tag=""; [ "$k" -gt 0 ] && tag="-s$k"
+  [ "$SEEDS" -gt 1 ] && echo "== seed $seed ($((k + 1)) of $SEEDS)" >&2
+  RUN=(--batch-size "$BATCH" --max-length "$LENGTH" --seed "$seed" --overwrite --quiet)
 
-echo "== relearning attacks" >&2
-for model in base unlearned undo oracle; do
-  undo relearn-attack "$OUT/$model" --data "$D/forget_train.jsonl" "${EVALS[@]}" \
-    --forget-metric forget.accuracy --lrs "$ATTACK_LRS" --steps "$ATTACK_STEPS" \
-    --eval-every "$EVAL_EVERY" --batch-size "$ATTACK_BATCH" --max-length "$LENGTH" --seed "$SEED" \
-    --out "$OUT/attacks/$model" --overwrite --quiet
+  echo "== perturb (alpha $ALPHA, beta $BETA) and distill" >&2
+  undo perturb "$OUT/unlearned" "$OUT/perturbed$tag" --alpha "$ALPHA" --beta "$BETA" \
+    --seed "$seed" --overwrite --quiet
+  undo distill "$OUT/undo$tag" --teacher "$OUT/unlearned" --student "$OUT/perturbed$tag" \
+    "${DISTILL_FILES[@]}" "${EVALS[@]}" \
+    --stop-when "retain.accuracy >= teacher - 0.05" --eval-every 50 \
+    --max-steps "$DISTILL_MAX_STEPS" --lr "$DISTILL_LR" --warmup-steps 20 "${RUN[@]}"
+
+  echo "== relearning attacks" >&2
+  for model in base unlearned undo oracle; do
+    target="$OUT/$model"; [ "$model" = undo ] && target="$OUT/undo$tag"
+    undo relearn-attack "$target" --data "$D/forget_train.jsonl" "${EVALS[@]}" \
+      --forget-metric forget.accuracy --lrs "$ATTACK_LRS" --steps "$ATTACK_STEPS" \
+      --eval-every "$EVAL_EVERY" --batch-size "$ATTACK_BATCH" --max-length "$LENGTH" \
+      --seed "$seed" --out "$OUT/attacks/$model$tag" --overwrite --quiet
+    REPORT+=("$model=$OUT/attacks/$model$tag")
+  done
 done
 
 echo "== report" >&2
-undo report "base=$OUT/attacks/base" "unlearned=$OUT/attacks/unlearned" \
-  "undo=$OUT/attacks/undo" "oracle=$OUT/attacks/oracle" --out "$OUT/report" --overwrite
+undo report "${REPORT[@]}" --out "$OUT/report" --overwrite
 echo "report: $OUT/report/report.md" >&2

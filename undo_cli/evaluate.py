@@ -68,6 +68,7 @@ from undo_cli.generation import (
     unwrap_model,
 )
 from undo_cli.records import EvalData, read_eval_data
+from undo_cli.stats import proportion_stderr, ratio_stderr, wilson_interval
 
 CHOICE_FORMATS = ("qa", "letters", "raw")
 DEFAULT_MAX_NEW_TOKENS = 32
@@ -274,7 +275,18 @@ def _loss_metrics(scores: list[tuple[float, int]]) -> dict[str, float]:
     total = sum(s for s, _ in scores)
     count = sum(n for _, n in scores)
     loss = -total / count if count else float("nan")
-    return {"loss": loss, "tokens": count}
+    stderr = ratio_stderr([-s for s, _ in scores], [n for _, n in scores])
+    return {"loss": loss, "loss_stderr": stderr, "tokens": count}
+
+
+def _accuracy_metrics(name: str, outcomes: list[float]) -> dict[str, float]:
+    """`name` (the mean of 0/1 outcomes), its standard error (lm-eval's `acc_stderr`) and
+    its 95% Wilson interval (`name_lower`, `name_upper`)."""
+    n = len(outcomes)
+    lower, upper = wilson_interval(sum(outcomes), n)
+    return {name: sum(outcomes) / n if n else float("nan"),
+            f"{name}_stderr": proportion_stderr(outcomes), f"{name}_lower": lower,
+            f"{name}_upper": upper}
 
 
 def _eval_share(model) -> tuple[int, int]:
@@ -314,7 +326,10 @@ def _shared_map(function: Callable[[list], list], items: list, share: tuple[int,
 def _evaluate_set(model, tokenizer, es: EvalSet, *, batch_size: int | None,
                   max_new_tokens: int, generate: bool, max_length: int,
                   device: torch.device, share: tuple[int, int] = (0, 1)
-                  ) -> tuple[dict[str, float], list[str] | None]:
+                  ) -> tuple[dict[str, float], list[str] | None, dict[str, Any]]:
+    """(metrics, generated answers or None, per-item results): `accuracy` / `accuracy_norm`
+    0/1 per item, `loss` as `(sums, counts)` of each item's negative log-likelihood and
+    tokens."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     chunk = es.shape == "text"
     requests: list[tuple[list[int], int]] = []
@@ -331,11 +346,12 @@ def _evaluate_set(model, tokenizer, es: EvalSet, *, batch_size: int | None,
     for i, (s, n) in zip(owner, scores):
         per_seq[i] = (per_seq[i][0] + s, per_seq[i][1] + n)
 
+    items: dict[str, Any] = {"loss": ([-s for s, _ in per_seq], [n for _, n in per_seq])}
     if es.shape == "text":
         metrics = _loss_metrics(per_seq)
         metrics["ppl"] = math.exp(metrics["loss"]) if metrics["loss"] < 700 else float("inf")
         metrics["n"] = es.n
-        return _ordered(metrics, ("loss", "ppl", "tokens", "n")), None
+        return _ordered(metrics, ("loss", "loss_stderr", "ppl", "tokens", "n")), None, items
     if es.shape == "completion":
         metrics = _loss_metrics(per_seq)
         answers = None
@@ -347,17 +363,21 @@ def _evaluate_set(model, tokenizer, es: EvalSet, *, batch_size: int | None,
                                              batch_size=batch_size, max_length=max_length,
                                              device=device),
                 prompts, share)
-            correct = sum(answers_match(a, b) for a, b in zip(answers, es.answers))
-            metrics["accuracy"] = correct / es.n
+            items["accuracy"] = [float(answers_match(a, b)) for a, b in zip(answers, es.answers)]
+            metrics.update(_accuracy_metrics("accuracy", items["accuracy"]))
         metrics["n"] = es.n
-        return _ordered(metrics, ("loss", "accuracy", "tokens", "n")), answers
-    correct = correct_norm = 0
+        order = ("loss", "loss_stderr", "accuracy", "accuracy_stderr", "accuracy_lower",
+                 "accuracy_upper", "tokens", "n")
+        return _ordered(metrics, order), answers, items
+    correct, correct_norm = [], []
     for (first, end), target in zip(es.groups, es.targets):
         ll = [per_seq[j][0] for j in range(first, end)]
         norm = [per_seq[j][0] / es.lengths[j] for j in range(first, end)]
-        correct += max(range(len(ll)), key=lambda k: (ll[k], -k)) == target
-        correct_norm += max(range(len(norm)), key=lambda k: (norm[k], -k)) == target
-    return {"accuracy": correct / es.n, "accuracy_norm": correct_norm / es.n, "n": es.n}, None
+        correct.append(float(max(range(len(ll)), key=lambda k: (ll[k], -k)) == target))
+        correct_norm.append(float(max(range(len(norm)), key=lambda k: (norm[k], -k)) == target))
+    items = {"accuracy": correct, "accuracy_norm": correct_norm}
+    return {**_accuracy_metrics("accuracy", correct),
+            **_accuracy_metrics("accuracy_norm", correct_norm), "n": es.n}, None, items
 
 
 def _ordered(metrics: dict[str, float], keys: Sequence[str]) -> dict[str, float]:
@@ -367,13 +387,18 @@ def _ordered(metrics: dict[str, float], keys: Sequence[str]) -> dict[str, float]
 def evaluate_model(model, tokenizer, sets: Sequence[EvalSet], *, batch_size: int | None = None,
                    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, generate: bool = True,
                    max_length: int | None = None, device: torch.device | str | None = None,
-                   answers: dict[str, list[str]] | None = None) -> dict[str, dict[str, float]]:
-    """Metrics of `model` on each set: `{set name: {metric: value}}` (module doc).
+                   answers: dict[str, list[str]] | None = None,
+                   items: dict[str, dict[str, Any]] | None = None
+                   ) -> dict[str, dict[str, float]]:
+    """Metrics of `model` on each set: `{set name: {metric: value}}` (module doc), with the
+    uncertainty of each (`METRIC_stderr`; `METRIC_lower`/`_upper`, a 95% Wilson interval, for
+    accuracies).
 
     `batch_size`: rows per batch (None: from a token budget). `generate=False` skips greedy
     generation (no `accuracy` on completion sets). `max_length`: the window (default: the
     model's maximum length, at most 4096). `device`: where inputs go (default: the model's).
-    `answers`: if given, filled with each completion set's generated answers. Runs in eval
+    `answers`: if given, filled with each completion set's generated answers; `items`: with
+    each set's per-item results (`_evaluate_set`), for bootstraps. Runs in eval
     mode under `torch.no_grad`; every submodule's train/eval mode is restored afterwards.
     Under a multi-process launch every process must call it: the work is split among them
     (`_eval_share`) and every process gets all the metrics.
@@ -397,11 +422,13 @@ def evaluate_model(model, tokenizer, sets: Sequence[EvalSet], *, batch_size: int
         model.eval()
         with torch.no_grad():
             for es in sets:
-                results[es.name], generated = _evaluate_set(
+                results[es.name], generated, per_item = _evaluate_set(
                     model, tokenizer, es, batch_size=batch_size, max_new_tokens=max_new_tokens,
                     generate=generate, max_length=window, device=device, share=share)
                 if answers is not None and generated is not None:
                     answers[es.name] = generated
+                if items is not None:
+                    items[es.name] = per_item
     finally:
         for module, training in modes.items():
             module.training = training
@@ -409,9 +436,12 @@ def evaluate_model(model, tokenizer, sets: Sequence[EvalSet], *, batch_size: int
 
 
 # Metrics each record shape produces (with generation), as `evaluate_model` computes them.
-SHAPE_METRICS = {"text": ("loss", "ppl", "tokens", "n"),
-                 "completion": ("loss", "accuracy", "tokens", "n"),
-                 "choice": ("accuracy", "accuracy_norm", "n")}
+SHAPE_METRICS = {"text": ("loss", "loss_stderr", "ppl", "tokens", "n"),
+                 "completion": ("loss", "loss_stderr", "accuracy", "accuracy_stderr",
+                                "accuracy_lower", "accuracy_upper", "tokens", "n"),
+                 "choice": ("accuracy", "accuracy_stderr", "accuracy_lower", "accuracy_upper",
+                            "accuracy_norm", "accuracy_norm_stderr", "accuracy_norm_lower",
+                            "accuracy_norm_upper", "n")}
 
 
 def expected_metrics(sets: Sequence[Any]) -> list[str]:

@@ -3,12 +3,13 @@
 Every function takes results as `undo_cli.relearn` writes them (results.json, schema in that
 module's docstring) and writes a PNG; matplotlib is imported only when a figure is drawn,
 through its object API (no global pyplot state, no display needed). Used by
-`undo relearn-attack` (relearn.png, and `--compare`) and meant for `undo report`.
+`undo relearn-attack` (relearn.png, and `--compare`), `undo probe` and `undo report`.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -63,37 +64,52 @@ def _finish(fig, ax, metric: str, title: str, path: str | Path) -> Path:
 
 
 def plot_attack(results: dict[str, Any], path: str | Path) -> Path:
-    """The attack on one model: every run's forget-metric curve (colour = learning rate),
-    quantised runs as crosses, the worst case in black, the threshold dotted."""
+    """The attack on one model: every run's forget-metric curve (one colour per configuration,
+    no yellow), quantised runs as crosses, static attacks as horizontal dotted lines (their
+    value holds at every step), the worst case as a black dashed line over its 95% band, the
+    threshold dotted."""
     from matplotlib import colormaps
 
     fig, ax = _figure()
     metric = results["forget_metric"]
     runs = results["runs"]
-    lrs = sorted({r["lr"] for r in runs if r.get("lr") is not None})
-    cmap = colormaps["viridis"]
-    colour = {lr: cmap(i / max(1, len(lrs) - 1)) for i, lr in enumerate(lrs)}
+    names = list(dict.fromkeys(r.get("config") or _lr_name(r) for r in runs))
+    if len(names) <= 10:
+        colour = {n: colormaps["tab10"](i) for i, n in enumerate(names)}
+    else:  # viridis without its yellow end, which the eye loses on white
+        colour = {n: colormaps["viridis"](0.85 * i / (len(names) - 1))
+                  for i, n in enumerate(names)}
     labelled: set[Any] = set()
+    last_step = max((e["step"] for e in results["worst_case"]), default=0)
     for run in runs:
         xs, ys = _series(run.get("curve", []), metric)
         if not xs:
             continue
-        c = colour.get(run.get("lr"), "tab:red")
+        name = run.get("config") or _lr_name(run)
+        c = colour[name]
         quantized = bool(run.get("quantize"))
-        key = (run.get("lr"), quantized)
         label = None
-        if key not in labelled:
-            labelled.add(key)
-            lr = "original" if run.get("lr") is None else f"lr {run['lr']:g}"
-            label = f"{lr}, {run['quantize']['bits']}-bit" if quantized else lr
+        if (name, quantized) not in labelled and len(names) <= 12:
+            labelled.add((name, quantized))
+            label = f"{name}, {run['quantize']['bits']}-bit" if quantized else name
         if quantized:
             ax.plot(xs, ys, linestyle="none", marker="x", markersize=7, color=c, label=label)
+        elif run.get("static"):
+            ax.plot([0, max(last_step, 1)], [ys[0], ys[0]], linestyle=":", linewidth=1.2,
+                    color=c, label=label)
         else:
             ax.plot(xs, ys, linewidth=1.0, alpha=0.7, color=c, label=label)
             if run.get("diverged") and xs:
                 ax.plot(xs[-1:], ys[-1:], marker="v", color=c, markersize=5)
-    xs, ys = _series([{"step": e["step"], "v": e["value"]} for e in results["worst_case"]], "v")
-    ax.plot(xs, ys, color="black", linewidth=2.2, label="worst case")
+    worst = results["worst_case"]
+    xs, ys = _series([{"step": e["step"], "v": e["value"]} for e in worst], "v")
+    band = [(e["step"], e["lower"], e["upper"]) for e in worst
+            if e.get("lower") is not None and e.get("upper") is not None]
+    if band:
+        bx, lo, hi = zip(*band)
+        ax.fill_between(bx, lo, hi, color="black", alpha=0.12, linewidth=0,
+                        label="worst case, 95% band")
+    ax.plot(xs, ys, color="black", linewidth=2.0, linestyle="--", label="worst case")
     threshold = results.get("summary", {}).get("threshold")
     if threshold is not None:
         ax.axhline(threshold, color="grey", linestyle=":", linewidth=1.2, label="threshold")
@@ -107,6 +123,10 @@ def plot_attack(results: dict[str, Any], path: str | Path) -> Path:
     return _finish(fig, ax, metric, title, path)
 
 
+def _lr_name(run: dict[str, Any]) -> str:
+    return "original" if run.get("lr") is None else f"lr {run['lr']:g}"
+
+
 def plot_compare(results: Sequence[dict[str, Any]], labels: Sequence[str],
                  path: str | Path) -> Path:
     """The worst-case curves of several attacked models (e.g. base, unlearned, UNDO,
@@ -114,20 +134,29 @@ def plot_compare(results: Sequence[dict[str, Any]], labels: Sequence[str],
     fig, ax = _figure()
     metric = results[0]["forget_metric"]
     for result, label in zip(results, labels):
-        xs, ys = _series([{"step": e["step"], "v": e["value"]} for e in result["worst_case"]],
-                         "v")
-        ax.plot(xs, ys, linewidth=1.8, marker="o", markersize=2.5, label=label)
+        worst = result["worst_case"]
+        xs, ys = _series([{"step": e["step"], "v": e["value"]} for e in worst], "v")
+        line = ax.plot(xs, ys, linewidth=1.8, marker="o", markersize=2.5, label=label)[0]
+        band = [(e["step"], e["lower"], e["upper"]) for e in worst
+                if e.get("lower") is not None and e.get("upper") is not None]
+        if band:
+            bx, lo, hi = zip(*band)
+            ax.fill_between(bx, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
     return _finish(fig, ax, metric, f"relearning attacks: worst-case {metric}", path)
 
 
 def plot_probes(results: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """Probe accuracy per layer, one line per checkpoint and one panel per data set, with each
     set's majority-class baseline dashed (`undo probe`)."""
-    import matplotlib.pyplot as plt
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     names = list(results[0]["probes"])
-    fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4.0), squeeze=False)
-    for ax, name in zip(axes[0], names):
+    fig = Figure(figsize=(5.5 * len(names), 4.0), dpi=DPI)
+    FigureCanvasAgg(fig)
+    for i, name in enumerate(names):
+        ax = fig.add_subplot(1, len(names), i + 1)
         for result in results:
             probe = result["probes"][name]
             ax.plot(probe["layers"], probe["accuracy"], marker="o", markersize=3,
@@ -141,10 +170,68 @@ def plot_probes(results: Sequence[dict[str, Any]], path: str | Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fig.savefig(path)
     return Path(path)
 
 
+def plot_report(report: dict[str, Any], directory: Path) -> list[str]:
+    """`undo report`'s three figures in `directory` (an empty list, with a note, without
+    matplotlib): the pooled worst-case curves with their 95% bands, relative compute against
+    relative robustness and retain against relearned forget performance, with intervals."""
+    if not matplotlib_available():
+        logging.getLogger(__name__).info(
+            "note: matplotlib is not installed, so the report has no figures "
+            "(pip install 'undo-cli[plot]')")
+        return []
+    fm = report["forget_metric"]
+    fig, ax = _figure(6.4, 4.2)
+    for label, curve in report["curves"].items():
+        line = ax.plot([p["step"] for p in curve], [p["value"] for p in curve], marker="o",
+                       markersize=3, label=label)[0]
+        band = [(p["step"], p["lower"], p["upper"]) for p in curve
+                if p.get("lower") is not None and p.get("upper") is not None]
+        if band:
+            steps, lows, highs = zip(*band)
+            ax.fill_between(steps, lows, highs, color=line.get_color(), alpha=0.15,
+                            linewidth=0)
+    _finish(fig, ax, f"{fm} (worst case)",
+            "Relearning attack: worst case for the defender (95% bands)",
+            directory / "relearn_curves.png")
+    written = ["relearn_curves.png"]
+
+    def scatter(name: str, xkey: str, ykey: str, xlabel: str, ylabel: str, title: str,
+                pct: bool) -> None:
+        fig, ax = _figure(5.6, 4.2)
+        scale = 100 if pct else 1
+        rows = [r for r in report["rows"] if r[xkey] is not None and r[ykey] is not None]
+        for r in rows:
+            x, y = r[xkey] * scale, r[ykey] * scale
+            low, high = r.get(f"{ykey}_lower"), r.get(f"{ykey}_upper")
+            if low is not None and high is not None:
+                ax.errorbar([x], [y], yerr=[[y - low * scale], [high * scale - y]], fmt="o",
+                            capsize=3)
+            else:
+                ax.scatter([x], [y], s=40)
+            ax.annotate(r["model"], (x, y), textcoords="offset points", xytext=(5, 5))
+        if not rows:
+            ax.text(0.5, 0.5, "needs --oracle and --unlearned results", ha="center",
+                    transform=ax.transAxes)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(directory / name)
+        written.append(name)
+
+    scatter("pareto.png", "relative_compute", "relative_robustness",
+            "compute relative to the oracle (%)", "relative robustness (%, 95% interval)",
+            "Compute against robustness", pct=True)
+    scatter("retain_vs_forget.png", "forget_after", "retain",
+            f"{fm} after the attack", report["retain_metric"] or "retain",
+            "Retain performance against relearned forget performance", pct=False)
+    return written
+
+
 __all__ = ["INSTALL_HINT", "matplotlib_available", "plot_attack", "plot_compare",
-           "plot_probes", "require_matplotlib"]
+           "plot_probes", "plot_report", "require_matplotlib"]

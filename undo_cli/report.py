@@ -1,8 +1,10 @@
-"""`undo report`: one table and three figures comparing attacked models.
+"""`undo report`: one table and three figures comparing attacked models, seeds pooled, with
+bootstrap intervals.
 
 Input: the results directories written by `undo relearn-attack` (each holds `results.json` and
 an `undo.json` whose parent is the attacked checkpoint, with that checkpoint's whole manifest
-chain). Output, in `--out`:
+chain), each `LABEL=RESULTS_DIR`, `LABEL=GLOB` or a bare directory (labelled by its name).
+Several directories under one label are pooled as seeds of that model. Output, in `--out`:
 
 - `report.md`: per model, the retain metric and the forget metric before the attack, the
   worst-case forget metric after it, the compute spent to make the model relative to the
@@ -10,12 +12,22 @@ chain). Output, in `--out`:
   `(P_model - P_unlearned) / (P_oracle - P_unlearned)`, P the worst-case forget metric after
   the attack (the paper's definition: 0 = as fragile as unlearning alone, 1 = as robust as
   data filtering); and the same ratio over the whole attack, with each model's AUC (the mean
-  of its worst-case curve) in place of P. The final point of one attack is noisy at small
-  scale (docs/benchmarks.md: 38-53% over three seeds of the demo, where the AUC ratio gave
-  62-77%); the AUC ratio weighs every evaluation of the attack.
-- `relearn_curves.png` (worst-case relearning curves of all models), `pareto.png` (relative
-  compute against relative robustness) and `retain_vs_forget.png` (retain performance against
-  relearned forget performance); `report.json` with the same numbers.
+  of its worst-case curve) in place of P. Each with its 95% bootstrap interval, and a
+  statement of whether the model is significantly more robust than the unlearned model
+  (interval above 0%) and below, level with or above the oracle (interval below, around or
+  above 100%).
+- `relearn_curves.png` (pooled worst-case curves with their bands), `pareto.png` (relative
+  compute against relative robustness, with intervals) and `retain_vs_forget.png`;
+  `report.json` with the same numbers.
+
+Pooling: a label's value (final, AUC, curve point, retain, compute) is the mean over its seeds.
+The bootstrap (`bootstrap`) resamples, in each of `samples` rounds, each label's seeds with
+replacement and, within them, the evaluation items (one draw of the items shared by every
+model evaluated on the same set, so the comparison is paired), recomputes every seed's curve
+from the per-item values results.json keeps with each worst-case point, and takes the ratio
+again; the interval is the 2.5-97.5 percentile. The worst configuration of each point is held
+fixed within a seed (relearn-attack's own band re-selects it). A label with one seed and no
+per-item values (results of undo < 0.9) has no interval.
 
 Compute of a model = the FLOPs recorded in its manifest chain (every stage's `compute.flops`),
 minus the chain of the base model when the base is one of its ancestors: what it cost to make
@@ -25,14 +37,25 @@ oracle, which does not descend from the base).
 
 from __future__ import annotations
 
+import glob
 import json
-import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from undo_cli.errors import UsageError
 from undo_cli.jsontext import to_json
+from undo_cli.stats import (
+    BOOTSTRAP_SAMPLES,
+    LEVEL,
+    curve_from_items,
+    percentile,
+    resample_counts,
+    trapezoid_mean,
+)
 
 ROLES = ("base", "unlearned", "oracle")
 
@@ -47,9 +70,6 @@ class AttackedModel:
     manifest: dict[str, Any] | None
     ancestors: set[str] = field(default_factory=set)  # fingerprints in the chain
     chain_flops: float = 0.0
-    compute: float | None = None  # FLOPs to make it from the base
-    robustness: float | None = None
-    robustness_auc: float | None = None
 
     @property
     def fingerprint(self) -> str | None:
@@ -72,6 +92,30 @@ class AttackedModel:
         return self.results.get("summary", {}).get("final")
 
 
+@dataclass
+class PooledModel:
+    """Every seed (results directory) of one label."""
+
+    label: str
+    seeds: list[AttackedModel]
+    compute: float | None = None  # FLOPs to make it from the base (mean over seeds)
+
+    def mean(self, value_of) -> float | None:
+        """The mean over seeds of `value_of(seed)` (None if any seed lacks it)."""
+        values = [value_of(m) for m in self.seeds]
+        if any(v is None for v in values):
+            return None
+        return float(np.mean(values))
+
+    @property
+    def fingerprints(self) -> set[str | None]:
+        return {m.fingerprint for m in self.seeds}
+
+    @property
+    def has_items(self) -> bool:
+        return all("items" in p for m in self.seeds for p in m.results["worst_case"])
+
+
 def _checkpoint_manifest(results_manifest: dict | None) -> dict | None:
     """The attacked checkpoint's own manifest, embedded as the results' parent."""
     if not results_manifest:
@@ -84,7 +128,6 @@ def _checkpoint_manifest(results_manifest: dict | None) -> dict | None:
 
 def _chain(manifest: dict | None) -> tuple[float, set[str]]:
     """Total FLOPs of a manifest chain and the fingerprints of all its ancestors."""
-    flops: list[float] = []
     prints: set[str] = set()
     # Stages reached along two paths (e.g. a teacher that is also the perturbed student's
     # parent) are embedded twice; count each distinct stage once by its content.
@@ -105,17 +148,13 @@ def _chain(manifest: dict | None) -> tuple[float, set[str]]:
             collect(p.get("manifest"))
 
     collect(manifest)
-    for m in unique.values():
-        flops.append(float((m.get("compute") or {}).get("flops") or 0.0))
-    return sum(flops), prints
+    flops = sum(float((m.get("compute") or {}).get("flops") or 0.0) for m in unique.values())
+    return flops, prints
 
 
-def load_attacked(spec: str) -> AttackedModel:
-    """`LABEL=RESULTS_DIR` or `RESULTS_DIR` (labelled by its directory name)."""
-    label, sep, path = spec.partition("=")
-    if not sep:
-        label, path = Path(spec).name, spec
-    directory = Path(path)
+def load_attacked(label: str, directory: str | Path) -> AttackedModel:
+    """The results directory `directory` under `label`."""
+    directory = Path(directory)
     file = directory / "results.json"
     if not file.is_file():
         raise UsageError(f"{directory} holds no results.json (expected a results directory of "
@@ -134,6 +173,31 @@ def load_attacked(spec: str) -> AttackedModel:
     return model
 
 
+def parse_specs(specs: list[str]) -> dict[str, list[Path]]:
+    """`LABEL=RESULTS_DIR`, `LABEL=GLOB` or `RESULTS_DIR` -> directories per label, in order;
+    a label given several times (or a glob matching several directories) pools them as
+    seeds."""
+    groups: dict[str, list[Path]] = {}
+    for spec in specs:
+        label, sep, path = spec.partition("=")
+        if not sep:
+            label, path = Path(spec).name, spec
+        if not label:
+            raise UsageError(f"{spec!r}: empty label (use LABEL=RESULTS_DIR)")
+        if glob.has_magic(path):
+            matches = sorted(glob.glob(path))
+            if not matches:
+                raise UsageError(f"{spec!r}: the pattern matches no directory")
+            paths = [Path(m) for m in matches]
+        else:
+            paths = [Path(path)]
+        for p in paths:
+            if p in groups.setdefault(label, []):
+                raise UsageError(f"{p} is given twice under label {label!r}")
+            groups[label].append(p)
+    return groups
+
+
 def relative_robustness(p_model: float, p_unlearned: float, p_oracle: float) -> float | None:
     """(P_model - P_unlearned) / (P_oracle - P_unlearned); None when the denominator is 0."""
     span = p_oracle - p_unlearned
@@ -142,14 +206,86 @@ def relative_robustness(p_model: float, p_unlearned: float, p_oracle: float) -> 
     return (p_model - p_unlearned) / span
 
 
+# ------------------------------------------------------------------------------- bootstrap
+
+
+def _seed_samples(model: AttackedModel, weights: dict[int, np.ndarray], samples: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One seed under the item resamples: (final, AUC) `[samples]` each and the curve
+    `[samples, points]`; the stored values repeated where its points keep no items."""
+    worst = model.results["worst_case"]
+    steps = [p["step"] for p in worst]
+    if worst and all("items" in p for p in worst):
+        n = len(worst[0]["items"]["num"])
+        curve = curve_from_items(worst, model.forget_metric, weights.get(n))
+        if curve.shape[0] == 1:
+            curve = np.repeat(curve, samples, 0)
+    else:
+        curve = np.tile(np.array([[p["value"] for p in worst]], dtype=np.float64),
+                        (samples, 1))
+    return curve[:, -1], trapezoid_mean(steps, curve), curve
+
+
+def bootstrap(models: dict[str, PooledModel], *, samples: int = BOOTSTRAP_SAMPLES,
+              seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
+    """Per label, resampled pooled `final`, `auc` `[samples]` and `curve` `[samples, steps]`
+    (on the steps every seed evaluated; module doc)."""
+    rng = np.random.default_rng([seed, 17])
+    sizes = {len(p["items"]["num"]) for pooled in models.values() for m in pooled.seeds
+             for p in m.results["worst_case"] if "items" in p}
+    weights = {n: resample_counts(n, samples, rng) for n in sorted(sizes)}
+    out = {}
+    for label, pooled in models.items():
+        per_seed = [_seed_samples(m, weights, samples) for m in pooled.seeds]
+        draws = rng.integers(0, len(per_seed), size=(samples, len(per_seed)))
+        rows = np.arange(samples)[:, None]
+        finals = np.stack([f for f, _, _ in per_seed], 1)[rows, draws].mean(1)
+        aucs = np.stack([a for _, a, _ in per_seed], 1)[rows, draws].mean(1)
+        steps = _common_steps(pooled)
+        curves = np.stack([c[:, [_steps(m).index(s) for s in steps]]
+                           for m, (_, _, c) in zip(pooled.seeds, per_seed)], 1)
+        out[label] = {"final": finals, "auc": aucs, "steps": np.asarray(steps),
+                      "curve": curves[rows, draws].mean(1)}
+    return out
+
+
+def _steps(model: AttackedModel) -> list[int]:
+    return [p["step"] for p in model.results["worst_case"]]
+
+
+def _common_steps(pooled: PooledModel) -> list[int]:
+    common = set(_steps(pooled.seeds[0]))
+    for m in pooled.seeds[1:]:
+        common &= set(_steps(m))
+    return sorted(common)
+
+
+def _ratio_samples(model: np.ndarray, unlearned: np.ndarray, oracle: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (model - unlearned) / (oracle - unlearned)
+
+
+def significance(lower: float | None, upper: float | None) -> dict[str, Any] | None:
+    """What a relative-robustness interval says: above the unlearned model (lower > 0), and
+    `below`, `level` with or `above` the oracle (upper < 1, 1 inside, lower > 1)."""
+    if lower is None or upper is None:
+        return None
+    versus = "below" if upper < 1 else "above" if lower > 1 else "level"
+    return {"above_unlearned": lower > 0, "versus_oracle": versus}
+
+
+# ---------------------------------------------------------------------------------- report
+
+
 def build_report(specs: list[str], *, roles: dict[str, str] | None = None,
-                 retain_metric: str | None = None) -> dict[str, Any]:
+                 retain_metric: str | None = None, samples: int = BOOTSTRAP_SAMPLES,
+                 seed: int = 0) -> dict[str, Any]:
     """Numbers of the report (also written as report.json)."""
-    models = [load_attacked(s) for s in specs]
-    labels = [m.label for m in models]
-    if len(set(labels)) != len(labels):
-        raise UsageError(f"model labels must be unique (got {labels}); use LABEL=RESULTS_DIR")
-    metrics = {m.forget_metric for m in models}
+    groups = parse_specs(specs)
+    models = {label: PooledModel(label, [load_attacked(label, p) for p in paths])
+              for label, paths in groups.items()}
+    labels = list(models)
+    metrics = {m.forget_metric for pooled in models.values() for m in pooled.seeds}
     if len(metrics) != 1:
         raise UsageError(f"the results use different forget metrics {sorted(metrics)}")
     forget_metric = metrics.pop()
@@ -158,48 +294,93 @@ def build_report(specs: list[str], *, roles: dict[str, str] | None = None,
         roles.setdefault(role, role if role in labels else "")
         if roles[role] and roles[role] not in labels:
             raise UsageError(f"--{role} {roles[role]!r} is not one of the labels {labels}")
-    by_label = {m.label: m for m in models}
-    base = by_label.get(roles["base"])
-    for m in models:
-        m.compute = m.chain_flops
-        if base is not None and m is not base and base.fingerprint in m.ancestors:
-            m.compute = m.chain_flops - base.chain_flops
-        elif m is base:
-            m.compute = 0.0
-    oracle, unlearned = by_label.get(roles["oracle"]), by_label.get(roles["unlearned"])
-    if oracle and unlearned and oracle.forget_after is not None \
-            and unlearned.forget_after is not None:
-        for m in models:
-            if m.forget_after is not None:
-                m.robustness = relative_robustness(m.forget_after, unlearned.forget_after,
-                                                   oracle.forget_after)
-    if oracle and unlearned and oracle.auc is not None and unlearned.auc is not None:
-        for m in models:
-            if m.auc is not None:
-                m.robustness_auc = relative_robustness(m.auc, unlearned.auc, oracle.auc)
+    base = models.get(roles["base"])
+    base_flops = base.mean(lambda m: m.chain_flops) if base else None
+    for pooled in models.values():
+        if pooled is base:
+            pooled.compute = 0.0
+        else:
+            pooled.compute = pooled.mean(
+                lambda m: m.chain_flops - base_flops
+                if base is not None and base.fingerprints & m.ancestors else m.chain_flops)
+    oracle, unlearned = models.get(roles["oracle"]), models.get(roles["unlearned"])
     if retain_metric is None:
-        set_name = forget_metric.split(".")[0]
-        kind = forget_metric.split(".", 1)[1]
-        candidates = [k for k in models[0].results.get("initial", {})
-                      if k.endswith("." + kind) and not k.startswith(set_name + ".")]
-        retain_metric = candidates[0] if candidates else None
+        retain_metric = _default_retain_metric(forget_metric, next(iter(models.values())))
+    resampled = bootstrap(models, samples=samples, seed=seed)
     oracle_compute = oracle.compute if oracle and oracle.compute else None
     rows = []
-    for m in models:
-        initial = m.results.get("initial", {})
-        rows.append({
-            "model": m.label, "results": str(m.path),
-            "retain": initial.get(retain_metric) if retain_metric else None,
-            "forget_before": m.forget_before, "forget_after": m.forget_after,
-            "auc": m.auc,
-            "compute_flops": m.compute,
-            "relative_compute": (m.compute / oracle_compute) if oracle_compute else None,
-            "relative_robustness": m.robustness,
-            "relative_robustness_auc": m.robustness_auc,
-        })
+    for label, pooled in models.items():
+        own = resampled[label]
+        uncertain = len(pooled.seeds) > 1 or pooled.has_items
+        row = {
+            "model": label, "results": str(pooled.seeds[0].path),
+            "results_dirs": [str(m.path) for m in pooled.seeds], "seeds": len(pooled.seeds),
+            "retain": pooled.mean(lambda m: m.results.get("initial", {}).get(retain_metric))
+            if retain_metric else None,
+            "forget_before": pooled.mean(lambda m: m.forget_before),
+            "forget_after": pooled.mean(lambda m: m.forget_after),
+            "auc": pooled.mean(lambda m: m.auc),
+            "compute_flops": pooled.compute,
+            "relative_compute": (pooled.compute / oracle_compute)
+            if oracle_compute and pooled.compute is not None else None,
+        }
+        for key, samples_of in (("forget_after", own["final"]), ("auc", own["auc"])):
+            low, high = percentile(samples_of) if uncertain else (None, None)
+            row[f"{key}_lower"], row[f"{key}_upper"] = low, high
+        row["significance"] = {}
+        for name, key in (("relative_robustness", "forget_after"),
+                          ("relative_robustness_auc", "auc")):
+            point = low = high = None
+            if oracle and unlearned and None not in (row[key], _mean_of(oracle, key),
+                                                     _mean_of(unlearned, key)):
+                point = relative_robustness(row[key], _mean_of(unlearned, key),
+                                            _mean_of(oracle, key))
+                kind = "final" if key == "forget_after" else "auc"
+                if point is not None and uncertain and pooled not in (oracle, unlearned):
+                    low, high = percentile(_ratio_samples(
+                        own[kind], resampled[unlearned.label][kind],
+                        resampled[oracle.label][kind]))
+                    low, high = _finite_or_none(low), _finite_or_none(high)
+            row[name], row[f"{name}_lower"], row[f"{name}_upper"] = point, low, high
+            verdict = significance(low, high)
+            if verdict is not None:
+                row["significance"]["final" if key == "forget_after" else "auc"] = verdict
+        rows.append(row)
+    curves = {}
+    for label, pooled in models.items():
+        steps = resampled[label]["steps"].tolist()
+        mean = [float(np.mean([_value_at(m, s) for m in pooled.seeds])) for s in steps]
+        lows, highs = zip(*(percentile(resampled[label]["curve"][:, j])
+                            for j in range(len(steps)))) if steps else ((), ())
+        curves[label] = [{"step": s, "value": v, "lower": lo, "upper": hi}
+                         if len(pooled.seeds) > 1 or pooled.has_items
+                         else {"step": s, "value": v}
+                         for s, v, lo, hi in zip(steps, mean, lows, highs)]
     return {"forget_metric": forget_metric, "retain_metric": retain_metric, "roles": roles,
-            "direction": models[0].results.get("direction"), "rows": rows,
-            "curves": {m.label: m.results["worst_case"] for m in models}}
+            "direction": next(iter(models.values())).seeds[0].results.get("direction"),
+            "rows": rows, "curves": curves,
+            "uncertainty": {"method": "bootstrap over seeds and items", "samples": samples,
+                            "level": LEVEL, "seed": seed}}
+
+
+def _mean_of(pooled: PooledModel, key: str) -> float | None:
+    return pooled.mean(lambda m: m.forget_after if key == "forget_after" else m.auc)
+
+
+def _value_at(model: AttackedModel, step: int) -> float:
+    return next(p["value"] for p in model.results["worst_case"] if p["step"] == step)
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _default_retain_metric(forget_metric: str, pooled: PooledModel) -> str | None:
+    """The forget metric's kind on another set (`forget.accuracy` -> `retain.accuracy`)."""
+    set_name, kind = forget_metric.split(".", 1)
+    candidates = [k for k in pooled.seeds[0].results.get("initial", {})
+                  if k.endswith("." + kind) and not k.startswith(set_name + ".")]
+    return candidates[0] if candidates else None
 
 
 def _fmt(value: Any, pct: bool = False) -> str:
@@ -210,25 +391,63 @@ def _fmt(value: Any, pct: bool = False) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
+def with_interval(row: dict[str, Any], key: str, pct: bool = False) -> str:
+    """`56% [31%, 82%]`: a value and its 95% interval (the value alone without one)."""
+    text = _fmt(row.get(key), pct)
+    low, high = row.get(f"{key}_lower"), row.get(f"{key}_upper")
+    if row.get(key) is None or low is None or high is None:
+        return text
+    return f"{text} [{_fmt(low, pct)}, {_fmt(high, pct)}]"
+
+
+def verdicts(report: dict[str, Any]) -> list[str]:
+    """One sentence per model with an interval of its relative robustness."""
+    lines = []
+    for row in report["rows"]:
+        for kind, key, what in (("final", "relative_robustness", "after the attack"),
+                                ("auc", "relative_robustness_auc", "over the attack (AUC)")):
+            verdict = row["significance"].get(kind)
+            if verdict is None:
+                continue
+            above = ("significantly more robust than the unlearned model"
+                     if verdict["above_unlearned"]
+                     else "not significantly more robust than the unlearned model")
+            oracle = {"below": "significantly less robust than the oracle",
+                      "level": "level with the oracle (its interval contains 100%)",
+                      "above": "significantly more robust than the oracle"}
+            lines.append(f"- **{row['model']}**, {what}: relative robustness "
+                         f"{with_interval(row, key, pct=True)} ({row['seeds']} seed"
+                         f"{'s' if row['seeds'] != 1 else ''}): {above}; "
+                         f"{oracle[verdict['versus_oracle']]}.")
+    return lines
+
+
 def render_markdown(report: dict[str, Any]) -> str:
-    """`report.md`: the table and the figures, readable on its own."""
+    """`report.md`: the table, the verdicts and the figures, readable on its own."""
     fm, rm = report["forget_metric"], report["retain_metric"] or "retain"
+    u = report["uncertainty"]
     lines = [
         "# UNDO report", "",
-        f"Forget metric: `{fm}` (worst case over the attack's learning rates); retain metric: "
-        f"`{rm}`. Relative robustness = (P_model - P_unlearned) / (P_oracle - P_unlearned) "
-        "with P the forget metric after the attack; the AUC column puts each model's mean over "
-        "its whole worst-case curve in place of P (steadier than one final point); compute "
-        "relative to the oracle's.", "",
-        f"| model | {rm} | {fm} before attack | {fm} after attack | relative compute | "
-        "relative robustness | relative robustness (AUC) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"Forget metric: `{fm}` (worst case over the attack's configurations); retain "
+        f"metric: `{rm}`. Relative robustness = (P_model - P_unlearned) / (P_oracle - "
+        "P_unlearned) with P the forget metric after the attack; the AUC column puts each "
+        "model's mean over its whole worst-case curve in place of P (steadier than one final "
+        "point); compute relative to the oracle's. Several results directories under one "
+        "label are pooled as seeds (means); brackets: 95% bootstrap intervals "
+        f"({u['samples']} resamples of the seeds and, within them, the evaluation items).", "",
+        f"| model | seeds | {rm} | {fm} before attack | {fm} after attack | relative compute "
+        "| relative robustness | relative robustness (AUC) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in report["rows"]:
-        lines.append(f"| {r['model']} | {_fmt(r['retain'])} | {_fmt(r['forget_before'])} | "
-                     f"{_fmt(r['forget_after'])} | {_fmt(r['relative_compute'], pct=True)} | "
-                     f"{_fmt(r['relative_robustness'], pct=True)} | "
-                     f"{_fmt(r['relative_robustness_auc'], pct=True)} |")
+        lines.append(f"| {r['model']} | {r['seeds']} | {_fmt(r['retain'])} | "
+                     f"{_fmt(r['forget_before'])} | {with_interval(r, 'forget_after')} | "
+                     f"{_fmt(r['relative_compute'], pct=True)} | "
+                     f"{with_interval(r, 'relative_robustness', pct=True)} | "
+                     f"{with_interval(r, 'relative_robustness_auc', pct=True)} |")
+    found = verdicts(report)
+    if found:
+        lines += ["", "## Is it significant?", "", *found]
     lines += ["", "![worst-case relearning curves](relearn_curves.png)", "",
               "![compute against robustness](pareto.png)", "",
               "![retain against relearned forget performance](retain_vs_forget.png)", ""]
@@ -236,77 +455,22 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 
 def write_report(specs: list[str], out: str | Path, *, roles: dict[str, str] | None = None,
-                 retain_metric: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+                 retain_metric: str | None = None, overwrite: bool = False,
+                 samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> dict[str, Any]:
     """Build the report and write `report.md`, `report.json` and the figures into `out`."""
     from undo_cli.checkpoint import atomic_output, build_manifest, write_manifest
+    from undo_cli.plots import plot_report
 
-    report = build_report(specs, roles=roles, retain_metric=retain_metric)
+    report = build_report(specs, roles=roles, retain_metric=retain_metric, samples=samples,
+                          seed=seed)
     # REPORT_DIR may not lie inside, or (with --overwrite) replace, a results directory.
-    inputs = [Path(row["results"]) for row in report["rows"]]
+    inputs = [Path(d) for row in report["rows"] for d in row["results_dirs"]]
     with atomic_output(out, inputs=inputs, overwrite=overwrite) as tmp:
         (tmp / "report.md").write_text(render_markdown(report))
         (tmp / "report.json").write_text(to_json(report, indent=2) + "\n")
-        figures = write_figures(report, tmp)
-        write_manifest(tmp, build_manifest("report", arguments={"results": specs,
-                                                                 "roles": report["roles"]}))
+        figures = plot_report(report, tmp)
+        write_manifest(tmp, build_manifest("report", arguments={
+            "results": specs, "roles": report["roles"], "bootstrap_samples": samples,
+            "seed": seed}))
     report["figures"] = figures
     return report
-
-
-def write_figures(report: dict[str, Any], directory: Path) -> list[str]:
-    """The three PNG figures (an empty list, with a note, when matplotlib is missing)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logging.getLogger(__name__).info(
-            "note: matplotlib is not installed, so the report has no figures "
-            "(pip install 'undo-cli[plot]')")
-        return []
-    fm = report["forget_metric"]
-    written = []
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for label, curve in report["curves"].items():
-        ax.plot([p["step"] for p in curve], [p["value"] for p in curve], marker="o",
-                markersize=3, label=label)
-    ax.set_xlabel("relearning steps")
-    ax.set_ylabel(f"{fm} (worst case over learning rates)")
-    ax.set_title("Relearning attack: worst case for the defender")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(directory / "relearn_curves.png", dpi=120)
-    plt.close(fig)
-    written.append("relearn_curves.png")
-
-    def scatter(name: str, xkey: str, ykey: str, xlabel: str, ylabel: str, title: str,
-                pct: bool) -> None:
-        fig, ax = plt.subplots(figsize=(5.6, 4.2))
-        points = [(r[xkey], r[ykey], r["model"]) for r in report["rows"]
-                  if r[xkey] is not None and r[ykey] is not None]
-        for x, y, label in points:
-            scale = 100 if pct else 1
-            ax.scatter(x * scale, y * scale, s=40)
-            ax.annotate(label, (x * scale, y * scale), textcoords="offset points",
-                        xytext=(5, 5))
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        if not points:
-            ax.text(0.5, 0.5, "needs --oracle and --unlearned results", ha="center",
-                    transform=ax.transAxes)
-        fig.tight_layout()
-        fig.savefig(directory / name, dpi=120)
-        plt.close(fig)
-        written.append(name)
-
-    scatter("pareto.png", "relative_compute", "relative_robustness",
-            "compute relative to the oracle (%)", "relative robustness (%)",
-            "Compute against robustness", pct=True)
-    scatter("retain_vs_forget.png", "forget_after", "retain",
-            f"{fm} after the attack", report["retain_metric"] or "retain",
-            "Retain performance against relearned forget performance", pct=False)
-    return written

@@ -74,17 +74,36 @@ def load_eval_sets(evals: EvalOptions, tokenizer, *, limit: int | None = None,
             for name, path in parse_named_specs(evals.eval)]
 
 
-def measure(tokenizer, sets: Sequence[Any], evals: EvalOptions
-            ) -> Callable[[Any], dict[str, float]]:
-    """`measure(model)`: the flat metrics (`SET.METRIC`) of `model` on `sets`."""
-    from undo_cli.evaluate import evaluate_model, flatten_metrics
+class Measure:
+    """`measure(model)`: the flat metrics (`SET.METRIC`) of `model` on the eval sets; `items`
+    holds the last call's per-item results (for bootstraps), `eval_s` and `evaluations` the
+    time spent and the calls made."""
 
-    def run(model) -> dict[str, float]:
-        return flatten_metrics(evaluate_model(model, tokenizer, sets,
-                                              batch_size=evals.eval_batch_size,
-                                              max_new_tokens=evals.max_new_tokens))
+    def __init__(self, tokenizer, sets: Sequence[Any], evals: EvalOptions):
+        self.tokenizer, self.sets, self.evals = tokenizer, sets, evals
+        self.items: dict[str, Any] = {}
+        self.eval_s = 0.0
+        self.evaluations = 0
 
-    return run
+    def __call__(self, model) -> dict[str, float]:
+        from undo_cli.evaluate import evaluate_model, flatten_metrics
+
+        started = time.perf_counter()
+        items: dict[str, Any] = {}
+        try:
+            metrics = flatten_metrics(evaluate_model(
+                model, self.tokenizer, self.sets, batch_size=self.evals.eval_batch_size,
+                max_new_tokens=self.evals.max_new_tokens, items=items))
+        finally:
+            self.eval_s += time.perf_counter() - started
+            self.evaluations += 1
+        self.items = items
+        return metrics
+
+
+def measure(tokenizer, sets: Sequence[Any], evals: EvalOptions) -> Measure:
+    """A `Measure` of `sets` with `evals`' batch size and generation length."""
+    return Measure(tokenizer, sets, evals)
 
 
 def evaluation_hook(tokenizer, sets: Sequence[Any], evals: EvalOptions):

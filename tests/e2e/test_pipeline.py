@@ -66,6 +66,24 @@ def test_arithmetic_pipeline_smoke(tmp_path):
     assert second["compute"]["flops_teacher"] == 0  # read from the teacher cache
     assert second["compute"]["teacher_cache"]["hits"] == second["compute"]["steps"]
 
+    # SEEDS=2 from perturb on: a second UNDO model and attack set, pooled in one report.
+    done = subprocess.run(["bash", str(ROOT / "examples" / "arithmetic.sh")], cwd=tmp_path,
+                          env={**env, "STAGES": "undo", "SEEDS": "2"}, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "undo-s1" / "undo.json").read_text())["arguments"]["seed"] == 1
+    pooled = json.loads((out / "report" / "report.json").read_text())
+    rows = {r["model"]: r for r in pooled["rows"]}
+    assert list(rows) == ["base", "unlearned", "undo", "oracle"]
+    assert all(r["seeds"] == 2 for r in rows.values())
+    assert rows["undo"]["results_dirs"] == [str(out / "attacks" / "undo"),
+                                            str(out / "attacks" / "undo-s1")]
+    finals = [json.loads((out / "attacks" / d / "results.json").read_text())["summary"]["final"]
+              for d in ("undo", "undo-s1")]
+    assert rows["undo"]["forget_after"] == pytest.approx(sum(finals) / 2)
+    assert rows["undo"]["forget_after_lower"] <= rows["undo"]["forget_after"] \
+        <= rows["undo"]["forget_after_upper"]
+
 
 @pytest.mark.slow
 def test_the_demo_shows_the_papers_ordering(tmp_path):

@@ -433,8 +433,14 @@ def test_quantize_only_attack(toy):
     (run,) = res["runs"]
     assert run["lr"] is None and run["quantize"]["bits"] == 8 and run["quantize"]["layers"] > 0
     assert [e["step"] for e in run["curve"]] == [0]
-    assert res["worst_case"] == [{"step": 0, "value": run["curve"][0]["forget.accuracy"],
-                                  "lr": None, "config": "original", "quantized": True}]
+    (point,) = res["worst_case"]
+    assert {k: point[k] for k in ("step", "value", "lr", "config", "quantized")} == {
+        "step": 0, "value": run["curve"][0]["forget.accuracy"], "lr": None,
+        "config": "original", "quantized": True}
+    # One evaluation of the 10 forget items: the band resamples them, the items are kept.
+    assert point["lower"] <= point["value"] <= point["upper"]
+    assert len(point["items"]["num"]) == 10
+    assert sum(point["items"]["num"]) / 10 == pytest.approx(point["value"])
     # 8 bits barely change this model
     assert run["curve"][0]["retain.accuracy"] == res["initial"]["retain.accuracy"]
     assert run["curve"][0]["retain.loss"] == pytest.approx(res["initial"]["retain.loss"],
@@ -499,6 +505,15 @@ def test_gate_values_names():
     assert values["initial.r.accuracy"] == 1.0 and values["auc"] == 0.25
     assert values["steps_to_threshold"] == math.inf
     assert set(values) <= set(attack_gate_names(["f.accuracy", "r.accuracy"], 0.9))
+    # With a band: the forget metric's bounds are the worst case's, the summary's its own.
+    results["forget_metric"] = "f.accuracy"
+    results["worst_case"][-1].update(lower=0.3, upper=0.7)
+    results["summary"].update(final_lower=0.3, final_upper=0.7, auc_lower=0.1, auc_upper=0.4)
+    values = relearn.gate_values(results)
+    assert values["worst.f.accuracy.lower"] == 0.3 and values["worst.f.accuracy.upper"] == 0.7
+    assert values["final.upper"] == 0.7 and values["auc.lower"] == 0.1
+    measured = ["f.accuracy", "f.accuracy_lower", "f.accuracy_upper", "r.accuracy"]
+    assert set(values) <= set(attack_gate_names(measured, 0.9))
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from undo_cli.report import build_report, relative_robustness
@@ -99,4 +100,120 @@ def test_report_cli_writes_markdown_and_figures(cli, tmp_path):
 def test_report_refuses_bad_inputs(cli, tmp_path):
     result = cli("report", tmp_path, "--out", tmp_path / "r")
     assert result.exit_code == 2 and "results.json" in result.stderr
+    assert not (tmp_path / "r").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Seeds pooled, bootstrap intervals
+# --------------------------------------------------------------------------------------------
+
+
+def _seed_dir(root: Path, name: str, curve: list[float], items: list[list[float]] | None = None,
+              retain: float = 0.9) -> Path:
+    """A results directory whose worst case is `curve` at steps 0, 10, 20..., each point
+    optionally with its per-item 0/1 values."""
+    d = root / name
+    d.mkdir(parents=True)
+    worst = [{"step": 10 * i, "value": v, "lr": 1e-4}
+             for i, v in enumerate(curve or [0.0] * len(items or []))]
+    if items is not None:
+        for point, values in zip(worst, items):
+            point["items"] = {"num": values, "den": [1.0] * len(values)}
+            point["value"] = sum(values) / len(values)
+    steps = [p["step"] for p in worst]
+    values = [p["value"] for p in worst]
+    auc = sum((values[i] + values[i + 1]) / 2 * (steps[i + 1] - steps[i])
+              for i in range(len(steps) - 1)) / (steps[-1] - steps[0])
+    (d / "results.json").write_text(json.dumps({
+        "fingerprint": f"sha256:{name}", "forget_metric": "forget.accuracy",
+        "direction": "max", "initial": {"forget.accuracy": values[0], "retain.accuracy": retain},
+        "worst_case": worst, "summary": {"final": values[-1], "auc": auc}}))
+    return d
+
+
+def test_pooling_seeds_gives_the_hand_averages(tmp_path):
+    unlearned = _seed_dir(tmp_path, "unl", [0.1, 0.8, 0.9])
+    oracle = _seed_dir(tmp_path, "ora", [0.0, 0.3, 0.4])
+    seeds = [_seed_dir(tmp_path / "attacks", f"undo-s{i}", curve, retain=r)
+             for i, (curve, r) in enumerate([([0.1, 0.4, 0.5], 0.8), ([0.1, 0.6, 0.7], 0.9),
+                                             ([0.0, 0.5, 0.45], 0.85)])]
+    specs = [f"unlearned={unlearned}", f"oracle={oracle}"]
+    report = build_report(specs + [f"undo={d}" for d in seeds], samples=300)
+    row = next(r for r in report["rows"] if r["model"] == "undo")
+    finals, aucs = [0.5, 0.7, 0.45], [(0.25 + 0.45) / 2, (0.35 + 0.65) / 2, (0.25 + 0.475) / 2]
+    assert row["seeds"] == 3 and row["results_dirs"] == [str(d) for d in seeds]
+    assert row["forget_after"] == pytest.approx(sum(finals) / 3)
+    assert row["auc"] == pytest.approx(sum(aucs) / 3)
+    assert row["retain"] == pytest.approx((0.8 + 0.9 + 0.85) / 3)
+    assert row["relative_robustness"] == pytest.approx((sum(finals) / 3 - 0.9) / (0.4 - 0.9))
+    unl_auc, ora_auc = (0.45 + 0.85) / 2, (0.15 + 0.35) / 2
+    assert row["relative_robustness_auc"] == pytest.approx(
+        (sum(aucs) / 3 - unl_auc) / (ora_auc - unl_auc))
+    pooled_curve = [p["value"] for p in report["curves"]["undo"]]
+    assert pooled_curve == pytest.approx([0.2 / 3, 0.5, sum(finals) / 3])
+    # A quoted glob pools the same directories.
+    by_glob = build_report(specs + [f"undo={tmp_path / 'attacks' / 'undo-s*'}"], samples=300)
+    assert by_glob["rows"][2] == row
+
+    # The interval: seeds resampled as a loop over the same draws (the unlearned and the
+    # oracle have one seed and no items: fixed).
+    rng = np.random.default_rng([0, 17])
+    for n in (1, 1):  # the draws of the two one-seed labels come first
+        rng.integers(0, n, size=(300, n))
+    draws = rng.integers(0, 3, size=(300, 3))
+    ratios = [(np.mean([finals[i] for i in draw]) - 0.9) / (0.4 - 0.9) for draw in draws]
+    assert row["relative_robustness_lower"] == pytest.approx(np.percentile(ratios, 2.5))
+    assert row["relative_robustness_upper"] == pytest.approx(np.percentile(ratios, 97.5))
+    # Ratios 0.8 (0.5), 0.4 (0.7), 0.9 (0.45): the interval lies within (0, 1).
+    assert row["significance"]["final"] == {"above_unlearned": True, "versus_oracle": "below"}
+
+
+def test_one_seed_with_items_gets_an_item_interval_and_a_verdict(tmp_path):
+    rng = np.random.default_rng(5)
+
+    def items(p_final: float, n: int = 60) -> list[list[float]]:
+        return [[0.0] * n, (rng.random(n) < p_final).astype(float).tolist()]
+
+    dirs = [_seed_dir(tmp_path, name, [], items(p)) for name, p in
+            (("unlearned", 0.9), ("oracle", 0.3), ("undo", 0.35))]
+    report = build_report([str(d) for d in dirs], samples=500)
+    row = next(r for r in report["rows"] if r["model"] == "undo")
+    assert row["forget_after_lower"] < row["forget_after"] < row["forget_after_upper"]
+    assert row["relative_robustness_lower"] < row["relative_robustness"] \
+        < row["relative_robustness_upper"]
+    assert row["significance"]["final"]["above_unlearned"] is True
+    assert row["significance"]["final"]["versus_oracle"] == "level"
+    unl = next(r for r in report["rows"] if r["model"] == "unlearned")
+    assert unl["relative_robustness"] == 0.0 and unl["relative_robustness_lower"] is None
+    curve = report["curves"]["undo"]
+    assert curve[-1]["lower"] <= curve[-1]["value"] <= curve[-1]["upper"]
+    # More resamples, the same seed: a repeatable interval; another seed: a different one.
+    again = build_report([str(d) for d in dirs], samples=500)
+    assert again["rows"] == report["rows"]
+    other = build_report([str(d) for d in dirs], samples=500, seed=1)
+    assert other["rows"][2]["relative_robustness_lower"] != row["relative_robustness_lower"]
+
+
+def test_report_markdown_states_the_verdict(cli, tmp_path):
+    unlearned = _seed_dir(tmp_path, "unl", [0.1, 0.8, 0.9])
+    oracle = _seed_dir(tmp_path, "ora", [0.0, 0.3, 0.4])
+    seeds = [_seed_dir(tmp_path / "a", f"s{i}", [0.1, v, v]) for i, v in
+             enumerate((0.5, 0.55, 0.45))]
+    out = tmp_path / "report"
+    result = cli("report", f"unlearned={unlearned}", f"oracle={oracle}",
+                 *[f"undo={d}" for d in seeds], "--out", out, "--bootstrap-samples", 200)
+    assert result.exit_code == 0, result.stderr
+    text = (out / "report.md").read_text()
+    assert "## Is it significant?" in text
+    assert "**undo**, after the attack: relative robustness 80% [" in text
+    assert "significantly more robust than the unlearned model" in text
+    assert "| undo | 3 |" in text
+    data = json.loads((out / "report.json").read_text())
+    assert data["uncertainty"]["samples"] == 200
+    assert "undo.json" in {p.name for p in out.iterdir()}
+
+
+def test_report_refuses_a_glob_that_matches_nothing(cli, tmp_path):
+    result = cli("report", f"undo={tmp_path / 'nothing-*'}", "--out", tmp_path / "r")
+    assert result.exit_code == 2 and "matches no directory" in result.stderr
     assert not (tmp_path / "r").exists()

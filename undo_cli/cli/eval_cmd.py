@@ -19,8 +19,10 @@ from undo_cli.cli import app
 from undo_cli.cli.common import emit_json, err_console, info
 from undo_cli.cli.options import with_options
 from undo_cli.errors import UsageError
+from undo_cli.jsontext import is_finite_number
 from undo_cli.options import EvalOptions, GateOptions, LoadOptions
 from undo_cli.records import parse_named_specs
+from undo_cli.stats import is_uncertainty
 
 # Short column labels of the table.
 _LABELS = {"loss": "loss", "ppl": "ppl", "accuracy": "acc", "accuracy_norm": "acc_norm",
@@ -43,15 +45,33 @@ def _format(key: str, value: Any) -> str:
     return str(value)
 
 
+def cell(key: str, metrics: dict[str, Any]) -> str:
+    """A metric with its uncertainty: an accuracy with its 95% Wilson interval
+    (`0.860 [0.78, 0.92]`), a loss with its standard error (`1.234 ±0.05`)."""
+    value = metrics.get(key)
+    if value is None:
+        return ""
+    text = _format(key, value)
+    lower, upper = metrics.get(f"{key}_lower"), metrics.get(f"{key}_upper")
+    stderr = metrics.get(f"{key}_stderr")
+    if is_finite_number(lower) and is_finite_number(upper):
+        return f"{text} [{lower:.2f}, {upper:.2f}]"
+    if is_finite_number(stderr):
+        return f"{text} ±{stderr:.2g}"
+    return text
+
+
 def render_table(results: list[dict[str, Any]]) -> None:
-    """A rich table on stderr: one row per checkpoint, one column per set and metric."""
+    """A rich table on stderr: one row per checkpoint, one column per set and metric, each
+    cell with its uncertainty (`cell`)."""
     from rich.table import Table
 
     columns: list[tuple[str, str]] = []
     for result in results:
         for name, metrics in result["metrics"].items():
             for key in metrics:
-                if key not in _HIDDEN and (name, key) not in columns:
+                if (key not in _HIDDEN and not is_uncertainty(key)
+                        and (name, key) not in columns):
                     columns.append((name, key))
     table = Table(show_lines=False)
     table.add_column("checkpoint", overflow="fold")
@@ -60,8 +80,7 @@ def render_table(results: list[dict[str, Any]]) -> None:
     for result in results:
         cells = [result["checkpoint"]]
         for name, key in columns:
-            value = result["metrics"].get(name, {}).get(key)
-            cells.append("" if value is None else _format(key, value))
+            cells.append(cell(key, result["metrics"].get(name, {})))
         table.add_row(*cells)
     console = err_console
     if not console.is_terminal:  # a log file: do not squeeze the table into 80 columns

@@ -9,6 +9,7 @@ from typing import Any
 from undo_cli.console import ProgressDisplay, info
 from undo_cli.options import OutputOptions
 from undo_cli.stage import Callbacks
+from undo_cli.stats import is_uncertainty
 
 _SHOWN_AFTER = {"type", "step", "loss", "lr", "grad_norm", "tokens", "flops", "tokens_per_s",
                 "elapsed_s"}
@@ -49,7 +50,7 @@ class TrainingProgress:
                 self.display.message(f"step {entry['step']}: {status}")
         elif kind == "eval":
             shown = {k: v for k, v in entry.items()
-                     if k not in ("type", "step", "tokens", "flops")}
+                     if k not in ("type", "step", "tokens", "flops") and not is_uncertainty(k)}
             self.display.message(f"eval @ step {entry['step']}: {format_metrics(shown)}")
 
     def close(self) -> None:

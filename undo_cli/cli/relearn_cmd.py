@@ -142,8 +142,12 @@ def render_results(results: dict[str, Any]) -> None:
     s = results["summary"]
     lr = f" ({s['best_config']})" if s.get("best_config") else (
         f" (lr {s['best_lr']:g})" if isinstance(s.get("best_lr"), float) else "")
-    line = (f"worst case: {metric} {_fmt(s['initial'])} -> {_fmt(s['final'])} at step "
-            f"{s['final_step']}{lr}; mean over the attack (AUC) {_fmt(s['auc'])}")
+    band = (f" [95%: {_fmt(s['final_lower'], 3)}, {_fmt(s['final_upper'], 3)}]"
+            if s.get("final_lower") is not None else "")
+    auc_band = (f" [{_fmt(s['auc_lower'], 3)}, {_fmt(s['auc_upper'], 3)}]"
+                if s.get("auc_lower") is not None else "")
+    line = (f"worst case: {metric} {_fmt(s['initial'])} -> {_fmt(s['final'])}{band} at step "
+            f"{s['final_step']}{lr}; mean over the attack (AUC) {_fmt(s['auc'])}{auc_band}")
     if s.get("threshold") is not None:
         if s["steps_to_threshold"] is None:
             line += f"; never reaches {s['threshold']:g}"

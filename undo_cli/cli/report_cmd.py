@@ -8,14 +8,16 @@ import typer
 
 from undo_cli.cli import app
 from undo_cli.cli.common import emit_json, err_console, info
+from undo_cli.stats import BOOTSTRAP_SAMPLES
 
 
 @app.command("report")
 def report_command(
     results: list[str] = typer.Argument(
         ..., metavar="[LABEL=]RESULTS_DIR...",
-        help="Results directories of `undo relearn-attack`, optionally labelled "
-        "(default label: the directory name)."),
+        help="Results directories of `undo relearn-attack`, optionally labelled (default "
+        "label: the directory name). Several directories under one label (repeat the label, "
+        "or give a quoted glob: 'undo=attacks/undo-s*') are pooled as seeds of that model."),
     out: Path = typer.Option(..., "--out", metavar="REPORT_DIR",
                              help="Where report.md, report.json and the PNG figures go."),
     oracle: str = typer.Option("oracle", help="Label of the data-filtering oracle (gold "
@@ -27,45 +29,45 @@ def report_command(
     retain_metric: str = typer.Option(
         None, metavar="SET.METRIC",
         help="Retain metric of the table (default: the forget metric's kind on another set)."),
+    bootstrap_samples: int = typer.Option(
+        BOOTSTRAP_SAMPLES, "--bootstrap-samples", min=100,
+        help="Resamples of the 95% intervals (seeds, and items within seeds)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap (the same seed gives "
+                             "the same intervals)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty REPORT_DIR."),
     json_out: bool = typer.Option(False, "--json", help="Print report.json on stdout."),
 ) -> None:
-    """Compare attacked models: relative robustness and compute, relearning curves, Pareto plot.
+    """Compare attacked models: relative robustness with 95% intervals, compute, curves.
 
     Relative robustness = (P_model - P_unlearned) / (P_oracle - P_unlearned), P the worst-case
-    forget metric after the attack. Labels that are not given (or not present) leave the
-    corresponding columns empty.
+    forget metric after the attack (and, in the AUC column, its mean over the whole attack).
+    Seeds of one label are pooled (means); the intervals resample the seeds and the evaluation
+    items (2.5-97.5 percentiles), and the report says whether each model is significantly
+    more robust than the unlearned one and below, level with or above the oracle. Labels that
+    are not given (or not present) leave the corresponding columns empty.
     """
     from rich.table import Table
 
-    from undo_cli.report import write_report
+    from undo_cli.report import parse_specs, with_interval, write_report
 
-    roles = {"oracle": oracle if oracle in _labels(results) else "",
-             "unlearned": unlearned if unlearned in _labels(results) else "",
-             "base": base if base in _labels(results) else ""}
+    labels = list(parse_specs(results))
+    roles = {"oracle": oracle if oracle in labels else "",
+             "unlearned": unlearned if unlearned in labels else "",
+             "base": base if base in labels else ""}
     report = write_report(results, out, roles=roles, retain_metric=retain_metric,
-                          overwrite=overwrite)
+                          overwrite=overwrite, samples=bootstrap_samples, seed=seed)
     if json_out:
         emit_json(report)
         return
-    table = Table(title=f"undo report: {report['forget_metric']}")
-    for column in ("model", report["retain_metric"] or "retain", "forget before",
-                   "forget after", "rel. compute", "rel. robustness"):
+    table = Table(title=f"undo report: {report['forget_metric']} (95% intervals)")
+    for column in ("model", "seeds", report["retain_metric"] or "retain", "forget before",
+                   "forget after", "rel. compute", "rel. robustness", "rel. robustness (AUC)"):
         table.add_column(column)
     for r in report["rows"]:
-        table.add_row(r["model"], *(_cell(r[k]) for k in ("retain", "forget_before",
-                                                          "forget_after")),
-                      _cell(r["relative_compute"], pct=True),
-                      _cell(r["relative_robustness"], pct=True))
+        table.add_row(r["model"], str(r["seeds"]), with_interval(r, "retain"),
+                      with_interval(r, "forget_before"), with_interval(r, "forget_after"),
+                      with_interval(r, "relative_compute", pct=True),
+                      with_interval(r, "relative_robustness", pct=True),
+                      with_interval(r, "relative_robustness_auc", pct=True))
     err_console.print(table)
     info(f"wrote {out / 'report.md'}")
-
-
-def _labels(specs: list[str]) -> list[str]:
-    return [s.partition("=")[0] if "=" in s else Path(s).name for s in specs]
-
-
-def _cell(value, pct: bool = False) -> str:
-    if value is None:
-        return "n/a"
-    return f"{100 * value:.0f}%" if pct else f"{value:.3g}"

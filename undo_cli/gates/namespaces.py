@@ -27,6 +27,28 @@ SUMMARY_NAMES = ("final", "auc")
 THRESHOLD_NAME = "steps_to_threshold"
 
 
+# ----------------------------------------------------------------------------- intervals
+
+# `SET.METRIC_lower` (how evaluate_model names a bound) is `SET.METRIC.lower` in a gate.
+_BOUNDS = {"_lower": ".lower", "_upper": ".upper", "_stderr": ".stderr"}
+
+
+def with_interval_names(values: Mapping[str, Any]) -> dict[str, Any]:
+    """`values` plus each bound and standard error under its gate name: `X.accuracy_upper`
+    also as `X.accuracy.upper` (`.lower`, `.upper`: the 95% interval; `.stderr`)."""
+    out = dict(values)
+    for name, value in values.items():
+        for suffix, dotted in _BOUNDS.items():
+            if name.endswith(suffix):
+                out[name[:-len(suffix)] + dotted] = value
+    return out
+
+
+def interval_names(names: Iterable[str]) -> list[str]:
+    """`names` plus the gate names of their bounds (`with_interval_names`)."""
+    return list(with_interval_names(dict.fromkeys(names)))
+
+
 # ----------------------------------------------------------------------------- undo eval
 
 
@@ -37,7 +59,7 @@ def check_eval_gate_names(gates: Sequence[Expr], metrics: Iterable[str], tasks: 
     Known: `metrics` (`SET.METRIC`), and with a reference those under each of
     `REFERENCE_PREFIXES`; names under an lm-eval task are checked once the task ran.
     """
-    own = list(metrics)
+    own = interval_names(metrics)
     known = set(own)
     if reference:
         known |= {f"{prefix}.{name}" for prefix in REFERENCE_PREFIXES for name in own}
@@ -59,8 +81,8 @@ def eval_gate_values(metrics: Mapping[str, Any],
                      reference: Mapping[str, Any] | None) -> dict[str, Any]:
     """The values a checkpoint's `undo eval` gates read: its flat metrics and the reference's
     under each of `REFERENCE_PREFIXES`."""
-    values = dict(metrics)
-    for name, value in (reference or {}).items():
+    values = with_interval_names(metrics)
+    for name, value in with_interval_names(reference or {}).items():
         for prefix in REFERENCE_PREFIXES:
             values[f"{prefix}.{name}"] = value
     return values
@@ -71,9 +93,9 @@ def eval_gate_values(metrics: Mapping[str, Any],
 
 def attack_gate_names(metrics: Iterable[str], threshold: float | None) -> list[str]:
     """The names an attack's `--fail-if` may use, known before any work."""
-    metrics = list(metrics)
+    metrics = interval_names(metrics)
     names = [f"{prefix}.{m}" for prefix in (WORST, INITIAL) for m in metrics]
-    names += list(SUMMARY_NAMES)
+    names += list(SUMMARY_NAMES) + [f"{n}.{b}" for n in SUMMARY_NAMES for b in ("lower", "upper")]
     if threshold is not None:
         names.append(THRESHOLD_NAME)
     return names
@@ -82,12 +104,17 @@ def attack_gate_names(metrics: Iterable[str], threshold: float | None) -> list[s
 def attack_gate_values(worst: Mapping[str, Any], initial: Mapping[str, Any],
                        summary: Mapping[str, Any]) -> dict[str, float]:
     """The values an attack's gates read: `worst` (every metric at the end of the worst
-    case), `initial` and the `summary` numbers; steps to a threshold never reached is
-    infinite."""
-    values = {f"{WORST}.{name}": value for name, value in worst.items()}
-    values.update({f"{INITIAL}.{name}": v for name, v in initial.items() if is_finite_number(v)})
-    values.update({name: summary[name] for name in SUMMARY_NAMES
-                   if is_finite_number(summary.get(name))})
+    case; for the forget metric its `.lower`/`.upper` are the worst case's own 95% band),
+    `initial` and the `summary` numbers (`final`, `auc` and their bands); steps to a
+    threshold never reached is infinite."""
+    values = {f"{WORST}.{name}": value for name, value in with_interval_names(worst).items()}
+    values.update({f"{INITIAL}.{name}": v for name, v in with_interval_names(initial).items()
+                   if is_finite_number(v)})
+    for name in SUMMARY_NAMES:
+        for key, gate in ((name, name), (f"{name}_lower", f"{name}.lower"),
+                          (f"{name}_upper", f"{name}.upper")):
+            if is_finite_number(summary.get(key)):
+                values[gate] = summary[key]
     if summary.get("threshold") is not None:
         steps = summary.get(THRESHOLD_NAME)
         values[THRESHOLD_NAME] = math.inf if steps is None else steps

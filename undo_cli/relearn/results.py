@@ -298,8 +298,16 @@ def _static_attacks(config: AttackConfig, data: Sequence[str], raw: list[EvalDat
 
 
 def gate_values(results: dict[str, Any]) -> dict[str, float]:
-    """The values the attack's `--fail-if` gates read (`undo_cli.gates.namespaces`)."""
-    return attack_gate_values(final_metrics(results), results["initial"], results["summary"])
+    """The values the attack's `--fail-if` gates read (`undo_cli.gates.namespaces`): the
+    forget metric's `worst.SET.METRIC.lower/.upper` are the worst case's own 95% band at the
+    end (other metrics' bounds: their evaluation's interval)."""
+    worst = final_metrics(results)
+    last = (results.get("worst_case") or [{}])[-1]
+    metric = results.get("forget_metric")
+    for bound in ("lower", "upper"):
+        if metric and last.get(bound) is not None:
+            worst[f"{metric}_{bound}"] = last[bound]
+    return attack_gate_values(worst, results["initial"], results["summary"])
 
 
 def _model_saver(root: Path, tokenizer, checkpoint: str | Path) -> ModelHook:

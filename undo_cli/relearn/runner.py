@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -109,23 +108,6 @@ StaticAttack = Callable[[torch.nn.Module, Callable[[torch.nn.Module], dict[str, 
                         list[tuple[dict[str, Any], "torch.nn.Module | None"]]]
 
 
-@dataclass
-class Measure:
-    """Evaluations of the eval sets, timed (the share of the attack spent evaluating)."""
-
-    metrics_of: Callable[[torch.nn.Module], dict[str, float]]
-    eval_s: float = 0.0
-    evaluations: int = 0
-
-    def __call__(self, model: torch.nn.Module) -> dict[str, float]:
-        t0 = time.perf_counter()
-        try:
-            return self.metrics_of(model)
-        finally:
-            self.eval_s += time.perf_counter() - t0
-            self.evaluations += 1
-
-
 def run_attack(model: torch.nn.Module, tokenizer, eval_sets: Sequence[Any],
                config: AttackConfig, *, forget_metric: str,
                make_stream: Callable[[int, int], Any] | None = None,
@@ -147,7 +129,7 @@ def run_attack(model: torch.nn.Module, tokenizer, eval_sets: Sequence[Any],
     model before it is dropped (a LoRA run's model is the peft model, its adapter unmerged); it
     must not change the model.
     """
-    from undo_cli.stage import measure as measure_on
+    from undo_cli.stage import Measure
 
     config.validate()
     if config.finetune and make_stream is None:
@@ -155,10 +137,11 @@ def run_attack(model: torch.nn.Module, tokenizer, eval_sets: Sequence[Any],
     direction = metric_direction(forget_metric)
     progress = progress or AttackProgress()
     started = time.perf_counter()
-    measure = Measure(measure_on(tokenizer, eval_sets, evals or EvalOptions()))
+    measure = Measure(tokenizer, eval_sets, evals or EvalOptions())
     was_training = model.training
     model.eval()
     initial = measure(model)
+    initial_items = measure.items
     if forget_metric not in initial:
         raise UsageError(f"--forget-metric {forget_metric!r} is not among the measured "
                          f"metrics: {', '.join(attackable_metrics(list(initial))) or 'none'}")
@@ -174,7 +157,7 @@ def run_attack(model: torch.nn.Module, tokenizer, eval_sets: Sequence[Any],
 
     def finetune(spec: RunSpec, stop=None) -> tuple[dict[str, Any], torch.nn.Module]:
         return _finetune_run(model, spec, config, stream_for(spec), measure, initial,
-                             progress, stop)
+                             initial_items, progress, stop)
 
     runs: list[dict[str, Any]] = []
     try:
@@ -218,8 +201,16 @@ def run_attack(model: torch.nn.Module, tokenizer, eval_sets: Sequence[Any],
     if retain_rule is not None:
         apply_retain_rule(runs, initial, *retain_rule)
     worst = worst_case_curve(runs, forget_metric, direction)
+    band = _band(runs, worst, forget_metric, direction, initial_items, config.train.seed)
     wall = time.perf_counter() - started
     table = per_config_table(runs, forget_metric, direction)
+    summary = summarize(runs, worst, forget_metric, direction, initial, threshold)
+    if band is not None:
+        summary.update({"final_lower": band["final"][0], "final_upper": band["final"][1],
+                        "auc_lower": band["auc"][0], "auc_upper": band["auc"][1],
+                        "band": {k: band[k] for k in ("method", "samples", "level")}})
+    for run in runs:
+        run.pop("_items", None)
     return jsonable({
         "schema_version": SCHEMA_VERSION,
         "forget_metric": forget_metric,
@@ -227,7 +218,7 @@ def run_attack(model: torch.nn.Module, tokenizer, eval_sets: Sequence[Any],
         "initial": initial,
         "runs": runs,
         "worst_case": worst,
-        "summary": summarize(runs, worst, forget_metric, direction, initial, threshold),
+        "summary": summary,
         "per_config": table,
         "per_lr": table,  # the same table under its earlier name
         "timing": {"wall_s": wall, "eval_s": measure.eval_s,
@@ -239,8 +230,42 @@ def run_attack(model: torch.nn.Module, tokenizer, eval_sets: Sequence[Any],
     })
 
 
+def _band(runs: list[dict[str, Any]], worst: list[dict[str, Any]], metric: str,
+          direction: str, initial_items: dict[str, Any], seed: int) -> dict[str, Any] | None:
+    """The worst case's bootstrap band (`undo_cli.relearn.bands`), written into its points
+    (`lower`, `upper`, and the per-item values `undo report` resamples); None without
+    per-item results (e.g. only trials of an earlier session of a resumed search)."""
+    from undo_cli.relearn.bands import Evaluation, item_values, point_items, worst_case_band
+    from undo_cli.relearn.worst_case import config_key
+
+    evaluations = []
+    for run in runs:
+        excluded = set(run.get("excluded_steps") or ())
+        for entry in run.get("curve", []):
+            values = item_values((run.get("_items") or {}).get(entry["step"], {}), metric)
+            if values is not None and entry["step"] not in excluded:
+                evaluations.append(Evaluation(config_key(run), run.get("seed"), entry["step"],
+                                              *values, static=bool(run.get("static"))))
+    band = worst_case_band(evaluations, metric, direction, seed=seed)
+    if band is None:
+        return None
+    initial = item_values(initial_items, metric)
+    for point in worst:
+        j = band["steps"].index(point["step"]) if point["step"] in band["steps"] else None
+        if j is not None:
+            point["lower"], point["upper"] = band["lower"][j], band["upper"][j]
+        if point.get("config") is None and initial is not None:
+            point["items"] = {"num": initial[0].tolist(), "den": initial[1].tolist()}
+        else:
+            items = point_items(evaluations, (point["config"], bool(point.get("quantized"))),
+                                point["step"])
+            if items is not None:
+                point["items"] = items
+    return band
+
+
 def _collect(runs: list, run: dict[str, Any], attacked: torch.nn.Module, config: AttackConfig,
-             measure: Measure, progress: AttackProgress, on_model: ModelHook | None,
+             measure: Any, progress: AttackProgress, on_model: ModelHook | None,
              forget_metric: str) -> None:
     """Record a finetuning run (and its quantised twin with --quantize); `attacked` is None
     for a trial a resumed search ran before (its run is recorded, its model is gone)."""
@@ -262,8 +287,8 @@ def _collect(runs: list, run: dict[str, Any], attacked: torch.nn.Module, config:
 
 
 def _finetune_run(original: torch.nn.Module, spec: RunSpec, config: AttackConfig,
-                  stream: Any, measure: Callable[[torch.nn.Module], dict[str, float]],
-                  initial: dict[str, float], progress: AttackProgress,
+                  stream: Any, measure: Any, initial: dict[str, float],
+                  initial_items: dict[str, Any], progress: AttackProgress,
                   stop: Callable[[int, dict[str, float]], bool] | None = None
                   ) -> tuple[dict[str, Any], torch.nn.Module]:
     """One finetuning run on a fresh copy of `original`: (its results entry, the model).
@@ -284,6 +309,7 @@ def _finetune_run(original: torch.nn.Module, spec: RunSpec, config: AttackConfig
     schedule = set(range(config.eval_every, config.steps + 1, config.eval_every))
     schedule.add(config.steps)
     recorded: dict[int, dict[str, float]] = {}
+    items: dict[int, dict[str, Any]] = {0: initial_items}
     broken: list[int] = []
 
     def evaluate(m, step: int) -> dict[str, float]:
@@ -300,6 +326,7 @@ def _finetune_run(original: torch.nn.Module, spec: RunSpec, config: AttackConfig
         metrics = measure(m)
         eval_time += time.perf_counter() - t
         recorded[step] = metrics
+        items[step] = measure.items
         return metrics
 
     def should_stop(step: int, metrics: dict[str, float]) -> str | None:
@@ -325,6 +352,7 @@ def _finetune_run(original: torch.nn.Module, spec: RunSpec, config: AttackConfig
         "trainable_parameters": result.trainable_parameters,
         "train_loss": result.loss.get("loss"),
         "wall_time_s": time.perf_counter() - t0, "eval_time_s": eval_time,
+        "_items": items,  # per-item results for the band (not written)
     }
     return run, result.model
 
@@ -354,5 +382,6 @@ def _quantized_run(model: torch.nn.Module, source: dict[str, Any], config: Attac
     metrics = measure(model)
     run["eval_time_s"] = time.perf_counter() - t
     run["curve"] = [{"step": source["steps"], **metrics}]
+    run["_items"] = {source["steps"]: getattr(measure, "items", {})}
     run["wall_time_s"] = time.perf_counter() - t0
     return run, model

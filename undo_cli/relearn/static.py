@@ -77,9 +77,12 @@ def few_shot_attack(data: Sequence[EvalData], pool: Sequence[str], k: int, seeds
         for seed in seeds:
             t0 = time.perf_counter()
             sets = [with_demonstrations(d, pool, k, seed) for d in data]
-            metrics = measure_sets(sets)(model)
-            yield _static_run("few-shot", f"few-shot k{k}", seed, metrics,
-                              time.perf_counter() - t0, few_shot=k), None
+            measure_shots = measure_sets(sets)
+            metrics = measure_shots(model)
+            run = _static_run("few-shot", f"few-shot k{k}", seed, metrics,
+                              time.perf_counter() - t0, few_shot=k)
+            run["_items"] = {0: getattr(measure_shots, "items", {})}
+            yield run, None
 
     return attack
 
@@ -190,6 +193,7 @@ def direction_attack(forget_prompts: Sequence[Sequence[int]],
             run = _static_run("ablate-direction", f"ablate-direction layer {layer}", None,
                               metrics, time.perf_counter() - t0, layer=layer,
                               direction_norm=norm)
+            run["_items"] = {0: getattr(measure, "items", {})}
             yield run, ablated
             del ablated
 

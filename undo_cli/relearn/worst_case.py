@@ -19,6 +19,7 @@ from typing import Any
 
 from undo_cli.errors import UsageError
 from undo_cli.jsontext import is_finite_number
+from undo_cli.stats import is_uncertainty
 
 MAXIMISED = ("accuracy", "accuracy_norm")
 MINIMISED = ("loss", "ppl")
@@ -226,7 +227,7 @@ def summarize(runs: Sequence[dict[str, Any]], worst: Sequence[dict[str, Any]], m
                 to_threshold = entry["step"]
                 retain = {k: v for k, v in point_metrics(runs, initial, entry).items()
                           if k.rsplit(".", 1)[0] != forget_set
-                          and k.rsplit(".", 1)[-1] not in COUNTS}
+                          and k.rsplit(".", 1)[-1] not in COUNTS and not is_uncertainty(k)}
                 break
     return {
         "initial": initial.get(metric),

@@ -41,9 +41,14 @@ def test_json_output_is_one_object_on_stdout(cli, tiny_llama, tiny_gpt2, files):
     assert [r["checkpoint"] for r in payload["results"]] == [str(tiny_llama), str(tiny_gpt2)]
     metrics = payload["results"][0]["metrics"]
     assert set(metrics) == {"retain", "lm", "mc"}
-    assert set(metrics["retain"]) == {"loss", "accuracy", "tokens", "n"}
-    assert set(metrics["lm"]) == {"loss", "ppl", "tokens", "n"}
-    assert set(metrics["mc"]) == {"accuracy", "accuracy_norm", "n"}
+    assert set(metrics["retain"]) == {"loss", "loss_stderr", "accuracy", "accuracy_stderr",
+                                      "accuracy_lower", "accuracy_upper", "tokens", "n"}
+    assert set(metrics["lm"]) == {"loss", "loss_stderr", "ppl", "tokens", "n"}
+    assert set(metrics["mc"]) == {"accuracy", "accuracy_stderr", "accuracy_lower",
+                                  "accuracy_upper", "accuracy_norm", "accuracy_norm_stderr",
+                                  "accuracy_norm_lower", "accuracy_norm_upper", "n"}
+    mc = metrics["mc"]
+    assert mc["accuracy_lower"] <= mc["accuracy"] <= mc["accuracy_upper"]
     assert metrics["retain"]["n"] == 12 and metrics["mc"]["n"] == 6
 
     # The same numbers as the library on the model in memory.
@@ -62,6 +67,18 @@ def test_table_goes_to_stderr(cli, tiny_llama, files):
     assert result.stdout == ""
     assert "checkpoint" in result.stderr and "acc_norm" in result.stderr
     assert "ppl" in result.stderr and "mc" in result.stderr  # bare PATH: named by its stem
+
+
+def test_table_cells_carry_their_uncertainty():
+    from undo_cli.cli.eval_cmd import cell
+
+    metrics = {"accuracy": 0.86, "accuracy_lower": 0.7812, "accuracy_upper": 0.9234,
+               "loss": 1.2345, "loss_stderr": 0.0512, "n": 50, "ppl": 3.4}
+    assert cell("accuracy", metrics) == "0.8600 [0.78, 0.92]"
+    assert cell("loss", metrics) == "1.2345 ±0.051"
+    assert cell("ppl", metrics) == "3.4000"  # no bound of its own
+    assert cell("n", metrics) == "50"
+    assert cell("accuracy_norm", metrics) == ""
 
 
 def test_limit(cli, tiny_llama, files):
