@@ -71,7 +71,7 @@ def test_arithmetic_pipeline_smoke(tmp_path):
                           env={**env, "STAGES": "undo", "SEEDS": "2"}, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads((out / "undo-s1" / "undo.json").read_text())["arguments"]["seed"] == 1
+    assert json.loads((out / "undo-s1" / "undo.json").read_text())["seed"] == 1
     pooled = json.loads((out / "report" / "report.json").read_text())
     rows = {r["model"]: r for r in pooled["rows"]}
     assert list(rows) == ["base", "unlearned", "undo", "oracle"]
