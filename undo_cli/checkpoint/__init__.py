@@ -11,9 +11,8 @@ Every command that reads or writes a model goes through this package:
   provenance manifest written into every output directory.
 """
 
+from undo_cli.checkpoint.inspection import CheckpointInfo, check_fits_memory, inspect_checkpoint
 from undo_cli.checkpoint.load import (
-    CheckpointInfo,
-    inspect_checkpoint,
     load_model,
     load_model_and_tokenizer,
     load_tokenizer,
@@ -38,6 +37,7 @@ __all__ = [
     "CheckpointInfo",
     "atomic_output",
     "build_manifest",
+    "check_fits_memory",
     "check_output_path",
     "copy_support_files",
     "fingerprint",
