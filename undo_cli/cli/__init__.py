@@ -28,7 +28,8 @@ from undo_cli import __version__
 from undo_cli.console import one_line
 from undo_cli.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, EXIT_USAGE, UndoError, UsageError
 
-_state = {"debug": os.environ.get("UNDO_DEBUG", "") not in ("", "0"), "finished": False}
+_ENV_DEBUG = os.environ.get("UNDO_DEBUG", "") not in ("", "0")
+_state = {"debug": _ENV_DEBUG, "finished": False}
 
 
 def _conventional_help() -> None:
@@ -70,7 +71,8 @@ class UndoGroup(TyperGroup):
         from undo_cli.checkpoint.lock import command_scope, committed_outputs
 
         try:
-            with command_scope(), _warnings_shown(_state["debug"]):
+            debug = _ENV_DEBUG or bool(ctx.params.get("debug"))
+            with command_scope(), _warnings_shown(debug):
                 result = super().invoke(ctx)
             _state["finished"] = True
             return result
@@ -156,7 +158,7 @@ def _root(
     ),
 ) -> None:
     """UNDO: make capability removal in language models robust."""
-    _state["debug"] = _state["debug"] or debug
+    _state["debug"] = _ENV_DEBUG or debug  # per command (several may run in one process)
     if ctx.invoked_subcommand and ctx.invoked_subcommand not in SCALES_OUT:
         refuse_launch(f"undo {ctx.invoked_subcommand}")
     from undo_cli.cli.common import show_output
