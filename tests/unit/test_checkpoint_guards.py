@@ -107,6 +107,13 @@ def test_shards_in_subdirectories_are_told_apart(tiny_llama, tmp_path):
     info = inspect_checkpoint(ckpt)
     assert len(info.weight_files) == 2 and set(info.tensors) == set(state)
     assert info.file_of(names[-1]) == "b/model.safetensors"
+    from undo_cli.checkpoint import fingerprint
+
+    before = fingerprint(ckpt)
+    part = load_file(ckpt / "b" / "model.safetensors")
+    part[names[-1]] = part[names[-1]] + 1
+    save_file(part, ckpt / "b" / "model.safetensors", metadata={"format": "pt"})
+    assert fingerprint(ckpt) != before  # the shard in b/ is part of the content
 
 
 # ---------------------------------------------------------------- OUT's lock
