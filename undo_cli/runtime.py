@@ -52,12 +52,12 @@ def quiet_libraries() -> None:
 
 def available_memory() -> int | None:
     """Bytes of memory this process can still take: the system's available memory, or less
-    under a cgroup limit (containers, batch jobs); `UNDO_MEMORY_LIMIT` (bytes) caps it. None
-    where unknown."""
+    under a cgroup limit (containers, batch jobs); `UNDO_MEMORY_LIMIT` (bytes) replaces the
+    measurement (e.g. on a machine with much swap). None where unknown."""
     found: list[int] = []
     limit = os.environ.get("UNDO_MEMORY_LIMIT", "").strip()
     if limit.isdigit():
-        found.append(int(limit))
+        return int(limit)
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
             for line in f:

@@ -142,10 +142,9 @@ def held(tmp_path):
 
 def test_a_second_run_to_the_same_output_is_refused_naming_the_holder(held):
     out, proc = held
-    with pytest.raises(UsageError, match=f"being written by another undo run \\(pid "
-                                         f"{proc.pid} on "):
-        with atomic_output(out):
-            pass
+    message = f"being written by another undo run \\(pid {proc.pid} on "
+    with pytest.raises(UsageError, match=message), atomic_output(out):
+        pass
     with command_scope(), pytest.raises(UsageError, match=f"pid {proc.pid}"):
         check_output_path(out)
     assert not out.exists()

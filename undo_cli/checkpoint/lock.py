@@ -73,10 +73,15 @@ def _acquire(out: Path) -> None:
         _held[key][1] += 1
         return
     created = [p for p in reversed(key.parents) if not p.exists()]
-    key.parent.mkdir(parents=True, exist_ok=True)
     path = lock_file(key)
-    while True:
+    try:
+        key.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+    except OSError as e:
+        _remove_empty(created)
+        raise UsageError(f"cannot write beside the output {out}: {e.strerror or e} "
+                         f"({path.parent})") from e
+    while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -92,8 +97,10 @@ def _acquire(out: Path) -> None:
         if same:
             break
         os.close(fd)
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, (_holder_text() + "\n").encode(), 0)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+    with suppress(OSError):  # who holds it, for the message of a second run (best effort)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (_holder_text() + "\n").encode(), 0)
     _held[key] = [fd, 1, path, created]
 
 
