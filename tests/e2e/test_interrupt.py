@@ -3,13 +3,17 @@
 The contract: a signal that arrives before OUT is complete exits 130 and leaves no OUT (and
 no temporary directory or lock beside it); one that arrives after OUT was renamed into place
 loses nothing, says so, and exits 0 (the commit itself is never cut: signals wait for it).
-Each case runs `undo` in a subprocess whose hook makes the moment of the signal certain:
+Each case makes the moment of the signal certain:
 
-- mid-training: the signal is sent while the run trains (its training state is being saved
-  every step), at a seeded random moment;
-- just before the commit: the output is fully written in its temporary directory and the
-  run waits there;
-- just after the commit: OUT is in place and the run waits in the clean-up that follows.
+- mid-training: the signal comes while the run trains (its training state is being saved
+  every step);
+- just before the commit: the output is fully written in its temporary directory;
+- just after the commit: OUT is in place and the run is in the clean-up that follows.
+
+In `undo` subprocesses (the console entry point and its signal handlers, a signal at a
+seeded random moment of training): `train` by default, every case with `-m slow`. In
+process (the command sends the signal to itself at the moment, through the same handlers
+Python installs): every command and moment, fast.
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -107,21 +110,8 @@ def _run(name: str, moment: str, sig: int, work: Path, inputs: dict, seed: int) 
 
 
 CASES = [("train", "training", signal.SIGINT), ("unlearn", "training", signal.SIGINT),
-         ("train", "before", signal.SIGINT), ("unlearn", "after", signal.SIGINT)]
-# The same moments for the other command (and SIGTERM): `-m slow`.
-SLOW_CASES = [("unlearn", "before", signal.SIGTERM), ("train", "after", signal.SIGINT)]
-
-
-@pytest.fixture(scope="module")
-def outcomes(inputs, tmp_path_factory) -> dict[tuple, dict]:
-    """The default cases, two at a time (each is mostly waiting for its subprocess)."""
-    def one(index_case):
-        index, (name, moment, sig) = index_case
-        work = tmp_path_factory.mktemp(f"{name}-{moment}")
-        return (name, moment, sig), _run(name, moment, sig, work, inputs, seed=index)
-
-    with ThreadPoolExecutor(2) as pool:
-        return dict(pool.map(one, enumerate(CASES)))
+         ("train", "before", signal.SIGINT), ("unlearn", "before", signal.SIGTERM),
+         ("train", "after", signal.SIGINT), ("unlearn", "after", signal.SIGINT)]
 
 
 def _check(result: dict, moment: str) -> None:
@@ -144,12 +134,51 @@ def _ids(cases):
     return [f"{n}-{m}-{signal.Signals(s).name}" for n, m, s in cases]
 
 
-@pytest.mark.parametrize("name,moment,sig", CASES, ids=_ids(CASES))
-def test_an_interrupted_run_leaves_no_output_or_a_complete_one(outcomes, name, moment, sig):
-    _check(outcomes[(name, moment, sig)], moment)
+def test_sigint_while_training_in_a_subprocess(inputs, tmp_path):
+    _check(_run("train", "training", signal.SIGINT, tmp_path, inputs, seed=1), "training")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,moment,sig", SLOW_CASES, ids=_ids(SLOW_CASES))
-def test_the_other_commands_at_the_same_moments(inputs, tmp_path, name, moment, sig):
+@pytest.mark.parametrize("name,moment,sig", CASES[1:], ids=_ids(CASES[1:]))
+def test_every_moment_in_a_subprocess(inputs, tmp_path, name, moment, sig):
     _check(_run(name, moment, sig, tmp_path, inputs, seed=7), moment)
+
+
+@pytest.mark.parametrize("name,moment", [(n, m) for n, m, _ in CASES],
+                         ids=[f"{n}-{m}" for n, m, _ in CASES])
+def test_every_moment_in_process(cli, inputs, tmp_path, monkeypatch, name, moment):
+    """The same moments, the signal sent by the command to itself (SIGINT: Python's own
+    handler raises KeyboardInterrupt where the command is)."""
+    import undo_cli.checkpoint.output as output
+    import undo_cli.engine.loop as loop
+    import undo_cli.engine.state as state
+
+    def interrupt() -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)  # the handler raises KeyboardInterrupt here
+
+    args = _command(name, tmp_path / "out", inputs, steps=6)
+    if moment == "training":
+        real_save = loop.save_state
+
+        def save_then_signal(accelerator, state_dir, step, *rest, **parts):
+            real_save(accelerator, state_dir, step, *rest, **parts)
+            if step == 3:
+                interrupt()
+
+        monkeypatch.setattr(loop, "save_state", save_then_signal)
+        args += ["--save-every", "1"]
+    else:
+        hooked = (output, "_commit") if moment == "before" else (state, "remove_state")
+        real = getattr(*hooked)
+
+        def signal_then(*a, **k):
+            interrupt()
+            return real(*a, **k)
+
+        monkeypatch.setattr(*hooked, signal_then)
+    result = cli(*args)
+    out = tmp_path / "out"
+    _check({"code": result.exit_code, "stderr": result.stderr, "out": out.exists(),
+            "complete": (out / "undo.json").is_file(),
+            "beside": sorted(p.name for p in tmp_path.iterdir())}, moment)
