@@ -182,3 +182,26 @@ def test_every_moment_in_process(cli, inputs, tmp_path, monkeypatch, name, momen
     _check({"code": result.exit_code, "stderr": result.stderr, "out": out.exists(),
             "complete": (out / "undo.json").is_file(),
             "beside": sorted(p.name for p in tmp_path.iterdir())}, moment)
+
+
+def test_a_late_interrupt_of_a_gated_attack_is_not_a_success(cli, inputs, tmp_path,
+                                                             monkeypatch):
+    """relearn-attack checks its --fail-if gates after writing RESULTS_DIR: interrupted
+    between the two, it exits 130 (the gates were not checked), its output complete."""
+    import undo_cli.engine as engine
+
+    def interrupt():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
+
+    monkeypatch.setattr(engine, "wait_for_everyone", interrupt)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"{a} + 1 =", "completion": f" {a + 1}"})
+                             + "\n" for a in range(8)))
+    out = tmp_path / "results"
+    result = cli("relearn-attack", inputs["ckpt"], "--data", pairs, "--eval",
+                 f"forget={pairs}", "--steps", "1", "--lrs", "1e-3", "--max-length", "32",
+                 "--fail-if", "worst.forget.loss > 0", "--no-plot", "--out", out)
+    assert result.exit_code == 130, result.output
+    assert result.stderr.strip().endswith("its --fail-if gates were not checked")
+    assert (out / "results.json").is_file()

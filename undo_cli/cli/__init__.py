@@ -64,12 +64,14 @@ class UndoGroup(TyperGroup):
 
     Each command runs in a `command_scope` (its output lock is released when it ends). An
     interruption (Ctrl-C, SIGTERM) exits 130 with nothing written, unless the output was
-    already complete and in place: then the command has done its work, says so, and exits 0.
+    already complete and in place: then the command has done its work, says so, and exits 0
+    (130 still for a command whose gates come after its output: they were not checked).
     """
 
     def invoke(self, ctx):
         from undo_cli.checkpoint.lock import command_scope, committed_outputs
 
+        _state["finished"] = False
         try:
             debug = _ENV_DEBUG or bool(ctx.params.get("debug"))
             with command_scope(), _warnings_shown(debug):
@@ -87,6 +89,9 @@ class UndoGroup(TyperGroup):
             _fail(str(e), e.exit_code)
         except KeyboardInterrupt:
             written = committed_outputs()
+            if written and ctx.invoked_subcommand in GATES_AFTER_WRITING:
+                _fail(f"interrupted after {written[-1]} was written (it is complete); its "
+                      "--fail-if gates were not checked", EXIT_INTERRUPTED)
             if written:
                 _state["finished"] = True
                 typer.echo(one_line(f"note: interrupted after {written[-1]} was written (it "
@@ -134,6 +139,10 @@ def _version(value: bool) -> None:
         typer.echo(f"undo {__version__}")
         raise typer.Exit()
 
+
+# Commands whose --fail-if gates are checked after their output is written: an interruption
+# there is not a success.
+GATES_AFTER_WRITING = ("relearn-attack",)
 
 # Commands that run data-parallel under `accelerate launch` / torchrun; the others would
 # have every process write the same output, so they refuse a multi-process launch.
