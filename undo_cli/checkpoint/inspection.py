@@ -202,10 +202,11 @@ def inspect_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> Check
 
 
 def check_config_sizes(config: dict[str, Any], file: Path) -> None:
-    """`DataError` for a size in config.json that is not a count (a non-negative integer)."""
+    """`DataError` for a size in config.json that is not a count (a non-negative integer; a
+    float with an integral value, as some exporters write, passes)."""
     for key in SIZE_KEYS:
         value = config.get(key)
-        if value is None:
+        if value is None or (isinstance(value, float) and value.is_integer() and value >= 0):
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise DataError(f"'{key}' must be a non-negative integer (got {value!r})", file)
