@@ -8,7 +8,6 @@ from typing import Any
 
 from undo_cli.errors import UsageError
 from undo_cli.options.base import (
-    SEED_MAX,
     DATA,
     DISTILLATION,
     EVALUATION,
@@ -16,6 +15,7 @@ from undo_cli.options.base import (
     MEASUREMENT,
     METHOD,
     NOISE,
+    SEED_MAX,
     TRAINING,
     check,
     option,
