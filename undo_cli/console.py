@@ -21,9 +21,23 @@ err_console = Console(stderr=True, highlight=False)
 LOGGER = "undo_cli"
 
 
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": " "}
+
+
+def one_line(text: str) -> str:
+    """`text` as one line: line breaks in it (a path holding a newline, a library's report)
+    shown as `\\n`, other control characters as `\\xNN`, so that a message can neither span
+    lines nor move the terminal's cursor."""
+    text = text.strip()
+    if text.isprintable():
+        return text
+    return "".join(_ESCAPES.get(c, c if c.isprintable() else f"\\x{ord(c):02x}")
+                   if not c.isprintable() else c for c in text)
+
+
 def info(message: str) -> None:
-    """A status line for people, on stderr."""
-    err_console.print(message, markup=False, highlight=False, soft_wrap=True)
+    """A status line for people, on stderr (always one line: `one_line`)."""
+    err_console.print(one_line(message), markup=False, highlight=False, soft_wrap=True)
 
 
 class _StderrHandler(logging.Handler):
@@ -31,8 +45,7 @@ class _StderrHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            text = " ".join(self.format(record).split("\n"))
-            info(text)
+            info(self.format(record))
         except Exception:  # noqa: BLE001 - logging must never break a command
             self.handleError(record)
 

@@ -382,7 +382,10 @@ def distill_checkpoint(teacher_path: str | Path, student: str, out: str | Path, 
         build_student(student, None, noise, 0, config.seed)  # the clear error, before work
     student_is_dir = student not in ("random", "teacher", "")
     inputs = [teacher_path] + ([Path(student)] if student_is_dir else [])
-    infos = stage.check_inputs(out, inputs, load, overwrite=overwrite)
+    infos = stage.check_inputs(
+        out, inputs, load, overwrite=overwrite,
+        reads=[*stage.data_paths("--data", data), *stage.eval_paths(evals)],
+        writes=[("--state-dir", config.state_dir), ("--cache-teacher", options.cache_teacher)])
     stage.check_length(data_options.max_length, infos[0].config)
 
     tok = load_tokenizer(teacher_path, trust_remote_code=load.trust_remote_code)

@@ -122,7 +122,7 @@ def choice_prompt(question: str, choices: Sequence[str], fmt: str = "qa") -> tup
 
 def tokenize_eval_data(data: EvalData, tokenizer, *, choice_format: str = "qa") -> EvalSet:
     """Tokenise validated data with `tokenizer` (the same tokenisation training uses)."""
-    from undo_cli.data import encode_prompt_completion, ensure_special_tokens
+    from undo_cli.data import encode_prompt_completion, encode_text, ensure_special_tokens
 
     if choice_format not in CHOICE_FORMATS:
         raise UsageError(f"unknown choice format {choice_format!r}; choose one of "
@@ -131,7 +131,7 @@ def tokenize_eval_data(data: EvalData, tokenizer, *, choice_format: str = "qa") 
     out = EvalSet(name=data.name, shape=data.shape, source=data.source, n=len(data.items))
     if data.shape == "text":
         for text in data.items:
-            out.sequences.append(list(tokenizer(text, add_special_tokens=True)["input_ids"]))
+            out.sequences.append(encode_text(tokenizer, text, special=True))
             out.starts.append(1)
         if all(len(s) < 2 for s in out.sequences):
             raise DataError("no text record has two or more tokens: nothing to predict",

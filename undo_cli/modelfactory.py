@@ -140,9 +140,16 @@ def build_config(arch: str, shape: ModelShape, tokenizer):
 
 
 def random_model(config, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """A freshly initialised causal LM for `config` (its architecture's own init), seeded."""
+    """A freshly initialised causal LM for `config` (its architecture's own init), seeded.
+
+    `UsageError` with the estimate if it cannot fit in the memory available (checked before
+    anything is allocated)."""
     from transformers import AutoModelForCausalLM
 
+    from undo_cli.checkpoint import check_fits_memory
+
+    check_fits_memory(config.to_dict(), torch.empty((), dtype=dtype).element_size(),
+                      "the model")
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.generation_config.pad_token_id = config.pad_token_id

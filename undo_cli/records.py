@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import random
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,9 +71,19 @@ def _read_json(path: Path) -> list[Record]:
 
 
 def _read_csv(path: Path) -> list[Record]:
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))  # long texts in a cell
+    records = []
     with open(path, encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)
-        return [Record(dict(row), str(path), i + 2) for i, row in enumerate(reader)]
+        try:
+            for row in reader:
+                if None in row:  # more cells than the header names
+                    raise DataError(f"the row has {len(row) - 1 + len(row[None])} fields, the "
+                                    f"header names {len(row) - 1}", path, reader.line_num)
+                records.append(Record(dict(row), str(path), reader.line_num))
+        except csv.Error as e:
+            raise DataError(f"not valid CSV ({e})", path, reader.line_num) from e
+    return records
 
 
 def _read_parquet(path: Path) -> list[Record]:
@@ -109,6 +121,9 @@ def read_records(path: str | Path) -> list[Record]:
     path = Path(path)
     if not path.exists():
         raise UsageError(f"data file not found: {path}")
+    if not path.is_dir() and not stat.S_ISREG(path.stat().st_mode):
+        raise DataError("not a regular file (a FIFO, device or socket never ends, or blocks): "
+                        "give a data file", path)
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
             records = _read_saved_dataset(path)
@@ -177,8 +192,8 @@ def parse_weighted_spec(spec: str) -> tuple[str, float]:
             value = float(weight)
         except ValueError:
             return spec, 1.0
-        if not value > 0:
-            raise UsageError(f"--data {spec!r}: the weight must be positive")
+        if not (math.isfinite(value) and value > 0):
+            raise UsageError(f"--data {spec!r}: the weight must be a positive finite number")
         return path, value
     return spec, 1.0
 
@@ -357,3 +372,97 @@ def read_eval_data(name: str, path: str | Path, *, limit: int | None = None,
     else:
         items = [_choice_item(rec) for rec in records]
     return EvalData(name=name, shape=shape, source=str(path), records=records, items=items)
+
+
+# ----------------------------------------------------------------------------- results files
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def read_json_file(file: Path) -> Any:
+    """A JSON document written by undo (results.json, undo.json); `DataError` naming the
+    file if it is not readable JSON."""
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"not valid JSON ({e})", file) from e
+    except RecursionError as e:
+        raise DataError("nested too deeply to be undo's JSON", file) from e
+    except OSError as e:
+        raise DataError(f"cannot read ({e.strerror or e})", file) from e
+
+
+def check_attack_results(results: Any, file: Path) -> dict[str, Any]:
+    """`results` if it has the shape of `undo relearn-attack`'s results.json (the parts
+    `report` and `--compare` read: docs/relearn-results.md); `DataError` naming the file and
+    the first part that is wrong."""
+    def bad(what: str) -> DataError:
+        return DataError(f"{what} (not written by `undo relearn-attack`?)", file)
+
+    if not isinstance(results, dict):
+        raise bad(f"a JSON {type(results).__name__}, expected an object")
+    for key in ("forget_metric", "worst_case", "summary"):
+        if key not in results:
+            raise bad(f"missing '{key}'")
+    metric = results["forget_metric"]
+    if not isinstance(metric, str) or "." not in metric:
+        raise bad("'forget_metric' must be a name such as forget.accuracy")
+    curve = results["worst_case"]
+    if not isinstance(curve, list) or not all(
+            isinstance(p, dict) and _is_number(p.get("step"))
+            and (p.get("value") is None or _is_number(p.get("value"))) for p in curve):
+        raise bad("'worst_case' must be a list of {\"step\": N, \"value\": X}")
+    if not curve:
+        raise bad("'worst_case' is empty")
+    for point in curve:
+        if any(point.get(k) is not None and not _is_number(point[k]) for k in ("lower", "upper")):
+            raise bad("a worst-case point's 'lower'/'upper' must be numbers")
+        items = point.get("items")
+        if items is not None and not (
+                isinstance(items, dict) and isinstance(items.get("num"), list)
+                and isinstance(items.get("den"), list)
+                and len(items["num"]) == len(items["den"]) > 0
+                and all(_is_number(v) for v in items["num"] + items["den"])):
+            raise bad("a worst-case point's 'items' must hold lists 'num' and 'den' of "
+                      "numbers, of one length")
+    summary = results["summary"]
+    if not isinstance(summary, dict) or any(
+            summary.get(k) is not None and not _is_number(summary.get(k))
+            for k in ("final", "auc", "initial")):
+        raise bad("'summary' must be an object of numbers (final, auc)")
+    initial = results.get("initial", {})
+    if not isinstance(initial, dict) or any(
+            v is not None and not _is_number(v) for v in initial.values()):
+        raise bad("'initial' must be an object of metric values")
+    for key in ("direction", "fingerprint", "checkpoint"):
+        if results.get(key) is not None and not isinstance(results[key], str):
+            raise bad(f"'{key}' must be a string")
+    return results
+
+
+def check_manifest(manifest: Any, file: Path) -> dict[str, Any]:
+    """`manifest` if it has the shape of an `undo.json` where `report` reads it (parents with
+    their own manifests, compute with FLOPs), walked without recursion; `DataError` naming
+    the file otherwise."""
+    stack = [manifest]
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, dict):
+            raise DataError(f"a manifest must be a JSON object, found a {type(node).__name__}",
+                            file)
+        compute = node.get("compute")
+        if compute is not None and (not isinstance(compute, dict) or (
+                compute.get("flops") is not None and not _is_number(compute.get("flops")))):
+            raise DataError("'compute' must be an object with a number 'flops'", file)
+        parents = node.get("parents", [])
+        if not isinstance(parents, list) or not all(isinstance(p, dict) for p in parents):
+            raise DataError("'parents' must be a list of objects", file)
+        for parent in parents:
+            if parent.get("fingerprint") is not None and not isinstance(
+                    parent["fingerprint"], str):
+                raise DataError("a parent's 'fingerprint' must be a string", file)
+            if parent.get("manifest") is not None:
+                stack.append(parent["manifest"])
+    return manifest

@@ -48,6 +48,7 @@ import numpy as np
 
 from undo_cli.errors import UsageError
 from undo_cli.jsontext import to_json
+from undo_cli.records import check_attack_results, check_manifest, read_json_file
 from undo_cli.stats import (
     BOOTSTRAP_SAMPLES,
     LEVEL,
@@ -138,16 +139,16 @@ def _chain(manifest: dict | None) -> tuple[float, set[str]]:
         parents = [p.get("fingerprint") for p in m.get("parents", [])]
         return json.dumps([stripped, parents], sort_keys=True, default=str)
 
-    def collect(m: dict | None) -> None:
+    stack = [manifest]  # walked without recursion: chains can be long
+    while stack:
+        m = stack.pop()
         if not m:
-            return
+            continue
         unique.setdefault(key(m), m)
         for p in m.get("parents", []):
             if p.get("fingerprint"):
                 prints.add(p["fingerprint"])
-            collect(p.get("manifest"))
-
-    collect(manifest)
+            stack.append(p.get("manifest"))
     flops = sum(float((m.get("compute") or {}).get("flops") or 0.0) for m in unique.values())
     return flops, prints
 
@@ -159,15 +160,11 @@ def load_attacked(label: str, directory: str | Path) -> AttackedModel:
     if not file.is_file():
         raise UsageError(f"{directory} holds no results.json (expected a results directory of "
                          "`undo relearn-attack`)")
-    try:
-        results = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{file}: not valid JSON ({e})") from e
-    for key in ("forget_metric", "worst_case", "summary"):
-        if key not in results:
-            raise UsageError(f"{file}: missing '{key}' (not written by `undo relearn-attack`?)")
+    results = check_attack_results(read_json_file(file), file)
     manifest_file = directory / "undo.json"
-    manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else None
+    manifest = None
+    if manifest_file.is_file():
+        manifest = check_manifest(read_json_file(manifest_file), manifest_file)
     model = AttackedModel(label=label, path=directory, results=results, manifest=manifest)
     model.chain_flops, model.ancestors = _chain(_checkpoint_manifest(manifest))
     return model

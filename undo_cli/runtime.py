@@ -50,6 +50,34 @@ def quiet_libraries() -> None:
         pass
 
 
+def available_memory() -> int | None:
+    """Bytes of memory this process can still take: the system's available memory, or less
+    under a cgroup limit (containers, batch jobs); `UNDO_MEMORY_LIMIT` (bytes) replaces the
+    measurement (e.g. on a machine with much swap). None where unknown."""
+    found: list[int] = []
+    limit = os.environ.get("UNDO_MEMORY_LIMIT", "").strip()
+    if limit.isdigit():
+        return int(limit)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    try:  # cgroup v2: memory.max is "max" or bytes
+        with open("/sys/fs/cgroup/memory.max", encoding="ascii") as f:
+            cap = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current", encoding="ascii") as f:
+            used = int(f.read().strip())
+        if cap.isdigit():
+            found.append(max(0, int(cap) - used))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
 def pick_device(requested: str | None = None) -> torch.device:
     """`requested` ("cpu", "cuda", "cuda:1", ...) or CUDA when available, else CPU."""
     import torch

@@ -20,7 +20,7 @@ from typing import Any
 
 from undo_cli.errors import UsageError
 from undo_cli.options import DataOptions, EvalOptions, LoadOptions, TrainConfig
-from undo_cli.records import parse_named_specs
+from undo_cli.records import parse_named_specs, parse_weighted_spec
 
 OnStep = Callable[[int, "int | None", int], None]
 OnLog = Callable[[dict[str, Any]], None]
@@ -52,14 +52,53 @@ def check_length(max_length: int, config: Any) -> None:
                          f"{limit}")
 
 
+Paths = Sequence[tuple[str, "str | Path | None"]]  # (flag, path) pairs
+
+
+def data_paths(flag: str, specs: Sequence[Any]) -> list[tuple[str, str]]:
+    """`(flag, PATH)` of `PATH[:WEIGHT]` data specs (or `(path, weight)` pairs)."""
+    paths = []
+    for spec in specs:
+        path = str(spec[0]) if isinstance(spec, (tuple, list)) else parse_weighted_spec(spec)[0]
+        paths.append((flag, path))
+    return paths
+
+
+def eval_paths(evals: EvalOptions, flag: str = "--eval") -> list[tuple[str, str]]:
+    """`(flag, PATH)` of the `NAME=PATH` eval sets."""
+    return [(flag, path) for _, path in parse_named_specs(evals.eval)]
+
+
+def _inside(path: str | Path, other: str | Path) -> bool:
+    try:
+        Path(path).resolve().relative_to(Path(other).resolve())
+        return True
+    except (ValueError, OSError, RuntimeError):
+        return False
+
+
 def check_inputs(out: str | Path, inputs: Sequence[str | Path], load: LoadOptions, *,
-                 overwrite: bool = False) -> list[Any]:
+                 overwrite: bool = False, reads: Paths = (), writes: Paths = ()) -> list[Any]:
     """Check every input checkpoint (readable, not pickled unless allowed) and the output
-    path against them, before any work; returns the inputs' `CheckpointInfo`."""
+    path against everything the command touches, before any work; returns the inputs'
+    `CheckpointInfo`. Inside a command, OUT is then locked until the command ends.
+
+    `reads` are the other files it reads (`--data`, `--eval`: none may lie inside OUT, which
+    `--overwrite` deletes); `writes` the directories it writes besides OUT (`--state-dir`,
+    `--cache-teacher`: none may lie inside OUT, nor inside an input, which it would change).
+    """
     from undo_cli.checkpoint import check_output_path, inspect_checkpoint
 
     infos = [inspect_checkpoint(path, allow_pickle=load.allow_pickle) for path in inputs]
-    check_output_path(out, inputs=list(inputs), overwrite=overwrite)
+    present = [(flag, path) for flag, path in reads if path is not None and Path(path).exists()]
+    written = [(flag, path) for flag, path in writes if path is not None]
+    check_output_path(out, inputs=list(inputs), reads=[*present, *written],
+                      overwrite=overwrite)
+    for flag, path in written:
+        for inp in [*inputs, *(p for _, p in present)]:
+            if _inside(path, inp):
+                raise UsageError(f"{flag} {path} lies inside the input {inp}, which undo must "
+                                 "not change: choose a directory outside it")
     return infos
 
 

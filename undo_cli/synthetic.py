@@ -67,6 +67,7 @@ from pathlib import Path
 from typing import Any
 
 from undo_cli.errors import UsageError
+from undo_cli.options import check_seed
 
 OPS: dict[str, str] = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
 SPLIT_OPS: dict[str, tuple[str, str]] = {"retain": ("add", "sub"), "forget": ("mul", "div")}
@@ -92,6 +93,7 @@ ANSWER_CUE = " Answer: "
 ALPHABET = string.digits + string.ascii_letters + " .,?:+-*/="
 MAX_ADD = 1000  # operand-pair spaces are enumerated: keep them at most ~10**6 pairs
 MAX_MUL = 1000
+MAX_RECORDS = 10_000_000  # --train-size / --eval-size: records are built in memory
 MAX_LISTED_PAIRS = 10_000  # info.json lists an operation's held-out pairs up to this many
 
 NAMES = ("Tom", "Ann", "Sam", "Lily", "Ben", "Mia", "Max", "Zoe", "Leo", "Ava", "Noah", "Emma")
@@ -282,6 +284,10 @@ class ArithmeticOptions:
     heldout_pairs: float = 0.0
 
     def validate(self) -> None:
+        check_seed("--seed", self.seed)
+        for flag, value in (("--train-size", self.train_size), ("--eval-size", self.eval_size)):
+            if value > MAX_RECORDS:
+                raise UsageError(f"{flag} must be at most {MAX_RECORDS:,} (got {value})")
         if self.train_size < 1:
             raise UsageError(f"--train-size must be at least 1 (got {self.train_size})")
         if self.eval_size < 1:

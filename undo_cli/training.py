@@ -61,7 +61,11 @@ def train_checkpoint(out: str | Path, init: str, data: list[str], *,
     config = train.for_output(out)
     config.validate()
     inputs = [] if preset else [init]
-    infos = stage.check_inputs(out, inputs, load, overwrite=overwrite)
+    infos = stage.check_inputs(
+        out, inputs, load, overwrite=overwrite,
+        reads=[*stage.data_paths("--data", data), *stage.eval_paths(evals),
+               ("--tokenizer", tokenizer if preset and tokenizer else None)],
+        writes=[("--state-dir", config.state_dir)])
     if infos:
         stage.check_length(data_options.max_length, infos[0].config)
 

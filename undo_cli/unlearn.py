@@ -507,7 +507,11 @@ def unlearn_checkpoint(
     config = config.for_output(dst)
     # lr None is chosen once the model (its size) is known.
     replace(config, lr=1.0 if config.lr is None else config.lr).validate()
-    info = stage.check_inputs(dst, [src], load, overwrite=overwrite)[0]
+    info = stage.check_inputs(
+        dst, [src], load, overwrite=overwrite,
+        reads=[*stage.data_paths("--forget", forget_specs),
+               *stage.data_paths("--retain", retain_specs), *stage.eval_paths(evals)],
+        writes=[("--state-dir", config.state_dir)])[0]
     stage.check_length(data_options.max_length, info.config)
 
     tokenizer = load_tokenizer(src, trust_remote_code=load.trust_remote_code)

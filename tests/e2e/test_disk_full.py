@@ -113,13 +113,13 @@ def test_unlearn_disk_full_while_writing_the_manifest(cli, inputs, tmp_path, mon
 def test_distill_disk_full_while_saving_the_training_state(cli, inputs, tmp_path,
                                                            monkeypatch):
     """The first state save fails half-way: no state directory is left either."""
-    from accelerate import Accelerator
+    import undo_cli.engine.state as state
 
-    def fill_up(self, output_dir=None, **kwargs):
-        (Path(output_dir) / "model.safetensors").write_bytes(b"\0" * 1000)
+    def fill_up(directory, rank, **kwargs):
+        (Path(directory) / f"rank-{rank}.safetensors").write_bytes(b"\0" * 1000)
         raise _full_disk()
 
-    monkeypatch.setattr(Accelerator, "save_state", fill_up)
+    monkeypatch.setattr(state, "save_rank", fill_up)
     work = tmp_path / "work"
     work.mkdir()
     before = _snapshot(inputs["dir"])

@@ -90,8 +90,11 @@ def test_help_and_version_import_no_torch() -> None:
 
 
 def test_light_library_modules_import_no_torch(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
     (tmp_path / "config.json").write_text("{}")
-    (tmp_path / "model.safetensors").write_bytes(b"")
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "model.safetensors"))  # headers are read
     report = _fresh(f"""
         import json, sys
 
@@ -106,7 +109,6 @@ def test_light_library_modules_import_no_torch(tmp_path: Path) -> None:
     """)
     assert report["heavy"] == []
     # The versions are those of the installed libraries, read without importing them.
-    import torch
     import transformers
 
     assert report["environment"]["torch"] == str(torch.__version__)

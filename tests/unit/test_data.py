@@ -259,3 +259,56 @@ def test_tokenizer_without_eos_or_pad_falls_back(tmp_path, caplog):
     assert bare.eos_token_id is not None and bare.pad_token_id == bare.eos_token_id
     assert batch["input_ids"].shape == (1, 8)
     assert "no EOS token" in caplog.text  # a note through logging (the CLI shows it)
+
+
+# ----------------------------------------------------------------------------- resources
+
+
+def test_long_texts_are_tokenised_in_pieces_with_the_same_ids(tok, tmp_path, monkeypatch):
+    from undo_cli.data import encode_text, sources
+
+    text = " ".join(f"{a} + {b} = {a + b}" for a in range(40) for b in range(20))
+    one_call = tok(text)["input_ids"]
+    monkeypatch.setattr(sources, "TEXT_PIECE_CHARS", 97)
+    assert sources._pieces(text, 97)[1][0] == " "  # cut before a space
+    assert encode_text(tok, text, special=True) == one_call  # BOS once, at the front
+    assert encode_text(tok, text, special=False) == tok(text, add_special_tokens=False)[
+        "input_ids"]
+    path = write_jsonl(tmp_path / "long.jsonl", [{"text": text}, {"text": "1 + 1 = 2"}])
+    source = load_source(tok, path, max_length=64)
+    assert source.docs[0].tolist() == [*one_call, tok.eos_token_id]
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": text[:500], "completion": " x"}])
+    ids, labels = encode_prompt_completion(tok, text[:500], " x")
+    assert ids == tok(text[:500])["input_ids"] + tok(" x", add_special_tokens=False)[
+        "input_ids"] + [tok.eos_token_id]
+    assert load_source(tok, pairs, max_length=600).ids[0].tolist() == ids
+
+
+_MEASURE = """
+import json, resource, sys
+from undo_cli.modelfactory import build_char_tokenizer
+from undo_cli.data import load_source
+tok = build_char_tokenizer(sys.argv[2])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+source = load_source(tok, sys.argv[1], max_length=64)
+grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+print(json.dumps({"grown_mb": grown / 1024, "tokens": source.epoch_tokens}))
+"""
+
+
+def test_one_huge_record_is_tokenised_in_bounded_memory(tmp_path):
+    """A 2 MB record tokenised in one call took ~400 MB (a tokenizer's output is ~200 times
+    its input); in pieces, what remains is the ids themselves."""
+    import subprocess
+    import sys
+
+    from conftest import TEST_ALPHABET
+
+    size = 2_000_000
+    text = ("12 + 7 = 19 and so on " * (size // 22 + 1))[:size]
+    path = write_jsonl(tmp_path / "huge.jsonl", [{"text": text}])
+    done = subprocess.run([sys.executable, "-c", _MEASURE, str(path), TEST_ALPHABET],
+                          capture_output=True, text=True, timeout=300, check=True)
+    report = json.loads(done.stdout)
+    assert report["tokens"] == size + 2  # BOS and EOS
+    assert report["grown_mb"] < 150, report  # ids: 8 bytes a token, plus a list while built

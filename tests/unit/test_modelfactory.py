@@ -63,7 +63,7 @@ def test_char_alphabet_tokenizer(cli, tmp_path):
     (["--arch", "mamba"], "unknown architecture"),
     (["--preset", "huge"], "unknown preset"),
     (["--hidden", "30", "--heads", "4"], "not divisible"),
-    (["--layers", "0"], "positive"),
+    (["--layers", "0"], "--layers must be at least 1"),
     (["--tokenizer", "nope/missing"], "--tokenizer"),
     (["--tokenizer", "char:"], "alphabet is empty"),
 ])

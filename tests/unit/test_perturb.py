@@ -643,3 +643,80 @@ def test_other_float_dtypes_follow_the_formula(tiny_llama, tmp_path, dtype):
             expected = expected + noise[name].to(work) * (0.6 * 0.1)
         assert out[name].dtype == dtype
         assert torch.equal(out[name].to(work), expected.to(dtype).to(work)), name
+
+
+# ------------------------------------------------------------------------------------------
+# Issue 19: every tensor arrives, and no NaN/inf is written unless asked
+# ------------------------------------------------------------------------------------------
+
+
+def test_shards_sharing_a_file_name_in_subdirectories_all_survive(tiny_llama, tmp_path):
+    """Two shards called model.safetensors in a/ and b/ are two files: before, the second
+    overwrote the first and half the tensors were lost (exit 0)."""
+    weights = load_weights(tiny_llama)
+    ckpt = resave(tiny_llama, tmp_path / "ckpt", {})
+    for p in ckpt.glob("*.safetensors"):
+        p.unlink()
+    names = sorted(weights)
+    weight_map = {}
+    for sub, part in (("a", names[::2]), ("b", names[1::2])):
+        (ckpt / sub).mkdir()
+        save_tensors({n: weights[n] for n in part}, ckpt / sub)
+        weight_map.update({n: f"{sub}/model.safetensors" for n in part})
+    (ckpt / INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    out = tmp_path / "out"
+    summary = perturb_checkpoint(ckpt, out, 0.6, 0.1, seed=2)
+    assert summary["files"] == ["a/model.safetensors", "b/model.safetensors"]
+    index = json.loads((out / INDEX_NAME).read_text())
+    assert index["weight_map"] == weight_map
+    with CheckpointReader(out) as written, CheckpointReader(ckpt) as original:
+        assert {n: (e.dtype, e.shape) for n, e in written.entries.items()} == {
+            n: (e.dtype, e.shape) for n, e in original.entries.items()}
+    expected = perturb_checkpoint(tiny_llama, tmp_path / "flat", 0.6, 0.1, seed=2)
+    assert expected["noised"] == summary["noised"]
+    from undo_cli.checkpoint import load_model
+
+    load_model(out)  # loads completely (the loading report is checked)
+
+
+def test_the_output_is_verified_before_it_is_put_in_place(tiny_llama, tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    from undo_cli.errors import UndoError
+    from undo_cli.perturb import stream
+
+    real = stream.write_perturbed
+
+    def lose_a_tensor(reader, plan, directory, *args, **kwargs):
+        files = real(reader, plan, directory, *args, **kwargs)
+        state = load_file(directory / files[0])
+        del state["model.norm.weight"]
+        save_file(state, directory / files[0], metadata={"format": "pt"})
+        return files
+
+    monkeypatch.setattr(stream, "write_perturbed", lose_a_tensor)
+    out = tmp_path / "out"
+    with pytest.raises(UndoError, match="perturb wrote tensor 'model.norm.weight' wrongly "
+                                        r"\(missing"):
+        perturb_checkpoint(tiny_llama, out, 0.6, 0.1)
+    assert not out.exists() and tmp_siblings(out) == []
+
+
+def test_nonfinite_weights_are_refused_unless_allowed(tiny_llama, tmp_path, cli):
+    weights = load_weights(tiny_llama)
+    bad = dict(weights)
+    bad["model.norm.weight"] = weights["model.norm.weight"].clone()
+    bad["model.norm.weight"][3] = float("inf")
+    src = resave(tiny_llama, tmp_path / "src", bad)
+    refused = cli("perturb", src, tmp_path / "refused")
+    assert refused.exit_code == 2 and "'model.norm.weight' holds NaN or infinite" in refused.stderr
+    assert not (tmp_path / "refused").exists()
+    done = cli("perturb", src, tmp_path / "out", "--allow-nonfinite", "-q")
+    assert done.exit_code == 0, done.output
+    assert torch.isinf(load_weights(tmp_path / "out")["model.norm.weight"][3])
+    # Noise that overflows a narrow dtype is named as such.
+    half = resave(tiny_llama, tmp_path / "half", {k: v.half() for k, v in weights.items()})
+    overflow = cli("perturb", half, tmp_path / "overflow", "--beta", "1e6")
+    assert overflow.exit_code == 2 and "the noise overflows F16" in overflow.stderr
+    help_text = cli("perturb", "--help").output
+    assert "--allow-nonfinite" in help_text

@@ -223,8 +223,17 @@ def test_index_problems_raise_data_error(tmp_path):
     index = json.loads(index_file.read_text())
 
     index_file.write_text("{oops")
-    with pytest.raises(DataError, match="not a valid safetensors index"):
+    with pytest.raises(DataError, match="not a valid weight index: not JSON"):
         CheckpointReader(tmp_path)
+    for shape, why in (("[]", "a JSON list"), ('{"weight_map": []}', "weight_map"),
+                       ('{"weight_map": {"a": 3}}', "not a file name")):
+        index_file.write_text(shape)
+        with pytest.raises(DataError, match=why):
+            CheckpointReader(tmp_path)
+    for outside in ("../x.safetensors", "/etc/x.safetensors", "a/../../x.safetensors"):
+        index_file.write_text(json.dumps({"weight_map": {"a": outside}}))
+        with pytest.raises(DataError, match="outside the checkpoint directory"):
+            CheckpointReader(tmp_path)
 
     missing = "model-00009-of-00009.safetensors"
     broken = dict(index, weight_map={**index["weight_map"], "c": missing})

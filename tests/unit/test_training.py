@@ -84,8 +84,8 @@ def test_resume_after_an_interruption_gives_the_same_model(cli, data, tmp_path, 
 
     real_save = engine.save_state
 
-    def save_then_die(accelerator, state_dir, step, key):
-        real_save(accelerator, state_dir, step, key)
+    def save_then_die(accelerator, state_dir, step, key, **parts):
+        real_save(accelerator, state_dir, step, key, **parts)
         if step == 6:
             raise KeyboardInterrupt
 

@@ -3,17 +3,18 @@
 Every command that reads or writes a model goes through this package:
 
 - `inspect_checkpoint`, `load_model`, `load_tokenizer`: read a Hugging Face checkpoint
-  directory (single or sharded safetensors; a PEFT adapter directory is merged into its base).
-- `atomic_output`: write into a temporary sibling directory and rename it into place, so an
-  interrupted command never leaves a (half-written) output directory.
+  directory (single or sharded safetensors; a PEFT adapter directory is merged into its base),
+  whole or not at all (headers, JSON and the loading report are checked; pickles refused).
+- `atomic_output`: write into a temporary sibling directory and rename (or atomically swap)
+  it into place, holding OUT's lock, so an interrupted command never leaves a (half-written)
+  output directory and two runs never write the same one.
 - `save_model`: model + tokenizer + carried-over support files into such a directory.
 - `build_manifest`, `write_manifest`, `read_manifest`, `fingerprint`: the `undo.json`
   provenance manifest written into every output directory.
 """
 
+from undo_cli.checkpoint.inspection import CheckpointInfo, check_fits_memory, inspect_checkpoint
 from undo_cli.checkpoint.load import (
-    CheckpointInfo,
-    inspect_checkpoint,
     load_model,
     load_model_and_tokenizer,
     load_tokenizer,
@@ -38,6 +39,7 @@ __all__ = [
     "CheckpointInfo",
     "atomic_output",
     "build_manifest",
+    "check_fits_memory",
     "check_output_path",
     "copy_support_files",
     "fingerprint",

@@ -1,127 +1,147 @@
 """Reading Hugging Face checkpoint directories (never from a hub: local directories only).
 
-`inspect_checkpoint` only reads JSON and file names; torch and transformers are imported by
-the functions that load weights, so that commands that never load a model do not pay for them.
+`inspect_checkpoint` (`undo_cli.checkpoint.inspection`) only reads JSON and headers; torch and
+transformers are imported by the functions that load weights, so that commands that never load
+a model do not pay for them. Every load checks transformers' loading report
+(`check_loading_report`).
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from undo_cli.checkpoint.inspection import (
+    CheckpointInfo,
+    check_fits_memory,
+    inspect_checkpoint,
+    read_json_object,
+)
+from undo_cli.checkpoint.safetensors_io import FLOAT_DTYPES
 from undo_cli.errors import UndoError, UsageError
-
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-PICKLE_INDEX = "pytorch_model.bin.index.json"
 
 if TYPE_CHECKING:
     import torch
 
-
-@dataclass
-class CheckpointInfo:
-    """What a checkpoint directory holds, found without loading any weights."""
-
-    path: Path
-    kind: str  # "model" or "adapter"
-    weight_files: list[Path] = field(default_factory=list)
-    pickled: bool = False  # weights are pickled .bin files
-    base: CheckpointInfo | None = None  # the base model of an adapter
-
-    @property
-    def config(self) -> dict:
-        """The checkpoint's config.json (the base model's for an adapter)."""
-        if self.kind == "adapter":
-            assert self.base is not None
-            return self.base.config
-        return json.loads((self.path / "config.json").read_text())
+# Tensors a model legitimately recomputes instead of reading them from its files, so that a
+# loading report may list them as missing (or, from files of older versions, unexpected)
+# without the checkpoint being broken. Everything else missing, unexpected or mismatched is
+# an error: transformers would otherwise fill the gap with random weights and only warn.
+RECOMPUTED = (
+    re.compile(r"(?:^|\.)rotary_emb\.inv_freq$"),  # rotary position tables (buffers)
+    re.compile(r"(?:^|\.)attn\.(?:masked_)?bias$"),  # GPT-2's causal-mask buffers, old files
+    re.compile(r"(?:^|\.)position_ids$"),  # position index buffers
+)
+# Output embeddings recomputed from the input embedding when config.json ties them.
+TIED_OUTPUTS = ("lm_head.weight", "embed_out.weight", "output.weight")
 
 
-def _weight_files(path: Path) -> tuple[list[Path], bool]:
-    """The weight files of a model directory and whether they are pickles."""
-    if (path / SAFETENSORS_INDEX).is_file():
-        index = json.loads((path / SAFETENSORS_INDEX).read_text())
-        return sorted({path / f for f in index["weight_map"].values()}), False
-    single = sorted(path.glob("*.safetensors"))
-    if single:
-        return single, False
-    if (path / PICKLE_INDEX).is_file():
-        index = json.loads((path / PICKLE_INDEX).read_text())
-        return sorted({path / f for f in index["weight_map"].values()}), True
-    return sorted(path.glob("*.bin")), True
+def recomputed(name: str, tied: bool) -> bool:
+    """Whether tensor `name` is one the architecture recomputes (see `RECOMPUTED`)."""
+    if tied and name.endswith(TIED_OUTPUTS):
+        return True
+    return any(p.search(name) for p in RECOMPUTED)
 
 
-def _resolve_base(adapter_dir: Path, name: str | None) -> Path:
-    if not name:
-        raise UsageError(f"{adapter_dir}: adapter_config.json names no base_model_name_or_path")
-    for candidate in (Path(name), adapter_dir / name, adapter_dir.parent / name):
-        if candidate.is_dir():
-            return candidate
-    raise UsageError(
-        f"{adapter_dir}: the adapter's base model '{name}' is not a local directory "
-        "(undo never downloads; point base_model_name_or_path at a checkpoint directory)"
-    )
+# Small JSON files transformers reads with the tokenizer (each must hold an object).
+TOKENIZER_CONFIGS = ("tokenizer_config.json", "special_tokens_map.json",
+                     "generation_config.json")
 
 
-def inspect_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> CheckpointInfo:
-    """Check that `path` is a loadable checkpoint directory; raise `UsageError` saying why not."""
-    path = Path(path)
-    if not path.exists():
-        raise UsageError(f"checkpoint not found: {path}")
-    if not path.is_dir():
-        raise UsageError(f"{path} is not a directory (a checkpoint is a directory with "
-                         "config.json and model weights)")
-    adapter_cfg = path / "adapter_config.json"
-    if adapter_cfg.is_file():
-        try:
-            base_name = json.loads(adapter_cfg.read_text()).get("base_model_name_or_path")
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{adapter_cfg}: not valid JSON ({e})") from e
-        base = inspect_checkpoint(_resolve_base(path, base_name), allow_pickle=allow_pickle)
-        return CheckpointInfo(path=path, kind="adapter", base=base)
-    if not (path / "config.json").is_file():
-        raise UsageError(f"{path} is not a Hugging Face checkpoint: it has no config.json")
-    try:
-        json.loads((path / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{path / 'config.json'}: not valid JSON ({e})") from e
-    files, pickled = _weight_files(path)
-    if not files:
-        raise UsageError(f"{path} holds no model weights (*.safetensors)")
-    missing = [f.name for f in files if not f.is_file()]
-    if missing:
-        raise UsageError(f"{path}: weight files named in the index are missing: {missing}")
-    if pickled and not allow_pickle:
-        raise UsageError(
-            f"{path} holds only pickled weights ({files[0].name}); pickles can run code when "
-            "loaded. Convert them to safetensors, or pass --allow-pickle to load them with "
-            "torch.load(weights_only=True)"
-        )
-    return CheckpointInfo(path=path, kind="model", weight_files=files, pickled=pickled)
+def first_line(error: BaseException) -> str:
+    """The first non-empty line of an exception's text (libraries write whole reports)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+def check_loading_report(info: CheckpointInfo, model, report: dict) -> None:
+    """`DataError`-like `UsageError` (exit 2) naming the tensor and the file for a tensor
+    missing from the files, a stored tensor the model has no place for, or one whose shape
+    or dtype (an integer dtype where the model holds floats) does not match; tensors the
+    architecture recomputes (`RECOMPUTED`, tied output embeddings) excepted."""
+    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    problems: list[str] = []
+    for name in sorted(report.get("missing_keys") or ()):
+        if not recomputed(name, tied):
+            problems.append(f"tensor {name!r} is missing from {info.weights_name()}")
+    for name in sorted(report.get("unexpected_keys") or ()):
+        if not recomputed(name, tied):
+            problems.append(f"tensor {name!r} in {info.file_of(name)} has no place in the "
+                            f"{type(model).__name__} that config.json describes")
+    for name, stored, wanted in sorted(report.get("mismatched_keys") or (), key=str):
+        problems.append(f"tensor {name!r} in {info.file_of(name)} has shape {list(stored)}, "
+                        f"the model needs {list(wanted)}")
+    if info.tensors:
+        for name, tensor in model.state_dict().items():
+            entry = info.tensors.get(name)
+            if (entry is not None and tensor.is_floating_point()
+                    and entry.dtype not in FLOAT_DTYPES):
+                problems.append(f"tensor {name!r} in {info.file_of(name)} is stored as "
+                                f"{entry.dtype}, the model needs floating-point weights")
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise UsageError(f"{info.path}: {problems[0]}{more}; the checkpoint is incomplete or "
+                         "does not match its config.json (undo never fills in random weights)")
 
 
 def _from_pretrained(info: CheckpointInfo, dtype: torch.dtype, trust_remote_code: bool):
+    import torch
     from transformers import AutoModelForCausalLM
 
+    check_fits_memory(info.config, torch.empty((), dtype=dtype).element_size(),
+                      f"the model in {info.path}")
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        model, report = AutoModelForCausalLM.from_pretrained(
             info.path,
             dtype=dtype,
             local_files_only=True,
             use_safetensors=not info.pickled,
             weights_only=True,
             trust_remote_code=trust_remote_code,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,  # reported, then refused by check_loading_report
         )
     except Exception as e:  # noqa: BLE001 - transformers/safetensors/pickle raise many types
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        message = first_line(e)
         if "Weights only load failed" in str(e):
             message = ("the pickle holds objects other than tensors (refused by "
                        "torch.load(weights_only=True)); it may be malicious")
         if "trust_remote_code" in str(e) and not trust_remote_code:
-            message = "it needs custom code; pass --trust-remote-code if you trust its source"
+            raise UsageError(f"cannot load model from {info.path}: it needs custom code; pass "
+                             "--trust-remote-code if you trust its source") from e
         raise UndoError(f"cannot load model from {info.path}: {message}") from e
+    check_loading_report(info, model, report)
+    return model
+
+
+def _load_adapter(base, info: CheckpointInfo):
+    """`base` with the adapter of `info` merged in, after checking that the adapter's file
+    holds exactly the adapter weights the model expects."""
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
+
+    try:
+        model = PeftModel.from_pretrained(base, str(info.path))
+    except Exception as e:  # noqa: BLE001
+        raise UndoError(f"cannot load adapter {info.path}: {first_line(e)}") from e
+    if info.tensors:
+        expected = get_peft_model_state_dict(model)
+        file = info.weight_files[0].name
+        missing = sorted(set(expected) - set(info.tensors))
+        unexpected = sorted(set(info.tensors) - set(expected))
+        if missing or unexpected:
+            what = (f"tensor {missing[0]!r} is missing from {file}" if missing else
+                    f"tensor {unexpected[0]!r} in {file} has no place in the adapter")
+            count = len(missing) + len(unexpected)
+            more = f" (and {count - 1} more)" if count > 1 else ""
+            raise UsageError(f"{info.path}: {what}{more}; the adapter does not match its "
+                             "adapter_config.json and base model")
+        for name, entry in info.tensors.items():
+            if entry.dtype not in FLOAT_DTYPES:
+                raise UsageError(f"{info.path}: tensor {name!r} in {file} is stored as "
+                                 f"{entry.dtype}, an adapter holds floating-point weights")
+    return model.merge_and_unload()
 
 
 def load_model(
@@ -136,20 +156,16 @@ def load_model(
 
     Weights are loaded in `dtype` (None: fp32, as bf16 is very slow on CPUs) and moved to
     `device` when given. Pickled weights need `allow_pickle`; custom code needs
-    `trust_remote_code`.
+    `trust_remote_code`. The loading report is checked (`check_loading_report`): a model with
+    a missing, unexpected or mismatched tensor is refused, never completed at random; a model
+    that cannot fit in the memory available is refused before it is built.
     """
     import torch
 
     dtype = torch.float32 if dtype is None else dtype
     info = inspect_checkpoint(path, allow_pickle=allow_pickle)
     if info.kind == "adapter":
-        from peft import PeftModel
-
-        base = _from_pretrained(info.base, dtype, trust_remote_code)
-        try:
-            model = PeftModel.from_pretrained(base, str(info.path)).merge_and_unload()
-        except Exception as e:  # noqa: BLE001
-            raise UndoError(f"cannot load adapter {info.path}: {e}") from e
+        model = _load_adapter(_from_pretrained(info.base, dtype, trust_remote_code), info)
     else:
         model = _from_pretrained(info, dtype, trust_remote_code)
     if device is not None:
@@ -166,12 +182,15 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False):
     has_tokenizer = any((source / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
     if info.kind == "adapter" and not has_tokenizer:
         source = info.base.path
+    for name in TOKENIZER_CONFIGS:  # malformed: refused naming the file, before transformers
+        if (source / name).exists():
+            read_json_object(source / name)
     try:
         return AutoTokenizer.from_pretrained(
             source, local_files_only=True, trust_remote_code=trust_remote_code
         )
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UndoError(f"cannot load tokenizer from {source}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - tokenizers raise many types, with long reports
+        raise UndoError(f"cannot load tokenizer from {source}: {first_line(e)}") from e
 
 
 def load_model_and_tokenizer(path: str | Path, **kwargs):

@@ -1,8 +1,21 @@
-"""Atomic output directories: everything is written to a hidden sibling, then renamed."""
+"""Output directories: checked against every input, locked, written aside and swapped in.
+
+- `check_output_path` refuses, before any work, an output that would clobber data: an
+  existing file, a non-empty directory without `--overwrite`, a path inside an input, equal
+  to one or containing one, any other path the command reads (`--data`, `--eval`,
+  `--cache-teacher`, `--state-dir`) inside OUT, and a name too long for the temporary
+  siblings undo puts beside it. A symbolic link as OUT stands for the directory it points to.
+- `atomic_output` holds OUT's lock (`undo_cli.checkpoint.lock`), writes into a hidden
+  sibling `.NAME.undo-tmp-PID-TOKEN` and renames it into place; with `--overwrite` the old
+  output is swapped out in one atomic step (`renameat2(RENAME_EXCHANGE)`, else two renames)
+  and removed. Temporaries of runs whose process is gone are removed (and an old output
+  hidden by an interrupted two-rename swap is put back) at the next run, with a note.
+"""
 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import secrets
 import shutil
@@ -10,12 +23,27 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from undo_cli.checkpoint.lock import (
+    hold_output,
+    mark_committed,
+    output_lock,
+)
+from undo_cli.checkpoint.swap import exchange, signals_deferred
 from undo_cli.errors import UndoError, UsageError
 
+log = logging.getLogger(__name__)
+
 TMP_MARK = ".undo-tmp-"
+OLD_MARK = ".undo-old-"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 NOT_CARRIED = {"undo.json", "train_log.jsonl", "adapter_config.json"}
+# Bytes undo adds to OUT's name for its siblings: `.NAME.undo-tmp-PID-TOKEN`,
+# `.NAME.undo-old-PID-TOKEN`, `.NAME.undo-lock`, `NAME.undo-state`.
+SIBLING_BYTES = 32
+
+__all__ = ["atomic_output", "check_output_path", "copy_support_files",
+           "hold_output", "is_disk_full", "is_weight_file", "real_output", "save_model"]
 
 
 def _is_within(child: Path, parent: Path) -> bool:
@@ -26,27 +54,73 @@ def _is_within(child: Path, parent: Path) -> bool:
         return False
 
 
-def check_output_path(out: str | Path, *, inputs: Iterable[str | Path] = (),
-                      overwrite: bool = False) -> Path:
-    """Refuse an output path that would clobber data: raise `UsageError` saying why.
+def _resolved(path: str | Path) -> Path:
+    try:
+        return Path(path).resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop
+        raise UsageError(f"{path}: cannot resolve the path ({e})") from e
 
-    Refused: an existing file; a non-empty directory without `overwrite`; a path inside an
-    input, equal to one, or containing one (overwriting it would delete the input).
-    """
+
+def real_output(out: str | Path) -> Path:
+    """OUT itself, or the directory a symbolic link OUT points to (the output replaces that
+    directory and the link keeps pointing at it); `UsageError` for a dangling or looping
+    link."""
     out = Path(out)
-    resolved = out.resolve()
+    if not out.is_symlink():
+        return out
+    target = _resolved(out)
+    if not target.exists():
+        raise UsageError(f"output {out} is a symbolic link to {target}, which does not exist")
+    return target
+
+
+def _check_name(out: Path) -> None:
+    name = out.absolute().name
+    if not name:
+        raise UsageError(f"output {out}: give a directory name")
+    existing = next((p for p in out.absolute().parents if p.is_dir()), Path("/"))
+    try:
+        limit = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        limit = 255
+    size = len(os.fsencode(name))
+    if size + SIBLING_BYTES > limit:
+        raise UsageError(f"output name {name[:40]}... is too long ({size} bytes): undo puts "
+                         f"siblings such as .NAME.undo-tmp-* beside it, so it may have at "
+                         f"most {limit - SIBLING_BYTES} bytes here")
+
+
+def check_output_path(out: str | Path, *, inputs: Iterable[str | Path] = (),
+                      reads: Iterable[tuple[str, str | Path]] = (),
+                      overwrite: bool = False) -> Path:
+    """Refuse an output path that would clobber data: raise `UsageError` saying why (see the
+    module docstring); returns OUT (a symbolic link's target). Inside a command, OUT's lock
+    is then taken for the rest of the command (`hold_output`).
+
+    `inputs` are checkpoints (or results directories) the command reads: OUT may not lie in
+    one, be one or contain one. `reads` are `(flag, path)` of every other path it reads or
+    writes besides OUT: none may lie inside OUT or be OUT.
+    """
+    out = real_output(out)
+    _check_name(out)
+    resolved = _resolved(out)
     for inp in inputs:
-        inp_resolved = Path(inp).resolve()
+        inp_resolved = _resolved(inp)
         if _is_within(resolved, inp_resolved):
             raise UsageError(f"output {out} lies inside input {inp}: choose a path outside it")
         if _is_within(inp_resolved, resolved):
             raise UsageError(f"output {out} contains input {inp}: choose another output path")
+    for flag, path in reads:
+        if _is_within(_resolved(path), resolved):
+            raise UsageError(f"{flag} {path} lies inside the output {out}, which the run "
+                             "replaces: move it out of OUT or choose another OUT")
     if out.exists():
         if not out.is_dir():
             raise UsageError(f"output {out} exists and is not a directory")
         if any(out.iterdir()) and not overwrite:
             raise UsageError(f"output directory {out} exists and is not empty; "
                              "pass --overwrite to replace it")
+    hold_output(out)
     return out
 
 
@@ -55,59 +129,95 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except (PermissionError, OverflowError):
         return True
     return True
 
 
-def _remove_stale_temporaries(out: Path) -> None:
-    """Delete temp siblings left by killed runs (their process no longer exists)."""
-    prefix = f".{out.name}{TMP_MARK}"
+def _owner(entry: Path, prefix: str) -> int | None:
+    """The pid in `.NAME.undo-tmp-PID-TOKEN` (None if the name does not parse)."""
+    try:
+        return int(entry.name[len(prefix):].split("-")[0])
+    except ValueError:
+        return None
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """Clean up after runs that were killed (their process no longer exists): delete their
+    temporary directories, and put back an old output that an interrupted two-rename
+    `--overwrite` left hidden (when OUT is missing); each with a note."""
     if not out.parent.is_dir():
         return
-    for entry in out.parent.iterdir():
-        if not entry.name.startswith(prefix):
-            continue
-        try:
-            pid = int(entry.name[len(prefix):].split("-")[0])
-        except ValueError:
-            continue
-        if not _pid_alive(pid):
+    tmp_prefix, old_prefix = f".{out.name}{TMP_MARK}", f".{out.name}{OLD_MARK}"
+    for entry in sorted(out.parent.iterdir()):
+        for prefix in (tmp_prefix, old_prefix):
+            if not entry.name.startswith(prefix):
+                continue
+            pid = _owner(entry, prefix)
+            if pid is None or pid == os.getpid() or _pid_alive(pid):
+                continue
+            if prefix == old_prefix and not out.exists() and not out.is_symlink():
+                os.replace(entry, out)
+                log.warning("note: put back %s from %s: an earlier --overwrite (pid %d) was "
+                            "interrupted while replacing it", out, entry.name, pid)
+                continue
             shutil.rmtree(entry, ignore_errors=True)
+            log.info("note: removed %s, left by an interrupted run (pid %d is gone)",
+                     entry.name, pid)
+
+
+def _commit(tmp: Path, out: Path, token: str, done: list[Path]) -> None:
+    """Put `tmp` in place as `out`, replacing an existing `out` atomically where possible
+    (`done` gets `out` once it is in place); SIGINT/SIGTERM wait until `out` is complete."""
+    old = None
+    with signals_deferred():
+        if not out.exists():
+            os.replace(tmp, out)
+        elif exchange(tmp, out):  # `tmp` now holds the old output
+            old = tmp
+        else:
+            old = out.parent / f".{out.name}{OLD_MARK}{os.getpid()}-{token}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+        done.append(out)
+        mark_committed(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 @contextmanager
 def atomic_output(out: str | Path, *, inputs: Iterable[str | Path] = (),
+                  reads: Iterable[tuple[str, str | Path]] = (),
                   overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that becomes `out` only if the block completes.
 
     On any exception (or Ctrl-C / SIGTERM) the temporary directory is deleted and `out` is
     left as it was; a `kill -9` leaves only a hidden `.NAME.undo-tmp-PID-*` sibling, removed
-    by the next run. With `overwrite`, an existing `out` is replaced in one rename.
+    by the next run. OUT's lock is held throughout. With `overwrite`, an existing `out` is
+    replaced in one atomic exchange (two renames where the platform has none).
     """
-    out = check_output_path(out, inputs=inputs, overwrite=overwrite)
-    created_parents = [p for p in reversed(out.absolute().parents) if not p.exists()]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(out)
-    token = secrets.token_hex(4)
-    tmp = out.parent / f".{out.name}{TMP_MARK}{os.getpid()}-{token}"
-    try:
-        tmp.mkdir()
-        yield tmp
-        if out.exists():
-            old = out.parent / f".{out.name}.undo-old-{token}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        _remove_empty(created_parents)
-        if is_disk_full(e):
-            raise UndoError(f"no space left on the device while writing {out}; "
-                            "nothing was written") from e
-        raise
+    inputs, reads = list(inputs), list(reads)
+    out = real_output(out)
+    with output_lock(out):
+        remove_stale_temporaries(out)
+        out = check_output_path(out, inputs=inputs, reads=reads, overwrite=overwrite)
+        created_parents = [p for p in reversed(out.absolute().parents) if not p.exists()]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        token = secrets.token_hex(4)
+        tmp = out.parent / f".{out.name}{TMP_MARK}{os.getpid()}-{token}"
+        done: list[Path] = []
+        try:
+            tmp.mkdir()
+            yield tmp
+            _commit(tmp, out, token, done)
+        except BaseException as e:
+            if not done:
+                shutil.rmtree(tmp, ignore_errors=True)
+                _remove_empty(created_parents)
+            if is_disk_full(e):
+                raise UndoError(f"no space left on the device while writing {out}; "
+                                "nothing was written") from e
+            raise
 
 
 _DISK_FULL_TEXT = ("no space left on device", "disk quota exceeded", "(os error 28)",

@@ -34,7 +34,7 @@ import struct
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -232,22 +232,54 @@ def _entry(path: Path, name: str, value: object, data_start: int, size: int) -> 
                        offset=data_start + begin)
 
 
+def index_weight_file(directory: Path, name: object, index_file: Path) -> Path:
+    """The weight file `name` of an index, inside `directory`: a relative path (sharded
+    checkpoints may keep shards in subdirectories); `DataError` for one that is not a string,
+    is absolute or climbs out with `..`."""
+    if not isinstance(name, str) or not name.strip():
+        raise DataError(f"names a weight file that is not a file name: {name!r}", index_file)
+    relative = PurePosixPath(name)
+    if relative.is_absolute() or ".." in relative.parts or "\\" in name:
+        raise DataError(f"names a weight file outside the checkpoint directory: {name!r}",
+                        index_file)
+    return directory / relative
+
+
+def read_index(index_file: Path) -> dict:
+    """A weight index (`*.index.json`): a JSON object whose `weight_map` maps tensor names to
+    file names; `DataError` naming the file otherwise."""
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"not a valid weight index: not JSON ({e})", index_file) from e
+    except OSError as e:
+        raise DataError(f"cannot read: {e.strerror or e}", index_file) from e
+    if not isinstance(index, dict):
+        raise DataError(f"not a valid weight index: a JSON {type(index).__name__}, not an "
+                        "object", index_file)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise DataError("not a valid weight index: 'weight_map' is missing or not an object "
+                        "of tensor names", index_file)
+    if not isinstance(index.get("metadata", {}) or {}, dict):
+        raise DataError("not a valid weight index: 'metadata' is not an object", index_file)
+    return index
+
+
 def checkpoint_weight_files(path: str | Path) -> tuple[list[Path], dict | None]:
-    """The .safetensors files of a checkpoint directory (or a single file) and its index."""
+    """The .safetensors files of a checkpoint directory (or a single file) and its index.
+
+    Files named by an index are kept by their relative path (`a/model.safetensors` and
+    `b/model.safetensors` are two files)."""
     path = Path(path)
     if path.is_file():
         return [path], None
     index_file = path / INDEX_NAME
     if index_file.is_file():
-        try:
-            index = json.loads(index_file.read_text())
-            weight_map = index["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError("weight_map is not an object")
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
-            raise DataError(f"not a valid safetensors index ({e})", index_file) from e
-        files = sorted({path / str(f) for f in weight_map.values()})
-        missing = [f.name for f in files if not f.is_file()]
+        index = read_index(index_file)
+        files = sorted({index_weight_file(path, f, index_file)
+                        for f in index["weight_map"].values()})
+        missing = [f.relative_to(path).as_posix() for f in files if not f.is_file()]
         if missing:
             raise DataError(f"names weight files that do not exist: {missing}", index_file)
         return files, index
@@ -275,12 +307,12 @@ class CheckpointReader:
             for name, entry in f.entries.items():
                 if name in self.entries:
                     raise DataError(f"tensor {name!r} is stored twice (also in "
-                                    f"{self.entries[name].path.name})", f.path)
+                                    f"{self.relative(self.entries[name].path)})", f.path)
                 self.entries[name] = entry
         if index is not None:
             for name, file in index["weight_map"].items():
                 entry = self.entries.get(name)
-                if entry is None or entry.path.name != Path(str(file)).name:
+                if entry is None or entry.path != self.path / str(file):
                     raise DataError(f"the index places tensor {name!r} in {file}, which does "
                                     "not hold it", self.path / INDEX_NAME)
         self._fds: dict[Path, int] = {}
@@ -289,6 +321,12 @@ class CheckpointReader:
 
     def __enter__(self) -> CheckpointReader:
         return self
+
+    def relative(self, file: Path) -> str:
+        """`file`'s path relative to the checkpoint directory (its name for a single file)."""
+        if self.path.is_dir():
+            return file.relative_to(self.path).as_posix()
+        return file.name
 
     def __exit__(self, *exc) -> None:
         self.close()

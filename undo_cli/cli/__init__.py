@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import typer
 from typer.core import TyperGroup
@@ -22,9 +25,11 @@ except ImportError:  # pragma: no cover - older typer on top of click
     NoArgsIsHelpError = ()
 
 from undo_cli import __version__
+from undo_cli.console import one_line
 from undo_cli.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, EXIT_USAGE, UndoError, UsageError
 
-_state = {"debug": os.environ.get("UNDO_DEBUG", "") not in ("", "0")}
+_ENV_DEBUG = os.environ.get("UNDO_DEBUG", "") not in ("", "0")
+_state = {"debug": _ENV_DEBUG, "finished": False}
 
 
 def _conventional_help() -> None:
@@ -50,16 +55,29 @@ _conventional_help()
 
 
 def _fail(message: str, code: int) -> None:
-    typer.echo(f"error: {message}", err=True)
+    typer.echo(f"error: {one_line(message)}", err=True)
     raise typer.Exit(code)
 
 
 class UndoGroup(TyperGroup):
-    """Click group that turns every failure into `error: ...` plus an exit code."""
+    """Click group that turns every failure into `error: ...` plus an exit code.
+
+    Each command runs in a `command_scope` (its output lock is released when it ends). An
+    interruption (Ctrl-C, SIGTERM) exits 130 with nothing written, unless the output was
+    already complete and in place: then the command has done its work, says so, and exits 0
+    (130 still for a command whose gates come after its output: they were not checked).
+    """
 
     def invoke(self, ctx):
+        from undo_cli.checkpoint.lock import command_scope, committed_outputs
+
+        _state["finished"] = False
         try:
-            return super().invoke(ctx)
+            debug = _ENV_DEBUG or bool(ctx.params.get("debug"))
+            with command_scope(), _warnings_shown(debug):
+                result = super().invoke(ctx)
+            _state["finished"] = True
+            return result
         except (typer.Exit, typer.Abort, NoArgsIsHelpError):
             raise
         except ClickUsageError as e:
@@ -70,12 +88,38 @@ class UndoGroup(TyperGroup):
                 raise
             _fail(str(e), e.exit_code)
         except KeyboardInterrupt:
+            written = committed_outputs()
+            if written and ctx.invoked_subcommand in GATES_AFTER_WRITING:
+                _fail(f"interrupted after {written[-1]} was written (it is complete); its "
+                      "--fail-if gates were not checked", EXIT_INTERRUPTED)
+            if written:
+                _state["finished"] = True
+                typer.echo(one_line(f"note: interrupted after {written[-1]} was written (it "
+                                    "is complete)"), err=True)
+                raise typer.Exit(0) from None
             _fail("interrupted; nothing was written", EXIT_INTERRUPTED)
+        except RecursionError:
+            if _state["debug"]:
+                raise
+            _fail("an input is nested too deeply to process (RecursionError); run "
+                  "'undo --debug ...' for the traceback", EXIT_USAGE)
         except Exception as e:  # noqa: BLE001 - the last line of defence for users
             if _state["debug"]:
                 raise
             _fail(f"{type(e).__name__}: {e} (run 'undo --debug ...' for the traceback)",
                   EXIT_RUNTIME)
+
+
+@contextmanager
+def _warnings_shown(debug: bool) -> Iterator[None]:
+    """Python warnings (torch, numpy, transformers) reach stderr only with --debug: without
+    it a command prints its own notes and one line per error, nothing else."""
+    if debug:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 app = typer.Typer(
@@ -95,6 +139,10 @@ def _version(value: bool) -> None:
         typer.echo(f"undo {__version__}")
         raise typer.Exit()
 
+
+# Commands whose --fail-if gates are checked after their output is written: an interruption
+# there is not a success.
+GATES_AFTER_WRITING = ("relearn-attack",)
 
 # Commands that run data-parallel under `accelerate launch` / torchrun; the others would
 # have every process write the same output, so they refuse a multi-process launch.
@@ -119,7 +167,7 @@ def _root(
     ),
 ) -> None:
     """UNDO: make capability removal in language models robust."""
-    _state["debug"] = _state["debug"] or debug
+    _state["debug"] = _ENV_DEBUG or debug  # per command (several may run in one process)
     if ctx.invoked_subcommand and ctx.invoked_subcommand not in SCALES_OUT:
         refuse_launch(f"undo {ctx.invoked_subcommand}")
     from undo_cli.cli.common import show_output
@@ -146,9 +194,11 @@ def _register() -> None:
 _register()
 
 
-def _terminate(signum, frame) -> None:  # noqa: ARG001
-    # SIGTERM unwinds like Ctrl-C, so atomic outputs delete their temporary directories.
-    raise KeyboardInterrupt
+def _interrupt(signum, frame) -> None:  # noqa: ARG001
+    # Ctrl-C and SIGTERM unwind the command, so atomic outputs delete their temporary
+    # directories; once the command has finished, they are too late to change anything.
+    if not _state["finished"]:
+        raise KeyboardInterrupt
 
 
 def main() -> None:
@@ -157,7 +207,10 @@ def main() -> None:
 
     from undo_cli.runtime import quiet_libraries
 
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
+    if not _state["debug"] and "--debug" not in sys.argv[1:]:
+        warnings.simplefilter("ignore")  # also while libraries are imported
     try:
         quiet_libraries()
         app(prog_name="undo")

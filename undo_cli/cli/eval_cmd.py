@@ -20,7 +20,7 @@ from undo_cli.cli.common import emit_json, err_console, info
 from undo_cli.cli.options import with_options
 from undo_cli.errors import UsageError
 from undo_cli.jsontext import is_finite_number
-from undo_cli.options import EvalOptions, GateOptions, LoadOptions
+from undo_cli.options import EvalOptions, GateOptions, LoadOptions, check_number, check_seed
 from undo_cli.records import parse_named_specs
 from undo_cli.stats import is_uncertainty
 
@@ -141,6 +141,11 @@ def eval_command(
     from undo_cli.records import read_eval_data
 
     start = time.time()
+    for flag, value, low in (("--batch-size", batch_size, 1), ("--limit", limit, 1),
+                             ("--max-new-tokens", max_new_tokens, 1),
+                             ("--max-length", max_length, 2)):
+        check_number(flag, value, minimum=low)
+    check_seed("--seed", seed)
     parse_gates(gates.fail_if)  # malformed: exit 2 before anything else
     specs = parse_named_specs(data or [], "--data")
     tasks = parse_tasks(lm_eval_tasks)

@@ -9,6 +9,7 @@ import typer
 
 from undo_cli.cli import app
 from undo_cli.cli.common import emit_json, info
+from undo_cli.options import check_number, check_seed
 
 
 @app.command("init")
@@ -41,14 +42,19 @@ def init_command(
     )
 
     start = time.time()
-    check_output_path(out, overwrite=overwrite)
+    for flag, value in (("--layers", layers), ("--hidden", hidden), ("--heads", heads),
+                        ("--intermediate", intermediate), ("--max-position", max_position)):
+        check_number(flag, value, minimum=1)
+    check_seed("--seed", seed)
+    reads = [("--tokenizer", tokenizer)] if Path(tokenizer).exists() else []
+    check_output_path(out, overwrite=overwrite, reads=reads)
     shape = resolve_shape(preset, layers=layers, hidden=hidden, heads=heads,
                           intermediate=intermediate, max_position=max_position)
     tok = load_tokenizer_spec(tokenizer)
     config = build_config(arch, shape, tok)
     model = random_model(config, seed=seed)
     n_params = count_parameters(model)
-    with atomic_output(out, overwrite=overwrite) as tmp:
+    with atomic_output(out, overwrite=overwrite, reads=reads) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         write_manifest(tmp, build_manifest(

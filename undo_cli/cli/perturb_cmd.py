@@ -38,6 +38,10 @@ def perturb_command(
     max_shard_size: str = typer.Option(
         None, "--max-shard-size", metavar="SIZE", help="Re-shard the output into files of at "
         "most SIZE (e.g. 2GB, 500MB); default: shard like the input."),
+    allow_nonfinite: bool = typer.Option(
+        False, "--allow-nonfinite", rich_help_panel=NOISE,
+        help="Write NaN or infinite weights (copied from IN, or from noise that overflows a "
+        "narrow dtype) instead of refusing them."),
     *,
     settings: NoiseOptions,
     output: OutputOptions,
@@ -66,7 +70,7 @@ def perturb_command(
         summary = perturb_checkpoint(
             src, out, s.alpha, s.beta, seed, s.noise, include=s.include or None,
             exclude=s.exclude or None, max_shard_size=max_shard_size,
-            overwrite=output.overwrite, progress=progress)
+            overwrite=output.overwrite, allow_nonfinite=allow_nonfinite, progress=progress)
     finally:
         display.close()
     if output.json:

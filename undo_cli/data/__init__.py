@@ -37,7 +37,8 @@ is all that resuming needs. Under several processes each process takes its own s
 global micro-batch (`shard`), so N processes with batch B see exactly the examples one
 process sees with batch N * B.
 
-`ensure_special_tokens` and `encode_prompt_completion` are shared with evaluation.
+`ensure_special_tokens`, `encode_text` (tokenisation in bounded pieces) and
+`encode_prompt_completion` are shared with evaluation.
 """
 
 from undo_cli.data.batches import (
@@ -58,6 +59,7 @@ from undo_cli.data.sources import (
     TextSource,
     best_fit_rows,
     encode_prompt_completion,
+    encode_text,
     ensure_special_tokens,
     load_source,
 )
@@ -66,6 +68,6 @@ from undo_cli.losses import IGNORE_INDEX
 __all__ = [
     "IGNORE_INDEX", "TRAINABLE_SHAPES", "Batch", "BatchStream", "CompletionSource", "Item",
     "TextSource", "best_fit_rows", "build_stream", "collate", "encode_prompt_completion",
-    "ensure_special_tokens", "fit_packing", "load_source", "model_inputs", "packing_supported",
-    "parse_data_specs", "unpack_documents",
+    "encode_text", "ensure_special_tokens", "fit_packing", "load_source", "model_inputs",
+    "packing_supported", "parse_data_specs", "unpack_documents",
 ]

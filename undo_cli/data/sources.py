@@ -4,10 +4,10 @@ and laying text out in rows (`packing`: documents, concat, none). See `undo_cli.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +48,8 @@ def encode_prompt_completion(tokenizer, prompt: str, completion: str, *,
     prompt tokens and equal to the ids on completion tokens (the causal shift happens in the
     loss).
     """
-    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    prompt_ids = encode_text(tokenizer, prompt, special=True)
+    completion_ids = encode_text(tokenizer, completion, special=False)
     if add_eos and tokenizer.eos_token_id is not None:
         completion_ids = completion_ids + [tokenizer.eos_token_id]
     ids = list(prompt_ids) + list(completion_ids)
@@ -250,16 +250,87 @@ def stream_key(name: str) -> int:
     return zlib.crc32(name.encode())
 
 
-def _batched(seq: list, size: int = 1024) -> Iterator[list]:
-    for i in range(0, len(seq), size):
-        yield seq[i:i + size]
+# Tokenisation in bounded pieces: a tokenizer's output for one call is many times the size of
+# its input (token strings, offsets, masks), so a 50 MB record tokenised at once took ~10 GB.
+TEXT_PIECE_CHARS = 1 << 16  # a longer text is cut (at whitespace) into pieces of about this
+BATCH_CHARS = 1 << 20  # characters per tokenizer call
 
 
-def _encode(tokenizer, texts: list[str], special: bool) -> list[list[int]]:
-    ids: list[list[int]] = []
-    for chunk in _batched(texts):
-        ids.extend(tokenizer(chunk, add_special_tokens=special)["input_ids"])
-    return ids
+def _pieces(text: str, size: int = TEXT_PIECE_CHARS) -> list[str]:
+    """`text` cut into pieces of at most `size` characters, each cut just before a
+    whitespace character where there is one (so words stay whole)."""
+    pieces, start = [], 0
+    while len(text) - start > size:
+        end = start + size
+        cut = max(text.rfind(" ", start + 1, end), text.rfind("\n", start + 1, end))
+        if cut <= start:
+            cut = end
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+def _special_affixes(tokenizer) -> tuple[list[int], list[int]] | None:
+    """The ids the tokenizer puts before and after a text with its special tokens (e.g. BOS
+    before), found by encoding a probe both ways; None if they cannot be told apart."""
+    cached = getattr(tokenizer, "_undo_affixes", False)
+    if cached is not False:
+        return cached
+    probe = "a b 1"
+    plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    full = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
+    found = None
+    for i in range(len(full) - len(plain) + 1):
+        if plain and full[i:i + len(plain)] == plain:
+            found = (full[:i], full[i + len(plain):])
+            break
+    with contextlib.suppress(AttributeError):  # a tokenizer that takes no attributes
+        tokenizer._undo_affixes = found
+    return found
+
+
+def encode_text(tokenizer, text: str, *, special: bool) -> list[int]:
+    """Token ids of `text` (with the tokenizer's special tokens if `special`), tokenised in
+    pieces when it is long (`TEXT_PIECE_CHARS`): memory stays bounded, and pieces are cut at
+    whitespace so the ids equal one call's for ordinary tokenizers."""
+    if len(text) <= TEXT_PIECE_CHARS:
+        return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+    affixes = _special_affixes(tokenizer) if special else ([], [])
+    if affixes is None:  # special tokens we cannot place: one call
+        return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+    ids = list(affixes[0])
+    for piece in _pieces(text):
+        ids.extend(tokenizer(piece, add_special_tokens=False)["input_ids"])
+    return ids + list(affixes[1])
+
+
+def _encode(tokenizer, texts: list[str], special: bool) -> list[np.ndarray]:
+    """Token ids of each text, as int64 arrays: short texts in batches of about
+    `BATCH_CHARS` characters per tokenizer call, long ones piece by piece."""
+    out: list[np.ndarray | None] = [None] * len(texts)
+    batch: list[int] = []
+    chars = 0
+
+    def flush() -> None:
+        nonlocal chars
+        if batch:
+            encoded = tokenizer([texts[i] for i in batch], add_special_tokens=special)
+            for i, ids in zip(batch, encoded["input_ids"], strict=True):
+                out[i] = np.asarray(ids, dtype=np.int64)
+            batch.clear()
+        chars = 0
+
+    for i, text in enumerate(texts):
+        if len(text) > TEXT_PIECE_CHARS:
+            out[i] = np.asarray(encode_text(tokenizer, text, special=special), dtype=np.int64)
+            continue
+        batch.append(i)
+        chars += len(text)
+        if chars >= BATCH_CHARS or len(batch) >= 1024:
+            flush()
+    flush()
+    return out  # type: ignore[return-value]
 
 
 def load_source(tokenizer, path: str | Path, *, max_length: int, weight: float = 1.0,
@@ -283,9 +354,9 @@ def load_source(tokenizer, path: str | Path, *, max_length: int, weight: float =
         texts = [text_field(r, "text") for r in records]
         docs = []
         for ids in _encode(tokenizer, texts, special=True):
-            if not ids or ids[-1] != eos:
-                ids = list(ids) + [eos]
-            docs.append(np.asarray(ids, dtype=np.int64))
+            if not len(ids) or ids[-1] != eos:
+                ids = np.append(ids, np.int64(eos))
+            docs.append(ids)
         return TextSource(str(path), weight, docs, max_length, seed, index, packing)
     prompts = [text_field(r, "prompt") for r in records]
     completions = [completion_of(r) for r in records]
@@ -293,12 +364,12 @@ def load_source(tokenizer, path: str | Path, *, max_length: int, weight: float =
     completion_ids = _encode(tokenizer, completions, special=False)
     all_ids, all_labels = [], []
     for rec, p, c in zip(records, prompt_ids, completion_ids, strict=True):
-        c = list(c) + [eos]
+        c = np.append(c, np.int64(eos))
         n = len(p) + len(c)
         if n > max_length:
             raise rec.error(f"prompt + completion is {n} tokens, longer than --max-length "
                             f"{max_length}; a prompt/completion record cannot be split: raise "
                             "--max-length or shorten the record")
-        all_ids.append(np.asarray(list(p) + c, dtype=np.int64))
-        all_labels.append(np.asarray([IGNORE_INDEX] * len(p) + c, dtype=np.int64))
+        all_ids.append(np.concatenate([p, c]))
+        all_labels.append(np.concatenate([np.full(len(p), IGNORE_INDEX, dtype=np.int64), c]))
     return CompletionSource(str(path), weight, all_ids, all_labels, seed, index)

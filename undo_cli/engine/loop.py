@@ -35,12 +35,14 @@ from undo_cli.engine.result import NOT_TERMS, LogWindow, TrainResult
 from undo_cli.engine.schedule import lr_at, make_optimizer, planned_steps
 from undo_cli.engine.state import (
     RunState,
+    check_state_dir,
     clear_states,
     latest_state,
     resume_key,
     save_state,
     saved_key,
 )
+from undo_cli.engine.state_files import check_files, restore
 from undo_cli.errors import UndoError, UsageError
 from undo_cli.jsontext import to_json
 from undo_cli.losses import IGNORE_INDEX
@@ -321,8 +323,8 @@ class _Trainer:
             self.params = list({id(p): p for p in self.prepared.parameters()
                                 if p.requires_grad}.values())
         self.unwrapped = accelerator.unwrap_model(self.prepared)
+        self.sharded = any(hasattr(p, "to_local") for p in self.params)  # FSDP2 DTensors
         self.run_state = RunState()
-        accelerator.register_for_checkpointing(self.run_state)
         self._resume_or_seed()
         self.total_steps = planned_steps(config, self.streams, self.flops_per_token)
         if self.total_steps is None and config.schedule != "constant":
@@ -351,10 +353,18 @@ class _Trainer:
         config, run = self.config, self.run_state
         key = resume_key(config, self.streams, self.world)
         state_dir = Path(config.state_dir) if config.state_dir is not None else None
+        if state_dir is not None and (config.resume or config.save_every):
+            from accelerate.utils import DistributedType
+
+            if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+                raise UsageError("--save-every / --resume are not available under DeepSpeed "
+                                 "(its state is pickled); use DDP or FSDP")
+            check_state_dir(state_dir)
         saved = latest_state(state_dir) if (config.resume and state_dir) else None
         if config.resume and saved is None:
             self._note(f"--resume: no saved training state in {state_dir}; starting at step 0")
         if saved is not None:
+            check_files(saved, self.world)  # nothing but undo's own files, before any read
             before = saved_key(saved)
             diffs = [f"{k}={before.get(k)!r} (now {v!r})" for k, v in key.items()
                      if before.get(k) != json.loads(json.dumps(v))]
@@ -362,7 +372,10 @@ class _Trainer:
                 raise UsageError(f"--resume: the state in {saved} was saved with other "
                                  f"settings: {', '.join(diffs)}; resume with the same settings "
                                  "or start afresh without --resume")
-            self.accelerator.load_state(str(saved))
+            optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+            run.load_state_dict(restore(saved, self.accelerator.process_index,
+                                        model=self.unwrapped, optimizer=optimizer,
+                                        sharded=self.sharded))
             for name, stream in self.streams.items():
                 if name in run.streams and hasattr(stream, "load_state_dict"):
                     stream.load_state_dict(run.streams[name])
@@ -446,7 +459,10 @@ class _Trainer:
         run.streams = {n: s.state_dict() for n, s in self.streams.items()
                        if hasattr(s, "state_dict")}
         run.window = self.window.state()
-        save_state(self.accelerator, Path(self.config.state_dir), run.step, run.config)
+        save_state(self.accelerator, Path(self.config.state_dir), run.step, run.config,
+                   model=self.unwrapped, optimizer=getattr(self.optimizer, "optimizer",
+                                                           self.optimizer),
+                   run=run.state_dict(), sharded=self.sharded)
 
     def _report_step(self) -> None:
         if self.on_step is not None:

@@ -1,5 +1,6 @@
 """Training state on disk: periodic saves (`--save-every`), bit-exact `--resume`, cleanup, and
-the output of a command that trains (`training_output`)."""
+the output of a command that trains (`training_output`). What a state directory holds, and
+how it is read without unpickling anything, is `undo_cli.engine.state_files`."""
 
 from __future__ import annotations
 
@@ -13,17 +14,18 @@ from dataclasses import replace
 from pathlib import Path
 
 from undo_cli.engine.processes import is_main_process, wait_for_everyone
+from undo_cli.engine.state_files import COMPLETE, STATE_NAME, is_ours, save_rank, write_marker
+from undo_cli.errors import UsageError
 from undo_cli.options import RESUME_KEYS, TrainConfig
 
 log = logging.getLogger(__name__)
 
 TRAIN_LOG = "train_log.jsonl"  # the JSONL training log written into every trained output
 STATE_PREFIX = "step-"
-COMPLETE = "complete.json"
 
 
 class RunState:
-    """Counters and histories saved with the training state (registered with accelerate)."""
+    """Counters and histories saved with the training state."""
 
     def __init__(self) -> None:
         self.step = 0
@@ -41,6 +43,9 @@ class RunState:
         return dict(self.__dict__)
 
     def load_state_dict(self, state: dict) -> None:
+        unknown = set(state) - set(self.__dict__)
+        if unknown:
+            raise UsageError(f"the saved training state holds unknown entries {sorted(unknown)}")
         self.__dict__.update(state)
 
 
@@ -55,22 +60,46 @@ def resume_key(config: TrainConfig, streams: dict, world: int) -> dict:
 
 def saved_key(state: Path) -> dict:
     """The resume key a saved state was written with."""
-    return json.loads((state / COMPLETE).read_text()).get("config", {})
+    try:
+        data = json.loads((state / COMPLETE).read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{state / COMPLETE}: not readable ({e})") from e
+    config = data.get("config") if isinstance(data, dict) else None
+    if not isinstance(config, dict):
+        raise UsageError(f"{state / COMPLETE}: not a training state's completion record")
+    return config
+
+
+def _states(state_dir: Path) -> list[Path]:
+    """The entries of `state_dir` named like undo's training states (`step-N`, `.tmp-...`)."""
+    if not state_dir.is_dir():
+        return []
+    return sorted(p for p in state_dir.iterdir() if STATE_NAME.match(p.name))
+
+
+def check_state_dir(state_dir: str | Path) -> None:
+    """`UsageError` if `state_dir` holds an entry named like undo's states that undo did not
+    write (an older version's pickled state, or anything else): undo neither loads nor
+    removes such an entry, so it refuses to save beside it."""
+    for entry in _states(Path(state_dir)):
+        if not is_ours(entry):
+            raise UsageError(f"--state-dir {state_dir} holds {entry.name}, which this version "
+                             "of undo did not write (older versions pickled their state; undo "
+                             "never loads or deletes it): delete it, or choose another "
+                             "--state-dir")
 
 
 def latest_state(state_dir: str | Path) -> Path | None:
     """The newest complete training-state directory under `state_dir`, or None."""
-    state_dir = Path(state_dir)
-    if not state_dir.is_dir():
-        return None
-    found = [p for p in state_dir.iterdir()
-             if p.name.startswith(STATE_PREFIX) and (p / COMPLETE).is_file()]
+    found = [p for p in _states(Path(state_dir)) if p.name.startswith(STATE_PREFIX)
+             and is_ours(p) and (p / COMPLETE).is_file()]
     return max(found, key=lambda p: int(p.name[len(STATE_PREFIX):]), default=None)
 
 
 def remove_state(state_dir: str | Path | None) -> None:
     """Delete the saved training states in `state_dir` (after the run's output was written),
-    and the directory itself if nothing else is in it. Other files are never touched."""
+    and the directory itself if nothing else is in it. Only directories carrying undo's
+    marker are removed; other files are never touched."""
     if state_dir is None or not is_main_process():
         return
     state_dir = Path(state_dir)
@@ -80,34 +109,40 @@ def remove_state(state_dir: str | Path | None) -> None:
 
 
 def clear_states(state_dir: Path, keep: Path | None = None) -> None:
-    """Remove the saved states in `state_dir` (but `keep`)."""
-    if not state_dir.is_dir():
-        return
-    for p in state_dir.iterdir():
-        if p != keep and (p.name.startswith(STATE_PREFIX) or p.name.startswith(".tmp-")):
+    """Remove the saved states in `state_dir` (but `keep`): undo's own only."""
+    for p in _states(state_dir):
+        if p != keep and is_ours(p):
             shutil.rmtree(p, ignore_errors=True)
 
 
-def save_state(accelerator, state_dir: Path, step: int, key: dict) -> None:
-    """Write the state into a temporary directory, then rename it: never a half-written one."""
+def save_state(accelerator, state_dir: Path, step: int, key: dict, *, model, optimizer,
+               run: dict, sharded: bool) -> None:
+    """Write the state (`undo_cli.engine.state_files`: safetensors and JSON) into a temporary
+    directory, then rename it: never a half-written one. Every process writes its part."""
     final = state_dir / f"{STATE_PREFIX}{step:08d}"
     tmp = state_dir / f".tmp-{STATE_PREFIX}{step:08d}"
+    main = accelerator.is_main_process
     try:
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if main:
+            if tmp.exists() and is_ours(tmp):
+                shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
+            write_marker(tmp, step)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
+        save_rank(tmp, accelerator.process_index, model=model, optimizer=optimizer, run=run,
+                  with_weights=sharded or main)
         accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
+        if main:
             (tmp / COMPLETE).write_text(json.dumps({"step": step, "config": key}) + "\n")
-            shutil.rmtree(final, ignore_errors=True)
+            if final.exists() and is_ours(final):
+                shutil.rmtree(final)
             os.replace(tmp, final)
             clear_states(state_dir, keep=final)
         accelerator.wait_for_everyone()
     except BaseException:  # e.g. a full disk: leave no half-written state behind
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if main:
+            if is_ours(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
             with suppress(OSError):
                 state_dir.rmdir()  # only if no earlier state is in it
         raise

@@ -48,6 +48,7 @@ from undo_cli.errors import GateFailed, UndoError, UsageError
 
 MAX_LENGTH = 2000
 MAX_DEPTH = 50
+MAX_TOKENS = 200  # numbers, names and operators: bounds the depth of the tree it becomes
 KEYWORDS = ("and", "or", "not")
 COMPARISONS: dict[str, Callable[[float, float], bool]] = {
     "<": lambda a, b: a < b,
@@ -346,6 +347,9 @@ class _Parser:
             if kind != "space":
                 tokens.append(_Token(kind, m.group(), pos))
             pos = m.end()
+        if len(tokens) > MAX_TOKENS:
+            raise UsageError(f"{self.prefix[:60]}...: more than {MAX_TOKENS} numbers, names and "
+                             "operators; split it into several expressions")
         tokens.append(_Token("end", "", len(self.text)))
         return tokens
 

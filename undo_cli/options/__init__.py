@@ -43,8 +43,11 @@ from undo_cli.options.base import (
     MEASUREMENT,
     METHOD,
     NOISE,
+    SEED_MAX,
     TRAINING,
     check,
+    check_number,
+    check_seed,
     flag_of,
     option,
 )
@@ -78,8 +81,9 @@ __all__ = [
     "DEFAULT_LRS", "DEFAULT_PACKING", "DISTILLATION", "DISTILL_EVAL_EVERY",
     "DISTILL_STOP_WHEN_CAP", "EVALUATION", "IN_OUT", "MEASUREMENT", "METHOD", "NOISE", "NOISES",
     "OPTIMIZERS", "PACKING_MODES", "PAPER_LRS", "RESUME_KEYS", "SCHEDULES", "SEARCH_BATCH_SIZES",
-    "SEARCH_LORA_RANKS", "TRAINING",
+    "SEARCH_LORA_RANKS", "SEED_MAX", "TRAINING",
     "TRAIN_STEPS", "AttackConfig", "AttackMeasurement", "DataOptions", "DistillOptions",
     "EvalOptions", "GateOptions", "LoadOptions", "NoiseOptions", "OutputOptions", "RunSpec",
-    "TrainConfig", "UnlearnOptions", "check", "flag_of", "option", "parse_lrs",
+    "TrainConfig", "UnlearnOptions", "check", "check_number", "check_seed", "flag_of", "option",
+    "parse_lrs",
 ]

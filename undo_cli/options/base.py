@@ -45,6 +45,37 @@ def flag_of(f) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
+SEED_MAX = 2**63 - 1  # seeds are 0 .. 2**63 - 1 (torch takes 64 bits; JSON keeps them exact)
+INT_MAX = 2**63 - 1
+
+
+def check_number(flag: str, value: Any, *, minimum: float | None = None,
+                 above: float | None = None, maximum: float | None = None) -> None:
+    """`UsageError` naming `flag` unless `value` is a finite number in range (inclusive
+    `minimum`/`maximum`, exclusive `above`). Used by `check` and by the options a command
+    declares with typer itself (`undo init` sizes, `undo perturb --seed`, ...)."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UsageError(f"{flag} must be a finite number (got {value})")
+    if isinstance(value, int) and abs(value) > INT_MAX:
+        raise UsageError(f"{flag} is out of range (got {value})")
+    if minimum is not None and value < minimum:
+        raise UsageError(f"{flag} must be at least {minimum:g} (got {value:g})")
+    if above is not None and not value > above:
+        raise UsageError(f"{flag} must be greater than {above:g} (got {value:g})")
+    if maximum is not None and value > maximum:
+        raise UsageError(f"{flag} must be at most {maximum:g} (got {value:g})")
+
+
+def check_seed(flag: str, value: int) -> None:
+    """`UsageError` naming `flag` for a seed outside 0 .. 2**63 - 1."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UsageError(f"{flag} must be an integer (got {value!r})")
+    if not 0 <= value <= SEED_MAX:
+        raise UsageError(f"{flag} must lie in 0 .. 2**63 - 1 (got {value})")
+
+
 def check(group: Any) -> None:
     """`UsageError` naming the flag for a value outside what its field accepts."""
     for f in fields(group):
@@ -55,18 +86,8 @@ def check(group: Any) -> None:
         name = flag_of(f)
         numbers = value if isinstance(value, (list, tuple)) else [value]
         for v in numbers:
-            if not isinstance(v, (int, float)) or isinstance(v, bool):
-                continue
-            if isinstance(v, float) and not math.isfinite(v):
-                raise UsageError(f"{name} must be a finite number (got {v})")
-            if isinstance(v, int) and abs(v) > 2**63 - 1:
-                raise UsageError(f"{name} is out of range (got {v})")
-            if meta["minimum"] is not None and v < meta["minimum"]:
-                raise UsageError(f"{name} must be at least {meta['minimum']:g} (got {v:g})")
-            if meta["above"] is not None and not v > meta["above"]:
-                raise UsageError(f"{name} must be greater than {meta['above']:g} (got {v:g})")
-            if meta["maximum"] is not None and v > meta["maximum"]:
-                raise UsageError(f"{name} must be at most {meta['maximum']:g} (got {v:g})")
+            check_number(name, v, minimum=meta["minimum"], above=meta["above"],
+                         maximum=meta["maximum"])
         if meta["choices"] is not None:
             for v in value if isinstance(value, (list, tuple)) else [value]:
                 if v not in meta["choices"]:

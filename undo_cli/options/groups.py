@@ -15,6 +15,7 @@ from undo_cli.options.base import (
     MEASUREMENT,
     METHOD,
     NOISE,
+    SEED_MAX,
     TRAINING,
     check,
     option,
@@ -56,7 +57,7 @@ class TrainConfig:
     max_flops: float | None = option(None, "Stop once the FLOPs spent (trained model and "
                                      "frozen models) reach this.", panel=TRAINING, above=0)
     seed: int = option(0, "Seed of data order, sampling and dropout (a CPU run is repeatable "
-                       "bit for bit).", panel=TRAINING)
+                       "bit for bit).", panel=TRAINING, minimum=0, maximum=SEED_MAX)
     log_every: int = option(10, "Log (train_log.jsonl, progress) every N steps.",
                             panel=TRAINING, minimum=1)
     eval_every: int | None = option(None, "Evaluate every N steps (and at the end).",
@@ -203,7 +204,7 @@ class DistillOptions:
     """What `undo distill` adds to the training settings."""
 
     perturb_seed: int = option(0, "Seed of the in-memory noise (as undo perturb --seed).",
-                               panel=NOISE)
+                               panel=NOISE, minimum=0, maximum=SEED_MAX)
     temperature: float = option(1.0, "Softmax temperature of both models; the loss is "
                                 "T^2 * KL.", panel=DISTILLATION, above=0)
     ce_weight: float = option(0.0, "Weight of the hard-label CE mixed into the loss "

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from undo_cli.errors import UsageError
-from undo_cli.options import NOISES, NoiseOptions, check
+from undo_cli.options import NOISES, NoiseOptions, check, check_seed
 
 RECOMMENDED_ALPHA = 0.6  # the paper's recommended setting
 RECOMMENDED_BETA = 0.1
@@ -70,8 +70,7 @@ def make_options(alpha: float, beta: float, seed: int = 0, noise: str = "xavier-
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UsageError(f"{name} must be a number (got {value!r})")
     check(NoiseOptions(alpha=alpha, beta=beta, noise=noise))
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise UsageError(f"--seed must be an integer, got {seed!r}")
+    check_seed("--seed", seed)
     return PerturbOptions(alpha=float(alpha), beta=float(beta), seed=seed, noise=noise,
                           include=_patterns(include, "--include"),
                           exclude=_patterns(exclude, "--exclude"))
@@ -204,6 +203,19 @@ def _narrow(work: np.ndarray, dtype: str, scratch: Callable[[str, type], np.ndar
     out = scratch("out", np.uint8)
     np.copyto(out, narrow_to_float8(work, dtype))
     return out
+
+
+def has_nonfinite(raw: np.ndarray, dtype: str) -> bool:
+    """Whether bytes `raw` of float dtype `dtype` hold a NaN or an infinity."""
+    if dtype in _NUMPY_FLOATS:
+        return not bool(np.isfinite(raw.view(_NUMPY_FLOATS[dtype])).all())
+    if dtype == "BF16":  # exponent bits all ones
+        return bool(np.any((raw.view(np.uint16) & 0x7F80) == 0x7F80))
+    if dtype == "F8_E5M2":
+        return bool(np.any((raw & 0x7C) == 0x7C))
+    if dtype == "F8_E4M3":  # no infinities; NaN is S.1111.111
+        return bool(np.any((raw & 0x7F) == 0x7F))
+    return False
 
 
 def perturb_chunk(raw: np.ndarray | None, *, action: str, key: str, chunk: int, count: int,

@@ -29,11 +29,12 @@ from undo_cli.checkpoint.safetensors_io import (
     split_shards,
     write_index,
 )
-from undo_cli.errors import UsageError
+from undo_cli.errors import UndoError, UsageError
 from undo_cli.perturb import noise
 from undo_cli.perturb.noise import (
     Buffers,
     PerturbOptions,
+    has_nonfinite,
     make_options,
     noise_scale,
     perturb_chunk,
@@ -116,7 +117,9 @@ def plan_perturbation(reader: CheckpointReader, options: PerturbOptions, *,
         index = len(files) > 1
         index_metadata: dict = {}
     else:
-        files = [(f.path.name if reader.path.is_dir() else SINGLE_NAME,
+        # Shards keep their path relative to the checkpoint: two `model.safetensors` in
+        # different subdirectories are two files.
+        files = [(reader.relative(f.path) if reader.path.is_dir() else SINGLE_NAME,
                   file_order(e.spec() for e in f.entries.values()),
                   {**f.metadata, "format": f.metadata.get("format", "pt")})
                  for f in reader.files]
@@ -180,26 +183,47 @@ def _ordered_results(pool: ThreadPoolExecutor, items: Iterator[_Item],
         free.append(bufs)
 
 
+def _nonfinite(reader: CheckpointReader, job: _Job, noised: bool) -> UsageError:
+    where = f"{reader.path}: tensor {job.source!r}"
+    if noised:
+        return UsageError(f"{where} would be written with NaN or infinite values (the noise "
+                          f"overflows {job.spec.dtype}): lower --beta, or pass "
+                          "--allow-nonfinite to write them anyway")
+    return UsageError(f"{where} holds NaN or infinite values; perturb does not copy them "
+                      "into OUT: pass --allow-nonfinite to write them anyway")
+
+
 def write_perturbed(reader: CheckpointReader, plan: PerturbPlan, directory: Path,
                     options: PerturbOptions, *, threads: int | None = None,
-                    progress: Callable[[int], None] | None = None) -> list[str]:
-    """Write the perturbed weights of `plan` into `directory`; returns the file names."""
+                    progress: Callable[[int], None] | None = None,
+                    allow_nonfinite: bool = False) -> list[str]:
+    """Write the perturbed weights of `plan` into `directory`; returns the file names.
+
+    `UsageError` naming the tensor if a float tensor would be written with NaN or infinite
+    values (copied from the input, or from noise that overflows a narrow dtype), unless
+    `allow_nonfinite`."""
     workers = thread_count(threads)
 
     def compute(item: _Item, bufs: Buffers) -> np.ndarray:
         job = item.job
         if item.kind == "copy":
-            return reader.view_bytes(job.source, item.start, item.count)
+            data = reader.view_bytes(job.source, item.start, item.count)
+            if not allow_nonfinite and job.spec.is_float and has_nonfinite(data, job.spec.dtype):
+                raise _nonfinite(reader, job, noised=False)
+            return data
         entry = reader.entries[job.source]
         # With alpha = 1 nothing of the original survives: skip reading it.
         w = None
         if options.alpha != 1.0:
             w = reader.view_bytes(job.source, item.start * entry.itemsize,
                                   item.count * entry.itemsize)
-        return perturb_chunk(w, action=job.action, key=job.key,
-                              chunk=item.start // noise.CHUNK_ELEMENTS, count=item.count,
-                              scale=job.scale, dtype=entry.dtype, options=options,
-                              buffers=bufs)
+        out = perturb_chunk(w, action=job.action, key=job.key,
+                            chunk=item.start // noise.CHUNK_ELEMENTS, count=item.count,
+                            scale=job.scale, dtype=entry.dtype, options=options,
+                            buffers=bufs)
+        if not allow_nonfinite and has_nonfinite(out, entry.dtype):
+            raise _nonfinite(reader, job, noised=w is None or not has_nonfinite(w, entry.dtype))
+        return out
 
     writers: list[SafetensorsWriter] = []
     written: dict[str, tuple[Path, int]] = {}  # output tensor -> (file, offset)
@@ -210,6 +234,7 @@ def write_perturbed(reader: CheckpointReader, plan: PerturbPlan, directory: Path
             if writers:
                 writers[-1].close()
             name, specs, metadata = plan.files[len(writers)]
+            (directory / name).parent.mkdir(parents=True, exist_ok=True)
             writers.append(SafetensorsWriter(directory / name, specs, metadata))
         return writers[file]
 
@@ -255,6 +280,22 @@ def write_perturbed(reader: CheckpointReader, plan: PerturbPlan, directory: Path
     return [name for name, _, _ in plan.files]
 
 
+def verify_output(reader: CheckpointReader, directory: Path) -> None:
+    """Check what was written: the output's files (and index) hold every input tensor, with
+    the same shape and dtype, and nothing else; `UndoError` (nothing is written) otherwise."""
+    with CheckpointReader(directory) as written:
+        for name, entry in reader.entries.items():
+            got = written.entries.get(name)
+            if got is None or got.shape != entry.shape or got.dtype != entry.dtype:
+                found = "missing" if got is None else f"{got.dtype} {list(got.shape)}"
+                raise UndoError(f"perturb wrote tensor {name!r} wrongly ({found}, expected "
+                                f"{entry.dtype} {list(entry.shape)}); nothing was written")
+        extra = sorted(set(written.entries) - set(reader.entries))
+        if extra:
+            raise UndoError(f"perturb wrote tensors that are not in the input ({extra[:3]}); "
+                            "nothing was written")
+
+
 def _summary_counts(plan: PerturbPlan) -> dict[str, int]:
     counts = {"noised": 0, "shrunk": 0, "copied": 0, "tied_copies": 0,
               "parameters_noised": 0, "parameters_shrunk": 0}
@@ -278,14 +319,16 @@ def perturb_checkpoint(src: str | Path, dst: str | Path, alpha: float, beta: flo
                        include: str | Iterable[str] | None = None,
                        exclude: str | Iterable[str] | None = None,
                        max_shard_size: int | str | None = None, overwrite: bool = False,
-                       threads: int | None = None,
+                       threads: int | None = None, allow_nonfinite: bool = False,
                        progress: Callable[[int, int], None] | None = None) -> dict:
     """Write a noised copy of checkpoint `src` to `dst` (streamed; see the module docstring).
 
     The output is sharded like the input, or by `max_shard_size` ("2GB", bytes); it is
     written atomically (nothing at `dst` unless everything succeeded) with the input's
-    config/tokenizer files and an `undo.json` manifest. `progress(done, total)` is called
-    with bytes of tensor data written. Returns a summary dict.
+    config/tokenizer files and an `undo.json` manifest, and checked before it is renamed into
+    place (`verify_output`). NaN or infinite weights are refused unless `allow_nonfinite`.
+    `progress(done, total)` is called with bytes of tensor data written. Returns a summary
+    dict.
     """
     from undo_cli.checkpoint import (
         atomic_output,
@@ -334,7 +377,8 @@ def perturb_checkpoint(src: str | Path, dst: str | Path, alpha: float, beta: flo
                 build_manifest, "perturb", arguments=arguments, parents={"input": src},
                 seed=seed, extra={"perturb": counts})
             files = write_perturbed(reader, plan, tmp, options, threads=threads,
-                                    progress=advance)
+                                    progress=advance, allow_nonfinite=allow_nonfinite)
+            verify_output(reader, tmp)
             copy_support_files(src, tmp)
             manifest = manifest.result()
             manifest["wall_time_s"] = round(time.time() - start, 3)

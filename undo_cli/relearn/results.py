@@ -33,7 +33,13 @@ from undo_cli.options import (
     GateOptions,
     LoadOptions,
 )
-from undo_cli.records import EvalData, parse_named_specs, read_eval_data
+from undo_cli.records import (
+    EvalData,
+    check_attack_results,
+    parse_named_specs,
+    read_eval_data,
+    read_json_file,
+)
 from undo_cli.relearn.runner import (
     SCHEMA_VERSION,
     AttackProgress,
@@ -177,7 +183,9 @@ def relearn_checkpoint(
                          "from --data: give --data PATH")
     eval_specs = parse_named_specs(evals.eval)
     gate_list = parse_gates(gates_given.fail_if)
-    info = stage.check_inputs(out, [checkpoint], load, overwrite=overwrite)[0]
+    info = stage.check_inputs(
+        out, [checkpoint], load, overwrite=overwrite,
+        reads=[*stage.data_paths("--data", data), *stage.eval_paths(evals)])[0]
     if config.finetune:
         stage.check_length(data_options.max_length, info.config)
 
@@ -357,20 +365,16 @@ REQUIRED_KEYS = ("checkpoint", "fingerprint", "forget_metric", "direction", "att
 def load_results(path: str | Path) -> dict[str, Any]:
     """Read `path/results.json` (or a results.json file); `UsageError` if it is missing or
     not an attack's results."""
-    import json
 
     path = Path(path)
     file = path / RESULTS_NAME if path.is_dir() else path
     if not file.is_file():
         raise UsageError(f"{path}: no {RESULTS_NAME} (not a relearn-attack results directory)")
-    try:
-        results = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UsageError(f"{file}: not readable JSON ({e})") from e
+    results = read_json_file(file)
     missing = [k for k in REQUIRED_KEYS if not isinstance(results, dict) or k not in results]
     if missing:
         raise UsageError(f"{file}: not relearn-attack results (missing {', '.join(missing)})")
-    return results
+    return check_attack_results(results, file)
 
 
 def parse_compare_spec(spec: str) -> tuple[str | None, Path]:

@@ -38,3 +38,48 @@ def test_module_entry_point_runs():
     done = subprocess.run([sys.executable, "-m", "undo_cli", "--version"], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0 and __version__ in done.stdout
+
+
+def test_library_warnings_show_only_with_debug(cli, tmp_path, monkeypatch):
+    """torch/numpy/transformers warnings never reach stderr without --debug."""
+    import warnings
+
+    import undo_cli.synthetic as synthetic
+
+    real = synthetic.generate_arithmetic
+
+    def noisy(*args, **kwargs):
+        warnings.warn("a library's warning", UserWarning, stacklevel=1)
+        import numpy as np
+
+        np.float32(1e38) * np.float32(1e38)  # numpy: RuntimeWarning (overflow)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(synthetic, "generate_arithmetic", noisy)
+    for debug, out in (([], "a"), (["--debug"], "b")):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            result = cli(*debug, "data", "arithmetic", tmp_path / out, "--train-size", "20",
+                         "--eval-size", "8")
+        assert result.exit_code == 0
+        shown = [str(w.message) for w in seen]
+        if debug:
+            assert "a library's warning" in shown and any("overflow" in m for m in shown)
+        else:
+            assert shown == [] and "a library's warning" not in result.stderr
+
+
+def test_every_error_is_one_line(cli, monkeypatch):
+    """A library's report spanning lines, or a path holding a newline or an escape
+    sequence, is printed as one line with the control characters escaped."""
+    import undo_cli.synthetic as synthetic
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("first line\nsecond line\x1b[2J")
+
+    monkeypatch.setattr(synthetic, "generate_arithmetic", fail)
+    result = cli("data", "arithmetic", "out\nput")
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == [
+        "error: RuntimeError: first line\\nsecond line\\x1b[2J (run 'undo --debug ...' for the "
+        "traceback)"]

@@ -74,3 +74,53 @@ def test_parse_hooks_and_list_fields():
     assert invoke(app).exit_code == 0
     assert seen["attack"].lrs is None  # each optimizer's own grid when --lrs is not given
     assert len(seen["attack"].lr_grid("adamw")) == 10
+
+
+def _numeric_options():
+    """(command path, command, flag, kind) of every numeric option of every command."""
+    from typer.main import get_command
+
+    from undo_cli.cli import app
+
+    found = []
+
+    def walk(command, path):
+        if hasattr(command, "commands"):  # a group (typer vendors its own click)
+            for name, sub in command.commands.items():
+                walk(sub, [*path, name])
+            return
+        for param in command.params:
+            if param.param_type_name != "option" or not param.opts[0].startswith("--"):
+                continue
+            kind = str(param.bare_type())  # "float", "int" (typer's own type names)
+            if kind in ("float", "int") and not param.is_flag:
+                found.append((path, command, param.opts[0], kind))
+
+    walk(get_command(app), [])
+    return found
+
+
+def test_every_numeric_option_of_every_command_is_validated_at_parse_time(cli, tmp_path):
+    """Issue 19: inf, nan and 2**70 are refused (exit 2) naming the flag, before any work,
+    for every numeric option, including those a command declares with typer itself."""
+    options = _numeric_options()
+    commands = {" ".join(path) for path, *_ in options}
+    assert {"init", "data arithmetic", "train", "unlearn", "perturb", "distill",
+            "relearn-attack", "eval"} <= commands
+    assert len(options) > 60
+    failures = []
+    for path, command, flag, kind in options:
+        required = [p for p in command.params if p.param_type_name == "argument"
+                    and p.required]
+        positional = [str(tmp_path / f"arg{i}") for i, _ in enumerate(required)]
+        extra = {"distill": ["--student", "random"]}.get(path[0], [])
+        for p in command.params:  # required options: a valid method, else a path
+            if p.param_type_name == "option" and p.required:
+                extra += [p.opts[0], {"--method": "ga"}.get(p.opts[0], str(tmp_path / "x"))]
+        for value in (["inf", "nan"] if kind == "float" else [str(2**70)]):
+            result = cli(*path, *positional, *extra, flag, value)
+            if result.exit_code != 2 or flag not in result.stderr:
+                failures.append(f"{' '.join(path)} {flag} {value}: exit {result.exit_code}: "
+                                f"{result.stderr.strip()}")
+    assert not failures, "\n".join(failures)
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written

@@ -120,15 +120,15 @@ def test_usage_errors_exit_2(cli, tiny_llama, tmp_path, files):
     assert batch.exit_code == 2
 
 
-def test_checkpoint_that_fails_to_load_exits_1(cli, tmp_path, tiny_llama, files):
+def test_a_corrupt_checkpoint_exits_2_naming_the_file(cli, tmp_path, tiny_llama, files):
     broken = tmp_path / "broken"
     broken.mkdir()
     for f in tiny_llama.iterdir():
         (broken / f.name).write_bytes(f.read_bytes())
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
     result = cli("eval", broken, "--data", f"s={files['sums']}")
-    assert result.exit_code == 1
-    assert "cannot load model from" in result.stderr
+    assert result.exit_code == 2
+    assert f"{broken / 'model.safetensors'}: corrupt safetensors file" in result.stderr
     assert "Traceback" not in result.output
 
 
