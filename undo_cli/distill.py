@@ -33,6 +33,7 @@ from undo_cli.options import (
     EvalOptions,
     LoadOptions,
     NoiseOptions,
+    SaveOptions,
     TrainConfig,
     check,
 )
@@ -321,7 +322,7 @@ def build_student(spec: str, teacher, noise: NoiseOptions, noise_seed: int, seed
         raise UsageError("--student is needed: a checkpoint directory (e.g. the output of "
                          "`undo perturb`), `random`, or `teacher` with --alpha/--beta")
     return load_model(spec, allow_pickle=load.allow_pickle,
-                      trust_remote_code=load.trust_remote_code)
+                      trust_remote_code=load.trust_remote_code, base_model=load.base_model)
 
 
 def check_compatible(teacher, student, teacher_tok, student_tok) -> None:
@@ -341,8 +342,8 @@ def distill_checkpoint(teacher_path: str | Path, student: str, out: str | Path, 
                        noise: NoiseOptions | None = None, train: TrainConfig | None = None,
                        data_options: DataOptions | None = None,
                        evals: EvalOptions | None = None, load: LoadOptions | None = None,
-                       overwrite: bool = False,
-                       callbacks: stage.Callbacks | None = None) -> dict[str, Any]:
+                       overwrite: bool = False, callbacks: stage.Callbacks | None = None,
+                       save: SaveOptions | None = None) -> dict[str, Any]:
     """Distil `teacher_path` into `student` (a checkpoint, `random`, or `teacher` noised in
     memory with `noise`, as `undo perturb` with seed `options.perturb_seed`) on `data` and
     write the result to `out`; returns the summary printed by `undo distill`.
@@ -350,9 +351,10 @@ def distill_checkpoint(teacher_path: str | Path, student: str, out: str | Path, 
     No budget in `train` means `TRAIN_STEPS` steps, or with `options.stop_when` alone a
     generous cap (`DISTILL_STOP_WHEN_CAP`) and evaluation every `DISTILL_EVAL_EVERY` steps
     unless `train.eval_every` says otherwise; the `evals` sets are measured on the teacher
-    once and on the student at each evaluation.
+    once and on the student at each evaluation. The model is written in the student's dtype
+    and sharding (the teacher's for `random` and `teacher`) unless `save` says otherwise.
     """
-    from undo_cli.checkpoint import fingerprint, load_model, load_tokenizer
+    from undo_cli.checkpoint import fingerprint, load_model, load_tokenizer, save_layout
     from undo_cli.data import build_stream, fit_packing
     from undo_cli.engine import training_device
     from undo_cli.evaluate import expected_metrics
@@ -362,6 +364,8 @@ def distill_checkpoint(teacher_path: str | Path, student: str, out: str | Path, 
     teacher_path = Path(teacher_path)
     options, data_options = options or DistillOptions(), data_options or DataOptions()
     evals, load = evals or EvalOptions(), load or LoadOptions()
+    save = save or SaveOptions()
+    save.validate()
     noise = noise or NoiseOptions(alpha=None, beta=None)
     train = train or TrainConfig(lr=1e-3)
     student = student or ("teacher" if noise.alpha is not None else "")
@@ -386,10 +390,14 @@ def distill_checkpoint(teacher_path: str | Path, student: str, out: str | Path, 
         out, inputs, load, overwrite=overwrite,
         reads=[*stage.data_paths("--data", data), *stage.eval_paths(evals)],
         writes=[("--state-dir", config.state_dir), ("--cache-teacher", options.cache_teacher)])
-    stage.check_length(data_options.max_length, infos[0].config)
+    data_options = stage.fit_length(data_options, infos[0].config)
+    if student_is_dir:
+        stage.check_length(data_options.max_length, infos[1].config)
 
-    tok = load_tokenizer(teacher_path, trust_remote_code=load.trust_remote_code)
-    student_tok = (load_tokenizer(student, trust_remote_code=load.trust_remote_code)
+    tok = load_tokenizer(teacher_path, trust_remote_code=load.trust_remote_code,
+                         base_model=load.base_model)
+    student_tok = (load_tokenizer(student, trust_remote_code=load.trust_remote_code,
+                                  base_model=load.base_model)
                    if student_is_dir else None)
     stream = build_stream(tok, data, data_options.max_length, config.batch_size, config.seed,
                           name="train", packing=data_options.packing)
@@ -399,7 +407,8 @@ def distill_checkpoint(teacher_path: str | Path, student: str, out: str | Path, 
 
     device = training_device(config.device)
     teacher = load_model(teacher_path, allow_pickle=load.allow_pickle,
-                         trust_remote_code=load.trust_remote_code).to(device).eval()
+                         trust_remote_code=load.trust_remote_code,
+                         base_model=load.base_model).to(device).eval()
     teacher.requires_grad_(False)
     model = build_student(student, teacher, noise, options.perturb_seed, config.seed, load=load)
     check_compatible(teacher, model, tok, student_tok)
@@ -442,11 +451,13 @@ def distill_checkpoint(teacher_path: str | Path, student: str, out: str | Path, 
                                 noise=asdict(noise))
     written = stage.train_and_write(
         "distill", out, model=model, tokenizer=tok, loss_fn=loss_fn, streams=streams,
-        config=config, inputs=inputs, source=teacher_path, parents=parents,
+        config=config, inputs=inputs, source=teacher_path,
+        parents=stage.with_bases(parents, infos),
         arguments=arguments, overwrite=overwrite, started=started,
         evaluate=stage.evaluation_hook(tok, sets, evals), should_stop=should_stop,
         frozen_forward_params=0 if cache is not None else frozen, callbacks=callbacks,
-        compute=amend, extra={"teacher_metrics": teacher_metrics})
+        compute=amend, extra={"teacher_metrics": teacher_metrics},
+        layout=save_layout(save, infos[-1]))
     result, compute = written.result, written.compute
     return stage.summary(out, result, started, teacher=str(teacher_path), student=student,
                          flops_student=compute["flops_student"],

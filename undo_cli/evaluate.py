@@ -21,27 +21,36 @@ The record shape of a file decides its metrics (see `undo_cli.records`):
   that many tokens, each starting at the last token of the previous one, so every token is
   predicted exactly once; the context restarts at each window.
 - `completion` (`{"prompt", "completion"|"answer"}`): `loss`, the mean cross-entropy of the
-  completion tokens given the prompt, tokenised exactly as training does
-  (`undo_cli.data.encode_prompt_completion`: prompt with special tokens, completion without,
-  plus EOS); `accuracy`: greedy generation from the prompt (batched, left padding; see
-  `undo_cli.generation`) cut at the first newline or EOS, equal to the answer after stripping
-  whitespace on both sides; two numbers compare as numbers ("84" equals "84.0"). `tokens`,
-  `n` as above. A sequence longer than the window keeps its last tokens.
+  completion tokens given the prompt, tokenised exactly as training does and as
+  lm-evaluation-harness tokenises a context and its continuation
+  (`undo_cli.data.encode_prompt_completion`: the prompt's trailing whitespace moves to the
+  completion, the whole text is tokenised once and cut after the prompt's tokens; EOS
+  appended); `target_delimiter` (default "") goes between prompt and answer.
+  `accuracy`: greedy generation from the prompt's tokens (batched, left padding; see
+  `undo_cli.generation`), without the whitespace the prompt gave up, cut at EOS and at the
+  first stop string (`until`, lm-eval's name; default a newline), equal to the answer after
+  stripping whitespace on both sides; two numbers compare as numbers ("84" equals "84.0").
+  (lm-eval's `generate_until` generates after the context as given; the two agree on prompts
+  that end without whitespace, and on others a BPE model then sees the tokens it was trained
+  and scored on.) `tokens`, `n` as above. A sequence longer than the window keeps its last
+  tokens.
 - `choice` (`{"question", "choices", "answer"}`, answer an index, a digit string or a letter
   A-Z): each choice is scored by the summed log-likelihood of its continuation after the
   question (the lm-evaluation-harness convention); `accuracy` counts questions whose correct
   choice scores highest, `accuracy_norm` the same with each score divided by the length of
   the choice text in characters, without the separating space (lm-eval's `acc_norm`); ties
   go to the first choice. Prompt
-  formats (`choice_format`):
+  formats (`choice_format`), each exactly lm-eval's (its `target_delimiter` " " between
+  context and choice):
     - `qa` (default): context `"Question: {question}\\nAnswer:"`, continuation
-      `" " + choice` (lm-eval's ARC/SciQ layout);
-    - `letters`: context `"{question}\\nA. {choice 0}\\nB. {choice 1}\\n...\\nAnswer:"`,
-      continuations `" A"`, `" B"`, ... (lm-eval's MMLU/WMDP layout; here `accuracy_norm`
-      equals `accuracy`);
-    - `raw`: context is the question as given, continuation the choice as given.
-  Context and continuation are tokenised separately, as prompt and completion are
-  (`encode_prompt_completion` without EOS).
+      `" " + choice` (lm-eval's ARC layout, `{{question}}` as given);
+    - `letters`: context `"{question.strip()}\\nA. {choice 0}\\nB. {choice 1}\\n...
+      \\nAnswer:"`, continuations `" A"`, `" B"`, ... (lm-eval's MMLU/WMDP layout; here
+      `accuracy_norm` equals `accuracy`);
+    - `raw`: context is the question as given, continuation the choice as given (a task with
+      `target_delimiter: ""`).
+  `target_delimiter` replaces the " " (or raw's ""). Context and continuation are tokenised
+  as prompt and completion are (`encode_prompt_completion` without EOS).
 
 Batches: sequences are sorted by length and batched with right padding for scoring (left
 padding for generation); results do not depend on the batching. `batch_size=None` picks rows
@@ -61,10 +70,12 @@ import torch
 
 from undo_cli.errors import DataError, UsageError
 from undo_cli.generation import (
+    DEFAULT_UNTIL,
     greedy_generate,
     model_device,
     model_max_length,
     run_batched,
+    stop_strings,
     unwrap_model,
 )
 from undo_cli.records import EvalData, read_eval_data
@@ -76,8 +87,8 @@ SCORE_TOKEN_BUDGET = 65536  # tokens per scoring batch when batch_size is None
 SCORE_LOGIT_BUDGET = 2**27  # logit elements (tokens x vocabulary) per scoring batch
 SCORE_MAX_ROWS = 256
 LM_EVAL_HINT = ("--lm-eval-tasks needs lm-evaluation-harness: pip install 'lm_eval[hf]' "
-                "(its tasks download data sets from the Hugging Face Hub: run with "
-                "HF_HUB_OFFLINE=0 or with the data sets already cached)")
+                "(its own tasks download data sets from the Hugging Face Hub: run them with "
+                "HF_HUB_OFFLINE=0 or with the data sets cached; local tasks need neither)")
 
 # ----------------------------------------------------------------------------- tokenising
 
@@ -91,7 +102,9 @@ class EvalSet:
     (start 1); `completion` -> prompt + completion (start = prompt length), with the gold
     `answers`; `choice` -> one sequence per choice, `groups[q]` the (first, end) range of
     question q's choices, `targets[q]` its correct choice, `lengths[i]` the length of the
-    choice's text in characters (for `accuracy_norm`).
+    choice's text in characters (for `accuracy_norm`). `moved[i]` is the whitespace a
+    completion item's prompt gave up to its answer (`split_pair`); `shown[i]` what a sample
+    log shows of item i (its texts).
     """
 
     name: str
@@ -104,25 +117,42 @@ class EvalSet:
     groups: list[tuple[int, int]] = field(default_factory=list)
     targets: list[int] = field(default_factory=list)
     lengths: list[int] = field(default_factory=list)
+    moved: list[str] = field(default_factory=list)
+    shown: list[dict[str, Any]] = field(default_factory=list)
 
 
-def choice_prompt(question: str, choices: Sequence[str], fmt: str = "qa") -> tuple[str, list[str]]:
-    """(context, continuations) of a multiple-choice question in format `fmt` (module doc)."""
+DEFAULT_DELIMITERS = {"qa": " ", "letters": " ", "raw": ""}  # lm-eval's target_delimiter
+
+
+def choice_prompt(question: str, choices: Sequence[str], fmt: str = "qa",
+                  target_delimiter: str | None = None) -> tuple[str, list[str]]:
+    """(context, continuations) of a multiple-choice question in format `fmt` (module doc):
+    each continuation is `target_delimiter` (default: the format's) + the choice, as lm-eval
+    builds them."""
+    if fmt not in CHOICE_FORMATS:
+        raise UsageError(f"unknown choice format {fmt!r}; choose one of "
+                         f"{', '.join(CHOICE_FORMATS)}")
+    delimiter = DEFAULT_DELIMITERS[fmt] if target_delimiter is None else target_delimiter
     if fmt == "qa":
-        return (f"Question: {question.strip()}\nAnswer:",
-                [c if c[:1].isspace() else " " + c for c in choices])
+        return f"Question: {question}\nAnswer:", [delimiter + c for c in choices]
     if fmt == "letters":
         letters = [chr(ord("A") + i) for i in range(len(choices))]
         lines = [question.strip()] + [f"{x}. {c}" for x, c in zip(letters, choices)]
-        return "\n".join(lines) + "\nAnswer:", [" " + x for x in letters]
-    if fmt == "raw":
-        return question, list(choices)
-    raise UsageError(f"unknown choice format {fmt!r}; choose one of {', '.join(CHOICE_FORMATS)}")
+        return "\n".join(lines) + "\nAnswer:", [delimiter + x for x in letters]
+    return question, [delimiter + c for c in choices]
 
 
-def tokenize_eval_data(data: EvalData, tokenizer, *, choice_format: str = "qa") -> EvalSet:
-    """Tokenise validated data with `tokenizer` (the same tokenisation training uses)."""
-    from undo_cli.data import encode_prompt_completion, encode_text, ensure_special_tokens
+def tokenize_eval_data(data: EvalData, tokenizer, *, choice_format: str = "qa",
+                       target_delimiter: str | None = None) -> EvalSet:
+    """Tokenise validated data with `tokenizer` (the same tokenisation training uses);
+    `target_delimiter` goes between prompt and answer (default "") or question and choice
+    (default: the format's)."""
+    from undo_cli.data import (
+        encode_prompt_completion,
+        encode_text,
+        ensure_special_tokens,
+        split_pair,
+    )
 
     if choice_format not in CHOICE_FORMATS:
         raise UsageError(f"unknown choice format {choice_format!r}; choose one of "
@@ -133,12 +163,14 @@ def tokenize_eval_data(data: EvalData, tokenizer, *, choice_format: str = "qa") 
         for text in data.items:
             out.sequences.append(encode_text(tokenizer, text, special=True))
             out.starts.append(1)
+            out.shown.append({"text": text})
         if all(len(s) < 2 for s in out.sequences):
             raise DataError("no text record has two or more tokens: nothing to predict",
                             data.source)
     elif data.shape == "completion":
+        delimiter = target_delimiter or ""
         for rec, (prompt, answer) in zip(data.records, data.items):
-            ids, labels = encode_prompt_completion(tokenizer, prompt, answer)
+            ids, labels = encode_prompt_completion(tokenizer, prompt, delimiter + answer)
             start = _prompt_length(ids, labels)
             if start == 0:
                 raise rec.error("the prompt is empty (and the tokenizer adds no BOS token): "
@@ -146,9 +178,15 @@ def tokenize_eval_data(data: EvalData, tokenizer, *, choice_format: str = "qa") 
             out.sequences.append(ids)
             out.starts.append(start)
             out.answers.append(answer)
+            context, continuation = split_pair(prompt, delimiter + answer)
+            out.moved.append(continuation[:len(continuation) - len(continuation.lstrip())])
+            out.shown.append({"prompt": prompt, "target": answer})
     else:
         for rec, (question, choices, target) in zip(data.records, data.items):
-            context, continuations = choice_prompt(question, choices, choice_format)
+            context, continuations = choice_prompt(question, choices, choice_format,
+                                                   target_delimiter)
+            out.shown.append({"context": context, "choices": continuations,
+                              "target": int(target)})
             first = len(out.sequences)
             shown = ([chr(ord("A") + k) for k in range(len(choices))]
                      if choice_format == "letters" else choices)
@@ -178,10 +216,12 @@ def _prompt_length(ids: Sequence[int], labels: Sequence[int]) -> int:
 
 
 def load_eval_set(name: str, path: str | Path, tokenizer, limit: int | None = None,
-                  seed: int = 0, *, choice_format: str = "qa") -> EvalSet:
+                  seed: int = 0, *, choice_format: str = "qa",
+                  target_delimiter: str | None = None) -> EvalSet:
     """Read, validate and tokenise a data file (or built-in set) once for `evaluate_model`."""
     data = read_eval_data(name, path, limit=limit, seed=seed)
-    return tokenize_eval_data(data, tokenizer, choice_format=choice_format)
+    return tokenize_eval_data(data, tokenizer, choice_format=choice_format,
+                              target_delimiter=target_delimiter)
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -260,9 +300,9 @@ _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 
 
 def answers_match(generated: str, answer: str) -> bool:
-    """Exact match after cutting `generated` at its first newline and stripping whitespace
-    from both; two numbers compare as numbers ("84" equals "84.0")."""
-    a = generated.split("\n", 1)[0].strip()
+    """Exact match after stripping whitespace from both (`generated` was cut at the stop
+    strings, `--until`); two numbers compare as numbers ("84" equals "84.0")."""
+    a = generated.strip()
     b = str(answer).strip()
     if a == b:
         return True
@@ -325,11 +365,12 @@ def _shared_map(function: Callable[[list], list], items: list, share: tuple[int,
 
 def _evaluate_set(model, tokenizer, es: EvalSet, *, batch_size: int | None,
                   max_new_tokens: int, generate: bool, max_length: int,
-                  device: torch.device, share: tuple[int, int] = (0, 1)
+                  device: torch.device, share: tuple[int, int] = (0, 1),
+                  until: Sequence[str] = DEFAULT_UNTIL, samples: list | None = None
                   ) -> tuple[dict[str, float], list[str] | None, dict[str, Any]]:
     """(metrics, generated answers or None, per-item results): `accuracy` / `accuracy_norm`
     0/1 per item, `loss` as `(sums, counts)` of each item's negative log-likelihood and
-    tokens."""
+    tokens. `samples`, if given, gets one record per item (`sample_records`)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     chunk = es.shape == "text"
     requests: list[tuple[list[int], int]] = []
@@ -351,6 +392,9 @@ def _evaluate_set(model, tokenizer, es: EvalSet, *, batch_size: int | None,
         metrics = _loss_metrics(per_seq)
         metrics["ppl"] = math.exp(metrics["loss"]) if metrics["loss"] < 700 else float("inf")
         metrics["n"] = es.n
+        if samples is not None:
+            samples += [{**shown, "loglikelihood": s, "tokens": n}
+                        for shown, (s, n) in zip(es.shown, per_seq)]
         return _ordered(metrics, ("loss", "loss_stderr", "ppl", "tokens", "n")), None, items
     if es.shape == "completion":
         metrics = _loss_metrics(per_seq)
@@ -358,23 +402,36 @@ def _evaluate_set(model, tokenizer, es: EvalSet, *, batch_size: int | None,
         if generate:
             prompts = [seq[:start] for seq, start in zip(es.sequences, es.starts)]
             answers = _shared_map(
-                lambda mine: greedy_generate(model, tokenizer, mine,
+                lambda mine: greedy_generate(model, tokenizer, [prompts[i] for i in mine],
                                              max_new_tokens=max_new_tokens,
                                              batch_size=batch_size, max_length=max_length,
-                                             device=device),
-                prompts, share)
+                                             device=device, until=until,
+                                             prefixes=[es.moved[i] for i in mine]),
+                list(range(len(prompts))), share)
             items["accuracy"] = [float(answers_match(a, b)) for a, b in zip(answers, es.answers)]
             metrics.update(_accuracy_metrics("accuracy", items["accuracy"]))
         metrics["n"] = es.n
+        if samples is not None:
+            for i, (shown, (s, n)) in enumerate(zip(es.shown, per_seq)):
+                record = {**shown, "loglikelihood": s, "tokens": n}
+                if answers is not None:
+                    record.update(generated=answers[i], correct=bool(items["accuracy"][i]))
+                samples.append(record)
         order = ("loss", "loss_stderr", "accuracy", "accuracy_stderr", "accuracy_lower",
                  "accuracy_upper", "tokens", "n")
         return _ordered(metrics, order), answers, items
     correct, correct_norm = [], []
-    for (first, end), target in zip(es.groups, es.targets):
+    for q, ((first, end), target) in enumerate(zip(es.groups, es.targets)):
         ll = [per_seq[j][0] for j in range(first, end)]
         norm = [per_seq[j][0] / es.lengths[j] for j in range(first, end)]
-        correct.append(float(max(range(len(ll)), key=lambda k: (ll[k], -k)) == target))
-        correct_norm.append(float(max(range(len(norm)), key=lambda k: (norm[k], -k)) == target))
+        best = max(range(len(ll)), key=lambda k: (ll[k], -k))
+        best_norm = max(range(len(norm)), key=lambda k: (norm[k], -k))
+        correct.append(float(best == target))
+        correct_norm.append(float(best_norm == target))
+        if samples is not None:
+            samples.append({**es.shown[q], "loglikelihoods": ll, "predicted": best,
+                            "predicted_norm": best_norm, "correct": best == target,
+                            "correct_norm": best_norm == target})
     items = {"accuracy": correct, "accuracy_norm": correct_norm}
     return {**_accuracy_metrics("accuracy", correct),
             **_accuracy_metrics("accuracy_norm", correct_norm), "n": es.n}, None, items
@@ -388,7 +445,9 @@ def evaluate_model(model, tokenizer, sets: Sequence[EvalSet], *, batch_size: int
                    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, generate: bool = True,
                    max_length: int | None = None, device: torch.device | str | None = None,
                    answers: dict[str, list[str]] | None = None,
-                   items: dict[str, dict[str, Any]] | None = None
+                   items: dict[str, dict[str, Any]] | None = None,
+                   until: Sequence[str] | None = None,
+                   samples: dict[str, list[dict[str, Any]]] | None = None
                    ) -> dict[str, dict[str, float]]:
     """Metrics of `model` on each set: `{set name: {metric: value}}` (module doc), with the
     uncertainty of each (`METRIC_stderr`; `METRIC_lower`/`_upper`, a 95% Wilson interval, for
@@ -398,7 +457,9 @@ def evaluate_model(model, tokenizer, sets: Sequence[EvalSet], *, batch_size: int
     generation (no `accuracy` on completion sets). `max_length`: the window (default: the
     model's maximum length, at most 4096). `device`: where inputs go (default: the model's).
     `answers`: if given, filled with each completion set's generated answers; `items`: with
-    each set's per-item results (`_evaluate_set`), for bootstraps. Runs in eval
+    each set's per-item results (`_evaluate_set`), for bootstraps; `samples`: with one record
+    per item (`--log-samples`: its texts, log-likelihoods, generated answer, correct or
+    not). `until`: the stop strings of generation (default a newline). Runs in eval
     mode under `torch.no_grad`; every submodule's train/eval mode is restored afterwards.
     Under a multi-process launch every process must call it: the work is split among them
     (`_eval_share`) and every process gets all the metrics.
@@ -422,9 +483,13 @@ def evaluate_model(model, tokenizer, sets: Sequence[EvalSet], *, batch_size: int
         model.eval()
         with torch.no_grad():
             for es in sets:
+                logged = [] if samples is not None else None
                 results[es.name], generated, per_item = _evaluate_set(
                     model, tokenizer, es, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                    generate=generate, max_length=window, device=device, share=share)
+                    generate=generate, max_length=window, device=device, share=share,
+                    until=stop_strings(until), samples=logged)
+                if samples is not None:
+                    samples[es.name] = [{"index": i, **r} for i, r in enumerate(logged)]
                 if answers is not None and generated is not None:
                     answers[es.name] = generated
                 if items is not None:

@@ -3,11 +3,13 @@
 `greedy_generate` left-pads a batch of prompts (sorted by length, so batches hold prompts of
 similar lengths), passes the attention mask to `model.generate` (which derives the position
 ids from it, so every row sees the positions it would see alone) and stops each row at EOS or
-at the first token whose text holds a newline. The answer of a row is its generated text up to
-(not including) the first newline, special tokens dropped: the same string that
-`model.generate` on that prompt alone, decoded and cut at the first newline, gives. Padded
-keys are masked out exactly, so only floating-point reduction order can differ between a row
-alone and a row in a batch; tests check the answers are identical on tiny models.
+once its text holds a stop string (`until`, lm-evaluation-harness's name; default a newline).
+The answer of a row is its generated text, special tokens dropped, without the row's
+`prefix` (whitespace its prompt gave up to the answer, `undo_cli.data.split_pair`) and cut at
+the first stop string: the same string that `model.generate` on that prompt alone, decoded
+and cut, gives. Padded keys are masked out exactly, so only floating-point reduction order
+can differ between a row alone and a row in a batch; tests check the answers are identical
+on tiny models.
 
 Batch size: a fixed number of rows, or (`batch_size=None`) as many rows as fit a token budget
 (`GENERATION_TOKEN_BUDGET` prompt + new tokens per batch, at most `MAX_ROWS` rows). On a CUDA
@@ -28,7 +30,9 @@ MAX_ROWS = 256  # rows per batch when batch_size is None
 
 _T = TypeVar("_T")
 
-_newline_cache: dict[int, tuple[Any, int, frozenset[int]]] = {}
+DEFAULT_UNTIL = ("\n",)
+
+_token_text_cache: dict[int, tuple[Any, int, list[str]]] = {}
 
 
 def unwrap_model(model):
@@ -55,17 +59,50 @@ def model_max_length(model, cap: int | None = 4096) -> int:
     return cap or 2048
 
 
-def newline_token_ids(tokenizer) -> frozenset[int]:
-    """Ids of the tokens whose decoded text contains a newline (cached per tokenizer)."""
+def stop_strings(until: Sequence[str] | None) -> tuple[str, ...]:
+    """The stop strings of `--until` values: `\\n` and `\\t` read as newline and tab
+    (shells pass them literally), empty strings dropped; None -> `DEFAULT_UNTIL`."""
+    if until is None:
+        return DEFAULT_UNTIL
+    out = []
+    for text in until:
+        text = text.replace("\\n", "\n").replace("\\t", "\t")
+        if text and text not in out:
+            out.append(text)
+    return tuple(out)
+
+
+def _token_texts(tokenizer) -> list[str]:
+    """The decoded text of every token id (cached per tokenizer)."""
     size = len(tokenizer)
-    cached = _newline_cache.get(id(tokenizer))
+    cached = _token_text_cache.get(id(tokenizer))
     if cached is not None and cached[0] is tokenizer and cached[1] == size:
         return cached[2]
     texts = tokenizer.batch_decode([[i] for i in range(size)], skip_special_tokens=False,
                                    clean_up_tokenization_spaces=False)
-    ids = frozenset(i for i, text in enumerate(texts) if "\n" in text)
-    _newline_cache[id(tokenizer)] = (tokenizer, size, ids)
-    return ids
+    _token_text_cache[id(tokenizer)] = (tokenizer, size, texts)
+    return texts
+
+
+def tokens_containing(tokenizer, chars: str) -> frozenset[int]:
+    """Ids of the tokens whose decoded text contains any of `chars`."""
+    return frozenset(i for i, text in enumerate(_token_texts(tokenizer))
+                     if any(c in text for c in chars))
+
+
+def newline_token_ids(tokenizer) -> frozenset[int]:
+    """Ids of the tokens whose decoded text contains a newline."""
+    return tokens_containing(tokenizer, "\n")
+
+
+def strip_prefix_and_cut(text: str, prefix: str, until: Sequence[str]) -> str:
+    """`text` without a leading `prefix`, cut at the first occurrence of each stop string (as
+    lm-eval cuts: `text.split(stop)[0]` for each)."""
+    if prefix and text.startswith(prefix):
+        text = text[len(prefix):]
+    for stop in until:
+        text = text.split(stop, 1)[0]
+    return text
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
@@ -82,8 +119,9 @@ def eos_token_ids(model, tokenizer) -> list[int]:
 
 
 def cut_answer(tokenizer, token_ids: Sequence[int], stop_ids: Sequence[int] = (),
-               stop_at_newline: bool = True) -> str:
-    """Generated ids -> text: cut at the first stop id, special tokens dropped, cut at '\\n'."""
+               until: Sequence[str] = DEFAULT_UNTIL, prefix: str = "") -> str:
+    """Generated ids -> text: cut at the first stop id (EOS), special tokens dropped, then
+    `strip_prefix_and_cut`."""
     stop = set(stop_ids)
     kept: list[int] = []
     for t in token_ids:
@@ -91,9 +129,33 @@ def cut_answer(tokenizer, token_ids: Sequence[int], stop_ids: Sequence[int] = ()
             break
         kept.append(int(t))
     text = tokenizer.decode(kept, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-    if stop_at_newline:
-        text = text.split("\n", 1)[0]
-    return text
+    return strip_prefix_and_cut(text, prefix, until)
+
+
+def _stop_criteria(tokenizer, width: int, until: Sequence[str], prefixes: Sequence[str]):
+    """A stopping criterion: a row is done once its generated text (after its prefix) holds a
+    stop string. Only rows whose last token could end one (it holds a stop string's last
+    character) are decoded."""
+    from transformers import StoppingCriteria
+
+    suspects = tokens_containing(tokenizer, "".join(s[-1] for s in until))
+
+    class StopAtStrings(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            for row, token in enumerate(input_ids[:, -1].tolist()):
+                if token not in suspects:
+                    continue
+                text = tokenizer.decode(input_ids[row, width:].tolist(),
+                                        skip_special_tokens=True,
+                                        clean_up_tokenization_spaces=False)
+                prefix = prefixes[row]
+                if prefix and text.startswith(prefix):
+                    text = text[len(prefix):]
+                done[row] = any(stop in text for stop in until)
+            return done
+
+    return StopAtStrings()
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -135,15 +197,19 @@ def run_batched(items: Sequence[_T], rows_for: Callable[[Sequence[_T]], int],
 def greedy_generate(model, tokenizer, prompts: Sequence[Sequence[int]], *,
                     max_new_tokens: int = 32, batch_size: int | None = None,
                     stop_at_newline: bool = True, max_length: int | None = None,
-                    device: torch.device | str | None = None) -> list[str]:
+                    device: torch.device | str | None = None,
+                    until: Sequence[str] | None = None,
+                    prefixes: Sequence[str] | None = None) -> list[str]:
     """Greedy answers to tokenised prompts, batched; the same strings as one prompt at a time.
 
-    Each answer is the generated text up to the first EOS (and, with `stop_at_newline`, the
-    first newline), special tokens dropped; whitespace is kept. A prompt longer than
-    `max_length - max_new_tokens` (default: the model's maximum length) keeps its last
-    tokens. The caller sets eval mode and `torch.no_grad` (see `evaluate.evaluate_model`).
+    Each answer is the generated text up to the first EOS, special tokens dropped, without
+    the prompt's `prefixes[i]` and cut at the first of the stop strings `until` (default a
+    newline; `stop_at_newline=False` with no `until`: EOS only); whitespace is kept. A prompt
+    longer than `max_length - max_new_tokens` (default: the model's maximum length) keeps its
+    last tokens. The caller sets eval mode and `torch.no_grad` (see
+    `evaluate.evaluate_model`).
     """
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig, StoppingCriteriaList
 
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
@@ -154,13 +220,12 @@ def greedy_generate(model, tokenizer, prompts: Sequence[Sequence[int]], *,
     prompts = [list(p)[-keep:] for p in prompts]
     if any(not p for p in prompts):
         raise ValueError("an empty prompt cannot be generated from (it has no tokens)")
+    until = tuple(until) if until is not None else DEFAULT_UNTIL if stop_at_newline else ()
+    prefixes = list(prefixes) if prefixes is not None else [""] * len(prompts)
     eos = eos_token_ids(model, tokenizer)
-    stop = list(eos)
-    if stop_at_newline:
-        stop += sorted(newline_token_ids(tokenizer) - set(eos))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=stop,
+        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=eos,
         pad_token_id=pad, use_cache=True, temperature=None, top_p=None, top_k=None,
     )
     order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
@@ -177,11 +242,14 @@ def greedy_generate(model, tokenizer, prompts: Sequence[Sequence[int]], *,
             p = prompts[i]
             input_ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
             mask[row, width - len(p):] = 1
+        criteria = (StoppingCriteriaList([_stop_criteria(tokenizer, width, until,
+                                                          [prefixes[i] for i in chunk])])
+                    if until else None)
         out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                             generation_config=config)
+                             generation_config=config, stopping_criteria=criteria)
         for row, i in enumerate(chunk):
             answers[i] = cut_answer(tokenizer, out[row, width:].tolist(), stop_ids=eos,
-                                    stop_at_newline=stop_at_newline)
+                                    until=until, prefix=prefixes[i])
 
     run_batched(order, rows_for, run, batch_size)
     return answers

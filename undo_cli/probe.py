@@ -129,7 +129,7 @@ def probe_layers(states: torch.Tensor, labels: Sequence[int], *, seed: int = 0,
 def probe_checkpoints(checkpoints: Sequence[str | Path], data: Sequence[EvalData], *,
                       seed: int = 0, train_share: float = TRAIN_SHARE,
                       allow_pickle: bool = False, trust_remote_code: bool = False,
-                      device: str | None = None,
+                      base_model: str | Path | None = None, device: str | None = None,
                       on_start: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Probe every checkpoint on every set: `[{"checkpoint", "probes": {set: result}}]`."""
     from undo_cli.checkpoint import inspect_checkpoint, load_model, load_tokenizer
@@ -138,7 +138,7 @@ def probe_checkpoints(checkpoints: Sequence[str | Path], data: Sequence[EvalData
     if not 0 < train_share < 1:
         raise UsageError(f"--train-share must lie between 0 and 1 (got {train_share})")
     for ckpt in checkpoints:
-        inspect_checkpoint(ckpt, allow_pickle=allow_pickle)
+        inspect_checkpoint(ckpt, allow_pickle=allow_pickle, base_model=base_model)
     target = pick_device(device)
     out = []
     for ckpt in checkpoints:
@@ -146,8 +146,9 @@ def probe_checkpoints(checkpoints: Sequence[str | Path], data: Sequence[EvalData
             on_start(str(ckpt))
         started = time.time()
         model = load_model(ckpt, device=target, allow_pickle=allow_pickle,
-                           trust_remote_code=trust_remote_code)
-        tokenizer = load_tokenizer(ckpt, trust_remote_code=trust_remote_code)
+                           trust_remote_code=trust_remote_code, base_model=base_model)
+        tokenizer = load_tokenizer(ckpt, trust_remote_code=trust_remote_code,
+                                   base_model=base_model)
         probes = {}
         for d in data:
             prompts, labels = probe_inputs(d, tokenizer)

@@ -12,15 +12,24 @@ are the parts they share.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from undo_cli.errors import UsageError
-from undo_cli.options import DataOptions, EvalOptions, LoadOptions, TrainConfig
+from undo_cli.options import (
+    DEFAULT_MAX_LENGTH,
+    DataOptions,
+    EvalOptions,
+    LoadOptions,
+    TrainConfig,
+)
 from undo_cli.records import parse_named_specs, parse_weighted_spec
+
+log = logging.getLogger(__name__)
 
 OnStep = Callable[[int, "int | None", int], None]
 OnLog = Callable[[dict[str, Any]], None]
@@ -50,6 +59,22 @@ def check_length(max_length: int, config: Any) -> None:
     if limit is not None and max_length > limit:
         raise UsageError(f"--max-length {max_length} exceeds the model's maximum length "
                          f"{limit}")
+
+
+def fit_length(data_options: DataOptions, config: Any = None) -> DataOptions:
+    """`data_options` with `max_length` decided: as given (checked against the model of
+    `config`), or by default `DEFAULT_MAX_LENGTH` or the model's maximum length if that is
+    smaller (said once on stderr)."""
+    if data_options.max_length is not None:
+        if config is not None:
+            check_length(data_options.max_length, config)
+        return data_options
+    limit = length_limit(config) if config is not None else None
+    if limit is not None and limit < DEFAULT_MAX_LENGTH:
+        log.info("note: --max-length %d, the model's maximum length (the default is %d)",
+                 limit, DEFAULT_MAX_LENGTH)
+        return replace(data_options, max_length=limit)
+    return replace(data_options, max_length=DEFAULT_MAX_LENGTH)
 
 
 Paths = Sequence[tuple[str, "str | Path | None"]]  # (flag, path) pairs
@@ -89,7 +114,8 @@ def check_inputs(out: str | Path, inputs: Sequence[str | Path], load: LoadOption
     """
     from undo_cli.checkpoint import check_output_path, inspect_checkpoint
 
-    infos = [inspect_checkpoint(path, allow_pickle=load.allow_pickle) for path in inputs]
+    infos = [inspect_checkpoint(path, allow_pickle=load.allow_pickle, base_model=load.base_model)
+             for path in inputs]
     present = [(flag, path) for flag, path in reads if path is not None and Path(path).exists()]
     written = [(flag, path) for flag, path in writes if path is not None]
     check_output_path(out, inputs=list(inputs), reads=[*present, *written],
@@ -100,6 +126,17 @@ def check_inputs(out: str | Path, inputs: Sequence[str | Path], load: LoadOption
                 raise UsageError(f"{flag} {path} lies inside the input {inp}, which undo must "
                                  "not change: choose a directory outside it")
     return infos
+
+
+def with_bases(parents: dict[str, Any], infos: Sequence[Any]) -> dict[str, Any]:
+    """`parents` (role -> checkpoint, in the order of their `CheckpointInfo`s `infos`) plus
+    `ROLE_base` -> the base model of each adapter among them, so that undo.json names the
+    base an adapter was merged into (--base-model)."""
+    out = dict(parents)
+    for (role, _), info in zip(parents.items(), infos):
+        if getattr(info, "kind", None) == "adapter":
+            out[f"{role}_base"] = info.base.path
+    return out
 
 
 def load_eval_sets(evals: EvalOptions, tokenizer, *, limit: int | None = None,
@@ -115,12 +152,16 @@ def load_eval_sets(evals: EvalOptions, tokenizer, *, limit: int | None = None,
 
 class Measure:
     """`measure(model)`: the flat metrics (`SET.METRIC`) of `model` on the eval sets; `items`
-    holds the last call's per-item results (for bootstraps), `eval_s` and `evaluations` the
-    time spent and the calls made."""
+    holds the last call's per-item results (for bootstraps), `samples` (with `log_samples`)
+    its per-item records (`--log-samples`), `eval_s` and `evaluations` the time spent and the
+    calls made."""
 
-    def __init__(self, tokenizer, sets: Sequence[Any], evals: EvalOptions):
+    def __init__(self, tokenizer, sets: Sequence[Any], evals: EvalOptions, *,
+                 log_samples: bool = False):
         self.tokenizer, self.sets, self.evals = tokenizer, sets, evals
+        self.log_samples = log_samples
         self.items: dict[str, Any] = {}
+        self.samples: dict[str, list[dict[str, Any]]] = {}
         self.eval_s = 0.0
         self.evaluations = 0
 
@@ -129,20 +170,24 @@ class Measure:
 
         started = time.perf_counter()
         items: dict[str, Any] = {}
+        samples: dict[str, list[dict[str, Any]]] | None = {} if self.log_samples else None
         try:
             metrics = flatten_metrics(evaluate_model(
                 model, self.tokenizer, self.sets, batch_size=self.evals.eval_batch_size,
-                max_new_tokens=self.evals.max_new_tokens, items=items))
+                max_new_tokens=self.evals.max_new_tokens, items=items,
+                until=self.evals.until or None, samples=samples))
         finally:
             self.eval_s += time.perf_counter() - started
             self.evaluations += 1
         self.items = items
+        self.samples = samples or {}
         return metrics
 
 
-def measure(tokenizer, sets: Sequence[Any], evals: EvalOptions) -> Measure:
-    """A `Measure` of `sets` with `evals`' batch size and generation length."""
-    return Measure(tokenizer, sets, evals)
+def measure(tokenizer, sets: Sequence[Any], evals: EvalOptions, *,
+            log_samples: bool = False) -> Measure:
+    """A `Measure` of `sets` with `evals`' batch size, generation length and stop strings."""
+    return Measure(tokenizer, sets, evals, log_samples=log_samples)
 
 
 def evaluation_hook(tokenizer, sets: Sequence[Any], evals: EvalOptions):
@@ -180,10 +225,12 @@ def train_and_write(stage: str, out: str | Path, *, model, tokenizer, loss_fn, s
                     started: float, evaluate=None, should_stop=None, parameters=None,
                     frozen_forward_params: int = 0, callbacks: Callbacks | None = None,
                     compute: Callable[[dict], dict] | None = None,
-                    extra: dict[str, Any] | None = None, keep_state: bool = False) -> Written:
+                    extra: dict[str, Any] | None = None, keep_state: bool = False,
+                    layout: Any = None) -> Written:
     """Train `model` with the engine and write it as `stage`'s output `out`, atomically.
 
-    `out` gets the model, `tokenizer`, `source`'s support files, `train_log.jsonl` and
+    `out` gets the model (in `layout`'s dtype and shards, `undo_cli.checkpoint.save_layout`),
+    `tokenizer`, `source`'s support files, `train_log.jsonl` and
     `undo.json` (arguments, parents, seed, compute, final metrics, the data streams, `extra`);
     `compute(dict)` may amend the compute record (e.g. a teacher cache's FLOPs). Under a
     multi-process launch every process trains and only the main one writes. The training
@@ -203,7 +250,7 @@ def train_and_write(stage: str, out: str | Path, *, model, tokenizer, loss_fn, s
         if compute is not None:
             record = compute(record)
         if tmp is not None:
-            save_model(result.model, tokenizer, tmp, source=source)
+            save_model(result.model, tokenizer, tmp, source=source, layout=layout)
             write_manifest(tmp, build_manifest(
                 stage, arguments=arguments, parents=parents, seed=config.seed,
                 wall_time_s=time.time() - started, compute=record,

@@ -19,6 +19,7 @@ from undo_cli.options import (
     DataOptions,
     EvalOptions,
     LoadOptions,
+    SaveOptions,
     TrainConfig,
 )
 
@@ -30,20 +31,23 @@ def train_checkpoint(out: str | Path, init: str, data: list[str], *,
                      train: TrainConfig | None = None, data_options: DataOptions | None = None,
                      evals: EvalOptions | None = None, load: LoadOptions | None = None,
                      arch: str | None = None, tokenizer: str | None = None,
-                     overwrite: bool = False, callbacks: stage.Callbacks | None = None
-                     ) -> dict[str, Any]:
+                     overwrite: bool = False, callbacks: stage.Callbacks | None = None,
+                     save: SaveOptions | None = None) -> dict[str, Any]:
     """Train on `data` (`PATH[:WEIGHT]` specs) from `init` (a checkpoint directory, or a size
     preset with `arch` and `tokenizer`) and write the result to `out`; returns the summary.
 
     `train.lr` None means `PRESET_LR` from a preset, `FINETUNE_LR` from a checkpoint; no budget
-    means `TRAIN_STEPS` steps.
+    means `TRAIN_STEPS` steps. The model is written in the checkpoint's dtype and sharding
+    unless `save` says otherwise (fp32, one file, from a preset).
     """
+    from undo_cli.checkpoint import save_layout
     from undo_cli.modelfactory import ARCHITECTURES, PRESETS
 
     started = time.time()
     train = train or TrainConfig(lr=None)
     data_options, evals = data_options or DataOptions(), evals or EvalOptions()
-    load = load or LoadOptions()
+    load, save = load or LoadOptions(), save or SaveOptions()
+    save.validate()
     preset = init in PRESETS and not Path(init).exists()
     if not preset:
         if not Path(init).exists():
@@ -66,8 +70,7 @@ def train_checkpoint(out: str | Path, init: str, data: list[str], *,
         reads=[*stage.data_paths("--data", data), *stage.eval_paths(evals),
                ("--tokenizer", tokenizer if preset and tokenizer else None)],
         writes=[("--state-dir", config.state_dir)])
-    if infos:
-        stage.check_length(data_options.max_length, infos[0].config)
+    data_options = stage.fit_length(data_options, infos[0].config if infos else None)
 
     # Tokenizer and data first: a bad file fails before any model is built or loaded.
     tok, model, shape = _tokenizer(init, preset, tokenizer, load), None, None
@@ -87,7 +90,8 @@ def train_checkpoint(out: str | Path, init: str, data: list[str], *,
         from undo_cli.checkpoint import load_model
 
         model = load_model(init, allow_pickle=load.allow_pickle,
-                           trust_remote_code=load.trust_remote_code)
+                           trust_remote_code=load.trust_remote_code,
+                           base_model=load.base_model)
     arguments = stage.arguments(
         config, data_options, evals, init=init, data=list(data),
         preset=init if preset else None, arch=(arch or "llama") if preset else None,
@@ -96,9 +100,10 @@ def train_checkpoint(out: str | Path, init: str, data: list[str], *,
     written = stage.train_and_write(
         "train", out, model=model, tokenizer=tok, loss_fn=_lm_loss(), streams=streams,
         config=config, inputs=inputs, source=None if preset else init,
-        parents={} if preset else {"init": init}, arguments=arguments, overwrite=overwrite,
+        parents=stage.with_bases({} if preset else {"init": init}, infos),
+        arguments=arguments, overwrite=overwrite,
         started=started, evaluate=stage.evaluation_hook(tok, sets, evals),
-        callbacks=callbacks)
+        callbacks=callbacks, layout=save_layout(save, infos[0] if infos else None))
     return stage.summary(out, written.result, started, init=init)
 
 
@@ -109,7 +114,8 @@ def _tokenizer(init: str, preset: bool, spec: str | None, load: LoadOptions):
         return load_tokenizer_spec(spec or "char")
     from undo_cli.checkpoint import load_tokenizer
 
-    return load_tokenizer(init, trust_remote_code=load.trust_remote_code)
+    return load_tokenizer(init, trust_remote_code=load.trust_remote_code,
+                          base_model=load.base_model)
 
 
 def _lm_loss():

@@ -38,6 +38,7 @@ from undo_cli.options import (
     DataOptions,
     EvalOptions,
     LoadOptions,
+    SaveOptions,
     TrainConfig,
     UnlearnOptions,
 )
@@ -474,6 +475,7 @@ def unlearn_checkpoint(
     overwrite: bool = False,
     keep_state: bool = False,
     callbacks: stage.Callbacks | None = None,
+    save: SaveOptions | None = None,
 ) -> dict[str, Any]:
     """Unlearn `forget_specs` from checkpoint `src` with `method`; write the result to `dst`.
 
@@ -486,15 +488,17 @@ def unlearn_checkpoint(
     ...). `dst` gets the model, tokenizer, `undo.json` and `train_log.jsonl`, atomically: a
     failed or diverged run leaves nothing. The training state in `train_config.state_dir`
     (for `--resume`) is deleted once the output is written, unless `keep_state`. Returns a
-    summary (also recorded in the manifest).
+    summary (also recorded in the manifest). The model is written in `src`'s dtype and
+    sharding unless `save` says otherwise.
     """
-    from undo_cli.checkpoint import load_model, load_tokenizer
+    from undo_cli.checkpoint import load_model, load_tokenizer, save_layout
     from undo_cli.data import build_stream
 
     started = time.time()
     options = options or UnlearnOptions()
     data_options, evals = data_options or DataOptions(), evals or EvalOptions()
-    load = load or LoadOptions()
+    load, save = load or LoadOptions(), save or SaveOptions()
+    save.validate()
     config = train_config or TrainConfig(lr=None, schedule="constant")
     chosen = get_method(method)
     forget_specs, retain_specs = list(forget_specs), list(retain_specs)
@@ -512,15 +516,16 @@ def unlearn_checkpoint(
         reads=[*stage.data_paths("--forget", forget_specs),
                *stage.data_paths("--retain", retain_specs), *stage.eval_paths(evals)],
         writes=[("--state-dir", config.state_dir)])[0]
-    stage.check_length(data_options.max_length, info.config)
+    data_options = stage.fit_length(data_options, info.config)
 
-    tokenizer = load_tokenizer(src, trust_remote_code=load.trust_remote_code)
+    tokenizer = load_tokenizer(src, trust_remote_code=load.trust_remote_code,
+                               base_model=load.base_model)
     streams = {name: build_stream(tokenizer, specs, data_options.max_length, config.batch_size,
                                   config.seed, name=name, packing=data_options.packing)
                for name, specs in (("forget", forget_specs), ("retain", retain_specs)) if specs}
     sets = stage.load_eval_sets(evals, tokenizer)
     model = load_model(src, allow_pickle=load.allow_pickle,
-                       trust_remote_code=load.trust_remote_code)
+                       trust_remote_code=load.trust_remote_code, base_model=load.base_model)
     if config.lr is None:
         from undo_cli.engine import count_parameters
 
@@ -534,11 +539,12 @@ def unlearn_checkpoint(
         trainable=setup.trainable_pattern)
     written = stage.train_and_write(
         "unlearn", dst, model=model, tokenizer=tokenizer, loss_fn=setup.loss_fn,
-        streams=streams, config=config, inputs=[src], source=src, parents={"input": src},
+        streams=streams, config=config, inputs=[src], source=src,
+        parents=stage.with_bases({"input": src}, [info]),
         arguments=arguments, overwrite=overwrite, started=started,
         evaluate=stage.evaluation_hook(tokenizer, sets, evals), parameters=setup.parameters,
         frozen_forward_params=setup.frozen_forward_params(streams), callbacks=callbacks,
-        keep_state=keep_state,
+        keep_state=keep_state, layout=save_layout(save, info),
         extra={"unlearn": {"trainable_parameters": setup.trainable_names[:50],
                            "trainable_count": len(setup.trainable_names)}})
     return stage.summary(dst, written.result, started, method=chosen.name, lr=config.lr)

@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from undo_cli.checkpoint import (
+    Layout,
     atomic_output,
     build_manifest,
     copy_support_files,
@@ -44,7 +45,7 @@ def test_load_matches_from_pretrained(tiny_llama):
 def test_sharded_checkpoint_loads(tiny_llama, tmp_path):
     model = load_model(tiny_llama)
     sharded = tmp_path / "sharded"
-    save_model(model, load_tokenizer(tiny_llama), sharded, max_shard_size="20KB")
+    save_model(model, load_tokenizer(tiny_llama), sharded, layout=Layout("float32", 20_000))
     info = inspect_checkpoint(sharded)
     assert (sharded / "model.safetensors.index.json").is_file()
     assert len(info.weight_files) > 1
@@ -277,3 +278,94 @@ def test_manifest_chain_tells_the_whole_history(tiny_llama, tmp_path):
     assert [m["stage"] for m in manifest_history(m3)] == ["init", "perturb", "distill"]
     assert read_manifest(second)["arguments"] == {"alpha": 0.6}
     json.dumps(m3)  # serialisable
+
+
+# ------------------------------------------------------------- checkpoints as users have them
+
+
+def test_adapter_with_a_hub_base_needs_base_model_and_trains(hub_adapter, tiny_llama):
+    """A real adapter names a hub model as its base: refused with a hint, loaded with
+    --base-model, merged exactly as peft merges it, and every weight trainable."""
+    from peft import PeftModel
+
+    with pytest.raises(UsageError, match="--base-model"):
+        inspect_checkpoint(hub_adapter)
+    info = inspect_checkpoint(hub_adapter, base_model=tiny_llama)
+    assert info.kind == "adapter" and info.base.path == tiny_llama
+    merged = load_model(hub_adapter, base_model=tiny_llama)
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama),
+                                          str(hub_adapter)).merge_and_unload()
+    assert _same_weights(merged, reference)
+    assert not _same_weights(merged, AutoModelForCausalLM.from_pretrained(tiny_llama))
+    assert all(p.requires_grad for p in merged.parameters())
+    with pytest.raises(UsageError, match="--base-model .* not a directory"):
+        inspect_checkpoint(hub_adapter, base_model=tiny_llama / "missing")
+
+
+def test_stored_dtype_and_shards_are_read_from_the_headers(bf16_llama, sharded_qwen2,
+                                                           tiny_llama, hub_adapter):
+    from safetensors import safe_open
+
+    assert inspect_checkpoint(bf16_llama).stored_dtype() == "bfloat16"
+    assert inspect_checkpoint(tiny_llama).stored_dtype() == "float32"
+    assert inspect_checkpoint(hub_adapter, base_model=bf16_llama).stored_dtype() == "bfloat16"
+    assert inspect_checkpoint(tiny_llama).largest_shard_bytes() is None
+    files = sorted(sharded_qwen2.glob("*.safetensors"))
+    sizes = []
+    for f in files:
+        with safe_open(f, "pt") as st:
+            sizes.append(sum(st.get_tensor(k).numel() * st.get_tensor(k).element_size()
+                             for k in st.keys()))  # noqa: SIM118 - not a dict
+    assert len(files) > 1
+    assert inspect_checkpoint(sharded_qwen2).largest_shard_bytes() == max(sizes)
+
+
+def test_save_layout_keeps_the_input_unless_told(bf16_llama, sharded_qwen2, tiny_llama):
+    from undo_cli.checkpoint import save_layout
+    from undo_cli.checkpoint.output import ONE_FILE
+    from undo_cli.options import SaveOptions
+
+    assert save_layout(None, inspect_checkpoint(bf16_llama)) == Layout("bfloat16", ONE_FILE)
+    assert save_layout(None, None) == Layout("float32", ONE_FILE)
+    assert save_layout(SaveOptions(save_dtype="float16", max_shard_size="1MB"),
+                       inspect_checkpoint(tiny_llama)) == Layout("float16", 1_000_000)
+    info = inspect_checkpoint(sharded_qwen2)
+    assert save_layout(None, info) == Layout("float32", info.largest_shard_bytes())
+    assert (save_layout(SaveOptions(save_dtype="bfloat16"), info).max_shard_size
+            == info.largest_shard_bytes() // 2)
+    with pytest.raises(UsageError, match="--max-shard-size"):
+        save_layout(SaveOptions(max_shard_size="lots"), info)
+
+
+def test_save_model_writes_the_layout_without_changing_the_model(gpt2_bpe, sharded_qwen2,
+                                                                 tmp_path):
+    """bf16 out of an fp32 model, tied embeddings kept tied, shards as the input's; the model
+    in memory is left in fp32."""
+    from safetensors import safe_open
+
+    from undo_cli.checkpoint import save_layout
+
+    model, tok = load_model(gpt2_bpe), load_tokenizer(gpt2_bpe)
+    save_model(model, tok, tmp_path / "bf16", layout=Layout("bfloat16"))
+    assert model.dtype == torch.float32
+    with safe_open(tmp_path / "bf16" / "model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}  # noqa: SIM118
+        assert "lm_head.weight" not in set(f.keys())  # tied: stored once  # noqa: SIM118
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")
+    assert reloaded.dtype == torch.bfloat16
+    assert reloaded.lm_head.weight.data_ptr() == reloaded.transformer.wte.weight.data_ptr()
+    torch.testing.assert_close(reloaded.transformer.wte.weight.float(),
+                               model.transformer.wte.weight.to(torch.bfloat16).float())
+
+    info = inspect_checkpoint(sharded_qwen2)
+    save_model(load_model(sharded_qwen2), None, tmp_path / "q", layout=save_layout(None, info))
+    assert (sorted(p.name for p in (tmp_path / "q").glob("*.safetensors"))
+            == sorted(p.name for p in sharded_qwen2.glob("*.safetensors")))
+
+
+def test_an_adapters_model_card_is_not_carried(hub_adapter, tmp_path):
+    (tmp_path / "out").mkdir()
+    copy_support_files(hub_adapter, tmp_path / "out")
+    assert not (tmp_path / "out" / "README.md").exists()
+    assert not (tmp_path / "out" / "adapter_config.json").exists()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import random
-import sys
 
 import pytest
 import torch
@@ -20,7 +19,6 @@ from undo_cli.evaluate import (
     flatten_metrics,
     load_eval_set,
 )
-from undo_cli.evaluation import lm_eval_metrics, run_lm_eval
 from undo_cli.generation import greedy_generate, newline_token_ids
 from undo_cli.records import read_eval_data
 
@@ -397,58 +395,3 @@ def test_bad_arguments(tmp_path, llama):
         evaluate_model(model, tok, [es], batch_size=0)
     with pytest.raises(UsageError, match="choice format"):
         load_eval_set("c", tmp_path / "c.jsonl", tok, choice_format="nope")
-
-
-# --------------------------------------------------------------------------- lm-eval bridge
-
-
-def test_lm_eval_missing_says_how_to_install(monkeypatch, llama):
-    model, tok = llama
-    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval -> ImportError
-    with pytest.raises(UsageError, match=r"pip install 'lm_eval\[hf\]'"):
-        run_lm_eval(model, tok, ["wmdp_bio"])
-
-
-def test_lm_eval_metrics_mapping():
-    output = {
-        "results": {
-            "wmdp_bio": {"alias": "wmdp_bio", "acc,none": 0.25, "acc_stderr,none": 0.01},
-            "mmlu_anatomy": {"acc,none": 0.3, "acc_norm,none": 0.31},
-            "gsm8k": {"exact_match,strict-match": 0.1, "exact_match_stderr,strict-match": 0.0},
-        },
-        "groups": {"mmlu": {"acc,none": 0.4, "acc_stderr,none": 0.02}},
-    }
-    assert lm_eval_metrics(output, ["wmdp_bio", "mmlu", "gsm8k"]) == {
-        "wmdp_bio": {"accuracy": 0.25}, "mmlu": {"accuracy": 0.4},
-        "gsm8k": {"exact_match_strict-match": 0.1}}
-
-
-def test_run_lm_eval_wiring_with_a_stand_in(monkeypatch, llama):
-    """The bridge hands the model in memory to lm-eval's HFLM and maps the scores back."""
-    import types
-
-    model, tok = llama
-    calls = {}
-
-    class HFLM:
-        def __init__(self, pretrained, tokenizer, batch_size):
-            calls["model"], calls["tokenizer"], calls["batch"] = pretrained, tokenizer, batch_size
-
-    def simple_evaluate(model, tasks, limit, **seeds):
-        calls["tasks"], calls["limit"] = tasks, limit
-        return {"results": {"wmdp_bio": {"acc,none": 0.5, "acc_stderr,none": 0.1}}}
-
-    lm_eval = types.ModuleType("lm_eval")
-    lm_eval.simple_evaluate = simple_evaluate
-    models = types.ModuleType("lm_eval.models")
-    huggingface = types.ModuleType("lm_eval.models.huggingface")
-    huggingface.HFLM = HFLM
-    monkeypatch.setitem(sys.modules, "lm_eval", lm_eval)
-    monkeypatch.setitem(sys.modules, "lm_eval.models", models)
-    monkeypatch.setitem(sys.modules, "lm_eval.models.huggingface", huggingface)
-    model.train()
-    assert run_lm_eval(model, tok, ["wmdp_bio"], limit=3) == {"wmdp_bio": {"accuracy": 0.5}}
-    assert model.training  # mode restored
-    model.eval()
-    assert calls == {"model": model, "tokenizer": tok, "batch": 8, "tasks": ["wmdp_bio"],
-                     "limit": 3}

@@ -8,7 +8,9 @@ Every command that reads or writes a model goes through this package:
 - `atomic_output`: write into a temporary sibling directory and rename (or atomically swap)
   it into place, holding OUT's lock, so an interrupted command never leaves a (half-written)
   output directory and two runs never write the same one.
-- `save_model`: model + tokenizer + carried-over support files into such a directory.
+- `save_model`: model + tokenizer + carried-over support files into such a directory, in the
+  dtype and shard size of a `Layout` (`save_layout`: the input's unless --save-dtype /
+  --max-shard-size say otherwise).
 - `build_manifest`, `write_manifest`, `read_manifest`, `fingerprint`: the `undo.json`
   provenance manifest written into every output directory.
 """
@@ -28,15 +30,18 @@ from undo_cli.checkpoint.manifest import (
     write_manifest,
 )
 from undo_cli.checkpoint.output import (
+    Layout,
     atomic_output,
     check_output_path,
     copy_support_files,
+    save_layout,
     save_model,
 )
 
 __all__ = [
     "MANIFEST_NAME",
     "CheckpointInfo",
+    "Layout",
     "atomic_output",
     "build_manifest",
     "check_fits_memory",
@@ -49,6 +54,7 @@ __all__ = [
     "load_tokenizer",
     "manifest_history",
     "read_manifest",
+    "save_layout",
     "save_model",
     "write_manifest",
 ]

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from undo_cli.checkpoint.safetensors_io import (
+    DTYPES,
     CheckpointReader,
     TensorEntry,
     index_weight_file,
@@ -32,6 +33,7 @@ PICKLE_INDEX = "pytorch_model.bin.index.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_PICKLE = "adapter_model.bin"
+SAVED_FLOATS = ("F16", "BF16", "F32", "F64")  # dtypes a model is saved in (`stored_dtype`)
 MAX_JSON_BYTES = 64 << 20  # a config or index larger than this is not a config or an index
 
 # Sizes a config gives as counts; anything else there is refused before transformers sees it.
@@ -63,6 +65,41 @@ class CheckpointInfo:
             assert self.base is not None
             return self.base.config
         return self.config_data
+
+    @property
+    def model_info(self) -> CheckpointInfo:
+        """The full model whose weights are read: this checkpoint, or an adapter's base."""
+        if self.kind == "adapter":
+            assert self.base is not None
+            return self.base
+        return self
+
+    def stored_dtype(self) -> str | None:
+        """torch's name of the dtype ("bfloat16", ...) that holds most of the model's
+        floating-point weights (an adapter's: its base's), from the safetensors headers or
+        else config.json; None if neither says."""
+        info = self.model_info
+        sizes: dict[str, int] = {}
+        for entry in info.tensors.values():
+            if entry.dtype in SAVED_FLOATS:
+                sizes[entry.dtype] = sizes.get(entry.dtype, 0) + entry.nbytes
+        if sizes:
+            return DTYPES[max(sorted(sizes), key=sizes.__getitem__)][1]
+        named = info.config_data.get("dtype", info.config_data.get("torch_dtype"))
+        return named if named in {DTYPES[d][1] for d in SAVED_FLOATS} else None
+
+    def largest_shard_bytes(self) -> int | None:
+        """Bytes of the largest weight file of a model sharded over several files (an
+        adapter's: its base's); None for a model in one file."""
+        info = self.model_info
+        if len(info.weight_files) < 2:
+            return None
+        if info.tensors:
+            per_file: dict[Path, int] = {}
+            for entry in info.tensors.values():
+                per_file[entry.path] = per_file.get(entry.path, 0) + entry.nbytes
+            return max(per_file.values())
+        return max(f.stat().st_size for f in info.weight_files)
 
     def weights_name(self) -> str:
         """The weight file (or index) a missing tensor is missing from, for messages."""
@@ -118,16 +155,25 @@ def _weight_files(path: Path) -> tuple[list[Path], bool]:
     return sorted(path.glob("*.bin")), True
 
 
-def _resolve_base(adapter_dir: Path, name: Any, config_file: Path) -> Path:
+def _resolve_base(adapter_dir: Path, name: Any, config_file: Path,
+                  base_model: str | Path | None = None) -> Path:
+    """The base model's directory: `base_model` (--base-model) if given, else
+    base_model_name_or_path as a path (as given, or beside the adapter)."""
+    if base_model is not None:
+        base = Path(base_model)
+        if not base.is_dir():
+            raise UsageError(f"--base-model {base}: not a directory (give the local checkpoint "
+                             "directory of the adapter's base model)")
+        return base
     if not isinstance(name, str) or not name.strip():
-        raise DataError("names no base_model_name_or_path (the adapter's base model)",
-                        config_file)
+        raise DataError("names no base_model_name_or_path (the adapter's base model); give "
+                        "--base-model DIR", config_file)
     for candidate in (Path(name), adapter_dir / name, adapter_dir.parent / name):
         if candidate.is_dir():
             return candidate
     raise UsageError(
-        f"{adapter_dir}: the adapter's base model '{name}' is not a local directory "
-        "(undo never downloads; point base_model_name_or_path at a checkpoint directory)"
+        f"{adapter_dir}: the adapter's base model '{name}' is not a local directory (undo "
+        "never downloads): give its local copy with --base-model DIR"
     )
 
 
@@ -138,10 +184,12 @@ def _same_directory(a: Path, b: Path) -> bool:
         return False
 
 
-def _inspect_adapter(path: Path, allow_pickle: bool) -> CheckpointInfo:
+def _inspect_adapter(path: Path, allow_pickle: bool,
+                     base_model: str | Path | None = None) -> CheckpointInfo:
     config_file = path / ADAPTER_CONFIG
     config = read_json_object(config_file)
-    base_path = _resolve_base(path, config.get("base_model_name_or_path"), config_file)
+    base_path = _resolve_base(path, config.get("base_model_name_or_path"), config_file,
+                              base_model)
     if _same_directory(base_path, path) or (base_path / ADAPTER_CONFIG).is_file():
         raise DataError(f"the adapter's base model {base_path} is itself an adapter (or this "
                         "directory); undo loads one adapter on a full model", config_file)
@@ -165,9 +213,13 @@ def _inspect_adapter(path: Path, allow_pickle: bool) -> CheckpointInfo:
     return info
 
 
-def inspect_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> CheckpointInfo:
+def inspect_checkpoint(path: str | Path, *, allow_pickle: bool = False,
+                       base_model: str | Path | None = None) -> CheckpointInfo:
     """Check that `path` is a loadable checkpoint directory; raise `UsageError` (or
-    `DataError`, naming the file) saying why not. Reads JSON and safetensors headers only."""
+    `DataError`, naming the file) saying why not. Reads JSON and safetensors headers only.
+
+    `base_model` (--base-model) is the base of an adapter, in place of the one its
+    adapter_config.json names; it is ignored for a full checkpoint."""
     path = Path(path)
     if not path.exists():
         raise UsageError(f"checkpoint not found: {path}")
@@ -175,7 +227,7 @@ def inspect_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> Check
         raise UsageError(f"{path} is not a directory (a checkpoint is a directory with "
                          "config.json and model weights)")
     if (path / ADAPTER_CONFIG).exists():
-        return _inspect_adapter(path, allow_pickle)
+        return _inspect_adapter(path, allow_pickle, base_model)
     if not (path / "config.json").exists():
         raise UsageError(f"{path} is not a Hugging Face checkpoint: it has no config.json")
     config = read_json_object(path / "config.json")

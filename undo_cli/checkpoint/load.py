@@ -118,11 +118,14 @@ def _from_pretrained(info: CheckpointInfo, dtype: torch.dtype, trust_remote_code
 def _load_adapter(base, info: CheckpointInfo):
     """`base` with the adapter of `info` merged in, after checking that the adapter's file
     holds exactly the adapter weights the model expects."""
-    from peft import PeftModel
+    from peft import PeftConfig, PeftModel
     from peft.utils import get_peft_model_state_dict
 
     try:
-        model = PeftModel.from_pretrained(base, str(info.path))
+        config = PeftConfig.from_pretrained(str(info.path))
+        # The base is the local directory found (or --base-model), never a hub name.
+        config.base_model_name_or_path = str(info.base.path)
+        model = PeftModel.from_pretrained(base, str(info.path), config=config)
     except Exception as e:  # noqa: BLE001
         raise UndoError(f"cannot load adapter {info.path}: {first_line(e)}") from e
     if info.tensors:
@@ -141,7 +144,11 @@ def _load_adapter(base, info: CheckpointInfo):
             if entry.dtype not in FLOAT_DTYPES:
                 raise UsageError(f"{info.path}: tensor {name!r} in {file} is stored as "
                                  f"{entry.dtype}, an adapter holds floating-point weights")
-    return model.merge_and_unload()
+    merged = model.merge_and_unload()
+    # PEFT froze the base weights to train the adapter; the merged model is a plain model
+    # again, every weight trainable, as `from_pretrained` gives it.
+    merged.requires_grad_(True)
+    return merged
 
 
 def load_model(
@@ -151,19 +158,22 @@ def load_model(
     device: torch.device | str | None = None,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    base_model: str | Path | None = None,
 ):
-    """Load a causal LM from a checkpoint directory (an adapter is merged into its base).
+    """Load a causal LM from a checkpoint directory (an adapter is merged into its base:
+    `base_model` if given, else the directory its adapter_config.json names).
 
     Weights are loaded in `dtype` (None: fp32, as bf16 is very slow on CPUs) and moved to
-    `device` when given. Pickled weights need `allow_pickle`; custom code needs
-    `trust_remote_code`. The loading report is checked (`check_loading_report`): a model with
-    a missing, unexpected or mismatched tensor is refused, never completed at random; a model
-    that cannot fit in the memory available is refused before it is built.
+    `device` when given; every parameter requires grad. Pickled weights need `allow_pickle`;
+    custom code needs `trust_remote_code`. The loading report is checked
+    (`check_loading_report`): a model with a missing, unexpected or mismatched tensor is
+    refused, never completed at random; a model that cannot fit in the memory available is
+    refused before it is built.
     """
     import torch
 
     dtype = torch.float32 if dtype is None else dtype
-    info = inspect_checkpoint(path, allow_pickle=allow_pickle)
+    info = inspect_checkpoint(path, allow_pickle=allow_pickle, base_model=base_model)
     if info.kind == "adapter":
         model = _load_adapter(_from_pretrained(info.base, dtype, trust_remote_code), info)
     else:
@@ -173,11 +183,13 @@ def load_model(
     return model
 
 
-def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False):
-    """Load the tokenizer of a checkpoint (an adapter without one uses its base's)."""
+def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False,
+                   base_model: str | Path | None = None):
+    """Load the tokenizer of a checkpoint (an adapter without one uses its base's:
+    `base_model` if given)."""
     from transformers import AutoTokenizer
 
-    info = inspect_checkpoint(path, allow_pickle=True)
+    info = inspect_checkpoint(path, allow_pickle=True, base_model=base_model)
     source = info.path
     has_tokenizer = any((source / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
     if info.kind == "adapter" and not has_tokenizer:
@@ -196,5 +208,6 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False):
 def load_model_and_tokenizer(path: str | Path, **kwargs):
     """`(load_model(path, **kwargs), load_tokenizer(path))`."""
     model = load_model(path, **kwargs)
-    tokenizer = load_tokenizer(path, trust_remote_code=kwargs.get("trust_remote_code", False))
+    tokenizer = load_tokenizer(path, trust_remote_code=kwargs.get("trust_remote_code", False),
+                               base_model=kwargs.get("base_model"))
     return model, tokenizer

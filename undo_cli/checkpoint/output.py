@@ -15,12 +15,14 @@
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import secrets
 import shutil
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from undo_cli.checkpoint.lock import (
@@ -30,6 +32,7 @@ from undo_cli.checkpoint.lock import (
 )
 from undo_cli.checkpoint.swap import exchange, signals_deferred
 from undo_cli.errors import UndoError, UsageError
+from undo_cli.options import SaveOptions, parse_size
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +45,9 @@ NOT_CARRIED = {"undo.json", "train_log.jsonl", "adapter_config.json"}
 # `.NAME.undo-old-PID-TOKEN`, `.NAME.undo-lock`, `NAME.undo-state`.
 SIBLING_BYTES = 32
 
-__all__ = ["atomic_output", "check_output_path", "copy_support_files",
-           "hold_output", "is_disk_full", "is_weight_file", "real_output", "save_model"]
+__all__ = ["ONE_FILE", "Layout", "atomic_output", "check_output_path", "copy_support_files",
+           "hold_output", "is_disk_full", "is_weight_file", "real_output", "save_layout",
+           "save_model"]
 
 
 def _is_within(child: Path, parent: Path) -> bool:
@@ -254,11 +258,16 @@ def is_weight_file(name: str) -> bool:
 def copy_support_files(src: str | Path, dst: str | Path, *, skip_existing: bool = True) -> None:
     """Carry config, generation config, tokenizer and other small files from `src` to `dst`.
 
-    Weight files, their indexes and undo's own manifest and logs are not copied.
+    Weight files, their indexes and undo's own manifest and logs are not copied; nor is an
+    adapter's model card (README.md, PEFT's `library_name: peft`): the output is a full
+    model, not an adapter.
     """
     src, dst = Path(src), Path(dst)
+    adapter = (src / "adapter_config.json").is_file()
     for entry in sorted(src.iterdir()):
         if not entry.is_file() or is_weight_file(entry.name) or entry.name in NOT_CARRIED:
+            continue
+        if adapter and entry.name == "README.md":
             continue
         target = dst / entry.name
         if skip_existing and target.exists():
@@ -266,16 +275,75 @@ def copy_support_files(src: str | Path, dst: str | Path, *, skip_existing: bool 
         shutil.copy2(entry, target)
 
 
+ONE_FILE = 1 << 50  # a shard size no model reaches: all weights in model.safetensors
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a model is written: the dtype of its weights (torch's name) and the largest shard
+    in bytes (`ONE_FILE`: one file)."""
+
+    dtype: str = "float32"
+    max_shard_size: int = ONE_FILE
+
+
+def save_layout(save: SaveOptions | None, source=None) -> Layout:
+    """The `Layout` of an output: `--save-dtype` / `--max-shard-size` where given, else the
+    input checkpoint's (`source`, a `CheckpointInfo`; an adapter's base): a bf16 model stays
+    bf16, a model in 3 shards of 2 GB is written in shards of that size (scaled when the
+    dtype changes); a new model (no `source`) is fp32 in one file."""
+    save = save or SaveOptions()
+    stored = source.stored_dtype() if source is not None else None
+    dtype = save.save_dtype if save.save_dtype != "auto" else stored or "float32"
+    if save.max_shard_size is not None:
+        return Layout(dtype, parse_size(save.max_shard_size, "--max-shard-size"))
+    largest = source.largest_shard_bytes() if source is not None else None
+    if largest is None:
+        return Layout(dtype, ONE_FILE)
+    ratio = _itemsize(dtype) / _itemsize(stored or dtype)
+    return Layout(dtype, max(1, int(largest * ratio)))
+
+
+def _itemsize(dtype: str) -> int:
+    return {"float64": 8, "float32": 4}.get(dtype, 2)
+
+
 def save_model(model, tokenizer, directory: str | Path, *, source: str | Path | None = None,
-               max_shard_size: str | int = "5GB") -> None:
+               layout: Layout | None = None) -> None:
     """Write `model` (safetensors) and `tokenizer` into `directory`, plus `source`'s extra files.
 
     A PEFT-wrapped model is merged first, so the result loads with plain `from_pretrained`.
+    The weights are written in `layout`'s dtype and shard size (default: fp32, one file)
+    without changing `model` itself; config.json records the dtype written.
     """
+    import torch
+
+    layout = layout or Layout()
     directory = Path(directory)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    model.save_pretrained(directory, max_shard_size=max_shard_size)
+    dtype = getattr(torch, layout.dtype)
+    state_dict = None
+    if any(p.is_floating_point() and p.dtype != dtype for p in model.state_dict().values()):
+        converted: dict[tuple, torch.Tensor] = {}  # tied tensors stay one tensor
+
+        def convert(t: torch.Tensor) -> torch.Tensor:
+            if not t.is_floating_point():
+                return t
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
+                   tuple(t.stride()))
+            if key not in converted:
+                converted[key] = t.detach().to(dtype)
+            return converted[key]
+
+        state_dict = {k: convert(v) for k, v in model.state_dict().items()}
+    model.save_pretrained(directory, max_shard_size=layout.max_shard_size,
+                          state_dict=state_dict)
+    if state_dict is not None:  # transformers records the model's dtype, not the one written
+        config_file = directory / "config.json"
+        config = json.loads(config_file.read_text())
+        config["dtype"] = layout.dtype
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     if source is not None:

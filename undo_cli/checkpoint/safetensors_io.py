@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from undo_cli.errors import DataError, UsageError
+from undo_cli.options.base import parse_size  # noqa: F401 - re-exported
 
 if TYPE_CHECKING:
     import torch
@@ -93,28 +94,6 @@ def natural_key(name: str) -> tuple:
     """Sort key putting `layers.2` before `layers.10`."""
     parts = re.split(r"(\d+)", name)
     return tuple(int(p) if i % 2 else p for i, p in enumerate(parts))
-
-
-def parse_size(text: str | int) -> int:
-    """`"2GB"` -> 2_000_000_000, `"500MiB"` -> 524_288_000, `"1234"` -> 1234 (bytes)."""
-    if isinstance(text, int):
-        size = text
-    else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", text.upper())
-        if not m:
-            raise UsageError(f"cannot read size {text!r}: expected e.g. 2GB, 500MB, 1GiB or "
-                             "a number of bytes")
-        number, unit = float(m.group(1)), m.group(2)
-        unit = unit if unit.endswith("B") or not unit else unit + "B"
-        base = 1024 if "I" in unit else 1000
-        power = {"": 0, "B": 0, "KB": 1, "MB": 2, "GB": 3, "TB": 4,
-                 "KIB": 1, "MIB": 2, "GIB": 3, "TIB": 4}.get(unit)
-        if power is None:
-            raise UsageError(f"cannot read size {text!r}: unknown unit {unit}")
-        size = int(number * base**power)
-    if size < 1:
-        raise UsageError(f"size {text!r} must be positive")
-    return size
 
 
 @dataclass(frozen=True)

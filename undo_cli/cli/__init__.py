@@ -54,6 +54,11 @@ def _conventional_help() -> None:
 _conventional_help()
 
 
+def debug_enabled() -> bool:
+    """Whether this command runs with `undo --debug` (or UNDO_DEBUG=1)."""
+    return bool(_state["debug"])
+
+
 def _fail(message: str, code: int) -> None:
     typer.echo(f"error: {one_line(message)}", err=True)
     raise typer.Exit(code)

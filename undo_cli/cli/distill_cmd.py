@@ -17,15 +17,15 @@ from undo_cli.options import (
     LoadOptions,
     NoiseOptions,
     OutputOptions,
+    SaveOptions,
     TrainConfig,
 )
 
 
 @app.command("distill")
 @with_options("distill", train=TrainConfig, data_options=DataOptions, evals=EvalOptions,
-              distill=DistillOptions, noise=NoiseOptions, load=LoadOptions,
-              output=OutputOptions,
-              exclude=("sam_rho",))
+              distill=DistillOptions, noise=NoiseOptions, load=LoadOptions, save=SaveOptions,
+              output=OutputOptions, exclude=("sam_rho",))
 def distill_command(
     out: Path = typer.Argument(..., metavar="OUT", help="Output checkpoint directory."),
     teacher: Path = typer.Option(..., "--teacher", metavar="CKPT",
@@ -45,6 +45,7 @@ def distill_command(
     distill: DistillOptions,
     noise: NoiseOptions,
     load: LoadOptions,
+    save: SaveOptions,
     output: OutputOptions,
 ) -> None:
     """Distil a teacher into a noised copy or a fresh init (forward KL on outputs).
@@ -60,7 +61,7 @@ def distill_command(
     summary = run_stage(output, "distill", lambda callbacks: distill_checkpoint(
         teacher, student, out, data=list(data), options=distill, noise=noise, train=train,
         data_options=data_options, evals=evals, load=load, overwrite=output.overwrite,
-        callbacks=callbacks))
+        callbacks=callbacks, save=save))
     if summary is not None:
         kd = summary["kd_loss"]
         info(f"wrote {out}: {summary['steps']} steps, {summary['tokens']:,} tokens, "

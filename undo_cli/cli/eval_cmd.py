@@ -92,6 +92,42 @@ def render_table(results: list[dict[str, Any]]) -> None:
     console.print(table)
 
 
+def _samples_file(path: Path | None, checkpoints: list[Path]) -> Path | None:
+    """--log-samples FILE, checked before any work: not a directory, not inside a checkpoint
+    evaluated, its directory existing."""
+    if path is None:
+        return None
+    if path.is_dir():
+        raise UsageError(f"--log-samples {path} is a directory; give a file name (JSON Lines)")
+    if not path.parent.is_dir():
+        raise UsageError(f"--log-samples {path}: the directory {path.parent} does not exist")
+    for ckpt in checkpoints:
+        try:
+            path.resolve().relative_to(Path(ckpt).resolve())
+        except ValueError:
+            continue
+        raise UsageError(f"--log-samples {path} lies inside the checkpoint {ckpt}, which undo "
+                         "must not change: write it elsewhere")
+    return path
+
+
+def _write_samples(path: Path, records: list[dict[str, Any]]) -> None:
+    """The records as JSON Lines, written aside and renamed into place."""
+    import os
+
+    from undo_cli.jsontext import to_json
+
+    tmp = path.with_name(f".{path.name}.undo-tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(to_json(record) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    info(f"wrote {len(records):,} samples to {path}")
+
+
 @app.command("eval")
 @with_options("eval", load=LoadOptions, gates=GateOptions)
 def eval_command(
@@ -119,12 +155,34 @@ def eval_command(
     seed: int = typer.Option(0, "--seed", help="Seed of the --limit sample."),
     choice_format: str = typer.Option(
         "qa", "--choice-format",
-        help="Multiple-choice prompt: qa ('Question: Q\\nAnswer:' + ' CHOICE'), letters "
-        "(MMLU/WMDP style: lettered choices, scores ' A', ' B', ...) or raw."),
+        help="Multiple-choice prompt, each exactly lm-evaluation-harness's: qa ('Question: "
+        "Q\\nAnswer:' + ' CHOICE', its ARC layout), letters (its MMLU/WMDP layout: lettered "
+        "choices, scores ' A', ' B', ...) or raw (question and choice as given)."),
+    target_delimiter: str = typer.Option(
+        None, "--target-delimiter", metavar="TEXT",
+        help="Text between prompt and answer, or question and choice (lm-eval's "
+        "target_delimiter). Default: none for prompt/answer records (their text is prompt + "
+        "answer, as training reads it), ' ' for qa and letters, none for raw."),
+    until: list[str] = typer.Option(
+        [], "--until", metavar="TEXT",
+        help="Stop strings of greedy generation (repeatable; lm-eval's until): the answer is "
+        "cut at the first one. Default: a newline. \\n and \\t are read as newline and tab. "
+        "EOS always stops."),
+    log_samples: Path = typer.Option(
+        None, "--log-samples", metavar="FILE",
+        help="Write one JSON line per scored item to FILE (checkpoint, set, prompt, choices or "
+        "target, log-likelihoods or generated text, correct or not), as lm-eval's "
+        "--log_samples; lm-eval tasks' items as lm-eval records them."),
     lm_eval_tasks: str = typer.Option(
         None, "--lm-eval-tasks", metavar="TASKS",
-        help="Comma-separated lm-evaluation-harness tasks (e.g. wmdp_bio,mmlu), run when "
-        "lm_eval is installed; their scores are merged into the results."),
+        help="Comma-separated lm-evaluation-harness tasks (e.g. wmdp_bio,mmlu), or YAML files "
+        "of tasks, run when lm_eval is installed; their scores are merged into the results "
+        "(names checked before any model is loaded)."),
+    lm_eval_include_path: list[Path] = typer.Option(
+        [], "--lm-eval-include-path", metavar="DIR",
+        help="A directory of lm-eval task YAML files (repeatable), so that --lm-eval-tasks "
+        "finds your own tasks by name (lm-eval's --include_path); a task with a local data "
+        "set (dataset_path: json, data_files) needs no network."),
     device: str = typer.Option(None, help="cpu, cuda, cuda:1, ... (default: CUDA if any)."),
     reference: Path = typer.Option(
         None, "--reference", metavar="CKPT",
@@ -135,6 +193,7 @@ def eval_command(
     gates: GateOptions,
 ) -> None:
     """Evaluate checkpoints on data files: loss/perplexity, exact match, multiple choice."""
+    from undo_cli.cli import debug_enabled
     from undo_cli.evaluate import CHOICE_FORMATS, LM_EVAL_HINT
     from undo_cli.evaluation import evaluate_and_gate, lm_eval_available
     from undo_cli.gates import describe_gate, parse_gates, raise_failed_gates
@@ -156,6 +215,9 @@ def eval_command(
                          f"{', '.join(CHOICE_FORMATS)}")
     if tasks and not lm_eval_available():
         raise UsageError(LM_EVAL_HINT)
+    if lm_eval_include_path and not tasks:
+        raise UsageError("--lm-eval-include-path needs --lm-eval-tasks")
+    samples_file = _samples_file(log_samples, [*checkpoints, *([reference] if reference else [])])
     # Read and validate every data file (and every gate's names) before any model is loaded.
     sets = [read_eval_data(name, path, limit=limit, seed=seed) for name, path in specs]
 
@@ -163,11 +225,22 @@ def eval_command(
         extra = " (reference)" if reference is not None and ckpt == str(reference) else ""
         info(f"evaluating {ckpt}{extra}")
 
+    logged: list[dict[str, Any]] = []
+
+    def on_samples(ckpt: str, name: str, records: list) -> None:
+        logged.extend({"checkpoint": ckpt, "set": name, **r} for r in records)
+
     payload = evaluate_and_gate(
         checkpoints, sets, reference=reference, fail_if=gates.fail_if, tasks=tasks,
-        on_start=on_start, batch_size=batch_size, max_new_tokens=max_new_tokens,
-        max_length=max_length, choice_format=choice_format, device=device, limit=limit,
-        seed=seed, allow_pickle=load.allow_pickle, trust_remote_code=load.trust_remote_code)
+        include_path=lm_eval_include_path, on_start=on_start, batch_size=batch_size,
+        max_new_tokens=max_new_tokens, max_length=max_length, choice_format=choice_format,
+        device=device, limit=limit, seed=seed, allow_pickle=load.allow_pickle,
+        trust_remote_code=load.trust_remote_code, base_model=load.base_model,
+        until=until or None, target_delimiter=target_delimiter,
+        on_samples=on_samples if samples_file is not None else None,
+        quiet_lm_eval=not debug_enabled())
+    if samples_file is not None:
+        _write_samples(samples_file, logged)
     problem = payload.pop("error", None)
     listed = payload.get("reference", {}).pop("listed", True)
     if json_out:

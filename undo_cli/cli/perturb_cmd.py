@@ -24,6 +24,9 @@ PERTURB_HELP = (
     "\n\n"
     "Tensors are streamed one at a time, so memory stays near one tensor, not the model. "
     "dtype, sharding and tied weights are kept; the same seed gives byte-identical files."
+    "\n\n"
+    "A PEFT adapter as IN is merged into its base model in memory first (the base's dtype "
+    "and sharding are kept): the result equals perturbing the merged checkpoint."
 )
 
 
@@ -38,6 +41,10 @@ def perturb_command(
     max_shard_size: str = typer.Option(
         None, "--max-shard-size", metavar="SIZE", help="Re-shard the output into files of at "
         "most SIZE (e.g. 2GB, 500MB); default: shard like the input."),
+    base_model: Path = typer.Option(
+        None, "--base-model", metavar="DIR",
+        help="With an adapter as IN: its base model's local directory, instead of the hub "
+        "name its adapter_config.json gives."),
     allow_nonfinite: bool = typer.Option(
         False, "--allow-nonfinite", rich_help_panel=NOISE,
         help="Write NaN or infinite weights (copied from IN, or from noise that overflows a "
@@ -70,7 +77,8 @@ def perturb_command(
         summary = perturb_checkpoint(
             src, out, s.alpha, s.beta, seed, s.noise, include=s.include or None,
             exclude=s.exclude or None, max_shard_size=max_shard_size,
-            overwrite=output.overwrite, allow_nonfinite=allow_nonfinite, progress=progress)
+            overwrite=output.overwrite, allow_nonfinite=allow_nonfinite, progress=progress,
+            base_model=base_model)
     finally:
         display.close()
     if output.json:

@@ -11,7 +11,8 @@ import typer
 from undo_cli.cli import app
 from undo_cli.cli.common import emit_json, err_console, info, show_output
 from undo_cli.cli.options import with_options
-from undo_cli.options import LoadOptions, OutputOptions
+from undo_cli.errors import UsageError
+from undo_cli.options import LoadOptions, OutputOptions, check_number, check_seed
 
 
 def render(results: list[dict[str, Any]]) -> None:
@@ -65,6 +66,10 @@ def probe_command(
     from undo_cli.probe import probe_checkpoints
     from undo_cli.records import parse_named_specs, read_eval_data
 
+    check_seed("--seed", seed)
+    check_number("--train-share", train_share, above=0)
+    if not train_share < 1:
+        raise UsageError(f"--train-share must lie between 0 and 1 (got {train_share})")
     started = time.time()
     talk = show_output(output.quiet)
     sets = [read_eval_data(name, path) for name, path in parse_named_specs(data, "--data")]
@@ -74,7 +79,7 @@ def probe_command(
         check_output_path(out, inputs=list(checkpoints), overwrite=output.overwrite)
     results = probe_checkpoints(
         checkpoints, sets, seed=seed, train_share=train_share, allow_pickle=load.allow_pickle,
-        trust_remote_code=load.trust_remote_code, device=device,
+        trust_remote_code=load.trust_remote_code, base_model=load.base_model, device=device,
         on_start=(lambda c: info(f"probing {c}")) if talk else None)
     payload = {"results": results, "seed": seed, "train_share": train_share}
     if out is not None:

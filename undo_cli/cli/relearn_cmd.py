@@ -24,6 +24,7 @@ from undo_cli.options import (
     GateOptions,
     LoadOptions,
     OutputOptions,
+    SaveOptions,
     TrainConfig,
 )
 from undo_cli.records import parse_named_specs
@@ -187,7 +188,7 @@ _HELP = (
 @app.command("relearn-attack", help=_HELP)
 @with_options("relearn-attack", attack=AttackConfig, train=TrainConfig,
               data_options=DataOptions, evals=EvalOptions, measurement=AttackMeasurement,
-              gates=GateOptions, load=LoadOptions, output=OutputOptions,
+              gates=GateOptions, load=LoadOptions, save=SaveOptions, output=OutputOptions,
               exclude=("lr", "optimizer", "max_steps", "max_tokens", "max_flops", "save_every",
                        "state_dir", "resume", "keep_last_finite", "log_every", "sam_rho"))
 def relearn_command(
@@ -211,6 +212,7 @@ def relearn_command(
     measurement: AttackMeasurement,
     gates: GateOptions,
     load: LoadOptions,
+    save: SaveOptions,
     output: OutputOptions,
 ) -> None:
     """`undo relearn-attack CKPT --data F --eval NAME=PATH --out DIR` (see the help text)."""
@@ -252,7 +254,7 @@ def relearn_command(
                    "train": train.manifest(), "measurement": asdict(measurement),
                    "fail_if": list(gates.fail_if), "max_length": data_options.max_length,
                    "packing": data_options.packing, "out": str(out)},
-        progress=progress)
+        progress=progress, save=save)
     if not is_main_rank():
         return
     if output.json:

@@ -15,13 +15,14 @@ from undo_cli.options import (
     EvalOptions,
     LoadOptions,
     OutputOptions,
+    SaveOptions,
     TrainConfig,
 )
 
 
 @app.command("train")
 @with_options("train", train=TrainConfig, data_options=DataOptions, evals=EvalOptions,
-              load=LoadOptions, output=OutputOptions, exclude=("sam_rho",))
+              load=LoadOptions, save=SaveOptions, output=OutputOptions, exclude=("sam_rho",))
 def train_command(
     out: Path = typer.Argument(..., metavar="OUT", help="Output checkpoint directory."),
     init: str = typer.Option(
@@ -43,6 +44,7 @@ def train_command(
     data_options: DataOptions,
     evals: EvalOptions,
     load: LoadOptions,
+    save: SaveOptions,
     output: OutputOptions,
 ) -> None:
     """Train a language model on text or prompt/completion data.
@@ -56,7 +58,8 @@ def train_command(
 
     summary = run_stage(output, "train", lambda callbacks: train_checkpoint(
         out, init, list(data), train=train, data_options=data_options, evals=evals, load=load,
-        arch=arch, tokenizer=tokenizer, overwrite=output.overwrite, callbacks=callbacks))
+        arch=arch, tokenizer=tokenizer, overwrite=output.overwrite, callbacks=callbacks,
+        save=save))
     if summary is not None:
         loss = f", final loss {summary['loss']:.4g}" if summary["loss"] is not None else ""
         info(f"wrote {out}: {summary['steps']} steps, {summary['tokens']:,} tokens, "

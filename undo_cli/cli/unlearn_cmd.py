@@ -16,6 +16,7 @@ from undo_cli.options import (
     EvalOptions,
     LoadOptions,
     OutputOptions,
+    SaveOptions,
     TrainConfig,
     UnlearnOptions,
 )
@@ -66,7 +67,8 @@ def _method_help() -> str:
 @app.command("unlearn", cls=lazy_help(_help, options={"method": _method_help}),
              short_help=_SUMMARY)
 @with_options("unlearn", train=TrainConfig, data_options=DataOptions, evals=EvalOptions,
-              method_options=UnlearnOptions, load=LoadOptions, output=OutputOptions)
+              method_options=UnlearnOptions, load=LoadOptions, save=SaveOptions,
+              output=OutputOptions)
 def unlearn_command(
     src: Path = typer.Argument(..., metavar="IN", help="Input checkpoint directory."),
     out: Path = typer.Argument(..., metavar="OUT", help="Output checkpoint directory."),
@@ -87,6 +89,7 @@ def unlearn_command(
     evals: EvalOptions,
     method_options: UnlearnOptions,
     load: LoadOptions,
+    save: SaveOptions,
     output: OutputOptions,
 ) -> None:
     """`undo unlearn IN OUT --method NAME --forget F [--retain R]` (see the help text)."""
@@ -95,7 +98,7 @@ def unlearn_command(
     get_method(method)
     summary = run_stage(output, f"unlearn ({method})", lambda callbacks: unlearn_checkpoint(
         src, out, method, forget, retain, method_options, train, data_options=data_options,
-        evals=evals, load=load, overwrite=output.overwrite, callbacks=callbacks))
+        evals=evals, load=load, overwrite=output.overwrite, callbacks=callbacks, save=save))
     if summary is not None:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in summary["final"].items()
                           if k not in ("grad_norm", "tokens_per_s"))

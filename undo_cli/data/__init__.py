@@ -19,7 +19,10 @@ Every command that trains reads its examples through `build_stream`:
 - `{"prompt": ..., "completion": ...}` files (`answer` is accepted for `completion`): one
   example per row whatever `packing`, labels `IGNORE_INDEX` on prompt tokens; batches are
   padded to their longest example (right padding, labels `IGNORE_INDEX` and `attention_mask`
-  0 on padding).
+  0 on padding). Prompt and completion are tokenised as lm-evaluation-harness tokenises a
+  context and its continuation (`encode_pairs`): the prompt's trailing whitespace moves to
+  the completion and the whole text is tokenised once, so `"12 + 7 = "` + `"19"` trains
+  `" 19"`, the token a BPE tokenizer reads there, as scoring and generation see it.
 - Several files mix with weights (`--data a.jsonl:0.75 --data b.jsonl:0.25`): each example of
   the stream comes from file i with probability w_i / sum(w).
 
@@ -37,8 +40,8 @@ is all that resuming needs. Under several processes each process takes its own s
 global micro-batch (`shard`), so N processes with batch B see exactly the examples one
 process sees with batch N * B.
 
-`ensure_special_tokens`, `encode_text` (tokenisation in bounded pieces) and
-`encode_prompt_completion` are shared with evaluation.
+`ensure_special_tokens`, `encode_text` (tokenisation in bounded pieces), `split_pair`,
+`encode_pairs` and `encode_prompt_completion` are shared with evaluation.
 """
 
 from undo_cli.data.batches import (
@@ -58,16 +61,19 @@ from undo_cli.data.sources import (
     Item,
     TextSource,
     best_fit_rows,
+    encode_pairs,
     encode_prompt_completion,
     encode_text,
     ensure_special_tokens,
     load_source,
+    split_pair,
 )
 from undo_cli.losses import IGNORE_INDEX
 
 __all__ = [
     "IGNORE_INDEX", "TRAINABLE_SHAPES", "Batch", "BatchStream", "CompletionSource", "Item",
-    "TextSource", "best_fit_rows", "build_stream", "collate", "encode_prompt_completion",
-    "encode_text", "ensure_special_tokens", "fit_packing", "load_source", "model_inputs",
-    "packing_supported", "parse_data_specs", "unpack_documents",
+    "TextSource", "best_fit_rows", "build_stream", "collate", "encode_pairs",
+    "encode_prompt_completion", "encode_text", "ensure_special_tokens", "fit_packing",
+    "load_source", "model_inputs", "packing_supported", "parse_data_specs", "split_pair",
+    "unpack_documents",
 ]

@@ -8,6 +8,7 @@ import contextlib
 import logging
 import zlib
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,21 +40,52 @@ def ensure_special_tokens(tokenizer) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
+def split_pair(context: str, continuation: str) -> tuple[str, str]:
+    """lm-evaluation-harness's convention: whitespace that ends the context moves to the start
+    of the continuation (`"12 + 7 = "`, `"19"` -> `"12 + 7 ="`, `" 19"`), so that a BPE
+    tokenizer reads the continuation as the word it is (`" 19"` is one token, `"19"` after a
+    lone space another) and the context never ends in a stray whitespace token."""
+    stripped = context.rstrip()
+    return stripped, context[len(stripped):] + continuation
+
+
+def encode_pairs(tokenizer, contexts: Sequence[str], continuations: Sequence[str]
+                 ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`(context ids, continuation ids)` of each pair, as lm-evaluation-harness's
+    `_encode_pair` makes them: whitespace moved (`split_pair`), then the whole text
+    `context + continuation` tokenised once and cut after the context's own tokens. The
+    context gets the tokenizer's special prefix (e.g. BOS), the continuation none. For a
+    tokenizer that splits text at every character this equals encoding the two apart."""
+    pairs = [split_pair(c, k) for c, k in zip(contexts, continuations, strict=True)]
+    affixes = _special_affixes(tokenizer)
+    plain_contexts = _encode(tokenizer, [c for c, _ in pairs], special=False)
+    wholes = _encode(tokenizer, [c + k for c, k in pairs], special=affixes is None)
+    out = []
+    for (context, _), plain, whole in zip(pairs, plain_contexts, wholes):
+        if affixes is None:  # special tokens we cannot place: encode with them, as lm-eval
+            ctx = np.asarray(encode_text(tokenizer, context, special=True), dtype=np.int64)
+        else:
+            ctx = np.concatenate([np.asarray(affixes[0], dtype=np.int64), plain])
+            whole = np.concatenate([np.asarray(affixes[0], dtype=np.int64), whole])
+        out.append((ctx, whole[len(ctx):]))
+    return out
+
+
 def encode_prompt_completion(tokenizer, prompt: str, completion: str, *,
                              add_eos: bool = True) -> tuple[list[int], list[int]]:
     """Token ids of `prompt + completion` and labels with the prompt masked out.
 
-    The prompt is encoded with the tokenizer's special tokens (e.g. BOS), the completion
-    without; EOS is appended to the completion when `add_eos`. Labels are `IGNORE_INDEX` on
-    prompt tokens and equal to the ids on completion tokens (the causal shift happens in the
-    loss).
+    Tokenised as `encode_pairs` does (lm-eval's convention: the prompt's trailing whitespace
+    belongs to the completion; the prompt gets the tokenizer's special prefix such as BOS);
+    EOS is appended to the completion when `add_eos`. Labels are `IGNORE_INDEX` on prompt
+    tokens and equal to the ids on completion tokens (the causal shift happens in the loss).
     """
-    prompt_ids = encode_text(tokenizer, prompt, special=True)
-    completion_ids = encode_text(tokenizer, completion, special=False)
+    [(prompt_ids, completion_ids)] = encode_pairs(tokenizer, [prompt], [completion])
+    completion_ids = completion_ids.tolist()
     if add_eos and tokenizer.eos_token_id is not None:
         completion_ids = completion_ids + [tokenizer.eos_token_id]
-    ids = list(prompt_ids) + list(completion_ids)
-    labels = [IGNORE_INDEX] * len(prompt_ids) + list(completion_ids)
+    ids = prompt_ids.tolist() + completion_ids
+    labels = [IGNORE_INDEX] * len(prompt_ids) + completion_ids
     return ids, labels
 
 
@@ -360,10 +392,8 @@ def load_source(tokenizer, path: str | Path, *, max_length: int, weight: float =
         return TextSource(str(path), weight, docs, max_length, seed, index, packing)
     prompts = [text_field(r, "prompt") for r in records]
     completions = [completion_of(r) for r in records]
-    prompt_ids = _encode(tokenizer, prompts, special=True)
-    completion_ids = _encode(tokenizer, completions, special=False)
     all_ids, all_labels = [], []
-    for rec, p, c in zip(records, prompt_ids, completion_ids, strict=True):
+    for rec, (p, c) in zip(records, encode_pairs(tokenizer, prompts, completions), strict=True):
         c = np.append(c, np.int64(eos))
         n = len(p) + len(c)
         if n > max_length:

@@ -18,7 +18,8 @@ relearning attack), `defaults.py` (per-command defaults and help).
 Groups: `TrainConfig` (the engine: optimizer, schedule, budgets, state), `DataOptions` (how
 training data becomes rows), `EvalOptions` (the evaluation every command that measures
 shares), `NoiseOptions` (perturb, and distill's in-memory noise), `GateOptions`,
-`LoadOptions`, `OutputOptions`, and one group per command (`UnlearnOptions`,
+`LoadOptions`, `OutputOptions`, `SaveOptions` (dtype and shards of a written model),
+`RunOptions` (threads), and one group per command (`UnlearnOptions`,
 `DistillOptions`, `AttackConfig` with `AttackMeasurement`).
 """
 
@@ -50,6 +51,7 @@ from undo_cli.options.base import (
     check_seed,
     flag_of,
     option,
+    parse_size,
 )
 from undo_cli.options.defaults import (
     COMMAND_DEFAULTS,
@@ -59,11 +61,13 @@ from undo_cli.options.defaults import (
     TRAIN_STEPS,
 )
 from undo_cli.options.groups import (
+    DEFAULT_MAX_LENGTH,
     DEFAULT_PACKING,
     NOISES,
     OPTIMIZERS,
     PACKING_MODES,
     RESUME_KEYS,
+    SAVE_DTYPES,
     SCHEDULES,
     DataOptions,
     DistillOptions,
@@ -72,18 +76,20 @@ from undo_cli.options.groups import (
     LoadOptions,
     NoiseOptions,
     OutputOptions,
+    RunOptions,
+    SaveOptions,
     TrainConfig,
     UnlearnOptions,
 )
 
 __all__ = [
     "ATTACK", "ATTACK_EVAL_EVERY", "ATTACK_SCHEDULES", "COMMAND_DEFAULTS", "COMMAND_HELP", "DATA",
-    "DEFAULT_LRS", "DEFAULT_PACKING", "DISTILLATION", "DISTILL_EVAL_EVERY",
+    "DEFAULT_LRS", "DEFAULT_MAX_LENGTH", "DEFAULT_PACKING", "DISTILLATION", "DISTILL_EVAL_EVERY",
     "DISTILL_STOP_WHEN_CAP", "EVALUATION", "IN_OUT", "MEASUREMENT", "METHOD", "NOISE", "NOISES",
-    "OPTIMIZERS", "PACKING_MODES", "PAPER_LRS", "RESUME_KEYS", "SCHEDULES", "SEARCH_BATCH_SIZES",
-    "SEARCH_LORA_RANKS", "SEED_MAX", "TRAINING",
+    "OPTIMIZERS", "PACKING_MODES", "PAPER_LRS", "RESUME_KEYS", "SAVE_DTYPES", "SCHEDULES",
+    "SEARCH_BATCH_SIZES", "SEARCH_LORA_RANKS", "SEED_MAX", "TRAINING",
     "TRAIN_STEPS", "AttackConfig", "AttackMeasurement", "DataOptions", "DistillOptions",
-    "EvalOptions", "GateOptions", "LoadOptions", "NoiseOptions", "OutputOptions", "RunSpec",
-    "TrainConfig", "UnlearnOptions", "check", "check_number", "check_seed", "flag_of", "option",
-    "parse_lrs",
+    "EvalOptions", "GateOptions", "LoadOptions", "NoiseOptions", "OutputOptions", "RunOptions",
+    "RunSpec", "SaveOptions", "TrainConfig", "UnlearnOptions", "check", "check_number",
+    "check_seed", "flag_of", "option", "parse_lrs", "parse_size",
 ]

@@ -291,3 +291,8 @@ class AttackMeasurement:
     save_models: bool = option(False, "Keep every attacked model under RESULTS_DIR/models "
                                "(LoRA runs as adapters on CKPT).", panel=IN_OUT)
     no_plot: bool = option(False, "Do not draw relearn.png.", panel=IN_OUT)
+    log_samples: bool = option(False, "Write RESULTS_DIR/samples.jsonl: one line per evaluated "
+                               "item of the unattacked model and of each finetuning run's last "
+                               "evaluation (prompt, choices or target, log-likelihoods or "
+                               "generated text, correct or not), as lm-evaluation-harness's "
+                               "--log_samples.", panel=IN_OUT)

@@ -4,6 +4,7 @@ accepted values), `flag_of`, and `check` (parse-time validation naming the flag)
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import field, fields
 from typing import Any
 
@@ -66,6 +67,30 @@ def check_number(flag: str, value: Any, *, minimum: float | None = None,
         raise UsageError(f"{flag} must be greater than {above:g} (got {value:g})")
     if maximum is not None and value > maximum:
         raise UsageError(f"{flag} must be at most {maximum:g} (got {value:g})")
+
+
+def parse_size(text: str | int, flag: str | None = None) -> int:
+    """`"2GB"` -> 2_000_000_000, `"500MiB"` -> 524_288_000, `"1234"` -> 1234 (bytes);
+    `UsageError` (naming `flag` if given) for anything else or a size below one byte."""
+    where = f"{flag} " if flag else ""
+    if isinstance(text, int):
+        size = text
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", text.upper())
+        if not m:
+            raise UsageError(f"{where}cannot read size {text!r}: expected e.g. 2GB, 500MB, "
+                             "1GiB or a number of bytes")
+        number, unit = float(m.group(1)), m.group(2)
+        unit = unit if unit.endswith("B") or not unit else unit + "B"
+        base = 1024 if "I" in unit else 1000
+        power = {"": 0, "B": 0, "KB": 1, "MB": 2, "GB": 3, "TB": 4,
+                 "KIB": 1, "MIB": 2, "GIB": 3, "TIB": 4}.get(unit)
+        if power is None:
+            raise UsageError(f"{where}cannot read size {text!r}: unknown unit {unit}")
+        size = int(number * base**power)
+    if size < 1:
+        raise UsageError(f"{where}size {text!r} must be positive")
+    return size
 
 
 def check_seed(flag: str, value: int) -> None:

@@ -19,12 +19,15 @@ from undo_cli.options.base import (
     TRAINING,
     check,
     option,
+    parse_size,
 )
 
 SCHEDULES = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adamw", "adam", "sgd", "sgd-nesterov", "adagrad")
 PACKING_MODES = ("documents", "concat", "none")
 DEFAULT_PACKING = "documents"
+DEFAULT_MAX_LENGTH = 256  # --max-length unless the model's maximum is smaller
+SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 NOISES = ("xavier-uniform", "xavier-normal")  # the noise step's distributions (undo_cli.perturb)
 
 
@@ -125,9 +128,11 @@ RESUME_KEYS = ("optimizer", "lr", "min_lr", "schedule", "warmup_steps", "weight_
 class DataOptions:
     """How training data becomes rows (`undo_cli.data`)."""
 
-    max_length: int = option(256, "Row length in tokens: text is packed into rows of this "
-                             "many tokens; the longest prompt + completion allowed.",
-                             panel=DATA, minimum=2)
+    max_length: int | None = option(None, "Row length in tokens: text is packed into rows of "
+                                    "this many tokens; the longest prompt + completion "
+                                    f"allowed. Default: {DEFAULT_MAX_LENGTH}, or the model's "
+                                    "maximum length if that is smaller.", panel=DATA,
+                                    minimum=2)
     packing: str = option("documents", "How {\"text\"} records fill --max-length rows: "
                           "documents (whole documents share a row, each attending only to "
                           "itself, positions restarting: what evaluation sees), concat (a "
@@ -148,6 +153,11 @@ class EvalOptions:
                                          "automatic).", panel=EVALUATION, minimum=1)
     max_new_tokens: int = option(32, "Greedy tokens generated per prompt when measuring "
                                  "accuracy.", panel=EVALUATION, minimum=1)
+    until: list[str] = option(help="Stop strings of greedy generation (repeatable; "
+                              "lm-evaluation-harness's until): the answer is cut at the first "
+                              "one. Default: a newline. \\n and \\t are read as newline and "
+                              "tab. EOS always stops.", metavar="TEXT", panel=EVALUATION,
+                              factory=list)
 
 
 @dataclass
@@ -156,6 +166,41 @@ class LoadOptions:
 
     allow_pickle: bool = option(False, "Allow loading pickled (.bin) weights.", panel=IN_OUT)
     trust_remote_code: bool = option(False, "Allow a checkpoint's custom code.", panel=IN_OUT)
+    base_model: Path | None = option(None, "The base model of a PEFT adapter input: a local "
+                                     "checkpoint directory, used instead of the hub name its "
+                                     "adapter_config.json gives (as lm-eval's "
+                                     "pretrained=BASE,peft=ADAPTER).", metavar="DIR",
+                                     panel=IN_OUT)
+
+
+@dataclass
+class SaveOptions:
+    """How a command that writes a model stores its weights."""
+
+    save_dtype: str = option("auto", "dtype of the written weights: auto (the input "
+                             "checkpoint's: a bf16 model stays bf16; float32 for a new model), "
+                             "float32, bfloat16 or float16. Training itself runs in fp32 on "
+                             "CPU.", panel=IN_OUT, choices=SAVE_DTYPES)
+    max_shard_size: str | None = option(None, "Split the written weights into files of at most "
+                                        "SIZE (e.g. 2GB, 500MB). Default: shard like the input "
+                                        "checkpoint (one file for a new model).",
+                                        metavar="SIZE", panel=IN_OUT)
+
+    def validate(self) -> None:
+        check(self)
+        if self.max_shard_size is not None:
+            parse_size(self.max_shard_size, "--max-shard-size")
+
+
+@dataclass
+class RunOptions:
+    """How a command uses the machine."""
+
+    threads: int | None = option(None, "CPU threads of this command (torch's intra-op "
+                                 "threads; perturb's worker threads). Default: the cores this "
+                                 "process may use (CPU affinity and cgroup quota), at most 8. "
+                                 "Give 1 per process when several run side by side.",
+                                 panel=IN_OUT, minimum=1, maximum=1024)
 
 
 @dataclass

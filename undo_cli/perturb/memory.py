@@ -130,3 +130,68 @@ def perturb_model_(model, alpha: float, beta: float, seed: int = 0,
             done.add(id(new[name]))
             tensor.copy_(new[name])
     return model
+
+
+def perturb_adapter(info, dst, options: PerturbOptions, *, shard_bytes: int | None,
+                    overwrite: bool, threads: int | None, allow_nonfinite: bool,
+                    arguments: dict, progress=None) -> dict:
+    """`undo perturb` of a PEFT adapter (`info`, its `CheckpointInfo`): the adapter merged into
+    its base in memory, cast to the base's dtype, noised as `perturb_checkpoint` would noise
+    that merged checkpoint, and written in the base's dtype and sharding (or `shard_bytes`).
+    Returns the counts of the summary."""
+    import torch
+
+    from undo_cli.checkpoint import (
+        Layout,
+        atomic_output,
+        build_manifest,
+        load_model,
+        load_tokenizer,
+        save_layout,
+        save_model,
+        write_manifest,
+    )
+    from undo_cli.errors import UsageError
+
+    base = info.base.path
+    layout = save_layout(None, info)
+    if shard_bytes is not None:
+        layout = Layout(layout.dtype, shard_bytes)
+    model = load_model(info.path, base_model=base)  # merged in fp32, then rounded once
+    model.to(getattr(torch, layout.dtype))
+    tokenizer = load_tokenizer(info.path, base_model=base)
+    state = model.state_dict()
+    counts = {"noised": 0, "shrunk": 0, "copied": 0, "tied_copies": 0,
+              "parameters_noised": 0, "parameters_shrunk": 0}
+    seen: set[tuple] = set()
+    for name, t in state.items():
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if ident in seen:
+            counts["tied_copies"] += 1
+            continue
+        seen.add(ident)
+        action = tensor_action(name, tuple(t.shape), t.is_floating_point(), options)
+        key = {"noise": "noised", "shrink": "shrunk"}.get(action, "copied")
+        counts[key] += 1
+        if action != "copy":
+            counts[f"parameters_{key}"] += t.numel()
+    perturb_model_(model, options.alpha, options.beta, options.seed, options.noise,
+                   include=[p.pattern for p in options.include] or None,
+                   exclude=[p.pattern for p in options.exclude] or None, threads=threads)
+    if not allow_nonfinite:
+        for name, t in state.items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise UsageError(f"{info.path}: tensor {name!r} of the merged model would be "
+                                 "written with NaN or infinite values: lower --beta, or pass "
+                                 "--allow-nonfinite to write them anyway")
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    with atomic_output(dst, inputs=[info.path, base], overwrite=overwrite) as tmp:
+        save_model(model, tokenizer, tmp, source=info.path, layout=layout)
+        write_manifest(tmp, build_manifest(
+            "perturb", arguments=arguments, parents={"input": info.path, "input_base": base},
+            seed=options.seed, extra={"perturb": counts,
+                                      "merged_adapter": {"adapter": str(info.path),
+                                                         "base": str(base)}}))
+        if progress is not None:
+            progress(total)
+    return {**counts, "bytes_written": total}

@@ -320,8 +320,13 @@ def perturb_checkpoint(src: str | Path, dst: str | Path, alpha: float, beta: flo
                        exclude: str | Iterable[str] | None = None,
                        max_shard_size: int | str | None = None, overwrite: bool = False,
                        threads: int | None = None, allow_nonfinite: bool = False,
-                       progress: Callable[[int, int], None] | None = None) -> dict:
+                       progress: Callable[[int, int], None] | None = None,
+                       base_model: str | Path | None = None) -> dict:
     """Write a noised copy of checkpoint `src` to `dst` (streamed; see the module docstring).
+
+    A PEFT adapter `src` is merged into its base (`base_model`, else the one its
+    adapter_config.json names) in memory first (`undo_cli.perturb.memory.perturb_adapter`,
+    which needs torch); the values are those of `undo perturb` on the merged checkpoint.
 
     The output is sharded like the input, or by `max_shard_size` ("2GB", bytes); it is
     written atomically (nothing at `dst` unless everything succeeded) with the input's
@@ -344,10 +349,11 @@ def perturb_checkpoint(src: str | Path, dst: str | Path, alpha: float, beta: flo
     shard_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
     thread_count(threads)
     src, dst = Path(src), Path(dst)
-    info = inspect_checkpoint(src, allow_pickle=True)
+    info = inspect_checkpoint(src, allow_pickle=True, base_model=base_model)
     if info.kind == "adapter":
-        raise UsageError(f"{src} is a PEFT adapter; merge it into its base model first "
-                         "(undo perturb works on full checkpoints)")
+        return _perturb_adapter(info, dst, options, shard_bytes=shard_bytes, overwrite=overwrite,
+                                threads=threads, allow_nonfinite=allow_nonfinite,
+                                progress=progress, max_shard_size=max_shard_size, start=start)
     if info.pickled:
         raise UsageError(f"{src} holds only pickled weights ({info.weight_files[0].name}); "
                          "undo perturb streams safetensors checkpoints only")
@@ -387,4 +393,31 @@ def perturb_checkpoint(src: str | Path, dst: str | Path, alpha: float, beta: flo
             "beta": options.beta, "seed": seed, "noise": noise, "files": files,
             "bytes_written": total, **counts,
             "tied_weights": dict(plan.ties),
+            "wall_time_s": round(time.time() - start, 3)}
+
+
+def _perturb_adapter(info, dst: Path, options: PerturbOptions, *, shard_bytes: int | None,
+                     overwrite: bool, threads: int | None, allow_nonfinite: bool,
+                     progress: Callable[[int, int], None] | None,
+                     max_shard_size: int | str | None, start: float) -> dict:
+    from undo_cli.checkpoint import check_output_path
+    from undo_cli.perturb.memory import perturb_adapter
+
+    if info.pickled or info.base.pickled:
+        raise UsageError(f"{info.path}: undo perturb reads safetensors only (the adapter or "
+                         "its base is pickled)")
+    check_output_path(dst, inputs=[info.path, info.base.path], overwrite=overwrite)
+    arguments = {"input": str(info.path), "output": str(dst), "alpha": options.alpha,
+                 "beta": options.beta, "seed": options.seed, "noise": options.noise,
+                 "include": [p.pattern for p in options.include],
+                 "exclude": [p.pattern for p in options.exclude],
+                 "max_shard_size": max_shard_size, "base_model": str(info.base.path)}
+    counts = perturb_adapter(
+        info, dst, options, shard_bytes=shard_bytes, overwrite=overwrite, threads=threads,
+        allow_nonfinite=allow_nonfinite, arguments=arguments,
+        progress=(lambda total: progress(total, total)) if progress is not None else None)
+    return {"input": str(info.path), "output": str(dst), "alpha": options.alpha,
+            "beta": options.beta, "seed": options.seed, "noise": options.noise,
+            "files": sorted(p.name for p in Path(dst).glob("*.safetensors")), **counts,
+            "merged_adapter": str(info.base.path),
             "wall_time_s": round(time.time() - start, 3)}

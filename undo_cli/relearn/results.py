@@ -32,6 +32,7 @@ from undo_cli.options import (
     EvalOptions,
     GateOptions,
     LoadOptions,
+    SaveOptions,
 )
 from undo_cli.records import (
     EvalData,
@@ -51,6 +52,7 @@ from undo_cli.relearn.worst_case import final_metrics, metric_direction, resolve
 
 RESULTS_NAME = "results.json"
 PLOT_NAME = "relearn.png"
+SAMPLES_NAME = "samples.jsonl"
 COMPARE_PLOT_NAME = "compare.png"
 COMPARE_NAME = "compare.json"
 MODELS_DIR = "models"
@@ -136,6 +138,7 @@ def relearn_checkpoint(
     raise_on_gate: bool = True,
     arguments: dict[str, Any] | None = None,
     progress: AttackProgress | None = None,
+    save: SaveOptions | None = None,
 ) -> dict[str, Any]:
     """Attack checkpoint `checkpoint` and write `out/results.json`, `out/undo.json` and (with
     matplotlib) `out/relearn.png`, atomically; returns the results.
@@ -143,9 +146,11 @@ def relearn_checkpoint(
     Everything is validated before the model is loaded: the settings, the output path, the
     data and eval files, the forget metric (against the metrics the eval sets produce) and
     the `--fail-if` expressions. With `measurement.save_models`, every attacked model is
-    written to `out/models/lr<LR>-seed<SEED>[-q<BITS>]` (a LoRA run as an adapter directory on
-    top of `checkpoint`). A gate that holds raises `GateFailed` (exit 3) after writing (with
-    `raise_on_gate`; else see `results["gates"]` and `raise_failed_gates`).
+    written to `out/models/CONFIG-seed<SEED>[-q<BITS>]` with an `undo.json` of its own (a LoRA
+    run as an adapter directory on top of `checkpoint`; a full model in `checkpoint`'s dtype
+    and sharding unless `save` says otherwise). A gate that holds raises `GateFailed` (exit 3)
+    after writing (with `raise_on_gate`; else see `results["gates"]` and
+    `raise_failed_gates`).
     """
     import logging
 
@@ -156,6 +161,7 @@ def relearn_checkpoint(
         fingerprint,
         load_model,
         load_tokenizer,
+        save_layout,
     )
     from undo_cli.engine import (
         fsdp_requested,
@@ -170,6 +176,8 @@ def relearn_checkpoint(
     log = logging.getLogger(__name__)
     data_options, measurement = data_options or DataOptions(), measurement or AttackMeasurement()
     gates_given, load = gates or GateOptions(), load or LoadOptions()
+    save = save or SaveOptions()
+    save.validate()
     if fsdp_requested():
         raise UsageError("relearn-attack runs data-parallel (DDP) only, not under FSDP: launch "
                          "it with examples/accelerate/ddp.yaml")
@@ -186,10 +194,10 @@ def relearn_checkpoint(
     info = stage.check_inputs(
         out, [checkpoint], load, overwrite=overwrite,
         reads=[*stage.data_paths("--data", data), *stage.eval_paths(evals)])[0]
-    if config.finetune:
-        stage.check_length(data_options.max_length, info.config)
+    data_options = stage.fit_length(data_options, info.config)
 
-    tokenizer = load_tokenizer(checkpoint, trust_remote_code=load.trust_remote_code)
+    tokenizer = load_tokenizer(checkpoint, trust_remote_code=load.trust_remote_code,
+                               base_model=load.base_model)
     raw = [read_eval_data(name, path, limit=measurement.eval_limit, seed=config.train.seed)
            for name, path in eval_specs]
     sets = [tokenize_eval_data(d, tokenizer) for d in raw]
@@ -221,7 +229,8 @@ def relearn_checkpoint(
             plot = False
 
     model = load_model(checkpoint, device=training_device(config.train.device),
-                       allow_pickle=load.allow_pickle, trust_remote_code=load.trust_remote_code)
+                       allow_pickle=load.allow_pickle, trust_remote_code=load.trust_remote_code,
+                       base_model=load.base_model)
     digest = fingerprint(checkpoint)
     # Under a multi-process launch every process trains on its share of each run's batches
     # and evaluates its share of the requests (all get every metric); only the main one writes.
@@ -230,15 +239,22 @@ def relearn_checkpoint(
     with output or contextlib.nullcontext() as tmp:
         saver = None
         if measurement.save_models and main:
-            saver = _model_saver(Path(tmp) / MODELS_DIR, tokenizer, checkpoint)
+            saver = _model_saver(
+                Path(tmp) / MODELS_DIR, tokenizer, checkpoint, layout=save_layout(save, info),
+                base_manifest=build_manifest(
+                    STAGE, arguments=arguments or {"checkpoint": checkpoint, "data": list(data)},
+                    parents=stage.with_bases({"input": checkpoint}, [info]),
+                    seed=config.train.seed, extra={"saved_model": True}))
         core = run_attack(
             model, tokenizer, sets, config, forget_metric=forget_metric,
             make_stream=make_stream, threshold=measurement.threshold, evals=evals,
             progress=progress, on_model=saver, static_attacks=static_attacks,
             retain_rule=(retain_metric, measurement.max_retain_drop)
             if measurement.max_retain_drop is not None else None,
-            study_name=f"undo-relearn-{digest.split(':')[-1][:16]}")
+            study_name=f"undo-relearn-{digest.split(':')[-1][:16]}",
+            log_samples=measurement.log_samples)
         lora_rank = core.pop("lora_rank")
+        logged = core.pop("_samples", None)
         results = {
             "schema_version": SCHEMA_VERSION,
             "checkpoint": str(checkpoint),
@@ -252,13 +268,15 @@ def relearn_checkpoint(
         }
         if gate_list:
             results["gates"] = jsonable(check_gates(gate_list, gate_values(results)))
+        if main and logged is not None:
+            write_samples(Path(tmp) / SAMPLES_NAME, logged)
         if main:
             _write_outputs(Path(tmp), results, plot=plot, manifest=build_manifest(
                 STAGE, arguments=arguments or {"checkpoint": checkpoint, "data": list(data),
                                                "eval": [list(e) for e in eval_specs],
                                                "attack": results["attack"]},
-                parents={"input": checkpoint}, seed=config.train.seed,
-                wall_time_s=time.time() - started,
+                parents=stage.with_bases({"input": checkpoint}, [info]),
+                seed=config.train.seed, wall_time_s=time.time() - started,
                 compute={**results["compute"], "runs": len(results["runs"]),
                          "processes": world_size()},
                 metrics={"forget_metric": forget_metric, **results["summary"],
@@ -318,9 +336,12 @@ def gate_values(results: dict[str, Any]) -> dict[str, float]:
     return attack_gate_values(worst, results["initial"], results["summary"])
 
 
-def _model_saver(root: Path, tokenizer, checkpoint: str | Path) -> ModelHook:
-    """An `on_model` hook writing each attacked model under `root`."""
-    from undo_cli.checkpoint import save_model
+def _model_saver(root: Path, tokenizer, checkpoint: str | Path, *, layout=None,
+                 base_manifest: dict[str, Any] | None = None) -> ModelHook:
+    """An `on_model` hook writing each attacked model under `root`, with an `undo.json` of
+    its own (`base_manifest` plus the run: configuration, seed, steps, compute, final
+    metrics); full models in `layout`'s dtype and shards."""
+    from undo_cli.checkpoint import save_model, write_manifest
 
     def save(run: dict[str, Any], model: torch.nn.Module) -> None:
         name = re.sub(r"[^A-Za-z0-9.=-]+", "-", run.get("config") or "original").strip("-")
@@ -336,10 +357,27 @@ def _model_saver(root: Path, tokenizer, checkpoint: str | Path) -> ModelHook:
             model.save_pretrained(target)
             tokenizer.save_pretrained(target)
         else:
-            save_model(model, tokenizer, target, source=checkpoint)
+            save_model(model, tokenizer, target, source=checkpoint, layout=layout)
+        if base_manifest is not None:
+            described = {k: v for k, v in run.items() if not k.startswith("_")
+                         and k not in ("curve", "saved_as")}
+            last = run["curve"][-1] if run.get("curve") else {}
+            write_manifest(target, {
+                **base_manifest,
+                "seed": run.get("seed"),
+                "compute": {"tokens": run.get("tokens", 0), "flops": run.get("flops", 0.0)},
+                "metrics": {k: v for k, v in last.items() if k != "step"},
+                "relearn_run": jsonable(described)})
         run["saved_as"] = str(Path(MODELS_DIR) / name)
 
     return save
+
+
+def write_samples(path: Path, records: Sequence[dict[str, Any]]) -> None:
+    """`--log-samples`: one strict-JSON line per record."""
+    with open(path, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(to_json(record) + "\n")
 
 
 def _write_outputs(directory: Path, results: dict[str, Any], *, plot: bool,

@@ -115,7 +115,8 @@ def run_attack(model: torch.nn.Module, tokenizer, eval_sets: Sequence[Any],
                progress: AttackProgress | None = None, on_model: ModelHook | None = None,
                static_attacks: Sequence[StaticAttack] = (),
                retain_rule: tuple[str, float] | None = None,
-               study_name: str = "undo-relearn-attack") -> dict[str, Any]:
+               study_name: str = "undo-relearn-attack",
+               log_samples: bool = False) -> dict[str, Any]:
     """Run the attack on `model` (kept unchanged) and return the results
     (docs/relearn-results.md) without `checkpoint`, `fingerprint`, `eval` and `attack`, which
     the caller adds. `eval_sets` are measured with `evals`' batch size and generation length.
@@ -127,7 +128,9 @@ def run_attack(model: torch.nn.Module, tokenizer, eval_sets: Sequence[Any],
     `retain_rule = (retain_metric, max_drop)` excludes the evaluations where the attacked model
     lost more than `max_drop` of its retain metric. `on_model(run, model)` sees every attacked
     model before it is dropped (a LoRA run's model is the peft model, its adapter unmerged); it
-    must not change the model.
+    must not change the model. With `log_samples` the result holds `_samples`: one record per
+    evaluated item of the unattacked model and of each finetuning run's last evaluation (its
+    configuration, seed, step and set; `--log-samples`).
     """
     from undo_cli.stage import Measure
 
@@ -137,11 +140,12 @@ def run_attack(model: torch.nn.Module, tokenizer, eval_sets: Sequence[Any],
     direction = metric_direction(forget_metric)
     progress = progress or AttackProgress()
     started = time.perf_counter()
-    measure = Measure(tokenizer, eval_sets, evals or EvalOptions())
+    measure = Measure(tokenizer, eval_sets, evals or EvalOptions(), log_samples=log_samples)
     was_training = model.training
     model.eval()
     initial = measure(model)
     initial_items = measure.items
+    initial_samples = (0, measure.samples)
     if forget_metric not in initial:
         raise UsageError(f"--forget-metric {forget_metric!r} is not among the measured "
                          f"metrics: {', '.join(attackable_metrics(list(initial))) or 'none'}")
@@ -211,6 +215,12 @@ def run_attack(model: torch.nn.Module, tokenizer, eval_sets: Sequence[Any],
                         "band": {k: band[k] for k in ("method", "samples", "level")}})
     for run in runs:
         run.pop("_items", None)
+    logged = (_sample_log({"config": "initial", "seed": None}, initial_samples)
+              if log_samples else [])
+    for run in runs:
+        if run.get("_samples") is not None:
+            logged += _sample_log(run, run["_samples"])
+        run.pop("_samples", None)
     return jsonable({
         "schema_version": SCHEMA_VERSION,
         "forget_metric": forget_metric,
@@ -227,7 +237,19 @@ def run_attack(model: torch.nn.Module, tokenizer, eval_sets: Sequence[Any],
         "compute": {"tokens": sum(r.get("tokens", 0) for r in runs),
                     "flops": sum(r.get("flops", 0.0) for r in runs)},
         "lora_rank": lora_rank,
+        **({"_samples": logged} if log_samples else {}),
     })
+
+
+def _sample_log(run: dict[str, Any], samples: tuple[int, dict[str, list]]) -> list[dict]:
+    """The `--log-samples` records of one evaluation: each item's record with the run's
+    configuration, seed, step and set."""
+    step, per_set = samples
+    head = {"config": run.get("config"), "seed": run.get("seed"), "step": step}
+    if run.get("quantize"):
+        head["quantized"] = True
+    return [{**head, "set": name, **record} for name, records in per_set.items()
+            for record in records]
 
 
 def _band(runs: list[dict[str, Any]], worst: list[dict[str, Any]], metric: str,
@@ -311,6 +333,7 @@ def _finetune_run(original: torch.nn.Module, spec: RunSpec, config: AttackConfig
     recorded: dict[int, dict[str, float]] = {}
     items: dict[int, dict[str, Any]] = {0: initial_items}
     broken: list[int] = []
+    last_samples: list[tuple[int, dict]] = []
 
     def evaluate(m, step: int) -> dict[str, float]:
         nonlocal eval_time
@@ -327,6 +350,8 @@ def _finetune_run(original: torch.nn.Module, spec: RunSpec, config: AttackConfig
         eval_time += time.perf_counter() - t
         recorded[step] = metrics
         items[step] = measure.items
+        if measure.log_samples:
+            last_samples[:] = [(step, measure.samples)]
         return metrics
 
     def should_stop(step: int, metrics: dict[str, float]) -> str | None:
@@ -353,6 +378,7 @@ def _finetune_run(original: torch.nn.Module, spec: RunSpec, config: AttackConfig
         "train_loss": result.loss.get("loss"),
         "wall_time_s": time.perf_counter() - t0, "eval_time_s": eval_time,
         "_items": items,  # per-item results for the band (not written)
+        "_samples": last_samples[0] if last_samples else None,  # --log-samples (not written)
     }
     return run, result.model
 
@@ -383,5 +409,7 @@ def _quantized_run(model: torch.nn.Module, source: dict[str, Any], config: Attac
     run["eval_time_s"] = time.perf_counter() - t
     run["curve"] = [{"step": source["steps"], **metrics}]
     run["_items"] = {source["steps"]: getattr(measure, "items", {})}
+    if getattr(measure, "log_samples", False):
+        run["_samples"] = (source["steps"], measure.samples)
     run["wall_time_s"] = time.perf_counter() - t0
     return run, model
