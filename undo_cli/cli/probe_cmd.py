@@ -11,7 +11,8 @@ import typer
 from undo_cli.cli import app
 from undo_cli.cli.common import emit_json, err_console, info, show_output
 from undo_cli.cli.options import with_options
-from undo_cli.options import LoadOptions, OutputOptions
+from undo_cli.errors import UsageError
+from undo_cli.options import LoadOptions, OutputOptions, check_number, check_seed
 
 
 def render(results: list[dict[str, Any]]) -> None:
@@ -65,6 +66,10 @@ def probe_command(
     from undo_cli.probe import probe_checkpoints
     from undo_cli.records import parse_named_specs, read_eval_data
 
+    check_seed("--seed", seed)
+    check_number("--train-share", train_share, above=0.0)
+    if not train_share < 1.0:
+        raise UsageError(f"--train-share must be below 1 (got {train_share:g})")
     started = time.time()
     talk = show_output(output.quiet)
     sets = [read_eval_data(name, path) for name, path in parse_named_specs(data, "--data")]

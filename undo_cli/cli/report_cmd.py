@@ -48,8 +48,11 @@ def report_command(
     """
     from rich.table import Table
 
+    from undo_cli.options import check_number, check_seed
     from undo_cli.report import parse_specs, with_interval, write_report
 
+    check_number("--bootstrap-samples", bootstrap_samples, maximum=10**7)
+    check_seed("--seed", seed)
     labels = list(parse_specs(results))
     roles = {"oracle": oracle if oracle in labels else "",
              "unlearned": unlearned if unlearned in labels else "",
