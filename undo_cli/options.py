@@ -31,6 +31,7 @@ from undo_cli.errors import UsageError
 SCHEDULES = ("constant", "linear", "cosine")
 PACKING_MODES = ("documents", "concat", "none")
 NOISES = ("xavier-uniform", "xavier-normal")  # the noise step's distributions (undo_cli.perturb)
+CHOICE_FORMATS = ("qa", "letters", "raw")  # multiple-choice prompts (undo_cli.evaluate)
 DEFAULT_PACKING = "documents"
 # The paper's relearning grid: ten log-spaced learning rates from 1e-6 to 1e-3.
 PAPER_LRS = (1e-6, 2.15e-6, 4.64e-6, 1e-5, 2.15e-5, 4.64e-5, 1e-4, 2.15e-4, 4.64e-4, 1e-3)
@@ -44,6 +45,7 @@ DISTILLATION = "Distillation"
 ATTACK = "Attack"
 MEASUREMENT = "Measurement"
 NOISE = "Noise"
+SELECTION = "What trains"
 
 
 def option(default: Any = None, help: str = "", *, flag: str | None = None,  # noqa: A002
@@ -221,6 +223,10 @@ class EvalOptions:
                                          "automatic).", panel=EVALUATION, minimum=1)
     max_new_tokens: int = option(32, "Greedy tokens generated per prompt when measuring "
                                  "accuracy.", panel=EVALUATION, minimum=1)
+    choice_format: str = option("qa", "Prompt of multiple-choice sets ({question, choices, "
+                                "answer}): qa ('Question: Q\\nAnswer:' + ' CHOICE'), letters "
+                                "(the MMLU/WMDP layout: lettered choices, scores ' A', ' B', "
+                                "...) or raw.", panel=EVALUATION, choices=CHOICE_FORMATS)
 
 
 @dataclass
@@ -303,6 +309,53 @@ class DistillOptions:
     cache_topk: int = option(64, "Teacher log-probabilities kept per position in the cache; "
                              "the rest is one bucket (exact when k >= vocabulary size).",
                              panel=DISTILLATION, minimum=1)
+    train_pattern: str | None = option(None, "Train only parameters whose name matches "
+                                       "(re.search), e.g. mlp (the paper's "
+                                       "layer_types_to_train); the others are frozen and kept "
+                                       "out of the optimizer. With --train-layers a parameter "
+                                       "must satisfy both.", flag="--train", metavar="REGEX",
+                                       panel=SELECTION)
+    train_layers: str | None = option(None, "Train only the parameters of these decoder "
+                                      "layers, e.g. 10-15 or 0,2,4-6 (0-based; the paper's "
+                                      "layers_to_train): embeddings, final norm and head are "
+                                      "frozen.", metavar="RANGE", panel=SELECTION)
+    hidden_loss_weight: float = option(0.0, "Weight W of a hidden-state term added to the "
+                                       "loss: W * mean, over the distilled positions and the "
+                                       "--hidden-layers, of the mean squared difference of "
+                                       "the student's and the teacher's residual states "
+                                       "(the paper's use_activation_loss; 0: off).",
+                                       metavar="W", panel=DISTILLATION, minimum=0)
+    hidden_layers: str | None = option(None, "Decoder layers whose outputs the hidden-state "
+                                       "term compares, e.g. 10-15 (default: all; the last "
+                                       "layer's state is after the final norm, as "
+                                       "transformers returns it).", metavar="RANGE",
+                                       panel=DISTILLATION)
+    second_teacher: Path | None = option(None, "A second teacher (e.g. the model before "
+                                         "unlearning; same tokenizer) that gives the targets "
+                                         "of a fraction of the micro-batches (the paper's "
+                                         "base_teacher with switch_teachers).",
+                                         metavar="CKPT", panel=DISTILLATION)
+    second_teacher_fraction: float | None = option(
+        None, "Fraction P of the training micro-batches (not of tokens or records) whose "
+        "targets come from --second-teacher: micro-batch i (counted over the run, the same "
+        "on every process) goes to it when floor((i+1)P + o) > floor(iP + o), o in [0, 1) "
+        "drawn from --seed, so any n consecutive micro-batches hold floor(nP) or ceil(nP) of "
+        "them and the same seed picks the same ones.", metavar="P", panel=DISTILLATION,
+        above=0, maximum=1)
+
+    def validate(self) -> None:
+        """`UsageError` for impossible combinations (checked before any work)."""
+        check(self)
+        if (self.second_teacher is None) != (self.second_teacher_fraction is None):
+            raise UsageError("--second-teacher and --second-teacher-fraction go together")
+        if self.cache_teacher is not None:
+            for given, flag in ((self.second_teacher, "--second-teacher"),
+                                (self.hidden_loss_weight > 0 or None, "--hidden-loss-weight")):
+                if given is not None:
+                    raise UsageError(f"--cache-teacher stores only the first teacher's top-k "
+                                     f"outputs: it cannot be combined with {flag}")
+        if self.hidden_layers is not None and not self.hidden_loss_weight > 0:
+            raise UsageError("--hidden-layers needs --hidden-loss-weight W > 0")
 
 
 
@@ -341,6 +394,15 @@ class AttackConfig:
     group_size: int | None = option(None, "With --quantize: one scale per G input weights "
                                     "(default: per output channel).", metavar="G",
                                     panel=ATTACK, minimum=1)
+    shrink_perturb: float | None = option(None, "Shrink and noise the model before the "
+                                          "attack, (1 - A) * w + A * B * N as undo perturb "
+                                          "(the paper's shrink_perturb_relearning): once, "
+                                          "seeded by --seed; the step-0 evaluation is of the "
+                                          "noised model.", metavar="A", panel=ATTACK, above=0,
+                                          maximum=1)
+    shrink_perturb_beta: float = option(0.1, "Noise scale B of --shrink-perturb (the paper's "
+                                        "0.1; 0: shrink only).", metavar="B", panel=ATTACK,
+                                        minimum=0)
     finetune: bool = option(True, "Whether there is attack data.", cli=False)
     train: TrainConfig = option(help="Every run's engine settings.", cli=False,
                                 factory=lambda: TrainConfig(schedule="constant", max_steps=1))
@@ -459,6 +521,10 @@ class NoiseOptions:
                                 factory=list)
     exclude: list[str] = option(help="Copy tensors whose name matches unchanged "
                                 "(repeatable).", metavar="REGEX", panel=NOISE, factory=list)
+    layers: str | None = option(None, "Perturb only the tensors of these decoder layers, e.g. "
+                                "10-15 or 0,2,4-6 (0-based; llama/gemma2/qwen2 "
+                                "model.layers.N., gpt2 transformer.h.N.); --include/--exclude "
+                                "apply on top.", metavar="RANGE", panel=NOISE)
 
     def validate(self) -> None:
         check(self)
@@ -516,6 +582,10 @@ COMMAND_HELP: dict[str, dict[str, str]] = {
         "beta": "Noise scale with --alpha (paper: 0.1).",
         "include": "With --alpha: noise only tensors whose name matches (repeatable).",
         "exclude": "With --alpha: leave tensors whose name matches unnoised (repeatable).",
+        "layers": "With --alpha: noise only the tensors of these decoder layers, e.g. 10-15 "
+                  "(0-based). Without --layers/--include/--exclude but with --train or "
+                  "--train-layers, only the trained parameters are noised (as the paper's "
+                  "code: frozen weights keep the teacher's values).",
         "eval": "Sets measured on the teacher once and on the student every --eval-every steps "
                 "(metrics NAME.loss, NAME.accuracy, ...); used by --stop-when.",
     },
