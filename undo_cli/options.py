@@ -311,30 +311,27 @@ class DistillOptions:
                              panel=DISTILLATION, minimum=1)
     train_pattern: str | None = option(None, "Train only parameters whose name matches "
                                        "(re.search), e.g. mlp (the paper's "
-                                       "layer_types_to_train); the others are frozen and kept "
-                                       "out of the optimizer. With --train-layers a parameter "
-                                       "must satisfy both.", flag="--train", metavar="REGEX",
-                                       panel=SELECTION)
+                                       "layer_types_to_train); the others are frozen, out of "
+                                       "the optimizer. With --train-layers: both must hold.",
+                                       flag="--train", metavar="REGEX", panel=SELECTION)
     train_layers: str | None = option(None, "Train only the parameters of these decoder "
                                       "layers, e.g. 10-15 or 0,2,4-6 (0-based; the paper's "
-                                      "layers_to_train): embeddings, final norm and head are "
-                                      "frozen.", metavar="RANGE", panel=SELECTION)
-    hidden_loss_weight: float = option(0.0, "Weight W of a hidden-state term added to the "
-                                       "loss: W * mean, over the distilled positions and the "
-                                       "--hidden-layers, of the mean squared difference of "
-                                       "the student's and the teacher's residual states "
-                                       "(the paper's use_activation_loss; 0: off).",
-                                       metavar="W", panel=DISTILLATION, minimum=0)
-    hidden_layers: str | None = option(None, "Decoder layers whose outputs the hidden-state "
-                                       "term compares, e.g. 10-15 (default: all; the last "
-                                       "layer's state is after the final norm, as "
-                                       "transformers returns it).", metavar="RANGE",
-                                       panel=DISTILLATION)
+                                      "layers_to_train); embeddings, final norm, head frozen.",
+                                      metavar="RANGE", panel=SELECTION)
+    hidden_loss_weight: float = option(0.0, "Add W * the mean squared difference of the "
+                                       "student's and the teacher's residual states, over the "
+                                       "--hidden-layers and the distilled positions (the "
+                                       "paper's use_activation_loss; 0: off).", metavar="W",
+                                       panel=DISTILLATION, minimum=0)
+    hidden_layers: str | None = option(None, "Decoder layers the hidden-state term compares, "
+                                       "e.g. 10-15 (default: all; the last layer's state is "
+                                       "after the final norm, as transformers returns it).",
+                                       metavar="RANGE", panel=DISTILLATION)
     second_teacher: Path | None = option(None, "A second teacher (e.g. the model before "
-                                         "unlearning; same tokenizer) that gives the targets "
-                                         "of a fraction of the micro-batches (the paper's "
-                                         "base_teacher with switch_teachers).",
-                                         metavar="CKPT", panel=DISTILLATION)
+                                         "unlearning; same tokenizer) giving the targets of "
+                                         "some micro-batches (the paper's base_teacher with "
+                                         "switch_teachers).", metavar="CKPT",
+                                         panel=DISTILLATION)
     second_teacher_fraction: float | None = option(
         None, "Fraction P of the training micro-batches (not of tokens or records) whose "
         "targets come from --second-teacher: micro-batch i (counted over the run, the same "
@@ -348,15 +345,13 @@ class DistillOptions:
         check(self)
         if (self.second_teacher is None) != (self.second_teacher_fraction is None):
             raise UsageError("--second-teacher and --second-teacher-fraction go together")
-        if self.cache_teacher is not None:
-            for given, flag in ((self.second_teacher, "--second-teacher"),
-                                (self.hidden_loss_weight > 0 or None, "--hidden-loss-weight")):
-                if given is not None:
-                    raise UsageError(f"--cache-teacher stores only the first teacher's top-k "
-                                     f"outputs: it cannot be combined with {flag}")
+        clash = ("--second-teacher" if self.second_teacher is not None else
+                 "--hidden-loss-weight" if self.hidden_loss_weight > 0 else None)
+        if self.cache_teacher is not None and clash:
+            raise UsageError(f"--cache-teacher stores only the first teacher's top-k outputs: "
+                             f"it cannot be combined with {clash}")
         if self.hidden_layers is not None and not self.hidden_loss_weight > 0:
             raise UsageError("--hidden-layers needs --hidden-loss-weight W > 0")
-
 
 
 @dataclass
@@ -394,12 +389,11 @@ class AttackConfig:
     group_size: int | None = option(None, "With --quantize: one scale per G input weights "
                                     "(default: per output channel).", metavar="G",
                                     panel=ATTACK, minimum=1)
-    shrink_perturb: float | None = option(None, "Shrink and noise the model before the "
-                                          "attack, (1 - A) * w + A * B * N as undo perturb "
-                                          "(the paper's shrink_perturb_relearning): once, "
-                                          "seeded by --seed; the step-0 evaluation is of the "
-                                          "noised model.", metavar="A", panel=ATTACK, above=0,
-                                          maximum=1)
+    shrink_perturb: float | None = option(None, "Before the attack, shrink and noise the "
+                                          "model to (1 - A) w + A B N as undo perturb, seeded "
+                                          "by --seed (the paper's shrink_perturb_relearning); "
+                                          "step 0 measures the noised model.", metavar="A",
+                                          panel=ATTACK, above=0, maximum=1)
     shrink_perturb_beta: float = option(0.1, "Noise scale B of --shrink-perturb (the paper's "
                                         "0.1; 0: shrink only).", metavar="B", panel=ATTACK,
                                         minimum=0)
