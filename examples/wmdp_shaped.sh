@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The paper's WMDP recipe, end to end, on a WMDP-shaped synthetic task that runs on a CPU
-# (about 15 minutes on 2 busy cores), or on a real model and real data on a GPU (see README).
+# (about 10 minutes on 2 busy cores), or on a real model and real data on a GPU (see README).
 #
 #   data (`undo data facts`: a made-up "hazard" domain to forget, a "general" domain to keep,
 #   four-choice questions in the WMDP/MMLU layout and a text corpus of each) -> train a
