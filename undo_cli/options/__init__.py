@@ -44,6 +44,7 @@ from undo_cli.options.base import (
     METHOD,
     NOISE,
     SEED_MAX,
+    SELECTION,
     TRAINING,
     check,
     check_number,
@@ -59,6 +60,7 @@ from undo_cli.options.defaults import (
     TRAIN_STEPS,
 )
 from undo_cli.options.groups import (
+    CHOICE_FORMATS,
     DEFAULT_PACKING,
     NOISES,
     OPTIMIZERS,
@@ -81,7 +83,7 @@ __all__ = [
     "DEFAULT_LRS", "DEFAULT_PACKING", "DISTILLATION", "DISTILL_EVAL_EVERY",
     "DISTILL_STOP_WHEN_CAP", "EVALUATION", "IN_OUT", "MEASUREMENT", "METHOD", "NOISE", "NOISES",
     "OPTIMIZERS", "PACKING_MODES", "PAPER_LRS", "RESUME_KEYS", "SCHEDULES", "SEARCH_BATCH_SIZES",
-    "SEARCH_LORA_RANKS", "SEED_MAX", "TRAINING",
+    "SEARCH_LORA_RANKS", "SEED_MAX", "SELECTION", "TRAINING", "CHOICE_FORMATS",
     "TRAIN_STEPS", "AttackConfig", "AttackMeasurement", "DataOptions", "DistillOptions",
     "EvalOptions", "GateOptions", "LoadOptions", "NoiseOptions", "OutputOptions", "RunSpec",
     "TrainConfig", "UnlearnOptions", "check", "check_number", "check_seed", "flag_of", "option",
