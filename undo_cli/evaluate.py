@@ -78,10 +78,10 @@ from undo_cli.generation import (
     stop_strings,
     unwrap_model,
 )
+from undo_cli.options import CHOICE_FORMATS
 from undo_cli.records import EvalData, read_eval_data
 from undo_cli.stats import proportion_stderr, ratio_stderr, wilson_interval
 
-CHOICE_FORMATS = ("qa", "letters", "raw")
 DEFAULT_MAX_NEW_TOKENS = 32
 SCORE_TOKEN_BUDGET = 65536  # tokens per scoring batch when batch_size is None
 SCORE_LOGIT_BUDGET = 2**27  # logit elements (tokens x vocabulary) per scoring batch

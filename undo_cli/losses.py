@@ -20,6 +20,7 @@ Conventions shared by every function here:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -153,6 +154,25 @@ def masked_mse(hidden: torch.Tensor, target: torch.Tensor,
     if mask is None:
         return diff.mean()
     return _masked_mean(diff, mask)
+
+
+def hidden_state_mse(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor],
+                     mask: torch.Tensor,
+                     normalizer: torch.Tensor | float | None = None) -> torch.Tensor:
+    """Hidden-state matching over layers L and the N kept positions:
+
+        (1/N) * sum_{kept (b, t)} (1/|L|) * sum_{l in L} (1/H) * ||s_l[b,t] - t_l[b,t]||^2
+
+    `student` and `teacher` are sequences of `[B, T, H]` states of the same layers L, one
+    pair per layer; the teacher's are constants (detached here: no gradient reaches them).
+    `mask` `[B, T]` selects the positions that count; N = their number, or `normalizer`.
+    """
+    if len(student) != len(teacher) or not student:
+        raise ValueError(f"expected as many student as teacher states (got {len(student)} and "
+                         f"{len(teacher)}), at least one")
+    per_position = sum((s.float() - t.detach().float()).pow(2).mean(dim=-1)
+                       for s, t in zip(student, teacher, strict=True)) / len(student)
+    return _masked_mean(per_position, mask, normalizer)
 
 
 def gaussian_mmd(x: torch.Tensor, y: torch.Tensor, *, kernel_mul: float = 2.0, kernel_num: int = 5,

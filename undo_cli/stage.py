@@ -146,7 +146,8 @@ def load_eval_sets(evals: EvalOptions, tokenizer, *, limit: int | None = None,
         return []
     from undo_cli.evaluate import load_eval_set
 
-    return [load_eval_set(name, path, tokenizer, limit=limit, seed=seed)
+    return [load_eval_set(name, path, tokenizer, limit=limit, seed=seed,
+                          choice_format=evals.choice_format)
             for name, path in parse_named_specs(evals.eval)]
 
 
@@ -202,12 +203,47 @@ def evaluation_hook(tokenizer, sets: Sequence[Any], evals: EvalOptions):
     return evaluate
 
 
+def select_parameters(model, pattern: str | None = None, layers: str | None = None, *,
+                      pattern_flag: str = "--trainable",
+                      layers_flag: str = "--train-layers") -> list[tuple[str, Any]]:
+    """The (name, parameter) pairs of `model` that train: names matching `pattern`
+    (re.search) and, with `layers` ("10-15", `undo_cli.layers`), inside those decoder layers;
+    all when both are None. `UsageError` naming the flag for a bad pattern or range, or a
+    selection that matches nothing."""
+    import re
+
+    from undo_cli.layers import resolve_layers
+
+    named = list(model.named_parameters())
+    chosen = named
+    if pattern is not None:
+        try:
+            regex = re.compile(pattern)
+        except re.error as e:
+            raise UsageError(f"{pattern_flag} {pattern!r} is not a valid regular expression "
+                             f"({e})") from e
+        chosen = [(n, p) for n, p in chosen if regex.search(n)]
+    selection = resolve_layers(layers, [n for n, _ in named],
+                               getattr(getattr(model, "config", None), "model_type", None),
+                               flag=layers_flag)
+    if selection is not None:
+        in_layers = re.compile(selection[1])
+        chosen = [(n, p) for n, p in chosen if in_layers.search(n)]
+    if not chosen:
+        examples = ", ".join(n for n, _ in named[:6])
+        what = " and ".join(f"{flag} {value!r}" for flag, value in
+                            ((pattern_flag, pattern), (layers_flag, layers)) if value is not None)
+        raise UsageError(f"{what} matches no parameter (names look like: {examples}, ...)")
+    return chosen
+
+
 def arguments(train_config: TrainConfig, data_options: DataOptions, eval_options: EvalOptions,
               /, **own: Any) -> dict[str, Any]:
     """The `arguments` of a trained output's `undo.json`: the stage's own, the data layout,
     the eval sets and the training settings that shape the result."""
     return {**own, "max_length": data_options.max_length, "packing": data_options.packing,
             "eval": [list(e) for e in parse_named_specs(eval_options.eval)],
+            "choice_format": eval_options.choice_format,
             "train": train_config.manifest()}
 
 

@@ -333,19 +333,7 @@ def steering_vector(hidden_size: int, coeff: float, seed: int) -> torch.Tensor:
 def select_parameters(model: torch.nn.Module, pattern: str | None
                       ) -> list[tuple[str, torch.nn.Parameter]]:
     """The (name, parameter) pairs whose name matches `pattern` (re.search); all when None."""
-    named = list(model.named_parameters())
-    if pattern is None:
-        return named
-    try:
-        regex = re.compile(pattern)
-    except re.error as e:
-        raise UsageError(f"--trainable {pattern!r} is not a valid regular expression ({e})") from e
-    chosen = [(n, p) for n, p in named if regex.search(n)]
-    if not chosen:
-        examples = ", ".join(n for n, _ in named[:6])
-        raise UsageError(f"--trainable {pattern!r} matches no parameter (names look like: "
-                         f"{examples}, ...)")
-    return chosen
+    return stage.select_parameters(model, pattern, pattern_flag="--trainable")
 
 
 def frozen_reference(model: torch.nn.Module) -> torch.nn.Module:

@@ -220,7 +220,7 @@ def test_relearn_attack_with_accelerate_launch_matches_one_process(launched, fil
     assert stderr.count(f"wrote {out}") == 1 and "error" not in stderr
     for lr in ("0.001", "0.003"):
         for seed in (3, 4):
-            assert stderr.count(f"lr {lr} seed {seed}: forget.loss") == 1, stderr
+            assert stderr.count(f"lr{lr} seed {seed}: forget.loss") == 1, stderr
     reference = json.loads((single / "results.json").read_text())
     assert results["compute"]["tokens"] == reference["compute"]["tokens"] > 0
     processes = [json.loads((d / "undo.json").read_text())["compute"]["processes"]

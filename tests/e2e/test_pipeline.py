@@ -1,4 +1,5 @@
-"""The UNDO pipelines (examples/arithmetic.sh, alpha_sweep.sh) in their smoke configuration."""
+"""The UNDO pipelines (examples/arithmetic.sh, alpha_sweep.sh, wmdp_shaped.sh) in their smoke
+configuration."""
 
 from __future__ import annotations
 
@@ -83,6 +84,48 @@ def test_arithmetic_pipeline_smoke(tmp_path):
     assert rows["undo"]["forget_after"] == pytest.approx(sum(finals) / 2)
     assert rows["undo"]["forget_after_lower"] <= rows["undo"]["forget_after"] \
         <= rows["undo"]["forget_after_upper"]
+
+
+def test_wmdp_shaped_pipeline_smoke(tmp_path):
+    """The paper's WMDP recipe on the synthetic multiple-choice task, every new option on."""
+    out = tmp_path / "run"
+    env = {**os.environ, "SMOKE": "1", "OUT": str(out), "OMP_NUM_THREADS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    done = subprocess.run(["bash", str(ROOT / "examples" / "wmdp_shaped.sh")], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    # The data: four-choice questions in the WMDP/MMLU layout and a corpus per domain.
+    first = json.loads((out / "data" / "forget_mc.jsonl").read_text().splitlines()[0])
+    assert len(first["choices"]) == 4 and isinstance(first["answer"], int)
+    # UNDO the WMDP way: pure shrink of the trained layer only, distilled with the hidden-state
+    # term and the base model as a second teacher.
+    manifest = json.loads((out / "undo" / "undo.json").read_text())
+    args = manifest["arguments"]
+    assert args["noise"]["alpha"] == 0.25 and args["noise"]["beta"] == 0
+    assert args["choice_format"] == "qa"
+    record = manifest["distill"]
+    assert record["trained"]["layers"] == [1]
+    assert record["noise"]["only_trained"]
+    assert set(record["noise"]["shrunk"]) == set(record["trained"]["names"])
+    assert record["hidden_loss"]["weight"] == 1.0
+    assert manifest["compute"]["second_teacher"]["of_batches"] > 0
+    assert {p["role"] for p in manifest["parents"]} == {"teacher", "second_teacher"}
+    assert manifest["compute"]["trainable_parameters"] < manifest["compute"]["parameters"]
+    # Multiple-choice accuracy of both domains for every model, before the attack.
+    evals = json.loads((out / "eval.json").read_text())["results"]
+    assert [Path(r["checkpoint"]).name for r in evals] == ["base", "unlearned", "undo",
+                                                           "oracle"]
+    for r in evals:
+        assert set(r["metrics"]) == {"retain", "forget"}
+        assert 0 <= r["metrics"]["forget"]["accuracy"] <= 1
+    # The attack with the paper's three WMDP learning rates, and the report.
+    for name in ("unlearned", "undo"):
+        results = json.loads((out / "attacks" / name / "results.json").read_text())
+        assert results["attack"]["lrs"] == [4.62e-6, 1e-5, 2.15e-5]
+        assert results["forget_metric"] == "forget.accuracy"
+    report = json.loads((out / "attacks" / "report" / "report.json").read_text())
+    assert [r["model"] for r in report["rows"]] == ["unlearned", "undo"]
 
 
 @pytest.mark.slow

@@ -183,7 +183,7 @@ def test_teacher_cache_reproduces_the_loss(cli, setup, tmp_path):
 
 def test_resume_after_interruption_equals_an_uninterrupted_run(cli, setup, tmp_path,
                                                                monkeypatch):
-    import undo_cli.distill as distill
+    import undo_cli.distill.run as distill
 
     common = ["--student", setup["noised"], "--max-steps", 8, "--save-every", 4]
     full = _distill(cli, setup, tmp_path / "full", *common)

@@ -261,6 +261,48 @@ def test_eval_hook_log_and_early_stop(tok, files, tmp_path):
                for e in lines if e["type"] == "train")
 
 
+def test_frozen_parameters_charge_only_the_backward_they_need(tok, files):
+    """With a subset training: forward 2P, activation backward 2P_backward (from the lowest
+    trained parameter up, plus the head), weight gradients 2P_trained, per token."""
+    model = make_model(tok)
+    names = [n for n, _ in model.named_parameters()]
+    trained = [p for n, p in model.named_parameters() if ".layers.1.mlp." in n]
+    size = {n: p.numel() for n, p in model.named_parameters()}
+    n_params = sum(size.values())
+    n_trained = sum(p.numel() for p in trained)
+    # In forward order: embeddings, layer 0, layer 1, final norm, head. Layer 1's MLP comes
+    # after its attention, so the backward reaches from the head down to layer 1's MLP.
+    first = names.index("model.layers.1.mlp.gate_proj.weight")
+    n_backward = sum(size[n] for n in names[first:])
+    assert "lm_head.weight" in names[first:]  # untied: counted in place
+    r = train(model, lm_loss(), streams(tok, files, mixed=False), config(max_steps=2),
+              parameters=trained)
+    assert r.trainable_parameters == n_trained
+    assert r.flops["trained"] == (2 * n_params + 2 * n_backward + 2 * n_trained) * r.tokens
+    assert r.flops["trained"] < 6 * n_params * r.tokens
+    compute = r.compute()
+    assert compute["backward_parameters"] == n_backward
+    assert "backward_parameters" in compute["flops_formula"]
+    # Everything trains: exactly 6P as before.
+    whole = train(make_model(tok), lm_loss(), streams(tok, files, mixed=False),
+                  config(max_steps=2))
+    assert whole.flops["trained"] == 6 * n_params * whole.tokens
+
+
+def test_a_tied_head_before_the_trained_layers_is_still_charged(tok, files):
+    from undo_cli.engine import backward_parameters
+
+    model = make_model(tok, arch="gpt2")  # lm_head tied to transformer.wte (listed first)
+    named = dict(model.named_parameters())
+    assert "lm_head.weight" not in named
+    last = [p for n, p in named.items() if n.startswith("transformer.h.1.")]
+    after = list(named)[list(named).index("transformer.h.1.ln_1.weight"):]
+    head = model.get_output_embeddings().weight.numel()
+    assert backward_parameters(model, last) == sum(named[n].numel() for n in after) + head
+    everything = sum(p.numel() for p in named.values())
+    assert backward_parameters(model, list(named.values())) == everything
+
+
 def test_sam_changes_the_step_and_doubles_trained_flops(tok, files):
     plain, sam = make_model(tok), make_model(tok)
     r0 = train(plain, lm_loss(), streams(tok, files), config(max_steps=3))

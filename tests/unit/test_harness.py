@@ -111,7 +111,7 @@ def _local_tasks(root: Path) -> dict[str, Path]:
     JSON Lines file (`dataset_path: json`): no network."""
     rng = random.Random(0)
     mc, raw, gen = [], [], []
-    for i in range(24):
+    for _i in range(24):
         a, b = rng.randint(0, 9), rng.randint(0, 9)
         choices = [str(a + b), str(a + b + 1), str(a * b), "nuts"]
         rng.shuffle(choices)

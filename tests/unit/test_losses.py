@@ -232,3 +232,42 @@ def test_repnoise_loss_formula_and_mask():
     again = losses.repnoise_loss([h1b, h2], mask, ce, alpha=0.5, beta=0.1,
                                  generator=torch.Generator().manual_seed(9))
     assert again.item() == pytest.approx(got.item(), rel=1e-5)
+
+
+def test_hidden_state_mse_matches_a_loop_over_layers_and_positions():
+    g = torch.Generator().manual_seed(5)
+    b, t, h, n_layers = 2, 5, 3, 3
+    student = [torch.randn(b, t, h, generator=g) for _ in range(n_layers)]
+    teacher = [torch.randn(b, t, h, generator=g) for _ in range(n_layers)]
+    mask = torch.tensor([[1, 1, 0, 1, 0], [0, 1, 1, 1, 1]], dtype=torch.bool)
+    total, n = 0.0, 0
+    for i in range(b):
+        for j in range(t):
+            if not mask[i, j]:
+                continue
+            n += 1
+            per_layer = [sum((float(s[i, j, k]) - float(te[i, j, k])) ** 2 for k in range(h)) / h
+                         for s, te in zip(student, teacher)]
+            total += sum(per_layer) / n_layers
+    got = losses.hidden_state_mse(student, teacher, mask)
+    assert got.item() == pytest.approx(total / n, rel=1e-5)
+    # With the engine's normalizer the sum is divided by it instead.
+    assert losses.hidden_state_mse(student, teacher, mask, 4.0).item() == pytest.approx(
+        total / 4.0, rel=1e-5)
+    # Empty mask: exactly 0, never NaN.
+    assert losses.hidden_state_mse(student, teacher, torch.zeros_like(mask)).item() == 0.0
+
+
+def test_hidden_state_mse_gradient_reaches_only_the_student_at_kept_positions():
+    g = torch.Generator().manual_seed(6)
+    student = [torch.randn(2, 4, 3, generator=g, requires_grad=True) for _ in range(2)]
+    teacher = [torch.randn(2, 4, 3, generator=g, requires_grad=True) for _ in range(2)]
+    mask = torch.tensor([[1, 0, 1, 0], [0, 0, 1, 1]], dtype=torch.bool)
+    losses.hidden_state_mse(student, teacher, mask).backward()
+    for s, te in zip(student, teacher):
+        assert te.grad is None  # the teacher's states are constants
+        assert torch.all(s.grad[~mask] == 0)
+        assert torch.all(s.grad[mask].abs().sum(-1) > 0)
+        # d/ds of (1/N)(1/|L|)(1/H)||s - t||^2 = 2 (s - t) / (N |L| H)
+        expected = 2 * (s - te).detach() / (int(mask.sum()) * 2 * 3) * mask.unsqueeze(-1)
+        assert torch.allclose(s.grad, expected, atol=1e-6)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -211,6 +212,41 @@ def test_include_and_exclude(tiny_llama, tmp_path):
     for name in w:
         assert torch.equal(inc[name], w[name]) == (".mlp." not in name), name
     assert summary["noised"] == 6 and summary["shrunk"] == 0
+
+
+@pytest.mark.parametrize(("ckpt", "layers", "inside"), [
+    ("tiny_llama", "1", "model.layers.1."), ("tiny_gpt2", "0", "transformer.h.0.")])
+def test_layers_noise_only_those_decoder_layers(ckpt, layers, inside, request, tmp_path, cli):
+    src = request.getfixturevalue(ckpt)
+    w = load_weights(src)
+    out = tmp_path / "out"
+    result = cli("perturb", src, out, "--alpha", 0.5, "--beta", 0.1, "--layers", layers,
+                 "--json")
+    assert result.exit_code == 0, result.stderr
+    got = load_weights(out)
+    for name in w:  # (gpt2's zero biases stay zero when shrunk)
+        moved = not torch.equal(got[name], w[name])
+        assert moved == (name.startswith(inside) and bool(w[name].any())), name
+    summary = json.loads(result.stdout)
+    assert summary["layers"] == [int(layers)]
+    manifest = read_manifest(out)
+    assert manifest["arguments"]["layers"] == [int(layers)]
+    pattern = manifest["arguments"]["layer_pattern"]
+    assert [n for n in w if re.search(pattern, n)] == [n for n in w if n.startswith(inside)]
+    # --include narrows the layers further.
+    perturb_checkpoint(src, tmp_path / "narrow", 0.5, 0.1, layers=layers, include="mlp")
+    narrow = load_weights(tmp_path / "narrow")
+    for name in w:
+        moved = not torch.equal(narrow[name], w[name])
+        assert moved == (name.startswith(inside) and ".mlp." in name
+                         and bool(w[name].any())), name
+
+
+def test_layers_the_model_lacks_exit_2_before_writing(tiny_llama, tmp_path, cli):
+    for layers, message in (("2", "has 2 decoder layers (0..1)"), ("1-0", "ends before")):
+        result = cli("perturb", tiny_llama, tmp_path / "never", "--layers", layers)
+        assert result.exit_code == 2 and message in result.stderr
+        assert not (tmp_path / "never").exists()
 
 
 # ------------------------------------------------------------------------------------------

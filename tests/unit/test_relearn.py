@@ -448,6 +448,35 @@ def test_quantize_only_attack(toy):
     assert fingerprint(toy["unlearned"]) == before
 
 
+def test_shrink_perturb_noises_the_model_before_the_attack(toy):
+    """--shrink-perturb A: the attack starts from (1 - A) w + A B N (as undo perturb with the
+    run's seed), recorded in results.json's attack; the checkpoint is not modified."""
+    before = fingerprint(toy["unlearned"])
+    out = toy["root"] / "sp"
+    r = _attack(toy, out, "--shrink-perturb", 0.3, "--shrink-perturb-beta", 0.2, "--seed", 4,
+                "--json", "--quiet", lrs="1e-3", steps=2, every=2)
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["attack"]["shrink_perturb"] == {"alpha": 0.3, "beta": 0.2, "seed": 4,
+                                               "noise": "xavier-uniform"}
+    manifest = json.loads((out / "undo.json").read_text())
+    assert manifest["arguments"]["attack"]["shrink_perturb"] == 0.3
+    assert fingerprint(toy["unlearned"]) == before
+    # The same start as attacking `undo perturb`'s output: identical step-0 metrics.
+    noised = toy["root"] / "sp-noised"
+    p = _invoke("perturb", toy["unlearned"], noised, "--alpha", 0.3, "--beta", 0.2, "--seed", 4)
+    assert p.exit_code == 0, p.output
+    plain = _invoke("relearn-attack", noised, "--data", toy["forget"], *toy["evals"], "--out",
+                    toy["root"] / "sp-plain", "--lrs", "1e-3", "--steps", 2, "--eval-every", 2,
+                    "--max-length", 16, "--batch-size", 8, "--seed", 4, "--json", "--quiet")
+    assert plain.exit_code == 0, plain.output
+    assert json.loads(plain.stdout)["initial"] == res["initial"]
+    untouched = json.loads(_attack(toy, toy["root"] / "sp-none", "--json", "--quiet",
+                                   lrs="1e-3", steps=2, every=2).stdout)
+    assert untouched["attack"]["shrink_perturb"] is None
+    assert untouched["initial"] != res["initial"]
+
+
 def test_quantize_after_finetuning(toy):
     out = toy["root"] / "ft-q4"
     r = _attack(toy, out, "--quantize", 4, "--group-size", 16, "--json", "--quiet",

@@ -1,4 +1,5 @@
-"""`undo data ...`: built-in synthetic data sets (`undo data arithmetic OUT_DIR`)."""
+"""`undo data ...`: built-in synthetic data sets (`undo data arithmetic OUT_DIR`, `undo data
+facts OUT_DIR`)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,18 @@ import typer
 from undo_cli.cli import app
 from undo_cli.cli.common import emit_json, info
 from undo_cli.synthetic import ArithmeticOptions
+from undo_cli.synthetic_mc import FactsOptions
 
 data_app = typer.Typer(
     no_args_is_help=True,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(data_app, name="data",
-              help="Write built-in synthetic data sets (the paper's arithmetic task).")
+              help="Write built-in synthetic data sets (the paper's arithmetic task; a "
+              "WMDP-shaped multiple-choice task).")
 
 _DEFAULTS = ArithmeticOptions()
+_FACTS = FactsOptions()
 
 
 @data_app.command(
@@ -91,3 +95,61 @@ def arithmetic_command(
         info(f"wrote {out}: retain {counts['retain_train']} train / {counts['retain_eval']} "
              f"eval records, forget {counts['forget_train']} train / "
              f"{counts['forget_eval']} eval records")
+
+
+@data_app.command(
+    "facts", short_help="A WMDP-shaped task: hazard (forget) and general (retain) facts, "
+    "four-choice questions and text corpora.")
+def facts_command(
+    out: Path = typer.Argument(..., metavar="OUT_DIR", help="Output directory."),
+    seed: int = typer.Option(
+        _FACTS.seed, help="Seed: the same seed and options give byte-identical files."),
+    entities: int = typer.Option(
+        _FACTS.entities, help="Made-up subjects per domain, four facts each (so 4 x N "
+        "questions per domain)."),
+    train_size: int = typer.Option(
+        _FACTS.train_size, help="Corpus records per domain (every fact appears in every "
+        "form)."),
+    qa_fraction: float = typer.Option(
+        _FACTS.qa_fraction, help="Share of corpus records that are 'Question: Q\\nAnswer: "
+        "VALUE' lines."),
+    mc_fraction: float = typer.Option(
+        _FACTS.mc_fraction, help="Share of corpus records that are four-choice questions in "
+        "the MMLU/WMDP layout with their letter answer (choice orders differ from the "
+        "evaluation's)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT_DIR."),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+) -> None:
+    """Write a WMDP-shaped multiple-choice task: forget = a made-up "hazard" domain, retain =
+    a made-up "general" domain.
+
+    \b
+    Files in OUT_DIR (JSON Lines, ASCII), per split (forget, retain):
+    - {split}_corpus: {"text": ...} statements, question-answer lines and
+      four-choice questions with their letter (unlearning, distillation, attack)
+    - {split}_mc: {"question", "choices": [4], "answer": index} per fact, the
+      WMDP/MMLU layout: undo eval --data forget=DIR/forget_mc.jsonl
+      (--choice-format letters or qa)
+    - {split}_eval_text: one statement per fact (loss metric)
+    - info.json (options, the facts, templates), undo.json
+
+    examples/wmdp_shaped.sh runs the paper's WMDP recipe on it end to end.
+    """
+    from undo_cli.synthetic_mc import generate_facts
+
+    paths = generate_facts(out, overwrite=overwrite, seed=seed, entities=entities,
+                           train_size=train_size, qa_fraction=qa_fraction,
+                           mc_fraction=mc_fraction)
+    counts = {}
+    for key, path in paths.items():
+        if path.suffix == ".jsonl":
+            with open(path, encoding="ascii") as f:
+                counts[key] = sum(1 for _ in f)
+    summary = {"output": str(out), "task": "facts", "seed": seed,
+               "files": {key: str(path) for key, path in paths.items()}, "records": counts}
+    if json_out:
+        emit_json(summary)
+    else:
+        info(f"wrote {out}: forget (hazard) {counts['forget_corpus']} corpus records / "
+             f"{counts['forget_mc']} questions, retain (general) {counts['retain_corpus']} "
+             f"corpus records / {counts['retain_mc']} questions")

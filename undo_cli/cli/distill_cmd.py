@@ -54,7 +54,14 @@ def distill_command(
     position, the teacher frozen in eval mode. The --eval sets are measured on the teacher
     once and on the student every --eval-every steps; --stop-when compares the two. OUT gets
     the student, train_log.jsonl and undo.json (student and teacher FLOPs, steps, tokens, stop
-    reason, final metrics).
+    reason, final metrics, what was trained and noised).
+
+    The paper's WMDP toolbox: --train REGEX / --train-layers 10-15 train only some parameters
+    (the rest frozen, out of the optimizer, and charged only the backward they need);
+    --hidden-loss-weight W adds W * MSE between the student's and the teacher's residual
+    states at --hidden-layers; --second-teacher CKPT --second-teacher-fraction P takes the
+    targets of a fraction P of the micro-batches from another model (e.g. the one before
+    unlearning). Its WMDP setting: --student teacher --alpha 0.25 --beta 0.
     """
     from undo_cli.distill import distill_checkpoint
 

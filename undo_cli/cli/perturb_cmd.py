@@ -20,7 +20,9 @@ PERTURB_HELP = (
     "1-D tensors (norms, biases) are only shrunk to (1 - alpha) * w; non-float tensors are "
     "copied unchanged."
     "\n\n"
-    "The paper's recommended setting is --alpha 0.6 --beta 0.1 (the defaults)."
+    "The paper's recommended setting is --alpha 0.6 --beta 0.1 (the defaults); its WMDP "
+    "setting is --alpha 0.25 --beta 0 (pure shrinking). --layers 10-15 (or --include / "
+    "--exclude REGEX) limits the noise to some tensors; the others are copied unchanged."
     "\n\n"
     "Tensors are streamed one at a time, so memory stays near one tensor, not the model. "
     "dtype, sharding and tied weights are kept; the same seed gives byte-identical files."
@@ -59,11 +61,13 @@ def perturb_command(
     # numpy's OpenBLAS would start a spinning thread per core; perturb uses no BLAS.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from undo_cli.checkpoint.safetensors_io import parse_size
+    from undo_cli.layers import parse_layer_range
     from undo_cli.perturb import make_options, perturb_checkpoint
 
     # Check every argument before any work.
     s = settings
     make_options(s.alpha, s.beta, seed, s.noise, s.include or None, s.exclude or None)
+    parse_layer_range(s.layers)
     if max_shard_size is not None:
         parse_size(max_shard_size)
     display = ProgressDisplay(show_output(output.quiet), transient=True, bytes_=True)
@@ -76,7 +80,7 @@ def perturb_command(
     try:
         summary = perturb_checkpoint(
             src, out, s.alpha, s.beta, seed, s.noise, include=s.include or None,
-            exclude=s.exclude or None, max_shard_size=max_shard_size,
+            exclude=s.exclude or None, layers=s.layers, max_shard_size=max_shard_size,
             overwrite=output.overwrite, allow_nonfinite=allow_nonfinite, progress=progress,
             base_model=base_model)
     finally:

@@ -67,9 +67,9 @@ def probe_command(
     from undo_cli.records import parse_named_specs, read_eval_data
 
     check_seed("--seed", seed)
-    check_number("--train-share", train_share, above=0)
-    if not train_share < 1:
-        raise UsageError(f"--train-share must lie between 0 and 1 (got {train_share})")
+    check_number("--train-share", train_share, above=0.0)
+    if not train_share < 1.0:
+        raise UsageError(f"--train-share must be below 1 (got {train_share:g})")
     started = time.time()
     talk = show_output(output.quiet)
     sets = [read_eval_data(name, path) for name, path in parse_named_specs(data, "--data")]

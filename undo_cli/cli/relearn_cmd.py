@@ -250,6 +250,7 @@ def relearn_command(
         overwrite=output.overwrite, raise_on_gate=False,
         arguments={"checkpoint": str(checkpoint), "data": list(data),
                    "eval": [list(e) for e in parse_named_specs(evals.eval)],
+                   "choice_format": evals.choice_format,
                    "attack": {k: v for k, v in asdict(attack).items() if k != "train"},
                    "train": train.manifest(), "measurement": asdict(measurement),
                    "fail_if": list(gates.fail_if), "max_length": data_options.max_length,

@@ -51,7 +51,7 @@ def report_command(
     from undo_cli.options import check_number, check_seed
     from undo_cli.report import parse_specs, with_interval, write_report
 
-    check_number("--bootstrap-samples", bootstrap_samples, minimum=100)
+    check_number("--bootstrap-samples", bootstrap_samples, maximum=10**7)
     check_seed("--seed", seed)
     labels = list(parse_specs(results))
     roles = {"oracle": oracle if oracle in labels else "",

@@ -19,6 +19,7 @@ from undo_cli.engine.loop import (
     Batch,
     LossFn,
     TrainResult,
+    backward_parameters,
     count_parameters,
     lm_loss,
     lr_at,
@@ -37,7 +38,8 @@ from undo_cli.engine.state import TRAIN_LOG, latest_state, remove_state, trainin
 from undo_cli.options import TrainConfig
 
 __all__ = [
-    "TRAIN_LOG", "Batch", "LossFn", "TrainConfig", "TrainResult", "count_parameters",
+    "TRAIN_LOG", "Batch", "LossFn", "TrainConfig", "TrainResult", "backward_parameters",
+    "count_parameters",
     "fsdp_requested", "is_distributed", "is_main_process", "latest_state", "lm_loss", "lr_at",
     "planned_steps", "remove_state", "train", "training_device", "training_output",
     "wait_for_everyone", "world_size",

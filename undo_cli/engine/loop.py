@@ -6,10 +6,21 @@ stream and `loss_fn(model, {name: batch, ...})` is minimised (its loss divided b
 weights moved by `sam_rho * g / ||g||`; then the gradient is clipped, checked for NaN/inf and
 the optimizer (`--optimizer`, AdamW by default) takes a step at the scheduled learning rate.
 
-Compute accounting: a trained forward + backward costs 6 * P * tokens FLOPs (P = all distinct
-parameters of the trained model, whether or not they are updated; doubled with SAM), a frozen
-forward (a reference or teacher model) 2 * P_frozen * tokens. Tokens are the non-padding
-tokens of every stream's batches, over all processes.
+Compute accounting (`flops_per_token`): a trained step costs, per token,
+
+    2 * P              the forward pass through the whole model (P: distinct parameters)
+  + 2 * P_backward     the backward pass's gradients with respect to the activations, from
+                       the loss down to the lowest trained parameter (P_backward: the
+                       parameters from the first trained one on, in the model's order, which is
+                       the forward order of transformers' decoders, plus the output head)
+  + 2 * P_trained      the gradients with respect to the trained weights themselves
+
+so 6 * P when everything trains, and less when only some parameters do (frozen layers below
+the lowest trained one need no backward at all; frozen layers above it pass gradients on but
+compute none for their weights). P_backward is an upper bound when the loss does not depend on
+the layers above the trained ones (RMU's hidden-state loss). Doubled with SAM (two forward and
+backward passes). A frozen forward (a reference or teacher model) costs 2 * P_frozen * tokens.
+Tokens are the non-padding tokens of every stream's batches, over all processes.
 """
 
 from __future__ import annotations
@@ -74,6 +85,25 @@ def lm_loss(stream: str = "train") -> LossFn:
 def count_parameters(model: torch.nn.Module) -> int:
     """Distinct parameters (tied weights count once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def backward_parameters(model: torch.nn.Module, trained: list[torch.nn.Parameter]) -> int:
+    """P_backward of the module docstring: the distinct parameters from the first trained one
+    on (in `model.parameters()` order), plus the output head's weight if it comes before
+    (tied to the input embedding); P when the first parameter trains."""
+    chosen = {id(p) for p in trained}
+    ordered = list({id(p): p for p in model.parameters()}.values())
+    first = next((i for i, p in enumerate(ordered) if id(p) in chosen), len(ordered))
+    after = ordered[first:]
+    total = sum(p.numel() for p in after)
+    try:
+        head = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        head = None
+    weight = getattr(head, "weight", None)
+    if isinstance(weight, torch.nn.Parameter) and all(weight is not p for p in after):
+        total += weight.numel()
+    return total
 
 
 def train(
@@ -157,7 +187,9 @@ class _Trainer:
 
         self.n_params = count_parameters(model)
         self.n_trainable = sum(p.numel() for p in self.params)
-        self.flops_per_token = 6.0 * self.n_params * (2 if config.sam_rho > 0 else 1)
+        self.n_backward = backward_parameters(model, self.params)
+        self.flops_per_token = (2.0 * self.n_params + 2.0 * self.n_backward
+                                + 2.0 * self.n_trainable) * (2 if config.sam_rho > 0 else 1)
         self.frozen_per_token = 2.0 * frozen_forward_params
         self.log_file = None
         self.shadow: list[torch.Tensor] | None = None
@@ -507,7 +539,7 @@ class _Trainer:
                    "total": run.flops_trained + run.flops_frozen},
             loss=loss, evals=list(run.evals), stop_reason=stop, wall_time_s=wall,
             parameters=self.n_params, trainable_parameters=self.n_trainable,
-            frozen_forward_params=self.frozen_forward_params,
+            backward_parameters=self.n_backward, frozen_forward_params=self.frozen_forward_params,
             diverged=self.diverged_step is not None, diverged_step=self.diverged_step,
             resumed_from=self.resumed_from, log=list(run.log), is_main_process=self.main,
             num_processes=self.world, model=model,
@@ -532,5 +564,5 @@ def _to_number(value: Any) -> Any:
     return float(value)
 
 
-__all__ = ["Batch", "LossFn", "TrainResult", "count_parameters", "lm_loss", "lr_at",
-           "planned_steps", "train"]
+__all__ = ["Batch", "LossFn", "TrainResult", "backward_parameters", "count_parameters",
+           "lm_loss", "lr_at", "planned_steps", "train"]

@@ -8,6 +8,12 @@ from typing import Any
 
 import torch
 
+FLOPS_FORMULA = (
+    "(2 * parameters + 2 * backward_parameters + 2 * trainable_parameters) * tokens: forward "
+    "through every parameter, backward through the activations from the lowest trained "
+    "parameter up (plus the output head), weight gradients of the trained parameters only; "
+    "= 6 * parameters * tokens when all train; x2 with SAM; + 2 * frozen_forward_params * "
+    "tokens for frozen models run forward (teacher, reference)")
 NOT_TERMS = {"type", "step", "lr", "grad_norm", "tokens", "flops", "tokens_per_s",
              "elapsed_s"}
 
@@ -23,8 +29,9 @@ class TrainResult:
     evals: list[dict[str, Any]]
     stop_reason: str
     wall_time_s: float
-    parameters: int  # P of the trained model (FLOPs = 6 * P * tokens)
+    parameters: int  # P of the trained model
     trainable_parameters: int
+    backward_parameters: int | None = None  # P_backward (engine.loop); None: P
     frozen_forward_params: int = 0
     diverged: bool = False  # only with keep_last_finite: the weights are the last finite ones
     diverged_step: int | None = None
@@ -49,9 +56,10 @@ class TrainResult:
             "flops_frozen": self.flops["frozen"],
             "parameters": self.parameters,
             "trainable_parameters": self.trainable_parameters,
+            "backward_parameters": (self.parameters if self.backward_parameters is None
+                                    else self.backward_parameters),
             "frozen_forward_params": self.frozen_forward_params,
-            "flops_formula": "6 * parameters * tokens (trained forward+backward, x2 with SAM) "
-                             "+ 2 * frozen_forward_params * tokens",
+            "flops_formula": FLOPS_FORMULA,
             "processes": self.num_processes,
             "stop_reason": self.stop_reason,
             "diverged_step": self.diverged_step,

@@ -45,6 +45,7 @@ from undo_cli.options.base import (
     METHOD,
     NOISE,
     SEED_MAX,
+    SELECTION,
     TRAINING,
     check,
     check_number,
@@ -61,6 +62,7 @@ from undo_cli.options.defaults import (
     TRAIN_STEPS,
 )
 from undo_cli.options.groups import (
+    CHOICE_FORMATS,
     DEFAULT_MAX_LENGTH,
     DEFAULT_PACKING,
     NOISES,
@@ -87,7 +89,8 @@ __all__ = [
     "DEFAULT_LRS", "DEFAULT_MAX_LENGTH", "DEFAULT_PACKING", "DISTILLATION", "DISTILL_EVAL_EVERY",
     "DISTILL_STOP_WHEN_CAP", "EVALUATION", "IN_OUT", "MEASUREMENT", "METHOD", "NOISE", "NOISES",
     "OPTIMIZERS", "PACKING_MODES", "PAPER_LRS", "RESUME_KEYS", "SAVE_DTYPES", "SCHEDULES",
-    "SEARCH_BATCH_SIZES", "SEARCH_LORA_RANKS", "SEED_MAX", "TRAINING",
+    "SEARCH_BATCH_SIZES", "SEARCH_LORA_RANKS", "SEED_MAX", "SELECTION", "TRAINING",
+    "CHOICE_FORMATS",
     "TRAIN_STEPS", "AttackConfig", "AttackMeasurement", "DataOptions", "DistillOptions",
     "EvalOptions", "GateOptions", "LoadOptions", "NoiseOptions", "OutputOptions", "RunOptions",
     "RunSpec", "SaveOptions", "TrainConfig", "UnlearnOptions", "check", "check_number",

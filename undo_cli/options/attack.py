@@ -173,6 +173,14 @@ class AttackConfig:
     group_size: int | None = option(None, "With --quantize: one scale per G input weights "
                                     "(default: per output channel).", metavar="G",
                                     panel=ATTACK, minimum=1)
+    shrink_perturb: float | None = option(None, "Before the attack, shrink and noise the "
+                                          "model to (1 - A) w + A B N as undo perturb, seeded "
+                                          "by --seed (the paper's shrink_perturb_relearning); "
+                                          "step 0 measures the noised model.", metavar="A",
+                                          panel=ATTACK, above=0, maximum=1)
+    shrink_perturb_beta: float = option(0.1, "Noise scale B of --shrink-perturb (the paper's "
+                                        "0.1; 0: shrink only).", metavar="B", panel=ATTACK,
+                                        minimum=0)
     few_shot: int | None = option(None, "Also attack without finetuning by prompting: K "
                                   "forget-domain demonstrations from --data (seeded, K per "
                                   "prompt) before every evaluation prompt, as "

@@ -19,6 +19,7 @@ DISTILLATION = "Distillation"
 ATTACK = "Attack"
 MEASUREMENT = "Measurement"
 NOISE = "Noise"
+SELECTION = "What trains"
 
 
 def option(default: Any = None, help: str = "", *, flag: str | None = None,  # noqa: A002

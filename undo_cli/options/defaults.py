@@ -49,6 +49,10 @@ COMMAND_HELP: dict[str, dict[str, str]] = {
         "beta": "Noise scale with --alpha (paper: 0.1).",
         "include": "With --alpha: noise only tensors whose name matches (repeatable).",
         "exclude": "With --alpha: leave tensors whose name matches unnoised (repeatable).",
+        "layers": "With --alpha: noise only the tensors of these decoder layers, e.g. 10-15 "
+                  "(0-based). Without --layers/--include/--exclude but with --train or "
+                  "--train-layers, only the trained parameters are noised (as the paper's "
+                  "code: frozen weights keep the teacher's values).",
         "eval": "Sets measured on the teacher once and on the student every --eval-every steps "
                 "(metrics NAME.loss, NAME.accuracy, ...); used by --stop-when.",
     },

@@ -16,6 +16,7 @@ from undo_cli.options.base import (
     METHOD,
     NOISE,
     SEED_MAX,
+    SELECTION,
     TRAINING,
     check,
     option,
@@ -29,6 +30,7 @@ DEFAULT_PACKING = "documents"
 DEFAULT_MAX_LENGTH = 256  # --max-length unless the model's maximum is smaller
 SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 NOISES = ("xavier-uniform", "xavier-normal")  # the noise step's distributions (undo_cli.perturb)
+CHOICE_FORMATS = ("qa", "letters", "raw")  # multiple-choice prompts (undo_cli.evaluate)
 
 
 @dataclass
@@ -158,6 +160,10 @@ class EvalOptions:
                               "one. Default: a newline. \\n and \\t are read as newline and "
                               "tab. EOS always stops.", metavar="TEXT", panel=EVALUATION,
                               factory=list)
+    choice_format: str = option("qa", "Prompt of multiple-choice sets ({question, choices, "
+                                "answer}): qa ('Question: Q\\nAnswer:' + ' CHOICE'), letters "
+                                "(the MMLU/WMDP layout: lettered choices, scores ' A', ' B', "
+                                "...) or raw.", panel=EVALUATION, choices=CHOICE_FORMATS)
 
 
 @dataclass
@@ -270,6 +276,49 @@ class DistillOptions:
     cache_topk: int = option(64, "Teacher log-probabilities kept per position in the cache; "
                              "the rest is one bucket (exact when k >= vocabulary size).",
                              panel=DISTILLATION, minimum=1)
+    train_pattern: str | None = option(None, "Train only parameters whose name matches "
+                                       "(re.search), e.g. mlp (the paper's "
+                                       "layer_types_to_train); the others are frozen, out of "
+                                       "the optimizer. With --train-layers: both must hold.",
+                                       flag="--train", metavar="REGEX", panel=SELECTION)
+    train_layers: str | None = option(None, "Train only the parameters of these decoder "
+                                      "layers, e.g. 10-15 or 0,2,4-6 (0-based; the paper's "
+                                      "layers_to_train); embeddings, final norm, head frozen.",
+                                      metavar="RANGE", panel=SELECTION)
+    hidden_loss_weight: float = option(0.0, "Add W * the mean squared difference of the "
+                                       "student's and the teacher's residual states, over the "
+                                       "--hidden-layers and the distilled positions (the "
+                                       "paper's use_activation_loss; 0: off).", metavar="W",
+                                       panel=DISTILLATION, minimum=0)
+    hidden_layers: str | None = option(None, "Decoder layers the hidden-state term compares, "
+                                       "e.g. 10-15 (default: all; the last layer's state is "
+                                       "after the final norm, as transformers returns it).",
+                                       metavar="RANGE", panel=DISTILLATION)
+    second_teacher: Path | None = option(None, "A second teacher (e.g. the model before "
+                                         "unlearning; same tokenizer) giving the targets of "
+                                         "some micro-batches (the paper's base_teacher with "
+                                         "switch_teachers).", metavar="CKPT",
+                                         panel=DISTILLATION)
+    second_teacher_fraction: float | None = option(
+        None, "Fraction P of the training micro-batches (not of tokens or records) whose "
+        "targets come from --second-teacher: micro-batch i (counted over the run, the same "
+        "on every process) goes to it when floor((i+1)P + o) > floor(iP + o), o in [0, 1) "
+        "drawn from --seed, so any n consecutive micro-batches hold floor(nP) or ceil(nP) of "
+        "them and the same seed picks the same ones.", metavar="P", panel=DISTILLATION,
+        above=0, maximum=1)
+
+    def validate(self) -> None:
+        """`UsageError` for impossible combinations (checked before any work)."""
+        check(self)
+        if (self.second_teacher is None) != (self.second_teacher_fraction is None):
+            raise UsageError("--second-teacher and --second-teacher-fraction go together")
+        clash = ("--second-teacher" if self.second_teacher is not None else
+                 "--hidden-loss-weight" if self.hidden_loss_weight > 0 else None)
+        if self.cache_teacher is not None and clash:
+            raise UsageError(f"--cache-teacher stores only the first teacher's top-k outputs: "
+                             f"it cannot be combined with {clash}")
+        if self.hidden_layers is not None and not self.hidden_loss_weight > 0:
+            raise UsageError("--hidden-layers needs --hidden-loss-weight W > 0")
 
 
 @dataclass
@@ -299,6 +348,10 @@ class NoiseOptions:
                                 factory=list)
     exclude: list[str] = option(help="Copy tensors whose name matches unchanged "
                                 "(repeatable).", metavar="REGEX", panel=NOISE, factory=list)
+    layers: str | None = option(None, "Perturb only the tensors of these decoder layers, e.g. "
+                                "10-15 or 0,2,4-6 (0-based; llama/gemma2/qwen2 "
+                                "model.layers.N., gpt2 transformer.h.N.); --include/--exclude "
+                                "apply on top.", metavar="RANGE", panel=NOISE)
 
     def validate(self) -> None:
         check(self)

@@ -35,7 +35,12 @@ Tied weights (e.g. GPT-2's `lm_head.weight` and `transformer.wte.weight`) are no
 keyed by the input embedding's name; a checkpoint that stores both gets identical outputs.
 """
 
-from undo_cli.perturb.memory import perturb_model_, perturb_state_dict, perturb_tensor
+from undo_cli.perturb.memory import (
+    noise_selection,
+    perturb_model_,
+    perturb_state_dict,
+    perturb_tensor,
+)
 from undo_cli.perturb.noise import (
     CHUNK_ELEMENTS,
     INPUT_EMBEDDINGS,
@@ -56,7 +61,7 @@ from undo_cli.perturb.stream import PerturbPlan, perturb_checkpoint, plan_pertur
 __all__ = [
     "CHUNK_ELEMENTS", "INPUT_EMBEDDINGS", "OUTPUT_EMBEDDINGS", "RECOMMENDED_ALPHA",
     "RECOMMENDED_BETA", "PerturbOptions", "PerturbPlan", "chunk_generator", "draw_noise",
-    "fan_in_and_fan_out", "make_options", "noise_scale", "perturb_checkpoint",
+    "fan_in_and_fan_out", "make_options", "noise_scale", "noise_selection", "perturb_checkpoint",
     "perturb_model_", "perturb_state_dict", "perturb_tensor", "plan_perturbation",
     "tensor_action", "tied_embeddings",
 ]

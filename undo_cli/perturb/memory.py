@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from undo_cli.checkpoint.safetensors_io import dtype_name
+from undo_cli.errors import UsageError
 from undo_cli.perturb import noise
 from undo_cli.perturb.noise import (
     PerturbOptions,
@@ -84,6 +85,16 @@ def perturb_state_dict(state_dict: dict[str, torch.Tensor], alpha: float, beta: 
     embedding's name when `tie_word_embeddings` (else by the first name).
     """
     options = make_options(alpha, beta, seed, noise, include, exclude)
+    new = _perturb_state(state_dict, options, tie_word_embeddings, threads)
+    return {name: state_dict[name].detach().clone() if value is None else value
+            for name, value in new.items()}
+
+
+def _perturb_state(state_dict: dict[str, torch.Tensor], options: PerturbOptions,
+                   tie_word_embeddings: bool, threads: int | None
+                   ) -> dict[str, torch.Tensor | None]:
+    """Perturbed tensors of `state_dict` by name; None for a tensor the options leave
+    unchanged (so that the in-place path never writes it)."""
     ties = tied_embeddings(state_dict, tie_word_embeddings)
     groups: dict[tuple, list[str]] = {}
     for name, t in state_dict.items():
@@ -95,12 +106,14 @@ def perturb_state_dict(state_dict: dict[str, torch.Tensor], alpha: float, beta: 
         c = next(k for k, v in groups.items() if canonical in v)
         if a != c and _same_layout(state_dict[alias], state_dict[canonical]):
             groups[c] += groups.pop(a)
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor | None] = {}
     for members in groups.values():
         key = next((ties[m] for m in members if m in ties), members[0])
         if key not in members:
             key = members[0]
-        value = _perturb_in_memory(key, state_dict[key], options, threads)
+        src = state_dict[key]
+        action = tensor_action(key, tuple(src.shape), src.is_floating_point(), options)
+        value = None if action == "copy" else _perturb_in_memory(key, src, options, threads)
         for m in members:
             out[m] = value
     return {name: out[name] for name in state_dict}
@@ -110,25 +123,77 @@ def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype
 
 
-def perturb_model_(model, alpha: float, beta: float, seed: int = 0,
-                   noise: str = "xavier-uniform", *, include: str | Iterable[str] | None = None,
-                   exclude: str | Iterable[str] | None = None,
-                   threads: int | None = None):
-    """Apply the noise step to a loaded model in place (same values as `undo perturb` on its
-    saved checkpoint); returns the model."""
-    import torch
+def _model_options(model, alpha: float, beta: float, seed: int, noise: str,
+                   include, exclude, layers: str | None, only: Iterable[str] | None
+                   ) -> tuple[PerturbOptions, tuple[tuple[int, ...], str] | None]:
+    """The checked options for `model`, with `layers` resolved against its tensor names."""
+    from undo_cli.layers import parse_layer_range, resolve_layers
 
+    parse_layer_range(layers)
+    make_options(alpha, beta, seed, noise, include, exclude)  # the clear errors first
+    names = list(model.state_dict())
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    selection = resolve_layers(layers, names, model_type)
+    options = make_options(alpha, beta, seed, noise, include, exclude,
+                           layers=selection[1] if selection else None, only=only)
+    return options, selection
+
+
+def noise_selection(model, alpha: float, beta: float, *,
+                    include: str | Iterable[str] | None = None,
+                    exclude: str | Iterable[str] | None = None, layers: str | None = None,
+                    only: Iterable[str] | None = None) -> dict:
+    """What `perturb_model_` with these options does to `model`, for manifests: the layers
+    and their pattern, the names of the tensors noised and shrunk, and how many stay
+    unchanged. `UsageError` if the selection names no tensor at all."""
+    options, selection = _model_options(model, alpha, beta, 0, "xavier-uniform", include,
+                                        exclude, layers, only)
+    noised, shrunk, unchanged = [], [], 0
     state = model.state_dict()
     tie = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
-    new = perturb_state_dict(state, alpha, beta, seed, noise, include=include,
-                             exclude=exclude, tie_word_embeddings=tie, threads=threads)
+    ties = tied_embeddings(state, tie)  # a tied head follows its input embedding
+    for name, t in state.items():
+        action = tensor_action(ties.get(name, name), tuple(t.shape), t.is_floating_point(),
+                               options)
+        if action == "noise":
+            noised.append(name)
+        elif action == "shrink":
+            shrunk.append(name)
+        else:
+            unchanged += 1
+    if not (noised or shrunk) and options.alpha > 0:
+        raise UsageError("the noise selection (--layers / --include / --exclude) matches no "
+                         "tensor of the model")
+    return {"layers": list(selection[0]) if selection else None,
+            "layer_pattern": selection[1] if selection else None,
+            "include": [p.pattern for p in options.include],
+            "exclude": [p.pattern for p in options.exclude],
+            "only_trained": options.only is not None,
+            "noised": noised, "shrunk": shrunk, "unchanged": unchanged}
+
+
+def perturb_model_(model, alpha: float, beta: float, seed: int = 0,
+                   noise: str = "xavier-uniform", *, include: str | Iterable[str] | None = None,
+                   exclude: str | Iterable[str] | None = None, layers: str | None = None,
+                   only: Iterable[str] | None = None, threads: int | None = None):
+    """Apply the noise step to a loaded model in place (same values as `undo perturb` on its
+    saved checkpoint with the same selection); returns the model. `layers` ("10-15") limits
+    it to those decoder layers, `only` to exactly those tensor names; tensors outside the
+    selection are not touched."""
+    import torch
+
+    options, _ = _model_options(model, alpha, beta, seed, noise, include, exclude, layers, only)
+    state = model.state_dict()
+    tie = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    new = _perturb_state(state, options, tie, threads)
     done: set[int] = set()
     with torch.no_grad():
         for name, tensor in state.items():
-            if id(new[name]) in done:
+            value = new[name]
+            if value is None or id(value) in done:  # unchanged, or a tied alias written
                 continue
-            done.add(id(new[name]))
-            tensor.copy_(new[name])
+            done.add(id(value))
+            tensor.copy_(value)
     return model
 
 

@@ -40,9 +40,17 @@ class PerturbOptions:
     noise: str = "xavier-uniform"
     include: tuple[re.Pattern, ...] = ()
     exclude: tuple[re.Pattern, ...] = ()
+    layers: re.Pattern | None = None  # --layers, resolved to the model's tensor names
+    only: frozenset[str] | None = None  # exactly these names (distill: the trained ones)
 
     def selects(self, name: str) -> bool:
-        """Whether tensor `name` is perturbed at all (else it is copied unchanged)."""
+        """Whether tensor `name` is perturbed at all (else it is copied unchanged): it is in
+        `only` (if set), in the `layers` (if set), matches an `include` pattern (if any) and
+        no `exclude` pattern."""
+        if self.only is not None and name not in self.only:
+            return False
+        if self.layers is not None and not self.layers.search(name):
+            return False
         if self.include and not any(p.search(name) for p in self.include):
             return False
         return not any(p.search(name) for p in self.exclude)
@@ -63,9 +71,14 @@ def _patterns(value: str | Iterable[str] | None, option: str) -> tuple[re.Patter
 
 def make_options(alpha: float, beta: float, seed: int = 0, noise: str = "xavier-uniform",
                  include: str | Iterable[str] | None = None,
-                 exclude: str | Iterable[str] | None = None) -> PerturbOptions:
+                 exclude: str | Iterable[str] | None = None, *,
+                 layers: str | None = None,
+                 only: Iterable[str] | None = None) -> PerturbOptions:
     """Check the noise-step options (`undo_cli.options.NoiseOptions`, the one place alpha,
-    beta and the noise kind are validated); raise `UsageError` saying what is wrong."""
+    beta and the noise kind are validated); raise `UsageError` saying what is wrong.
+
+    `layers` is the regular expression of a resolved `--layers` selection
+    (`undo_cli.layers.resolve_layers`); `only`, if given, the exact tensor names allowed."""
     for name, value in (("--alpha", alpha), ("--beta", beta)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UsageError(f"{name} must be a number (got {value!r})")
@@ -73,7 +86,9 @@ def make_options(alpha: float, beta: float, seed: int = 0, noise: str = "xavier-
     check_seed("--seed", seed)
     return PerturbOptions(alpha=float(alpha), beta=float(beta), seed=seed, noise=noise,
                           include=_patterns(include, "--include"),
-                          exclude=_patterns(exclude, "--exclude"))
+                          exclude=_patterns(exclude, "--exclude"),
+                          layers=re.compile(layers) if layers else None,
+                          only=frozenset(only) if only is not None else None)
 
 
 def fan_in_and_fan_out(shape: tuple[int, ...]) -> tuple[int, int]:

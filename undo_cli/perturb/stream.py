@@ -97,6 +97,15 @@ def _config_ties(path: Path) -> bool:
         return False
 
 
+def _model_type(path: Path) -> str | None:
+    """`model_type` of a checkpoint's config.json (None when unreadable)."""
+    try:
+        value = json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
 def plan_perturbation(reader: CheckpointReader, options: PerturbOptions, *,
                       max_shard_size: int | None = None,
                       tie_word_embeddings: bool = False) -> PerturbPlan:
@@ -318,6 +327,7 @@ def perturb_checkpoint(src: str | Path, dst: str | Path, alpha: float, beta: flo
                        seed: int = 0, noise: str = "xavier-uniform", *,
                        include: str | Iterable[str] | None = None,
                        exclude: str | Iterable[str] | None = None,
+                       layers: str | None = None,
                        max_shard_size: int | str | None = None, overwrite: bool = False,
                        threads: int | None = None, allow_nonfinite: bool = False,
                        progress: Callable[[int, int], None] | None = None,
@@ -332,8 +342,9 @@ def perturb_checkpoint(src: str | Path, dst: str | Path, alpha: float, beta: flo
     written atomically (nothing at `dst` unless everything succeeded) with the input's
     config/tokenizer files and an `undo.json` manifest, and checked before it is renamed into
     place (`verify_output`). NaN or infinite weights are refused unless `allow_nonfinite`.
-    `progress(done, total)` is called with bytes of tensor data written. Returns a summary
-    dict.
+    `progress(done, total)` is called with bytes of tensor data written. `layers` ("10-15",
+    `undo_cli.layers`) limits the noise to those decoder layers (with `include` / `exclude`
+    on top). Returns a summary dict.
     """
     from undo_cli.checkpoint import (
         atomic_output,
@@ -343,9 +354,11 @@ def perturb_checkpoint(src: str | Path, dst: str | Path, alpha: float, beta: flo
         inspect_checkpoint,
         write_manifest,
     )
+    from undo_cli.layers import parse_layer_range, resolve_layers
 
     start = time.time()
     options = make_options(alpha, beta, seed, noise, include, exclude)
+    parse_layer_range(layers)  # a malformed range is refused before anything is read
     shard_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
     thread_count(threads)
     src, dst = Path(src), Path(dst)
@@ -359,6 +372,10 @@ def perturb_checkpoint(src: str | Path, dst: str | Path, alpha: float, beta: flo
                          "undo perturb streams safetensors checkpoints only")
     check_output_path(dst, inputs=[src], overwrite=overwrite)
     with CheckpointReader(src) as reader:
+        selection = resolve_layers(layers, reader.entries, _model_type(src))
+        if selection is not None:
+            options = make_options(alpha, beta, seed, noise, include, exclude,
+                                   layers=selection[1])
         plan = plan_perturbation(reader, options, max_shard_size=shard_bytes,
                                  tie_word_embeddings=_config_ties(src))
         total = plan.total_bytes
@@ -375,6 +392,8 @@ def perturb_checkpoint(src: str | Path, dst: str | Path, alpha: float, beta: flo
                      "beta": options.beta, "seed": seed, "noise": noise,
                      "include": [p.pattern for p in options.include],
                      "exclude": [p.pattern for p in options.exclude],
+                     "layers": list(selection[0]) if selection else None,
+                     "layer_pattern": selection[1] if selection else None,
                      "max_shard_size": max_shard_size}
         with atomic_output(dst, inputs=[src], overwrite=overwrite) as tmp, \
                 ThreadPoolExecutor(1, thread_name_prefix="undo-manifest") as background:
@@ -392,6 +411,7 @@ def perturb_checkpoint(src: str | Path, dst: str | Path, alpha: float, beta: flo
     return {"input": str(src), "output": str(dst), "alpha": options.alpha,
             "beta": options.beta, "seed": seed, "noise": noise, "files": files,
             "bytes_written": total, **counts,
+            "layers": list(selection[0]) if selection else None,
             "tied_weights": dict(plan.ties),
             "wall_time_s": round(time.time() - start, 3)}
 

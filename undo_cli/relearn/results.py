@@ -71,11 +71,13 @@ def describe_attack(config: AttackConfig, data: Sequence[str], data_options: Dat
               "max_retain_drop": measurement.max_retain_drop,
               "retain_metric": measurement.retain_metric if measurement.max_retain_drop
               is not None or config.ablate_direction else None}
+    shrink = shrink_perturb_settings(config)
     if not config.finetune:
         return {"mode": "none", "lrs": [], "steps": 0, "batch_size": t.batch_size,
                 "eval_every": config.eval_every, "seeds": config.seed_list(),
                 "data": [str(d) for d in data], "max_length": data_options.max_length,
-                "lora": None, "quantize": quant, "search": None, **static}
+                "lora": None, "quantize": quant, "search": None, "shrink_perturb": shrink,
+                **static}
     lora = None
     if config.lora or config.search:
         lora = {"rank": lora_rank or config.lora_rank, "rank_requested": config.lora_rank,
@@ -96,7 +98,7 @@ def describe_attack(config: AttackConfig, data: Sequence[str], data_options: Dat
             "schedule": t.schedule, "warmup_steps": t.warmup_steps, "min_lr": t.min_lr,
             "weight_decay": t.weight_decay, "grad_accum": t.grad_accum,
             "max_grad_norm": t.max_grad_norm, "bf16": t.bf16, "lora": lora, "quantize": quant,
-            "search": search, **static}
+            "search": search, "shrink_perturb": shrink, **static}
 
 
 def _retain_metric(measurement: AttackMeasurement, available: Sequence[str]) -> str:
@@ -121,6 +123,15 @@ def _prompts_of(data: EvalData, tokenizer) -> list[list[int]]:
     """Token ids of what a set's items start from: prompts, questions or texts."""
     texts = [item if data.shape == "text" else item[0] for item in data.items]
     return [tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
+
+
+def shrink_perturb_settings(config: AttackConfig) -> dict[str, Any] | None:
+    """The `attack.shrink_perturb` entry of results.json: what noised the model before the
+    attack (None without --shrink-perturb)."""
+    if config.shrink_perturb is None:
+        return None
+    return {"alpha": config.shrink_perturb, "beta": config.shrink_perturb_beta,
+            "seed": config.train.seed, "noise": "xavier-uniform"}
 
 
 def relearn_checkpoint(
@@ -231,6 +242,11 @@ def relearn_checkpoint(
     model = load_model(checkpoint, device=training_device(config.train.device),
                        allow_pickle=load.allow_pickle, trust_remote_code=load.trust_remote_code,
                        base_model=load.base_model)
+    if config.shrink_perturb is not None:  # before the step-0 evaluation: part of the attack
+        from undo_cli.perturb import perturb_model_
+
+        perturb_model_(model, config.shrink_perturb, config.shrink_perturb_beta,
+                       seed=config.train.seed)
     digest = fingerprint(checkpoint)
     # Under a multi-process launch every process trains on its share of each run's batches
     # and evaluates its share of the requests (all get every metric); only the main one writes.

@@ -1,0 +1,341 @@
+"""`distill_checkpoint`, the library entry point of `undo distill`: the student's initial
+weights (`build_student`), what trains, the teachers, and the stage skeleton around the
+engine."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from undo_cli import stage
+from undo_cli.distill.loss import kd_loss_fn
+from undo_cli.distill.teachers import TeacherCache, TeacherSwitch
+from undo_cli.errors import UsageError
+from undo_cli.layers import parse_layer_range
+from undo_cli.options import (
+    DISTILL_EVAL_EVERY,
+    DISTILL_STOP_WHEN_CAP,
+    TRAIN_STEPS,
+    DataOptions,
+    DistillOptions,
+    EvalOptions,
+    LoadOptions,
+    NoiseOptions,
+    SaveOptions,
+    TrainConfig,
+)
+
+RANDOM_STUDENT_SEED_OFFSET = 7919
+LISTED_NAMES = 50  # tensor names listed in the manifest per category (then only counted)
+
+
+def build_student(spec: str, teacher, noise: NoiseOptions, noise_seed: int, seed: int, *,
+                  load: LoadOptions | None = None, only: Sequence[str] | None = None):
+    """The model to train: a checkpoint, `random` (fresh init with the teacher's config), or,
+    with `--alpha/--beta`, the teacher noised in memory exactly as `undo perturb` would (with
+    the same --layers / --include / --exclude selection; `only`, if given, limits the noise to
+    exactly those tensor names). Tensors outside the selection keep the teacher's values."""
+    import copy
+
+    from undo_cli.checkpoint import load_model
+    from undo_cli.modelfactory import random_model
+    from undo_cli.perturb import perturb_model_
+
+    load = load or LoadOptions()
+    if noise.alpha is not None:
+        if spec not in ("teacher", ""):
+            raise UsageError("--alpha/--beta noise the teacher in memory: give --student "
+                             "teacher (or leave --student out), not another model")
+        student = copy.deepcopy(teacher).train().requires_grad_(True)
+        perturb_model_(student, noise.alpha, noise.beta, seed=noise_seed, noise=noise.noise,
+                       include=noise.include or None, exclude=noise.exclude or None,
+                       layers=noise.layers, only=only)
+        return student
+    if spec == "random":
+        # A seed of its own: `undo init --seed S` and `--seed S` here must not give the base
+        # model's starting weights back.
+        return random_model(teacher.config, seed=RANDOM_STUDENT_SEED_OFFSET + seed)
+    if spec == "teacher":
+        raise UsageError("--student teacher noises the teacher in memory: give --alpha A "
+                         "--beta B (the paper: --alpha 0.6 --beta 0.1)")
+    if spec == "":
+        raise UsageError("--student is needed: a checkpoint directory (e.g. the output of "
+                         "`undo perturb`), `random`, or `teacher` with --alpha/--beta")
+    return load_model(spec, allow_pickle=load.allow_pickle,
+                      trust_remote_code=load.trust_remote_code, base_model=load.base_model)
+
+
+def check_compatible(teacher, student, teacher_tok, student_tok, *,
+                     what: str = "teacher and student") -> None:
+    """Teacher and student must share the tokenizer and the vocabulary size."""
+    tv = teacher.get_output_embeddings().weight.shape[0]
+    sv = student.get_output_embeddings().weight.shape[0]
+    if tv != sv:
+        raise UsageError(f"{what} vocabularies differ ({tv} vs {sv} tokens): "
+                         "distillation needs the same tokenizer")
+    if student_tok is not None and teacher_tok.get_vocab() != student_tok.get_vocab():
+        raise UsageError(f"{what} tokenizers differ: distillation needs the same tokenizer")
+
+
+def _shape(model) -> tuple[int | None, int | None]:
+    """(decoder layers, hidden size) from a model's config."""
+    config = model.config
+    layers = next((getattr(config, k) for k in ("num_hidden_layers", "n_layer")
+                   if isinstance(getattr(config, k, None), int)), None)
+    hidden = next((getattr(config, k) for k in ("hidden_size", "n_embd")
+                   if isinstance(getattr(config, k, None), int)), None)
+    return layers, hidden
+
+
+def hidden_layer_list(options: DistillOptions, student, teachers: Sequence[Any]
+                      ) -> list[int] | None:
+    """The decoder layers the hidden-state term compares (None: the term is off); checks
+    that student and teachers have the same number of layers and hidden size."""
+    if not options.hidden_loss_weight > 0:
+        return None
+    shape = _shape(student)
+    for teacher in teachers:
+        if _shape(teacher) != shape or None in shape:
+            raise UsageError(f"--hidden-loss-weight compares hidden states layer by layer: "
+                             f"student and teacher need the same number of layers and hidden "
+                             f"size (student {shape}, teacher {_shape(teacher)})")
+    layers = parse_layer_range(options.hidden_layers, "--hidden-layers")
+    if layers is None:
+        return list(range(shape[0]))
+    if layers[-1] >= shape[0]:
+        raise UsageError(f"--hidden-layers {options.hidden_layers}: the model has {shape[0]} "
+                         f"decoder layers (0..{shape[0] - 1})")
+    return list(layers)
+
+
+@dataclass
+class _Plan:
+    """What trains and what is noised, decided on the teacher before the student exists."""
+
+    trained: list[str] | None  # names of the trained parameters (None: all)
+    noise_only: list[str] | None  # the noise limited to these names (the trained ones)
+    noise: dict[str, Any] | None  # the manifest's record of the in-memory noise
+
+
+def _plan(teacher, options: DistillOptions, noise: NoiseOptions) -> _Plan:
+    from undo_cli.perturb import noise_selection
+
+    trained = None
+    if options.train_pattern is not None or options.train_layers is not None:
+        trained = [n for n, _ in stage.select_parameters(
+            teacher, options.train_pattern, options.train_layers, pattern_flag="--train")]
+    own = noise.layers is not None or noise.include or noise.exclude
+    only = trained if (trained is not None and not own) else None
+    record = None
+    if noise.alpha is not None:
+        record = noise_selection(teacher, noise.alpha, noise.beta,
+                                 include=noise.include or None, exclude=noise.exclude or None,
+                                 layers=noise.layers, only=only)
+        for key in ("noised", "shrunk"):
+            record[f"{key}_count"] = len(record[key])
+            record[key] = record[key][:LISTED_NAMES]
+    return _Plan(trained=trained, noise_only=only, noise=record)
+
+
+def _validate(options: DistillOptions, noise: NoiseOptions) -> None:
+    """Every check that needs no model, before any work."""
+    options.validate()
+    noise.validate()
+    parse_layer_range(options.train_layers, "--train-layers")
+    parse_layer_range(options.hidden_layers, "--hidden-layers")
+    parse_layer_range(noise.layers, "--layers")
+    if options.train_pattern is not None:
+        import re
+
+        try:
+            re.compile(options.train_pattern)
+        except re.error as e:
+            raise UsageError(f"--train {options.train_pattern!r} is not a valid regular "
+                             f"expression ({e})") from e
+
+
+def distill_checkpoint(teacher_path: str | Path, student: str, out: str | Path, *,
+                       data: Sequence[str], options: DistillOptions | None = None,
+                       noise: NoiseOptions | None = None, train: TrainConfig | None = None,
+                       data_options: DataOptions | None = None,
+                       evals: EvalOptions | None = None, load: LoadOptions | None = None,
+                       overwrite: bool = False, callbacks: stage.Callbacks | None = None,
+                       save: SaveOptions | None = None) -> dict[str, Any]:
+    """Distil `teacher_path` into `student` (a checkpoint, `random`, or `teacher` noised in
+    memory with `noise`, as `undo perturb` with seed `options.perturb_seed`) on `data` and
+    write the result to `out`; returns the summary printed by `undo distill`.
+
+    No budget in `train` means `TRAIN_STEPS` steps, or with `options.stop_when` alone a
+    generous cap (`DISTILL_STOP_WHEN_CAP`) and evaluation every `DISTILL_EVAL_EVERY` steps
+    unless `train.eval_every` says otherwise; the `evals` sets are measured on the teacher
+    once and on the student at each evaluation. The model is written in the student's dtype
+    and sharding (the teacher's for `random` and `teacher`) unless `save` says otherwise.
+
+    `options.train_pattern` / `train_layers` train only the selected parameters (the others
+    are frozen and absent from the optimizer; the in-memory noise then touches only them
+    unless `noise` selects tensors itself); `hidden_loss_weight` adds the hidden-state term;
+    `second_teacher` gives the targets of a `second_teacher_fraction` of the micro-batches.
+    """
+    from undo_cli.checkpoint import fingerprint, load_model, load_tokenizer, save_layout
+    from undo_cli.data import build_stream, fit_packing
+    from undo_cli.engine import training_device
+    from undo_cli.evaluate import expected_metrics
+    from undo_cli.gates import StopCondition
+
+    started = time.time()
+    teacher_path = Path(teacher_path)
+    options, data_options = options or DistillOptions(), data_options or DataOptions()
+    evals, load = evals or EvalOptions(), load or LoadOptions()
+    save = save or SaveOptions()
+    save.validate()
+    noise = noise or NoiseOptions(alpha=None, beta=None)
+    train = train or TrainConfig(lr=1e-3)
+    student = student or ("teacher" if noise.alpha is not None else "")
+    _validate(options, noise)
+    budget = train.max_steps or train.max_tokens or train.max_flops
+    if budget is None:
+        train = replace(train, max_steps=DISTILL_STOP_WHEN_CAP if options.stop_when
+                        else TRAIN_STEPS)
+    if options.stop_when and train.eval_every is None:
+        train = replace(train, eval_every=DISTILL_EVAL_EVERY)
+    config = train.for_output(out)
+    config.validate()
+    stop = StopCondition(options.stop_when) if options.stop_when else None
+    if stop is not None and not evals.eval:
+        raise UsageError("--stop-when needs --eval sets to measure")
+    if student == "teacher" and noise.alpha is None:
+        build_student(student, None, noise, 0, config.seed)  # the clear error, before work
+    student_is_dir = student not in ("random", "teacher", "")
+    second_path = Path(options.second_teacher) if options.second_teacher is not None else None
+    inputs = ([teacher_path] + ([Path(student)] if student_is_dir else [])
+              + ([second_path] if second_path is not None else []))
+    infos = stage.check_inputs(
+        out, inputs, load, overwrite=overwrite,
+        reads=[*stage.data_paths("--data", data), *stage.eval_paths(evals)],
+        writes=[("--state-dir", config.state_dir), ("--cache-teacher", options.cache_teacher)])
+    data_options = stage.fit_length(data_options, infos[0].config)
+    if student_is_dir:
+        stage.check_length(data_options.max_length, infos[1].config)
+
+    def tokenizer(path):
+        return load_tokenizer(path, trust_remote_code=load.trust_remote_code,
+                              base_model=load.base_model)
+
+    tok = tokenizer(teacher_path)
+    student_tok = tokenizer(student) if student_is_dir else None
+    second_tok = tokenizer(second_path) if second_path is not None else None
+    stream = build_stream(tok, data, data_options.max_length, config.batch_size, config.seed,
+                          name="train", packing=data_options.packing)
+    sets = stage.load_eval_sets(evals, tok)
+    if stop is not None:  # before any model is loaded
+        stop.check_names(set(expected_metrics(sets)))
+
+    device = training_device(config.device)
+
+    def frozen_model(path: Path):
+        model = load_model(path, allow_pickle=load.allow_pickle,
+                           trust_remote_code=load.trust_remote_code,
+                           base_model=load.base_model).to(device).eval()
+        return model.requires_grad_(False)
+
+    teacher = frozen_model(teacher_path)
+    plan = _plan(teacher, options, noise)
+    model = build_student(student, teacher, noise, options.perturb_seed, config.seed, load=load,
+                          only=plan.noise_only)
+    check_compatible(teacher, model, tok, student_tok)
+    second = None
+    if second_path is not None:
+        second = frozen_model(second_path)
+        check_compatible(teacher, second, tok, second_tok, what="teacher and second teacher")
+    hidden_layers = hidden_layer_list(options, model, [t for t in (teacher, second) if t])
+    parameters = None
+    if plan.trained is not None:  # the same names on the student (checked: it has them)
+        named = dict(model.named_parameters())
+        missing = [n for n in plan.trained if n not in named]
+        if missing:
+            raise UsageError(f"the student has no parameter {missing[0]} selected by --train/"
+                             "--train-layers on the teacher: give a student of the teacher's "
+                             "architecture")
+        parameters = [named[n] for n in plan.trained]
+
+    measure = stage.measure(tok, sets, evals)
+    teacher_metrics = measure(teacher) if sets else {}
+    streams: dict = {"train": stream}
+    fit_packing(streams, [m for m in (teacher, model, second) if m is not None])
+
+    def size(m) -> int:
+        return sum(p.numel() for p in {id(p): p for p in m.parameters()}.values())
+
+    frozen = size(teacher)
+    frozen_rate = frozen
+    cache = switch = None
+    if options.cache_teacher is not None:
+        key = {"teacher": fingerprint(teacher_path), "data": list(data), "seed": config.seed,
+               "batch_size": config.batch_size, "max_length": data_options.max_length,
+               "packing": "documents-padded" if stream.padded_documents
+               else data_options.packing}
+        cache = TeacherCache(stream, teacher, options.cache_teacher, key, k=options.cache_topk,
+                             temperature=options.temperature, device=device)
+        streams = {"train": cache}
+        frozen_rate = 0
+    if second is not None:
+        switch = TeacherSwitch(stream, options.second_teacher_fraction, config.seed)
+        streams = {"train": switch}
+        p = options.second_teacher_fraction
+        frozen_rate = round((1 - p) * frozen + p * size(second))  # exact counts: `amend`
+    loss_fn = kd_loss_fn(teacher, temperature=options.temperature,
+                         ce_weight=options.ce_weight, chunk_size=options.kd_chunk_size,
+                         hidden_weight=options.hidden_loss_weight, hidden_layers=hidden_layers,
+                         second_teacher=second)
+    should_stop = None
+    if stop is not None:
+        def should_stop(step, metrics):  # noqa: ARG001
+            return f"stop_when: {stop.text}" if stop.holds(metrics, teacher_metrics) else None
+
+    def amend(compute: dict) -> dict:
+        if cache is not None:  # the teacher ran only on batches missing from the cache
+            compute["flops_frozen"] = 2.0 * frozen * cache.teacher_tokens
+            compute["teacher_cache"] = {"dir": str(options.cache_teacher), "hits": cache.hits,
+                                        "teacher_tokens": cache.teacher_tokens}
+        if switch is not None:  # each teacher ran on its own micro-batches
+            compute["flops_frozen"] = 2.0 * (frozen * switch.tokens[0]
+                                             + size(second) * switch.tokens[1])
+            compute["second_teacher"] = switch.describe_use()
+        compute["flops"] = compute["flops_trained"] + compute["flops_frozen"]
+        compute["flops_student"] = compute["flops_trained"]
+        compute["flops_teacher"] = compute["flops_frozen"]
+        return compute
+
+    parents = {"teacher": teacher_path,
+               **({"student": Path(student)} if student_is_dir else {}),
+               **({"second_teacher": second_path} if second_path is not None else {})}
+    arguments = stage.arguments(config, data_options, evals, teacher=teacher_path,
+                                student=student, data=list(data), settings=asdict(options),
+                                noise=asdict(noise))
+    selection = {
+        "trained": None if plan.trained is None else {
+            "pattern": options.train_pattern,
+            "layers": list(parse_layer_range(options.train_layers) or []) or None,
+            "names": plan.trained[:LISTED_NAMES], "count": len(plan.trained)},
+        "noise": plan.noise,
+        "hidden_loss": None if hidden_layers is None else {
+            "weight": options.hidden_loss_weight, "layers": hidden_layers},
+    }
+    written = stage.train_and_write(
+        "distill", out, model=model, tokenizer=tok, loss_fn=loss_fn, streams=streams,
+        config=config, inputs=inputs, source=teacher_path,
+        parents=stage.with_bases(parents, infos), arguments=arguments, overwrite=overwrite,
+        started=started,
+        evaluate=stage.evaluation_hook(tok, sets, evals), should_stop=should_stop,
+        parameters=parameters, frozen_forward_params=frozen_rate, callbacks=callbacks,
+        compute=amend, extra={"teacher_metrics": teacher_metrics, "distill": selection},
+        layout=save_layout(save, infos[1] if student_is_dir else infos[0]))
+    result, compute = written.result, written.compute
+    return stage.summary(out, result, started, teacher=str(teacher_path), student=student,
+                         flops_student=compute["flops_student"],
+                         flops_teacher=compute["flops_teacher"],
+                         kd_loss=result.loss.get("kd_loss"), teacher_metrics=teacher_metrics,
+                         **({"second_teacher": compute["second_teacher"]} if switch else {}))
