@@ -211,7 +211,7 @@ def relearn_checkpoint(
                                base_model=load.base_model)
     raw = [read_eval_data(name, path, limit=measurement.eval_limit, seed=config.train.seed)
            for name, path in eval_specs]
-    sets = [tokenize_eval_data(d, tokenizer) for d in raw]
+    sets = [tokenize_eval_data(d, tokenizer, choice_format=evals.choice_format) for d in raw]
     available = expected_metrics(sets)
     forget_metric = resolve_forget_metric(measurement.forget_metric, available)
     retain_metric = None
@@ -325,8 +325,9 @@ def _static_attacks(config: AttackConfig, data: Sequence[str], raw: list[EvalDat
     attacks = []
     if config.few_shot:
         def measure_sets(sets: list[EvalData]):
-            return stage.measure(tokenizer, [tokenize_eval_data(d, tokenizer) for d in sets],
-                                 evals)
+            return stage.measure(tokenizer, [
+                tokenize_eval_data(d, tokenizer, choice_format=evals.choice_format)
+                for d in sets], evals)
 
         attacks.append(few_shot_attack(raw, pool, config.few_shot, config.seed_list(),
                                        measure_sets))
