@@ -256,6 +256,9 @@ def test_lora_attack_trains_an_adapter_and_leaves_base_weights(toy):
     peft_model = attacked[0]
     assert hasattr(peft_model, "peft_config")
     run = res["runs"][0]
+    # alpha defaults to 2 x the rank used (not a fixed 256: rank 32 would scale by 8)
+    assert run["lora_rank"] == 32 and run["lora_alpha"] == 64.0
+    assert peft_model.peft_config["default"].lora_alpha == 64.0
     lora_names = [n for n, _ in peft_model.named_parameters() if "lora_" in n]
     assert run["trainable_parameters"] == sum(
         p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
@@ -279,13 +282,25 @@ def test_lora_attack_cli_saves_adapters(toy):
     assert r.exit_code == 0, r.output
     res = json.loads((out / "results.json").read_text())
     assert res["attack"]["mode"] == "lora"
-    assert res["attack"]["lora"] == {"rank": 4, "rank_requested": 4, "alpha": 256.0,
-                                     "targets": "all-linear", "dropout": 0.0}
+    assert res["attack"]["lora"] == {"rank": 4, "rank_requested": 4, "alpha": 8.0,
+                                     "alpha_requested": None, "targets": "all-linear",
+                                     "dropout": 0.0}
+    assert res["runs"][0]["lora_rank"] == 4 and res["runs"][0]["lora_alpha"] == 8.0
     saved = out / res["runs"][0]["saved_as"]
-    assert (saved / "adapter_config.json").is_file()
+    assert json.loads((saved / "adapter_config.json").read_text())["lora_alpha"] == 8.0
+    assert (saved / "undo.json").is_file()
     merged = load_model(saved)  # the adapter loads on top of CKPT
     assert sum(p.numel() for p in merged.parameters()) == sum(
         p.numel() for p in load_model(toy["unlearned"]).parameters())
+
+
+def test_lora_alpha_given_is_used_whatever_the_rank():
+    config = AttackConfig(lora=True, lora_rank=8, lora_alpha=4.0)
+    assert config.alpha_for(8) == config.alpha_for(2) == 4.0
+    assert AttackConfig(lora=True).alpha_for(8) == 16.0
+    assert AttackConfig(lora=True).alpha_for(None) is None
+    assert [s.lora_alpha for s in config.grid(8)] == [4.0] * len(config.grid(8))
+    assert {s.lora_alpha for s in AttackConfig(lora=True).grid(32)} == {64.0}
 
 
 def test_models_are_not_written_by_default(grid):

@@ -94,6 +94,7 @@ class RunSpec:
     schedule: str = "constant"
     batch_size: int = 8
     lora_rank: int | None = None  # None: full finetuning
+    lora_alpha: float | None = None  # LoRA's alpha (scale alpha / rank); None without LoRA
 
     @property
     def config_id(self) -> str:
@@ -104,7 +105,8 @@ class RunSpec:
     def describe(self) -> dict:
         return {"lr": self.lr, "seed": self.seed, "optimizer": self.optimizer,
                 "schedule": self.schedule, "batch_size": self.batch_size,
-                "mode": "lora" if self.lora_rank else "full", "lora_rank": self.lora_rank}
+                "mode": "lora" if self.lora_rank else "full", "lora_rank": self.lora_rank,
+                "lora_alpha": self.lora_alpha}
 
 
 @dataclass
@@ -160,7 +162,11 @@ class AttackConfig:
                         panel=ATTACK)
     lora_rank: int = option(128, "LoRA rank (clipped to the narrowest wrapped layer of a tiny "
                             "model).", panel=ATTACK, minimum=1)
-    lora_alpha: float = option(256.0, "LoRA alpha.", panel=ATTACK, above=0)
+    lora_alpha: float | None = option(None, "LoRA alpha: the adapter's update is scaled by "
+                                      "alpha / rank. Default: 2 x the rank used (after "
+                                      "clipping, or as a search picks it), the usual "
+                                      "practice; results.json records both.", metavar="ALPHA",
+                                      panel=ATTACK, above=0)
     lora_targets: str = option("all-linear", "Layers LoRA wraps: all-linear (every attention "
                                "and MLP projection, not the output head) or module names such "
                                "as q_proj,v_proj.", metavar="all-linear|NAME,NAME",
@@ -222,12 +228,18 @@ class AttackConfig:
     def batch_size_list(self) -> list[int]:
         return list(self.batch_sizes) if self.batch_sizes else [self.train.batch_size]
 
+    def alpha_for(self, rank: int | None) -> float | None:
+        """LoRA's alpha for an adapter of `rank`: --lora-alpha, or 2 x rank (None: no LoRA)."""
+        if not rank:
+            return None
+        return float(self.lora_alpha) if self.lora_alpha is not None else 2.0 * rank
+
     def grid(self, lora_rank: int | None = None) -> list[RunSpec]:
         """Every finetuning run of the full grid, seeds innermost (`lora_rank`: the clipped
         rank of a LoRA attack)."""
         rank = lora_rank if self.lora else None
         return [RunSpec(lr=lr, seed=seed, optimizer=opt, schedule=schedule, batch_size=bs,
-                        lora_rank=rank)
+                        lora_rank=rank, lora_alpha=self.alpha_for(rank))
                 for opt in self.optimizers for schedule in self.schedule_list()
                 for bs in self.batch_size_list() for lr in self.lr_grid(opt)
                 for seed in self.seed_list()]

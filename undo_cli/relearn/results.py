@@ -81,7 +81,9 @@ def describe_attack(config: AttackConfig, data: Sequence[str], data_options: Dat
     lora = None
     if config.lora or config.search:
         lora = {"rank": lora_rank or config.lora_rank, "rank_requested": config.lora_rank,
-                "alpha": config.lora_alpha, "targets": lora_target_list(config.lora_targets),
+                "alpha": config.alpha_for(lora_rank or config.lora_rank),
+                "alpha_requested": config.lora_alpha,
+                "targets": lora_target_list(config.lora_targets),
                 "dropout": config.lora_dropout}
     lrs: Any = config.lr_grid(config.optimizers[0])
     if len(config.optimizers) > 1 and not config.lrs:

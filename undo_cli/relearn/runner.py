@@ -96,7 +96,7 @@ def _attach_lora(model: torch.nn.Module, config: AttackConfig, rank: int) -> tor
     from peft import LoraConfig, get_peft_model
 
     try:
-        lora = LoraConfig(r=rank, lora_alpha=config.lora_alpha,
+        lora = LoraConfig(r=rank, lora_alpha=config.alpha_for(rank),
                           target_modules=lora_target_list(config.lora_targets),
                           lora_dropout=config.lora_dropout, bias="none", task_type="CAUSAL_LM")
         return get_peft_model(model, lora)

@@ -48,7 +48,8 @@ def sample_spec(trial: Any, config: AttackConfig, lora_rank: int | None) -> RunS
             ranks = sorted({min(r, lora_rank) for r in SEARCH_LORA_RANKS})
             rank = trial.suggest_categorical("lora_rank", ranks)
     return RunSpec(lr=float(f"{lr:.3g}"), seed=config.train.seed, optimizer=optimizer,
-                   schedule=schedule, batch_size=batch_size, lora_rank=rank)
+                   schedule=schedule, batch_size=batch_size, lora_rank=rank,
+                   lora_alpha=config.alpha_for(rank))
 
 
 def search_runs(model: Any, config: AttackConfig,

@@ -243,8 +243,8 @@ def summarize(runs: Sequence[dict[str, Any]], worst: Sequence[dict[str, Any]], m
     }
 
 
-_DESCRIBED = ("lr", "optimizer", "schedule", "batch_size", "mode", "lora_rank", "attack",
-              "few_shot", "layer")
+_DESCRIBED = ("lr", "optimizer", "schedule", "batch_size", "mode", "lora_rank", "lora_alpha",
+              "attack", "few_shot", "layer")
 
 
 def per_config_table(runs: Sequence[dict[str, Any]], metric: str,
