@@ -63,21 +63,26 @@ def _finish(fig, ax, metric: str, title: str, path: str | Path) -> Path:
     return path
 
 
+# tab10 without grey (the threshold's colour) and olive (a yellow lost on white)
+RUN_COLOURS = (0, 1, 2, 3, 4, 5, 6, 9)
+
+
 def plot_attack(results: dict[str, Any], path: str | Path) -> Path:
     """The attack on one model: every run's forget-metric curve (one colour per configuration,
     no yellow), quantised runs as crosses, static attacks as horizontal dotted lines (their
-    value holds at every step), the worst case as a black dashed line over its 95% band, the
-    threshold dotted."""
+    value holds at every step), the worst case as a thin black dashed line over its 95% band,
+    drawn beneath the runs so that the run it follows (often the largest learning rate's)
+    stays visible, the threshold dotted."""
     from matplotlib import colormaps
 
     fig, ax = _figure()
     metric = results["forget_metric"]
     runs = results["runs"]
     names = list(dict.fromkeys(r.get("config") or _lr_name(r) for r in runs))
-    if len(names) <= 10:
-        colour = {n: colormaps["tab10"](i) for i, n in enumerate(names)}
+    if len(names) <= len(RUN_COLOURS):
+        colour = {n: colormaps["tab10"](RUN_COLOURS[i]) for i, n in enumerate(names)}
     else:  # viridis without its yellow end, which the eye loses on white
-        colour = {n: colormaps["viridis"](0.85 * i / (len(names) - 1))
+        colour = {n: colormaps["viridis"](0.75 * i / (len(names) - 1))
                   for i, n in enumerate(names)}
     labelled: set[Any] = set()
     last_step = max((e["step"] for e in results["worst_case"]), default=0)
@@ -109,7 +114,8 @@ def plot_attack(results: dict[str, Any], path: str | Path) -> Path:
         bx, lo, hi = zip(*band)
         ax.fill_between(bx, lo, hi, color="black", alpha=0.12, linewidth=0,
                         label="worst case, 95% band")
-    ax.plot(xs, ys, color="black", linewidth=2.0, linestyle="--", label="worst case")
+    ax.plot(xs, ys, color="black", linewidth=1.2, linestyle=(0, (4, 3)), label="worst case",
+            zorder=1.9)  # under the runs (zorder 2): it runs along one of them
     threshold = results.get("summary", {}).get("threshold")
     if threshold is not None:
         ax.axhline(threshold, color="grey", linestyle=":", linewidth=1.2, label="threshold")

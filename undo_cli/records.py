@@ -184,16 +184,23 @@ def completion_of(record: Record) -> str:
     return str(value)
 
 
-def parse_weighted_spec(spec: str) -> tuple[str, float]:
-    """`PATH[:WEIGHT]` -> (PATH, WEIGHT); a suffix that is not a number belongs to the path."""
+def parse_weighted_spec(spec: str, option: str = "--data") -> tuple[str, float]:
+    """`PATH[:WEIGHT]` -> (PATH, WEIGHT). A suffix that is not a number belongs to the path
+    (`C:/data.jsonl`, `host:dir`), unless the path without it exists and the whole does not:
+    then it is a mistyped weight, refused with a `UsageError` naming `option`."""
     path, sep, weight = spec.rpartition(":")
     if sep and path:
         try:
             value = float(weight)
         except ValueError:
+            if Path(path).exists() and not Path(spec).exists():
+                shown = repr(weight) if weight.strip() else "nothing"
+                raise UsageError(f"{option} {spec!r}: the weight after ':' must be a number "
+                                 f"(got {shown}); write PATH[:WEIGHT], e.g. {path}:0.5") from None
             return spec, 1.0
         if not (math.isfinite(value) and value > 0):
-            raise UsageError(f"--data {spec!r}: the weight must be a positive finite number")
+            raise UsageError(f"{option} {spec!r}: the weight must be a positive finite number "
+                             f"(got {weight})")
         return path, value
     return spec, 1.0
 

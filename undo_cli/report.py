@@ -384,7 +384,8 @@ def _fmt(value: Any, pct: bool = False) -> str:
     if value is None:
         return "n/a"
     if pct:
-        return f"{100 * value:.0f}%"
+        text = f"{100 * value:.0f}"
+        return ("0" if text == "-0" else text) + "%"  # a rounded -0.4% is 0%, never -0%
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 

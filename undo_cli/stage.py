@@ -84,7 +84,8 @@ def data_paths(flag: str, specs: Sequence[Any]) -> list[tuple[str, str]]:
     """`(flag, PATH)` of `PATH[:WEIGHT]` data specs (or `(path, weight)` pairs)."""
     paths = []
     for spec in specs:
-        path = str(spec[0]) if isinstance(spec, (tuple, list)) else parse_weighted_spec(spec)[0]
+        path = (str(spec[0]) if isinstance(spec, (tuple, list))
+                else parse_weighted_spec(spec, flag)[0])
         paths.append((flag, path))
     return paths
 

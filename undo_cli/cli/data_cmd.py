@@ -125,12 +125,12 @@ def facts_command(
 
     \b
     Files in OUT_DIR (JSON Lines, ASCII), per split (forget, retain):
-    - {split}_corpus: {"text": ...} statements, question-answer lines and
+    - SPLIT_corpus: {"text": ...} statements, question-answer lines and
       four-choice questions with their letter (unlearning, distillation, attack)
-    - {split}_mc: {"question", "choices": [4], "answer": index} per fact, the
+    - SPLIT_mc: {"question", "choices": [4], "answer": index} per fact, the
       WMDP/MMLU layout: undo eval --data forget=DIR/forget_mc.jsonl
       (--choice-format letters or qa)
-    - {split}_eval_text: one statement per fact (loss metric)
+    - SPLIT_eval_text: one statement per fact (loss metric)
     - info.json (options, the facts, templates), undo.json
 
     examples/wmdp_shaped.sh runs the paper's WMDP recipe on it end to end.

@@ -206,7 +206,7 @@ def distill_checkpoint(teacher_path: str | Path, student: str, out: str | Path, 
     stop = StopCondition(options.stop_when) if options.stop_when else None
     if stop is not None and not evals.eval:
         raise UsageError("--stop-when needs --eval sets to measure")
-    if student == "teacher" and noise.alpha is None:
+    if student in ("teacher", "") and noise.alpha is None:
         build_student(student, None, noise, 0, config.seed)  # the clear error, before work
     student_is_dir = student not in ("random", "teacher", "")
     second_path = Path(options.second_teacher) if options.second_teacher is not None else None

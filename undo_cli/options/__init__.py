@@ -18,8 +18,8 @@ relearning attack), `defaults.py` (per-command defaults and help).
 Groups: `TrainConfig` (the engine: optimizer, schedule, budgets, state), `DataOptions` (how
 training data becomes rows), `EvalOptions` (the evaluation every command that measures
 shares), `NoiseOptions` (perturb, and distill's in-memory noise), `GateOptions`,
-`LoadOptions`, `OutputOptions`, `SaveOptions` (dtype and shards of a written model),
-`RunOptions` (threads), and one group per command (`UnlearnOptions`,
+`LoadOptions`, `OutputOptions`, `SaveOptions` (dtype and shards of a written model), and
+one group per command (`UnlearnOptions`,
 `DistillOptions`, `AttackConfig` with `AttackMeasurement`).
 """
 
@@ -78,7 +78,6 @@ from undo_cli.options.groups import (
     LoadOptions,
     NoiseOptions,
     OutputOptions,
-    RunOptions,
     SaveOptions,
     TrainConfig,
     UnlearnOptions,
@@ -92,7 +91,7 @@ __all__ = [
     "SEARCH_BATCH_SIZES", "SEARCH_LORA_RANKS", "SEED_MAX", "SELECTION", "TRAINING",
     "CHOICE_FORMATS",
     "TRAIN_STEPS", "AttackConfig", "AttackMeasurement", "DataOptions", "DistillOptions",
-    "EvalOptions", "GateOptions", "LoadOptions", "NoiseOptions", "OutputOptions", "RunOptions",
+    "EvalOptions", "GateOptions", "LoadOptions", "NoiseOptions", "OutputOptions",
     "RunSpec", "SaveOptions", "TrainConfig", "UnlearnOptions", "check", "check_number",
     "check_seed", "flag_of", "option", "parse_lrs", "parse_size",
 ]

@@ -199,17 +199,6 @@ class SaveOptions:
 
 
 @dataclass
-class RunOptions:
-    """How a command uses the machine."""
-
-    threads: int | None = option(None, "CPU threads of this command (torch's intra-op "
-                                 "threads; perturb's worker threads). Default: the cores this "
-                                 "process may use (CPU affinity and cgroup quota), at most 8. "
-                                 "Give 1 per process when several run side by side.",
-                                 panel=IN_OUT, minimum=1, maximum=1024)
-
-
-@dataclass
 class OutputOptions:
     """What a command prints and whether it may replace its output."""
 
