@@ -9,10 +9,12 @@ import typer
 
 from undo_cli.cli import app
 from undo_cli.cli.common import emit_json, info
-from undo_cli.options import check_number, check_seed
+from undo_cli.cli.options import with_options
+from undo_cli.options import SaveOptions, check_number, check_seed
 
 
 @app.command("init")
+@with_options("init", save=SaveOptions)
 def init_command(
     out: Path = typer.Argument(..., metavar="OUT", help="Output checkpoint directory."),
     arch: str = typer.Option("llama", help="Architecture: llama, gemma2, gpt2 or qwen2."),
@@ -30,9 +32,18 @@ def init_command(
     seed: int = typer.Option(0, help="Seed of the random initialisation."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+    *,
+    save: SaveOptions,
 ) -> None:
     """Write a randomly initialised model + tokenizer (for tests, examples, random students)."""
-    from undo_cli.checkpoint import atomic_output, build_manifest, check_output_path, write_manifest
+    from undo_cli.checkpoint import (
+        atomic_output,
+        build_manifest,
+        check_output_path,
+        save_layout,
+        save_model,
+        write_manifest,
+    )
     from undo_cli.modelfactory import (
         build_config,
         count_parameters,
@@ -46,6 +57,7 @@ def init_command(
                         ("--intermediate", intermediate), ("--max-position", max_position)):
         check_number(flag, value, minimum=1)
     check_seed("--seed", seed)
+    save.validate()
     reads = [("--tokenizer", tokenizer)] if Path(tokenizer).exists() else []
     check_output_path(out, overwrite=overwrite, reads=reads)
     shape = resolve_shape(preset, layers=layers, hidden=hidden, heads=heads,
@@ -55,11 +67,11 @@ def init_command(
     model = random_model(config, seed=seed)
     n_params = count_parameters(model)
     with atomic_output(out, overwrite=overwrite, reads=reads) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        save_model(model, tok, tmp, layout=save_layout(save, None))
         write_manifest(tmp, build_manifest(
             "init", seed=seed, wall_time_s=time.time() - start,
-            arguments=dict(arch=arch, preset=preset, tokenizer=tokenizer, **shape.__dict__),
+            arguments=dict(arch=arch, preset=preset, tokenizer=tokenizer, **shape.__dict__,
+                           save_dtype=save.save_dtype, max_shard_size=save.max_shard_size),
             extra={"parameters": n_params},
         ))
     summary = {"output": str(out), "arch": arch, "parameters": n_params,
