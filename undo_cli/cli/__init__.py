@@ -34,7 +34,8 @@ _state = {"debug": _ENV_DEBUG, "finished": False}
 
 def _conventional_help() -> None:
     """Help as click and most command lines show it: `OUT`, not typer 0.2x's `{OUT}`, for a
-    required argument in the usage line, and flags without a `<bool>` type."""
+    required argument in the usage line, flags without a `<bool>` type, and a repeated
+    argument's element type (`CKPT... <path>`), not typer's `<list[Path]>`."""
     from typer import core
 
     usage = getattr(core.TyperArgument, "_usage_display_name", None)
@@ -49,6 +50,15 @@ def _conventional_help() -> None:
             return None if getattr(self, "is_flag", False) else display(self, ctx)
 
         core.TyperOption.display_type_rich = no_bool_type
+    shown = getattr(core.TyperArgument, "display_type_rich", None)
+    if shown is not None:
+        def element_type(self, ctx):  # CKPT... <path>, not <list[Path]>
+            text = shown(self, ctx)
+            if isinstance(text, str) and text.startswith("<list[") and text.endswith("]>"):
+                return f"<{text[6:-2].lower()}>"
+            return text
+
+        core.TyperArgument.display_type_rich = element_type
 
 
 _conventional_help()

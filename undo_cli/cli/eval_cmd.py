@@ -167,7 +167,9 @@ def eval_command(
         [], "--until", metavar="TEXT",
         help="Stop strings of greedy generation (repeatable; lm-eval's until): the answer is "
         "cut at the first one. Default: a newline. \\n and \\t are read as newline and tab. "
-        "EOS always stops."),
+        "EOS always stops. A prompt ending in whitespace is generated from without it (the "
+        "tokens training reads); lm-eval's generate_until keeps it, which on a BPE model "
+        "can cost all accuracy (docs/benchmarks.md)."),
     log_samples: Path = typer.Option(
         None, "--log-samples", metavar="FILE",
         help="Write one JSON line per scored item to FILE (checkpoint, set, prompt, choices or "

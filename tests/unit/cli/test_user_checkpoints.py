@@ -133,6 +133,12 @@ def test_dtype_and_shards_of_the_input_are_kept(cli, bf16_llama, sharded_qwen2, 
     assert bad.exit_code == 2 and "--max-shard-size" in bad.stderr
     assert not (tmp_path / "x").exists()
 
+    made = cli("init", tmp_path / "i", "--save-dtype", "bfloat16", "--max-shard-size", "100KB")
+    assert made.exit_code == 0, made.output
+    assert _dtypes(tmp_path / "i") == {torch.bfloat16}
+    assert len(list((tmp_path / "i").glob("*.safetensors"))) > 1
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "i").dtype == torch.bfloat16
+
 
 def test_models_kept_by_save_models_have_a_manifest(cli, bf16_llama, data, tmp_path):
     out = tmp_path / "attack"
