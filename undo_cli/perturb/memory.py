@@ -199,11 +199,11 @@ def perturb_model_(model, alpha: float, beta: float, seed: int = 0,
 
 def perturb_adapter(info, dst, options: PerturbOptions, *, shard_bytes: int | None,
                     overwrite: bool, threads: int | None, allow_nonfinite: bool,
-                    arguments: dict, progress=None) -> dict:
+                    arguments: dict, progress=None, layers: str | None = None) -> dict:
     """`undo perturb` of a PEFT adapter (`info`, its `CheckpointInfo`): the adapter merged into
     its base in memory, cast to the base's dtype, noised as `perturb_checkpoint` would noise
-    that merged checkpoint, and written in the base's dtype and sharding (or `shard_bytes`).
-    Returns the counts of the summary."""
+    that merged checkpoint (`layers`, "10-15": only those decoder layers), and written in the
+    base's dtype and sharding (or `shard_bytes`). Returns the counts of the summary."""
     import torch
 
     from undo_cli.checkpoint import (
@@ -225,6 +225,11 @@ def perturb_adapter(info, dst, options: PerturbOptions, *, shard_bytes: int | No
     model = load_model(info.path, base_model=base)  # merged in fp32, then rounded once
     model.to(getattr(torch, layout.dtype))
     tokenizer = load_tokenizer(info.path, base_model=base)
+    include = [p.pattern for p in options.include] or None
+    exclude = [p.pattern for p in options.exclude] or None
+    if layers is not None:  # resolved against the merged model's tensor names
+        options, _ = _model_options(model, options.alpha, options.beta, options.seed,
+                                    options.noise, include, exclude, layers, None)
     state = model.state_dict()
     counts = {"noised": 0, "shrunk": 0, "copied": 0, "tied_copies": 0,
               "parameters_noised": 0, "parameters_shrunk": 0}
@@ -241,8 +246,7 @@ def perturb_adapter(info, dst, options: PerturbOptions, *, shard_bytes: int | No
         if action != "copy":
             counts[f"parameters_{key}"] += t.numel()
     perturb_model_(model, options.alpha, options.beta, options.seed, options.noise,
-                   include=[p.pattern for p in options.include] or None,
-                   exclude=[p.pattern for p in options.exclude] or None, threads=threads)
+                   include=include, exclude=exclude, layers=layers, threads=threads)
     if not allow_nonfinite:
         for name, t in state.items():
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):

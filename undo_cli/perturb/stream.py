@@ -366,7 +366,8 @@ def perturb_checkpoint(src: str | Path, dst: str | Path, alpha: float, beta: flo
     if info.kind == "adapter":
         return _perturb_adapter(info, dst, options, shard_bytes=shard_bytes, overwrite=overwrite,
                                 threads=threads, allow_nonfinite=allow_nonfinite,
-                                progress=progress, max_shard_size=max_shard_size, start=start)
+                                progress=progress, max_shard_size=max_shard_size, start=start,
+                                layers=layers)
     if info.pickled:
         raise UsageError(f"{src} holds only pickled weights ({info.weight_files[0].name}); "
                          "undo perturb streams safetensors checkpoints only")
@@ -419,7 +420,8 @@ def perturb_checkpoint(src: str | Path, dst: str | Path, alpha: float, beta: flo
 def _perturb_adapter(info, dst: Path, options: PerturbOptions, *, shard_bytes: int | None,
                      overwrite: bool, threads: int | None, allow_nonfinite: bool,
                      progress: Callable[[int, int], None] | None,
-                     max_shard_size: int | str | None, start: float) -> dict:
+                     max_shard_size: int | str | None, start: float,
+                     layers: str | None = None) -> dict:
     from undo_cli.checkpoint import check_output_path
     from undo_cli.perturb.memory import perturb_adapter
 
@@ -431,10 +433,11 @@ def _perturb_adapter(info, dst: Path, options: PerturbOptions, *, shard_bytes: i
                  "beta": options.beta, "seed": options.seed, "noise": options.noise,
                  "include": [p.pattern for p in options.include],
                  "exclude": [p.pattern for p in options.exclude],
-                 "max_shard_size": max_shard_size, "base_model": str(info.base.path)}
+                 "layers": layers, "max_shard_size": max_shard_size,
+                 "base_model": str(info.base.path)}
     counts = perturb_adapter(
         info, dst, options, shard_bytes=shard_bytes, overwrite=overwrite, threads=threads,
-        allow_nonfinite=allow_nonfinite, arguments=arguments,
+        allow_nonfinite=allow_nonfinite, arguments=arguments, layers=layers,
         progress=(lambda total: progress(total, total)) if progress is not None else None)
     return {"input": str(info.path), "output": str(dst), "alpha": options.alpha,
             "beta": options.beta, "seed": options.seed, "noise": options.noise,

@@ -93,13 +93,19 @@ def test_perturb_of_an_adapter_equals_perturb_of_the_merged_checkpoint(cli, hub_
         (merged_dir / f.name).write_bytes(f.read_bytes())
     assert _dtypes(merged_dir) == {torch.bfloat16}
     noise = ["--alpha", "0.6", "--beta", "0.1", "--seed", "3", "-q"]
-    assert cli("perturb", merged_dir, tmp_path / "streamed", *noise).exit_code == 0
-    result = cli("perturb", hub_adapter, tmp_path / "from-adapter", "--base-model", bf16_llama,
-                 *noise)
-    assert result.exit_code == 0, result.output
-    got, want = _tensors(tmp_path / "from-adapter"), _tensors(tmp_path / "streamed")
-    assert got.keys() == want.keys()
-    assert all(torch.equal(got[k], want[k]) for k in want)
+    for tag, extra in (("", []), ("-layer1", ["--layers", "1"])):
+        assert cli("perturb", merged_dir, tmp_path / f"streamed{tag}", *noise,
+                   *extra).exit_code == 0
+        result = cli("perturb", hub_adapter, tmp_path / f"from-adapter{tag}", "--base-model",
+                     bf16_llama, *noise, *extra)
+        assert result.exit_code == 0, result.output
+        got = _tensors(tmp_path / f"from-adapter{tag}")
+        want = _tensors(tmp_path / f"streamed{tag}")
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    merged_state = _tensors(merged_dir)
+    layer0 = [k for k in merged_state if ".layers.0." in k]
+    assert layer0 and all(torch.equal(got[k], merged_state[k]) for k in layer0)  # --layers 1
     parents = json.loads((tmp_path / "from-adapter" / "undo.json").read_text())["parents"]
     assert [p["role"] for p in parents] == ["input", "input_base"]
 
