@@ -36,7 +36,8 @@ PERTURB_HELP = (
 @with_options("perturb", settings=NoiseOptions, output=OutputOptions)
 def perturb_command(
     src: Path = typer.Argument(..., metavar="IN", help="Input checkpoint directory "
-                               "(safetensors, single file or sharded)."),
+                               "(safetensors, single file or sharded), or a PEFT adapter: "
+                               "merged into its base (--base-model) in memory, then noised."),
     out: Path = typer.Argument(..., metavar="OUT", help="Output checkpoint directory."),
     seed: int = typer.Option(0, "--seed", rich_help_panel=NOISE,
                              help="Noise seed; the same seed gives byte-identical weights."),
