@@ -40,8 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from undo_cli.errors import UsageError
-from undo_cli.options import check_seed
-from undo_cli.synthetic import MAX_RECORDS
+from undo_cli.options import MAX_RECORDS, check_seed
 
 SPLITS = {"forget": "hazard", "retain": "general"}
 FILES = {f"{split}_{kind}": f"{split}_{kind}.jsonl" for split in SPLITS
