@@ -56,6 +56,10 @@ def attack(model: Path, data: Path, out: Path, seed: int, variant: str) -> float
     return time.time() - started
 
 
+def _pct(value: float) -> str:
+    return f"{round(100 * value):d}%"  # never `-0%`
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("root", type=Path, help="OUT of examples/arithmetic.sh (seed 0)")
@@ -88,8 +92,8 @@ def main() -> None:
                              "width": None if low is None else high - low,
                              "wall_s": wall / len(undo) * pooled})
                 print(f"{rows[-1]['variant']:14s} seeds {pooled}  robustness "
-                      f"{row[key]:.0%} [{low:.0%}, {high:.0%}]  width {high - low:.0%}  "
-                      f"attack wall {rows[-1]['wall_s']:.0f} s", flush=True)
+                      f"{_pct(row[key])} [{_pct(low)}, {_pct(high)}]  width "
+                      f"{_pct(high - low)}  attack wall {rows[-1]['wall_s']:.0f} s", flush=True)
     if args.json:
         print(json.dumps(rows, indent=2))
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# UNDO on the paper's arithmetic task, end to end, on a laptop CPU (about 7 minutes on 2 cores).
+# UNDO on the paper's arithmetic task, end to end, on a laptop CPU (about 7 minutes on 2 quiet
+# cores; see docs/benchmarks.md for how it varies with load and thread counts).
 #
 #   data -> init -> train base (retain + forget) -> train oracle (retain only, the
 #   data-filtering gold standard) -> unlearn (MaxEnt) -> perturb (alpha 0.6, beta 0.1) ->
@@ -15,6 +16,13 @@
 # SEED+1, ...) from the same base, unlearned and oracle models, and pools them in one report
 # with 95% intervals (about 2.5 more minutes per extra seed). Seed SEED writes `undo` and
 # `attacks/MODEL`, the others `undo-sK` and `attacks/MODEL-sK`.
+#
+# Every stage prints a numbered line with the time so far, and each command its own progress
+# (a bar on a terminal, a line every LOG_EVERY steps otherwise; QUIET=1 keeps only the stage
+# lines). THREADS (default: OMP_NUM_THREADS, else all cores) sets the threads of every command; base and oracle train
+# side by side only when there are at least 4 threads (half each), else one after the other, so
+# the cores are never oversubscribed. OpenMP threads wait passively (OMP_WAIT_POLICY=PASSIVE,
+# which the CLI sets unless you set it): spinning threads collapse once anything else runs.
 set -euo pipefail
 
 OUT="${OUT:-runs/arithmetic}"
@@ -37,6 +45,9 @@ LENGTH="${LENGTH:-64}"
 ATTACK_BATCH="${ATTACK_BATCH:-16}"
 STAGES="${STAGES:-all}"                    # all, or "prepare" (up to unlearn) / "undo" (from perturb)
 DATA_ARGS="${DATA_ARGS:-}"                 # extra options of `undo data arithmetic`
+THREADS="${THREADS:-${OMP_NUM_THREADS:-$(nproc)}}"  # threads of every command (base + oracle split them)
+LOG_EVERY="${LOG_EVERY:-100}"              # progress line every N steps when not on a terminal
+QUIET="${QUIET:-0}"                        # 1: only the stage lines
 if [ "${SMOKE:-0}" = 1 ]; then
   BASE_STEPS=10 UNLEARN_STEPS=3 DISTILL_MAX_STEPS=4 ATTACK_STEPS=2 ATTACK_LRS=1e-3 EVAL_EVERY=2
   BATCH=4 ATTACK_BATCH=4 LENGTH=32 PRESET=tiny DATA_ARGS="--train-size 200 --eval-size 8"
@@ -44,30 +55,54 @@ fi
 undo() { if [ -n "${UNDO:-}" ]; then $UNDO "$@"; else command undo "$@"; fi; }
 D="$OUT/data"
 EVALS=(--eval "retain=$D/retain_eval_equation.jsonl" --eval "forget=$D/forget_eval_equation.jsonl")
-TRAIN=(--batch-size "$BATCH" --max-length "$LENGTH" --seed "$SEED" --overwrite --quiet)
+QUIET_ARG=(); [ "$QUIET" = 1 ] && QUIET_ARG=(--quiet)
+TRAIN=(--batch-size "$BATCH" --max-length "$LENGTH" --seed "$SEED" --overwrite
+       --log-every "$LOG_EVERY" "${QUIET_ARG[@]}")
+STARTED=$SECONDS
+STAGE_NO=0
+[ "$STAGES" = undo ] && STAGE_COUNT=0 || STAGE_COUNT=4
+[ "$STAGES" != prepare ] && STAGE_COUNT=$(( STAGE_COUNT + 2 * SEEDS + 1 ))
+stage() {  # a numbered progress line per stage, with the wall time so far
+  STAGE_NO=$((STAGE_NO + 1))
+  local t=$((SECONDS - STARTED))
+  printf '== [%d/%d] %s  (%dm%02ds so far)\n' "$STAGE_NO" "$STAGE_COUNT" "$1" $((t / 60)) \
+    $((t % 60)) >&2
+}
 
 DISTILL_FILES=(--data "$D/retain_train.jsonl")
 [ "$DISTILL_DATA" = all ] && DISTILL_FILES+=(--data "$D/forget_train.jsonl")
 
 if [ "$STAGES" != undo ]; then
-echo "== data" >&2
+stage "data"
 # shellcheck disable=SC2086 # DATA_ARGS holds several options
 undo data arithmetic "$D" --seed "$SEED" --overwrite $DATA_ARGS
 
-echo "== train base (retain + forget) and oracle (retain only), side by side" >&2
-# Two independent trainings, one per half of the cores (tiny models gain little from more).
-half=$(( $(nproc) / 2 )); [ "$half" -ge 1 ] || half=1; [ "$half" -le 2 ] || half=2
-OMP_NUM_THREADS=$half undo train "$OUT/base" --init "$PRESET" --data "$D/retain_train.jsonl" \
-  --data "$D/forget_train.jsonl" --max-steps "$BASE_STEPS" --lr "$BASE_LR" --warmup-steps 50 \
-  "${TRAIN[@]}" & base_pid=$!
-OMP_NUM_THREADS=$half undo train "$OUT/oracle" --init "$PRESET" --data "$D/retain_train.jsonl" \
-  --max-steps "$BASE_STEPS" --lr "$BASE_LR" --warmup-steps 50 "${TRAIN[@]}" & oracle_pid=$!
-wait "$base_pid"
-wait "$oracle_pid"
+BASE=(--init "$PRESET" --max-steps "$BASE_STEPS" --lr "$BASE_LR" --warmup-steps 50)
+if [ "$THREADS" -ge 4 ]; then
+  # Two independent trainings, one per half of the threads (tiny models gain little from more);
+  # their own progress would interleave, so only the stage line shows.
+  stage "train base (retain + forget) and oracle (retain only), side by side"
+  half=$((THREADS / 2))
+  undo --threads "$half" train "$OUT/base" --data "$D/retain_train.jsonl" \
+    --data "$D/forget_train.jsonl" "${BASE[@]}" "${TRAIN[@]}" --quiet & base_pid=$!
+  undo --threads "$half" train "$OUT/oracle" --data "$D/retain_train.jsonl" "${BASE[@]}" \
+    "${TRAIN[@]}" --quiet & oracle_pid=$!
+  wait "$base_pid"
+  wait "$oracle_pid"
+  STAGE_NO=$((STAGE_NO + 1))
+else
+  stage "train base (retain + forget)"
+  undo --threads "$THREADS" train "$OUT/base" --data "$D/retain_train.jsonl" \
+    --data "$D/forget_train.jsonl" "${BASE[@]}" "${TRAIN[@]}"
+  stage "train oracle (retain only, the data-filtering gold standard)"
+  undo --threads "$THREADS" train "$OUT/oracle" --data "$D/retain_train.jsonl" "${BASE[@]}" \
+    "${TRAIN[@]}"
+fi
 
-echo "== unlearn (MaxEnt)" >&2
-undo unlearn "$OUT/base" "$OUT/unlearned" --method maxent --forget "$D/forget_train.jsonl" \
-  --retain "$D/retain_train.jsonl" --max-steps "$UNLEARN_STEPS" --lr 1e-3 "${TRAIN[@]}"
+stage "unlearn (MaxEnt)"
+undo --threads "$THREADS" unlearn "$OUT/base" "$OUT/unlearned" --method maxent \
+  --forget "$D/forget_train.jsonl" --retain "$D/retain_train.jsonl" \
+  --max-steps "$UNLEARN_STEPS" --lr 1e-3 "${TRAIN[@]}"
 fi
 [ "$STAGES" = prepare ] && exit 0
 
@@ -75,28 +110,31 @@ REPORT=()
 for ((k = 0; k < SEEDS; k++)); do
   seed=$((SEED + k))
   tag=""; [ "$k" -gt 0 ] && tag="-s$k"
-  [ "$SEEDS" -gt 1 ] && echo "== seed $seed ($((k + 1)) of $SEEDS)" >&2
-  RUN=(--batch-size "$BATCH" --max-length "$LENGTH" --seed "$seed" --overwrite --quiet)
+  of=""; [ "$SEEDS" -gt 1 ] && of=", seed $seed ($((k + 1)) of $SEEDS)"
+  RUN=(--batch-size "$BATCH" --max-length "$LENGTH" --seed "$seed" --overwrite
+       --log-every "$LOG_EVERY" "${QUIET_ARG[@]}")
 
-  echo "== perturb (alpha $ALPHA, beta $BETA) and distill" >&2
-  undo perturb "$OUT/unlearned" "$OUT/perturbed$tag" --alpha "$ALPHA" --beta "$BETA" \
-    --seed "$seed" --overwrite --quiet
-  undo distill "$OUT/undo$tag" --teacher "$OUT/unlearned" --student "$OUT/perturbed$tag" \
+  stage "perturb (alpha $ALPHA, beta $BETA) and distill$of"
+  undo --threads "$THREADS" perturb "$OUT/unlearned" "$OUT/perturbed$tag" --alpha "$ALPHA" \
+    --beta "$BETA" --seed "$seed" --overwrite --quiet
+  undo --threads "$THREADS" distill "$OUT/undo$tag" --teacher "$OUT/unlearned" --student "$OUT/perturbed$tag" \
     "${DISTILL_FILES[@]}" "${EVALS[@]}" \
     --stop-when "retain.accuracy >= teacher - 0.05" --eval-every 50 \
     --max-steps "$DISTILL_MAX_STEPS" --lr "$DISTILL_LR" --warmup-steps 20 "${RUN[@]}"
 
-  echo "== relearning attacks" >&2
+  stage "relearning attacks on base, unlearned, UNDO and oracle$of"
   for model in base unlearned undo oracle; do
     target="$OUT/$model"; [ "$model" = undo ] && target="$OUT/undo$tag"
-    undo relearn-attack "$target" --data "$D/forget_train.jsonl" "${EVALS[@]}" \
+    echo "   attack on $model" >&2
+    undo --threads "$THREADS" relearn-attack "$target" --data "$D/forget_train.jsonl" "${EVALS[@]}" \
       --forget-metric forget.accuracy --lrs "$ATTACK_LRS" --steps "$ATTACK_STEPS" \
       --eval-every "$EVAL_EVERY" --batch-size "$ATTACK_BATCH" --max-length "$LENGTH" \
-      --seed "$seed" --out "$OUT/attacks/$model$tag" --overwrite --quiet
+      --seed "$seed" --out "$OUT/attacks/$model$tag" --overwrite "${QUIET_ARG[@]}"
     REPORT+=("$model=$OUT/attacks/$model$tag")
   done
 done
 
-echo "== report" >&2
+stage "report"
 undo report "${REPORT[@]}" --out "$OUT/report" --overwrite
-echo "report: $OUT/report/report.md" >&2
+t=$((SECONDS - STARTED))
+echo "report: $OUT/report/report.md (demo wall time $((t / 60))m$((t % 60))s)" >&2

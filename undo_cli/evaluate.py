@@ -520,3 +520,28 @@ def flatten_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
     """`{"retain": {"accuracy": x}}` -> `{"retain.accuracy": x}`."""
     return {f"{name}.{key}": value for name, values in metrics.items()
             for key, value in values.items()}
+
+
+def last_token_hidden_states(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
+                             batch_size: int = 16) -> torch.Tensor:
+    """`[layers + 1, len(prompts), H]` (float32, on the CPU): the residual state after the
+    embedding and after every decoder layer at each prompt's last token (prompts right-padded
+    in batches; used by `undo probe` and the `--ablate-direction` attack)."""
+    device = next(model.parameters()).device
+    rows: list[torch.Tensor] = []
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            width = max(len(p) for p in chunk)
+            ids = torch.zeros((len(chunk), width), dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, p in enumerate(chunk):
+                ids[row, :len(p)] = torch.tensor(list(p))
+                mask[row, :len(p)] = 1
+            out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                        output_hidden_states=True, use_cache=False)
+            last = (mask.sum(1) - 1).to(device)
+            index = torch.arange(len(chunk), device=device)
+            rows.append(torch.stack([h[index, last].float().cpu() for h in out.hidden_states]))
+    return torch.cat(rows, dim=1)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from undo_cli.errors import UsageError
+from undo_cli.evaluate import last_token_hidden_states
 from undo_cli.records import EvalData
 
 TRAIN_SHARE = 0.6
@@ -52,30 +53,6 @@ def probe_inputs(data: EvalData, tokenizer) -> tuple[list[list[int]], list[int]]
         return prompts, [int(target) for _, _, target in data.items]
     raise UsageError(f"{data.source}: probing needs prompt/answer or multiple-choice records "
                      "(text records have no label)")
-
-
-def hidden_states(model, prompts: Sequence[Sequence[int]], batch_size: int = 16
-                  ) -> torch.Tensor:
-    """`[layers + 1, records, H]`: the state after the embedding and after every decoder layer
-    at each prompt's last token."""
-    device = next(model.parameters()).device
-    rows: list[torch.Tensor] = []
-    model.eval()
-    with torch.no_grad():
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start:start + batch_size]
-            width = max(len(p) for p in chunk)
-            ids = torch.zeros((len(chunk), width), dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, p in enumerate(chunk):
-                ids[row, :len(p)] = torch.tensor(list(p))
-                mask[row, :len(p)] = 1
-            out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                        output_hidden_states=True, use_cache=False)
-            last = (mask.sum(1) - 1).to(device)
-            index = torch.arange(len(chunk), device=device)
-            rows.append(torch.stack([h[index, last].float().cpu() for h in out.hidden_states]))
-    return torch.cat(rows, dim=1)
 
 
 def fit_probe(x: torch.Tensor, y: torch.Tensor, classes: int, *, l2: float = L2,
@@ -155,8 +132,8 @@ def probe_checkpoints(checkpoints: Sequence[str | Path], data: Sequence[EvalData
             if len(labels) < 4:
                 raise UsageError(f"{d.source}: probing needs at least 4 records (got "
                                  f"{len(labels)})")
-            probes[d.name] = probe_layers(hidden_states(model, prompts), labels, seed=seed,
-                                          train_share=train_share)
+            states = last_token_hidden_states(model, prompts)
+            probes[d.name] = probe_layers(states, labels, seed=seed, train_share=train_share)
         out.append({"checkpoint": str(ckpt), "probes": probes,
                     "wall_time_s": round(time.time() - started, 3)})
         del model

@@ -50,6 +50,15 @@ def quiet_libraries() -> None:
         pass
 
 
+def set_threads(count: int) -> None:
+    """Use `count` CPU threads for torch's intra-op work (and for OpenMP/MKL libraries loaded
+    later, through OMP_NUM_THREADS / MKL_NUM_THREADS)."""
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(count)
+    torch.set_num_threads(count)
+
+
 def available_memory() -> int | None:
     """Bytes of memory this process can still take: the system's available memory, or less
     under a cgroup limit (containers, batch jobs); `UNDO_MEMORY_LIMIT` (bytes) replaces the

@@ -67,7 +67,7 @@ from pathlib import Path
 from typing import Any
 
 from undo_cli.errors import UsageError
-from undo_cli.options import check_seed
+from undo_cli.options import MAX_RECORDS, check_seed
 
 OPS: dict[str, str] = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
 SPLIT_OPS: dict[str, tuple[str, str]] = {"retain": ("add", "sub"), "forget": ("mul", "div")}
@@ -93,7 +93,6 @@ ANSWER_CUE = " Answer: "
 ALPHABET = string.digits + string.ascii_letters + " .,?:+-*/="
 MAX_ADD = 1000  # operand-pair spaces are enumerated: keep them at most ~10**6 pairs
 MAX_MUL = 1000
-MAX_RECORDS = 10_000_000  # --train-size / --eval-size: records are built in memory
 MAX_LISTED_PAIRS = 10_000  # info.json lists an operation's held-out pairs up to this many
 
 NAMES = ("Tom", "Ann", "Sam", "Lily", "Ben", "Mia", "Max", "Zoe", "Leo", "Ava", "Noah", "Emma")

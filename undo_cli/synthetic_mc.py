@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from undo_cli.errors import UsageError
+from undo_cli.options import MAX_RECORDS, check_seed
 
 SPLITS = {"forget": "hazard", "retain": "general"}
 FILES = {f"{split}_{kind}": f"{split}_{kind}.jsonl" for split in SPLITS
@@ -109,6 +110,10 @@ class FactsOptions:
     mc_fraction: float = 0.25  # ... and four-choice questions with their letter answer
 
     def validate(self) -> None:
+        check_seed("--seed", self.seed)
+        if self.train_size > MAX_RECORDS:
+            raise UsageError(f"--train-size must be at most {MAX_RECORDS:,} (got "
+                             f"{self.train_size})")
         if not 1 <= self.entities <= MAX_ENTITIES:
             raise UsageError(f"--entities must lie in 1..{MAX_ENTITIES} (got {self.entities})")
         facts = self.entities * 4

@@ -22,6 +22,12 @@ def test_arithmetic_pipeline_smoke(tmp_path):
     done = subprocess.run(["bash", str(ROOT / "examples" / "arithmetic.sh")], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    # A numbered progress line per stage; with one thread base and oracle train in turn.
+    stages = [line for line in done.stderr.splitlines() if line.startswith("== [")]
+    assert [line.split("]")[0] for line in stages] == [f"== [{i}/7" for i in range(1, 8)]
+    assert "train base (retain + forget)  (" in stages[1] and "oracle" in stages[2]
+    assert "demo wall time" in done.stderr.splitlines()[-1]
+    assert "step 10: loss" in done.stderr  # each command's own progress
 
     # Every stage wrote what the next one reads, with its manifest.
     stages = {"base": "train", "oracle": "train", "unlearned": "unlearn",

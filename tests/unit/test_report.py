@@ -206,10 +206,13 @@ def test_report_markdown_states_the_verdict(cli, tmp_path):
     text = (out / "report.md").read_text()
     assert "## Is it significant?" in text
     assert "**undo**, after the attack: relative robustness 80% [" in text
+    headline = text.index("**undo**, over the attack (AUC, the headline)")
+    assert headline < text.index("**undo**, after the attack")  # the AUC verdict comes first
     assert "significantly more robust than the unlearned model" in text
     assert "| undo | 3 |" in text
     data = json.loads((out / "report.json").read_text())
     assert data["uncertainty"]["samples"] == 200
+    assert data["headline"] == "relative_robustness_auc"
     assert "undo.json" in {p.name for p in out.iterdir()}
 
 
@@ -217,3 +220,11 @@ def test_report_refuses_a_glob_that_matches_nothing(cli, tmp_path):
     result = cli("report", f"undo={tmp_path / 'nothing-*'}", "--out", tmp_path / "r")
     assert result.exit_code == 2 and "matches no directory" in result.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_percentages_never_print_minus_zero():
+    from undo_cli.report import with_interval
+
+    row = {"r": -0.001, "r_lower": -0.004, "r_upper": 0.2}
+    assert with_interval(row, "r", pct=True) == "0% [0%, 20%]"
+    assert with_interval({"r": -0.02}, "r", pct=True) == "-2%"

@@ -83,6 +83,14 @@ class UndoGroup(TyperGroup):
     (130 still for a command whose gates come after its output: they were not checked).
     """
 
+    def parse_args(self, ctx, args):
+        try:  # the root's own options (--threads ...); a subcommand's are parsed in invoke
+            return super().parse_args(ctx, args)
+        except NoArgsIsHelpError:
+            raise
+        except ClickUsageError as e:
+            _fail(f"{e.format_message()} (see 'undo --help')", EXIT_USAGE)
+
     def invoke(self, ctx):
         from undo_cli.checkpoint.lock import command_scope, committed_outputs
 
@@ -180,9 +188,19 @@ def _root(
     debug: bool = typer.Option(
         False, "--debug", help="Show full tracebacks instead of one-line errors."
     ),
+    threads: int = typer.Option(
+        None, "--threads", metavar="N",
+        help="CPU threads of the command (torch intra-op; default: torch's, i.e. the cores or "
+        "OMP_NUM_THREADS). Give fewer when other work shares the cores."),
 ) -> None:
     """UNDO: make capability removal in language models robust."""
     _state["debug"] = _ENV_DEBUG or debug  # per command (several may run in one process)
+    if threads is not None:
+        from undo_cli.options import check_number
+        from undo_cli.runtime import set_threads
+
+        check_number("--threads", threads, minimum=1, maximum=4096)
+        set_threads(threads)
     if ctx.invoked_subcommand and ctx.invoked_subcommand not in SCALES_OUT:
         refuse_launch(f"undo {ctx.invoked_subcommand}")
     from undo_cli.cli.common import show_output
@@ -222,6 +240,10 @@ def main() -> None:
 
     from undo_cli.runtime import quiet_libraries
 
+    # Idle OpenMP threads sleep instead of spinning (read when torch loads, so before any
+    # command imports it): spinning threads collapse once other work shares the cores
+    # (docs/benchmarks.md, "thread settings"). An explicit OMP_WAIT_POLICY wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
     if not _state["debug"] and "--debug" not in sys.argv[1:]:

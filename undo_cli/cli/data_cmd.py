@@ -82,13 +82,8 @@ def arithmetic_command(
         add_max=add_max, mul_max=mul_max, word_fraction=word_fraction,
         heldout_pairs=heldout_pairs,
     )
-    counts = {}
-    for key, path in paths.items():
-        if path.suffix == ".jsonl":
-            with open(path, encoding="ascii") as f:
-                counts[key] = sum(1 for _ in f)
-    summary = {"output": str(out), "task": "arithmetic", "seed": seed,
-               "files": {key: str(path) for key, path in paths.items()}, "records": counts}
+    summary = _summary(out, "arithmetic", seed, paths)
+    counts = summary["records"]
     if json_out:
         emit_json(summary)
     else:
@@ -140,16 +135,22 @@ def facts_command(
     paths = generate_facts(out, overwrite=overwrite, seed=seed, entities=entities,
                            train_size=train_size, qa_fraction=qa_fraction,
                            mc_fraction=mc_fraction)
-    counts = {}
-    for key, path in paths.items():
-        if path.suffix == ".jsonl":
-            with open(path, encoding="ascii") as f:
-                counts[key] = sum(1 for _ in f)
-    summary = {"output": str(out), "task": "facts", "seed": seed,
-               "files": {key: str(path) for key, path in paths.items()}, "records": counts}
+    summary = _summary(out, "facts", seed, paths)
+    counts = summary["records"]
     if json_out:
         emit_json(summary)
     else:
         info(f"wrote {out}: forget (hazard) {counts['forget_corpus']} corpus records / "
              f"{counts['forget_mc']} questions, retain (general) {counts['retain_corpus']} "
              f"corpus records / {counts['retain_mc']} questions")
+
+
+def _summary(out: Path, task: str, seed: int, paths: dict[str, Path]) -> dict:
+    """The `--json` summary of a generated task: its files and their record counts."""
+    counts = {}
+    for key, path in paths.items():
+        if path.suffix == ".jsonl":
+            with open(path, encoding="ascii") as f:
+                counts[key] = sum(1 for _ in f)
+    return {"output": str(out), "task": task, "seed": seed,
+            "files": {key: str(path) for key, path in paths.items()}, "records": counts}

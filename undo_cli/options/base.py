@@ -49,6 +49,7 @@ def flag_of(f) -> str:
 
 SEED_MAX = 2**63 - 1  # seeds are 0 .. 2**63 - 1 (torch takes 64 bits; JSON keeps them exact)
 INT_MAX = 2**63 - 1
+MAX_RECORDS = 10_000_000  # records a synthetic generator builds in memory (--train-size ...)
 
 
 def check_number(flag: str, value: Any, *, minimum: float | None = None,

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from undo_cli.evaluate import last_token_hidden_states
 from undo_cli.records import EvalData
 
 FEWSHOT_DELIMITER = "\n\n"  # between demonstrations, and before the prompt (lm-eval's default)
@@ -151,24 +152,8 @@ def last_token_states(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
                       batch_size: int = 16) -> list[torch.Tensor]:
     """Per layer l (0-based), the mean over `prompts` of the residual state after layer l at
     each prompt's last token: `[H]` tensors."""
-    device = next(model.parameters()).device
-    sums: list[torch.Tensor] | None = None
-    with torch.no_grad():
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start:start + batch_size]
-            width = max(len(p) for p in chunk)
-            ids = torch.zeros((len(chunk), width), dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, p in enumerate(chunk):
-                ids[row, :len(p)] = torch.tensor(list(p))
-                mask[row, :len(p)] = 1
-            out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                        output_hidden_states=True, use_cache=False)
-            last = mask.sum(1) - 1
-            rows = torch.arange(len(chunk))
-            states = [h[rows, last.to(h.device)].float().sum(0) for h in out.hidden_states[1:]]
-            sums = states if sums is None else [a + b for a, b in zip(sums, states)]
-    return [s / len(prompts) for s in sums or []]
+    states = last_token_hidden_states(model, prompts, batch_size)
+    return list(states[1:].mean(1)) if len(prompts) else []
 
 
 def direction_attack(forget_prompts: Sequence[Sequence[int]],

@@ -83,3 +83,42 @@ def test_every_error_is_one_line(cli, monkeypatch):
     assert result.stderr.splitlines() == [
         "error: RuntimeError: first line\\nsecond line\\x1b[2J (run 'undo --debug ...' for the "
         "traceback)"]
+
+
+def test_threads_sets_torch_threads_and_refuses_bad_values(cli, tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        result = cli("--threads", "1", "init", tmp_path / "m", "--preset", "tiny")
+        assert result.exit_code == 0, result.stderr
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    for value, message in (("0", "--threads must be at least 1"), ("nan", "'--threads'"),
+                           ("x", "'--threads'")):
+        result = cli("--threads", value, "init", tmp_path / "n")
+        assert result.exit_code == 2
+        assert result.stderr.startswith("error: ") and message in result.stderr
+        assert "Traceback" not in result.stderr and "╭" not in result.stderr
+    assert not (tmp_path / "n").exists()
+
+
+def test_the_cli_makes_idle_openmp_threads_wait_passively(monkeypatch):
+    """OMP_WAIT_POLICY=PASSIVE unless the user set a policy (read when torch loads)."""
+    import os
+    import sys
+
+    import pytest
+
+    from undo_cli import cli as cli_module
+
+    for preset, expected in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
+        if preset is None:
+            monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+        else:
+            monkeypatch.setenv("OMP_WAIT_POLICY", preset)
+        monkeypatch.setattr(sys, "argv", ["undo", "--version"])
+        with pytest.raises(SystemExit):
+            cli_module.main()
+        assert os.environ["OMP_WAIT_POLICY"] == expected
