@@ -80,13 +80,34 @@ def text_rows(n: int, seed: int = 0, longest: int = 60) -> list[dict]:
                               for _ in range(rng.randint(1, longest)))} for _ in range(n)]
 
 
-def one_at_a_time(model, tok, prompt_ids: list[int], max_new_tokens: int) -> str:
-    """The reference: `model.generate` on one prompt, decoded and cut at the first newline."""
+def one_at_a_time(model, tok, prompt_ids: list[int], max_new_tokens: int,
+                  moved: str = "") -> str:
+    """The reference: `model.generate` on one prompt, decoded, without the whitespace `moved`
+    from the prompt to the answer, cut at the first newline."""
     out = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(
         1, len(prompt_ids), dtype=torch.long), max_new_tokens=max_new_tokens, do_sample=False,
         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     text = tok.decode(out[0, len(prompt_ids):], skip_special_tokens=True)
+    if moved and text.startswith(moved):
+        text = text[len(moved):]
     return text.split("\n", 1)[0]
+
+
+def lm_eval_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-evaluation-harness's `_encode_pair`, written out: the context's trailing whitespace
+    moves to the continuation, the whole text is tokenised and cut after the context."""
+    stripped = context.rstrip()
+    continuation = context[len(stripped):] + continuation
+    ctx = tok(stripped)["input_ids"]
+    whole = tok(stripped + continuation)["input_ids"]
+    return ctx, whole[len(ctx):]
+
+
+def generation_prompt(tok, prompt: str) -> tuple[list[int], str]:
+    """(ids generated from, whitespace the answer starts with): the prompt without its
+    trailing whitespace, as evaluation generates."""
+    stripped = prompt.rstrip()
+    return tok(stripped)["input_ids"], prompt[len(stripped):]
 
 
 # --------------------------------------------------------------------------- text loss
@@ -135,8 +156,8 @@ def test_batched_equals_one_by_one(tmp_path, arch):
             assert batched[name][key] == pytest.approx(value, abs=1e-5)
             assert default[name][key] == pytest.approx(value, abs=1e-5)
     # Generation equals model.generate one prompt at a time, in any batching.
-    prompts = [tok(r["prompt"])["input_ids"] for r in rows]
-    assert many["c"] == auto["c"] == [one_at_a_time(model, tok, p, 5) for p in prompts]
+    prompts = [generation_prompt(tok, r["prompt"]) for r in rows]
+    assert many["c"] == auto["c"] == [one_at_a_time(model, tok, p, 5, m) for p, m in prompts]
     assert batched["c"]["accuracy"] == default["c"]["accuracy"]
 
 
@@ -153,14 +174,14 @@ def test_completion_loss_and_accuracy_equal_direct_computation(tmp_path, trained
     total, count, correct, texts = 0.0, 0, 0, []
     with torch.no_grad():
         for row in rows:
-            prompt = tok(row["prompt"])["input_ids"]
-            completion = tok(row["answer"], add_special_tokens=False)["input_ids"]
+            prompt, completion = lm_eval_pair(tok, row["prompt"], row["answer"])
             completion = completion + [tok.eos_token_id]
             ids = torch.tensor([prompt + completion])
             labels = torch.tensor([[-100] * len(prompt) + completion])
             total += model(input_ids=ids, labels=labels).loss.item() * len(completion)
             count += len(completion)
-            text = one_at_a_time(model, tok, prompt, 8)
+            ids, moved = generation_prompt(tok, row["prompt"])
+            text = one_at_a_time(model, tok, ids, 8, moved)
             texts.append(text)
             correct += text.strip() == row["answer"]
     assert answers["c"] == texts
@@ -204,7 +225,8 @@ def test_long_prompts_keep_their_last_tokens(tmp_path, llama):
     rows = [{"prompt": "1 + 2 = " * 30, "answer": "3"}, {"prompt": "4 + 4 = ", "answer": "8"}]
     es = load_eval_set("c", write_jsonl(tmp_path / "c.jsonl", rows), tok)
     got = evaluate_model(model, tok, [es], max_new_tokens=4)
-    assert got["c"]["n"] == 2 and got["c"]["tokens"] == 4
+    # each answer scores its moved space, its digit and EOS (lm-eval's continuation " 3")
+    assert got["c"]["n"] == 2 and got["c"]["tokens"] == 6
 
 
 def test_generate_false_skips_accuracy(tmp_path, llama):
@@ -214,12 +236,14 @@ def test_generate_false_skips_accuracy(tmp_path, llama):
 
 
 @pytest.mark.parametrize(("generated", "answer", "match"), [
-    ("84", "84", True), ("84.0", "84", True), (" 84 ", "84", True), ("84\n12", "84", True),
+    ("84", "84", True), ("84.0", "84", True), (" 84 ", "84", True), ("84\n12", "84", False),
     ("084", "84", True), ("1e2", "100", True), ("-0", "0", True), ("85", "84", False),
     ("84 apples", "84", False), ("", "84", False), ("Paris", " Paris ", True),
     ("paris", "Paris", False), ("nan", "nan", True), ("inf", "infinity", False),
 ])
 def test_answers_match(generated, answer, match):
+    """Generation cuts at the stop strings (`--until`, default newline) before this compares:
+    a newline left in an answer is part of it."""
     assert answers_match(generated, answer) is match
 
 

@@ -306,9 +306,9 @@ def _pieces(text: str, size: int = TEXT_PIECE_CHARS) -> list[str]:
 def _special_affixes(tokenizer) -> tuple[list[int], list[int]] | None:
     """The ids the tokenizer puts before and after a text with its special tokens (e.g. BOS
     before), found by encoding a probe both ways; None if they cannot be told apart."""
-    cached = getattr(tokenizer, "_undo_affixes", False)
-    if cached is not False:
-        return cached
+    cached = getattr(tokenizer, "_undo_affixes", None)
+    if cached is not None and cached[0] == id(tokenizer):  # not a copy's (deepcopy keeps it)
+        return cached[1]
     probe = "a b 1"
     plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
     full = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
@@ -318,7 +318,7 @@ def _special_affixes(tokenizer) -> tuple[list[int], list[int]] | None:
             found = (full[:i], full[i + len(plain):])
             break
     with contextlib.suppress(AttributeError):  # a tokenizer that takes no attributes
-        tokenizer._undo_affixes = found
+        tokenizer._undo_affixes = (id(tokenizer), found)
     return found
 
 
