@@ -19,10 +19,12 @@
 #
 # Every stage prints a numbered line with the time so far, and each command its own progress
 # (a bar on a terminal, a line every LOG_EVERY steps otherwise; QUIET=1 keeps only the stage
-# lines). THREADS (default: OMP_NUM_THREADS, else all cores) sets the threads of every command; base and oracle train
-# side by side only when there are at least 4 threads (half each), else one after the other, so
-# the cores are never oversubscribed. OpenMP threads wait passively (OMP_WAIT_POLICY=PASSIVE,
-# which the CLI sets unless you set it): spinning threads collapse once anything else runs.
+# lines). THREADS (default: OMP_NUM_THREADS, else the usable cores: CPU affinity and any cgroup
+# quota) sets the threads of every command. Base and oracle train side by side, splitting
+# THREADS between them (so the cores are never oversubscribed; on 2 cores this is 2x faster than
+# one after the other with 2 threads each: docs/benchmarks.md, "thread settings"); with one
+# thread they train in turn. OpenMP threads wait passively (OMP_WAIT_POLICY=PASSIVE, which the
+# CLI sets unless you set it): spinning threads collapse once anything else runs.
 set -euo pipefail
 
 OUT="${OUT:-runs/arithmetic}"
@@ -45,7 +47,16 @@ LENGTH="${LENGTH:-64}"
 ATTACK_BATCH="${ATTACK_BATCH:-16}"
 STAGES="${STAGES:-all}"                    # all, or "prepare" (up to unlearn) / "undo" (from perturb)
 DATA_ARGS="${DATA_ARGS:-}"                 # extra options of `undo data arithmetic`
-THREADS="${THREADS:-${OMP_NUM_THREADS:-$(nproc)}}"  # threads of every command (base + oracle split them)
+usable_cores() {  # CPU affinity (nproc), capped by a cgroup v2 CPU quota if there is one
+  local n quota period
+  n=$(nproc)
+  if [ -r /sys/fs/cgroup/cpu.max ] && read -r quota period < /sys/fs/cgroup/cpu.max \
+     && [ "$quota" != max ]; then
+    quota=$(( (quota + period - 1) / period )); [ "$quota" -lt "$n" ] && n=$quota
+  fi
+  echo "$n"
+}
+THREADS="${THREADS:-${OMP_NUM_THREADS:-$(usable_cores)}}"  # threads of every command
 LOG_EVERY="${LOG_EVERY:-100}"              # progress line every N steps when not on a terminal
 QUIET="${QUIET:-0}"                        # 1: only the stage lines
 if [ "${SMOKE:-0}" = 1 ]; then
@@ -78,13 +89,13 @@ stage "data"
 undo data arithmetic "$D" --seed "$SEED" --overwrite $DATA_ARGS
 
 BASE=(--init "$PRESET" --max-steps "$BASE_STEPS" --lr "$BASE_LR" --warmup-steps 50)
-if [ "$THREADS" -ge 4 ]; then
-  # Two independent trainings, one per half of the threads (tiny models gain little from more);
-  # their own progress would interleave, so only the stage line shows.
+if [ "$THREADS" -ge 2 ]; then
+  # Two independent trainings sharing the threads (tiny models gain little from more); the
+  # base model's progress shows, the oracle's (as fast) would interleave with it.
   stage "train base (retain + forget) and oracle (retain only), side by side"
   half=$((THREADS / 2))
-  undo --threads "$half" train "$OUT/base" --data "$D/retain_train.jsonl" \
-    --data "$D/forget_train.jsonl" "${BASE[@]}" "${TRAIN[@]}" --quiet & base_pid=$!
+  undo --threads "$((THREADS - half))" train "$OUT/base" --data "$D/retain_train.jsonl" \
+    --data "$D/forget_train.jsonl" "${BASE[@]}" "${TRAIN[@]}" & base_pid=$!
   undo --threads "$half" train "$OUT/oracle" --data "$D/retain_train.jsonl" "${BASE[@]}" \
     "${TRAIN[@]}" --quiet & oracle_pid=$!
   wait "$base_pid"

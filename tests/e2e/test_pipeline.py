@@ -20,14 +20,19 @@ def test_arithmetic_pipeline_smoke(tmp_path):
     env = {**os.environ, "SMOKE": "1", "OUT": str(out), "OMP_NUM_THREADS": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     done = subprocess.run(["bash", str(ROOT / "examples" / "arithmetic.sh")], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=600)
+                          env={**env, "THREADS": "2"}, capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    # A numbered progress line per stage; with one thread base and oracle train in turn.
+    # A numbered progress line per stage; with 2 threads base and oracle train side by side
+    # (one thread each), and only the base model's progress shows.
     stages = [line for line in done.stderr.splitlines() if line.startswith("== [")]
-    assert [line.split("]")[0] for line in stages] == [f"== [{i}/7" for i in range(1, 8)]
-    assert "train base (retain + forget)  (" in stages[1] and "oracle" in stages[2]
+    assert [line.split("]")[0] for line in stages] == [
+        "== [1/7", "== [2/7", *(f"== [{i}/7" for i in range(4, 8))]
+    assert "base (retain + forget) and oracle (retain only), side by side" in stages[1]
     assert "demo wall time" in done.stderr.splitlines()[-1]
-    assert "step 10: loss" in done.stderr  # each command's own progress
+    assert done.stderr.count("step 10: loss") == 1  # the base model's progress, not the oracle's
+    base, oracle = (json.loads((out / m / "undo.json").read_text()) for m in ("base", "oracle"))
+    assert base["compute"]["steps"] == oracle["compute"]["steps"] == 10
 
     # Every stage wrote what the next one reads, with its manifest.
     stages = {"base": "train", "oracle": "train", "unlearned": "unlearn",
@@ -59,6 +64,17 @@ def test_arithmetic_pipeline_smoke(tmp_path):
     assert rows["oracle"]["relative_compute"] == 1.0
     assert rows["base"]["compute_flops"] == 0.0
     assert rows["undo"]["compute_flops"] > 0
+
+    # With one thread, base and oracle train in turn, each with its own stage line.
+    done = subprocess.run(["bash", str(ROOT / "examples" / "arithmetic.sh")], cwd=tmp_path,
+                          env={**env, "OUT": str(tmp_path / "one"), "STAGES": "prepare"},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stages = [line for line in done.stderr.splitlines() if line.startswith("== [")]
+    assert [line.split("  (")[0] for line in stages] == [
+        "== [1/4] data", "== [2/4] train base (retain + forget)",
+        "== [3/4] train oracle (retain only, the data-filtering gold standard)",
+        "== [4/4] unlearn (MaxEnt)"]
 
     # The alpha sweep reuses the run: one student per alpha, the teacher cached once.
     done = subprocess.run(["bash", str(ROOT / "examples" / "alpha_sweep.sh")], cwd=tmp_path,
