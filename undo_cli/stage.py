@@ -26,6 +26,7 @@ from undo_cli.options import (
     EvalOptions,
     LoadOptions,
     TrainConfig,
+    compile_pattern,
 )
 from undo_cli.records import parse_named_specs, parse_weighted_spec
 
@@ -218,11 +219,7 @@ def select_parameters(model, pattern: str | None = None, layers: str | None = No
     named = list(model.named_parameters())
     chosen = named
     if pattern is not None:
-        try:
-            regex = re.compile(pattern)
-        except re.error as e:
-            raise UsageError(f"{pattern_flag} {pattern!r} is not a valid regular expression "
-                             f"({e})") from e
+        regex = compile_pattern(pattern_flag, pattern)
         chosen = [(n, p) for n, p in chosen if regex.search(n)]
     selection = resolve_layers(layers, [n for n, _ in named],
                                getattr(getattr(model, "config", None), "model_type", None),

@@ -21,7 +21,6 @@ RepNoise: alpha 1, beta 0.001; retain weight 1 elsewhere) and keep working on ti
 from __future__ import annotations
 
 import copy
-import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -41,6 +40,7 @@ from undo_cli.options import (
     SaveOptions,
     TrainConfig,
     UnlearnOptions,
+    compile_pattern,
 )
 
 Batch = dict[str, torch.Tensor]
@@ -386,11 +386,7 @@ def validate_options(method: Method, options: UnlearnOptions, *, has_retain: boo
     if not (options.repnoise_alpha >= 0 and options.repnoise_beta >= 0):
         raise UsageError("--repnoise-alpha and --repnoise-beta must be >= 0")
     if options.trainable is not None:
-        try:
-            re.compile(options.trainable)
-        except re.error as e:
-            raise UsageError(f"--trainable {options.trainable!r} is not a valid regular "
-                             f"expression ({e})") from e
+        compile_pattern("--trainable", options.trainable)
 
 
 def prepare_method(model: torch.nn.Module, method: str | Method, options: UnlearnOptions, *,

@@ -78,7 +78,7 @@ def _acquire(out: Path) -> None:
         key.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
     except OSError as e:
-        _remove_empty(created)
+        remove_empty_dirs(created)
         raise UsageError(f"cannot write beside the output {out}: {e.strerror or e} "
                          f"({path.parent})") from e
     while True:
@@ -87,7 +87,7 @@ def _acquire(out: Path) -> None:
         except BlockingIOError:
             holder = _read_holder(fd)
             os.close(fd)
-            _remove_empty(created)
+            remove_empty_dirs(created)
             raise UsageError(f"output {out} is being written by another undo run ({holder}); "
                              "wait for it to finish or choose another OUT") from None
         try:  # the previous holder may have removed the file we locked: lock the new one
@@ -117,10 +117,11 @@ def _release(out: Path) -> None:
     with suppress(OSError):
         os.unlink(path)  # while still locked: a waiting run then locks a fresh file
     os.close(fd)
-    _remove_empty(created)
+    remove_empty_dirs(created)
 
 
-def _remove_empty(dirs: list[Path]) -> None:
+def remove_empty_dirs(dirs: list[Path]) -> None:
+    """Remove the directories `dirs` created (innermost last), while they are empty."""
     for d in reversed(dirs):
         try:
             d.rmdir()

@@ -29,6 +29,7 @@ from undo_cli.checkpoint.lock import (
     hold_output,
     mark_committed,
     output_lock,
+    remove_empty_dirs,
 )
 from undo_cli.checkpoint.swap import exchange, signals_deferred
 from undo_cli.errors import UndoError, UsageError
@@ -217,7 +218,7 @@ def atomic_output(out: str | Path, *, inputs: Iterable[str | Path] = (),
         except BaseException as e:
             if not done:
                 shutil.rmtree(tmp, ignore_errors=True)
-                _remove_empty(created_parents)
+                remove_empty_dirs(created_parents)
             if is_disk_full(e):
                 raise UndoError(f"no space left on the device while writing {out}; "
                                 "nothing was written") from e
@@ -240,14 +241,6 @@ def is_disk_full(error: BaseException) -> bool:
             return True
         error = error.__cause__ or error.__context__
     return False
-
-
-def _remove_empty(dirs: list[Path]) -> None:
-    for d in reversed(dirs):
-        try:
-            d.rmdir()
-        except OSError:
-            break
 
 
 def is_weight_file(name: str) -> bool:

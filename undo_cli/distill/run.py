@@ -26,6 +26,7 @@ from undo_cli.options import (
     NoiseOptions,
     SaveOptions,
     TrainConfig,
+    compile_pattern,
 )
 
 RANDOM_STUDENT_SEED_OFFSET = 7919
@@ -148,13 +149,7 @@ def _validate(options: DistillOptions, noise: NoiseOptions) -> None:
     parse_layer_range(options.hidden_layers, "--hidden-layers")
     parse_layer_range(noise.layers, "--layers")
     if options.train_pattern is not None:
-        import re
-
-        try:
-            re.compile(options.train_pattern)
-        except re.error as e:
-            raise UsageError(f"--train {options.train_pattern!r} is not a valid regular "
-                             f"expression ({e})") from e
+        compile_pattern("--train", options.train_pattern)
 
 
 def distill_checkpoint(teacher_path: str | Path, student: str, out: str | Path, *,

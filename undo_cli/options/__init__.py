@@ -51,6 +51,7 @@ from undo_cli.options.base import (
     check,
     check_number,
     check_seed,
+    compile_pattern,
     flag_of,
     option,
     parse_size,
@@ -94,5 +95,5 @@ __all__ = [
     "TRAIN_STEPS", "AttackConfig", "AttackMeasurement", "DataOptions", "DistillOptions",
     "EvalOptions", "GateOptions", "LoadOptions", "NoiseOptions", "OutputOptions",
     "RunSpec", "SaveOptions", "TrainConfig", "UnlearnOptions", "check", "check_number",
-    "check_seed", "flag_of", "option", "parse_lrs", "parse_size",
+    "check_seed", "compile_pattern", "flag_of", "option", "parse_lrs", "parse_size",
 ]

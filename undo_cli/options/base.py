@@ -95,6 +95,14 @@ def parse_size(text: str | int, flag: str | None = None) -> int:
     return size
 
 
+def compile_pattern(flag: str, pattern: str) -> re.Pattern:
+    """`pattern` compiled, or a `UsageError` naming `flag` for an invalid regular expression."""
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise UsageError(f"{flag} {pattern!r} is not a valid regular expression ({e})") from e
+
+
 def check_seed(flag: str, value: int) -> None:
     """`UsageError` naming `flag` for a seed outside 0 .. 2**63 - 1."""
     if isinstance(value, bool) or not isinstance(value, int):

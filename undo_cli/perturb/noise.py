@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from undo_cli.errors import UsageError
-from undo_cli.options import NOISES, NoiseOptions, check, check_seed
+from undo_cli.options import NOISES, NoiseOptions, check, check_seed, compile_pattern
 
 RECOMMENDED_ALPHA = 0.6  # the paper's recommended setting
 RECOMMENDED_BETA = 0.1
@@ -62,10 +62,7 @@ def _patterns(value: str | Iterable[str] | None, option: str) -> tuple[re.Patter
     values = [value] if isinstance(value, str) else list(value)
     patterns = []
     for v in values:
-        try:
-            patterns.append(re.compile(v))
-        except re.error as e:
-            raise UsageError(f"{option} {v!r} is not a valid regular expression ({e})") from e
+        patterns.append(compile_pattern(option, v))
     return tuple(patterns)
 
 
