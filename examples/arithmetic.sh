@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# UNDO on the paper's arithmetic task, end to end, on a laptop CPU (about 7 minutes on 2 quiet
+# UNDO on the paper's arithmetic task, end to end, on a laptop CPU (about 7.5 minutes on 2 quiet
 # cores; see docs/benchmarks.md for how it varies with load and thread counts).
 #
 #   data -> init -> train base (retain + forget) -> train oracle (retain only, the
@@ -14,7 +14,7 @@
 #
 # SEEDS=3 runs the UNDO stages (perturb, distill) and all four attacks once per seed (SEED,
 # SEED+1, ...) from the same base, unlearned and oracle models, and pools them in one report
-# with 95% intervals (about 2.5 more minutes per extra seed). Seed SEED writes `undo` and
+# with 95% intervals (about 3 more minutes per extra seed). Seed SEED writes `undo` and
 # `attacks/MODEL`, the others `undo-sK` and `attacks/MODEL-sK`.
 #
 # Every stage prints a numbered line with the time so far, and each command its own progress
