@@ -65,17 +65,6 @@ def test_arithmetic_pipeline_smoke(tmp_path):
     assert rows["base"]["compute_flops"] == 0.0
     assert rows["undo"]["compute_flops"] > 0
 
-    # With one thread, base and oracle train in turn, each with its own stage line.
-    done = subprocess.run(["bash", str(ROOT / "examples" / "arithmetic.sh")], cwd=tmp_path,
-                          env={**env, "OUT": str(tmp_path / "one"), "STAGES": "prepare"},
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    stages = [line for line in done.stderr.splitlines() if line.startswith("== [")]
-    assert [line.split("  (")[0] for line in stages] == [
-        "== [1/4] data", "== [2/4] train base (retain + forget)",
-        "== [3/4] train oracle (retain only, the data-filtering gold standard)",
-        "== [4/4] unlearn (MaxEnt)"]
-
     # The alpha sweep reuses the run: one student per alpha, the teacher cached once.
     done = subprocess.run(["bash", str(ROOT / "examples" / "alpha_sweep.sh")], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=600)
@@ -106,6 +95,23 @@ def test_arithmetic_pipeline_smoke(tmp_path):
     assert rows["undo"]["forget_after"] == pytest.approx(sum(finals) / 2)
     assert rows["undo"]["forget_after_lower"] <= rows["undo"]["forget_after"] \
         <= rows["undo"]["forget_after_upper"]
+
+
+@pytest.mark.slow
+def test_arithmetic_prepare_trains_base_and_oracle_in_turn_with_one_thread(tmp_path):
+    """With one thread, base and oracle train in turn, each with its own stage line (the
+    default suite's smoke runs them side by side)."""
+    env = {**os.environ, "SMOKE": "1", "OUT": str(tmp_path / "one"), "OMP_NUM_THREADS": "1",
+           "STAGES": "prepare",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    done = subprocess.run(["bash", str(ROOT / "examples" / "arithmetic.sh")], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stages = [line for line in done.stderr.splitlines() if line.startswith("== [")]
+    assert [line.split("  (")[0] for line in stages] == [
+        "== [1/4] data", "== [2/4] train base (retain + forget)",
+        "== [3/4] train oracle (retain only, the data-filtering gold standard)",
+        "== [4/4] unlearn (MaxEnt)"]
 
 
 def test_wmdp_shaped_pipeline_smoke(tmp_path):
