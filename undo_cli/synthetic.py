@@ -56,7 +56,6 @@ byte-identical files); the default sizes take a fraction of a second.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import re
@@ -68,6 +67,7 @@ from typing import Any
 
 from undo_cli.errors import UsageError
 from undo_cli.options import MAX_RECORDS, check_seed
+from undo_cli.synthetic_files import generate_task, write_task
 
 OPS: dict[str, str] = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
 SPLIT_OPS: dict[str, tuple[str, str]] = {"retain": ("add", "sub"), "forget": ("mul", "div")}
@@ -88,7 +88,6 @@ FILES: dict[str, str] = {
     "forget_attack_eval_equation": "forget_attack_eval_equation.jsonl",
     "forget_heldout_eval_equation": "forget_heldout_eval_equation.jsonl",
 }
-INFO_NAME = "info.json"
 ANSWER_CUE = " Answer: "
 ALPHABET = string.digits + string.ascii_letters + " .,?:+-*/="
 MAX_ADD = 1000  # operand-pair spaces are enumerated: keep them at most ~10**6 pairs
@@ -473,23 +472,10 @@ def arithmetic_records(**options: Any) -> ArithmeticData:
 # ----------------------------------------------------------------------------- files
 
 
-def _dump_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
-    with open(path, "w", encoding="ascii", newline="\n") as f:
-        for rec in records:
-            f.write(json.dumps(rec, ensure_ascii=True) + "\n")
-
-
 def write_arithmetic(data: ArithmeticData, directory: str | Path) -> dict[str, Path]:
     """Write `data`'s JSONL files and `info.json` into an existing directory; their paths
     (keys of `FILES`, plus `info`)."""
-    directory = Path(directory)
-    paths: dict[str, Path] = {}
-    for key, name in FILES.items():
-        paths[key] = directory / name
-        _dump_jsonl(paths[key], data.records[key])
-    paths["info"] = directory / INFO_NAME
-    paths["info"].write_text(json.dumps(data.info, indent=2) + "\n", encoding="ascii")
-    return paths
+    return write_task(directory, FILES, data.records, data.info)
 
 
 def generate_arithmetic(out_dir: str | Path, *, overwrite: bool = False,
@@ -500,20 +486,6 @@ def generate_arithmetic(out_dir: str | Path, *, overwrite: bool = False,
     `options` are those of `arithmetic_records`. Options and the output path are checked
     before anything is written (`UsageError`).
     """
-    from undo_cli.checkpoint import atomic_output, build_manifest, write_manifest
-
-    start = time.time()
-    out_dir = Path(out_dir)
+    started = time.time()
     data = arithmetic_records(**options)
-    with atomic_output(out_dir, overwrite=overwrite) as tmp:
-        write_arithmetic(data, tmp)
-        opts = data.info["options"]
-        write_manifest(tmp, build_manifest(
-            "data", arguments={"task": "arithmetic", **opts}, seed=opts["seed"],
-            wall_time_s=time.time() - start,
-            extra={"data": {"task": "arithmetic", "info": INFO_NAME,
-                            "records": {FILES[k]: len(v) for k, v in data.records.items()}}},
-        ))
-    paths = {key: out_dir / name for key, name in FILES.items()}
-    paths["info"] = out_dir / INFO_NAME
-    return paths
+    return generate_task(out_dir, "arithmetic", FILES, data, overwrite=overwrite, started=started)

@@ -31,7 +31,6 @@ is a prefix of another. Everything is pure Python and deterministic per options 
 
 from __future__ import annotations
 
-import json
 import random
 import string
 import time
@@ -41,11 +40,11 @@ from typing import Any
 
 from undo_cli.errors import UsageError
 from undo_cli.options import MAX_RECORDS, check_seed
+from undo_cli.synthetic_files import generate_task, write_task
 
 SPLITS = {"forget": "hazard", "retain": "general"}
 FILES = {f"{split}_{kind}": f"{split}_{kind}.jsonl" for split in SPLITS
          for kind in ("corpus", "mc", "eval_text")}
-INFO_NAME = "info.json"
 LETTERS = "ABCD"
 CHOICES = 4
 ALPHABET = string.ascii_letters + string.digits + " .,?:\n"
@@ -273,36 +272,13 @@ def _cycle(rng: random.Random, n: int, count: int) -> list[int]:
 def write_facts(data: FactsData, directory: str | Path) -> dict[str, Path]:
     """Write `data`'s JSONL files and `info.json` into an existing directory; their paths
     (keys of `FILES`, plus `info`)."""
-    directory = Path(directory)
-    paths: dict[str, Path] = {}
-    for key, name in FILES.items():
-        paths[key] = directory / name
-        with open(paths[key], "w", encoding="ascii", newline="\n") as f:
-            for rec in data.records[key]:
-                f.write(json.dumps(rec, ensure_ascii=True) + "\n")
-    paths["info"] = directory / INFO_NAME
-    paths["info"].write_text(json.dumps(data.info, indent=2) + "\n", encoding="ascii")
-    return paths
+    return write_task(directory, FILES, data.records, data.info)
 
 
 def generate_facts(out_dir: str | Path, *, overwrite: bool = False,
                    **options: Any) -> dict[str, Path]:
     """Generate the task into `out_dir` atomically, with `undo.json`; the written paths
     (keys of `FILES`, plus `info`). Options are checked before anything is written."""
-    from undo_cli.checkpoint import atomic_output, build_manifest, write_manifest
-
-    start = time.time()
-    out_dir = Path(out_dir)
+    started = time.time()
     data = facts_records(**options)
-    with atomic_output(out_dir, overwrite=overwrite) as tmp:
-        write_facts(data, tmp)
-        opts = data.info["options"]
-        write_manifest(tmp, build_manifest(
-            "data", arguments={"task": "facts", **opts}, seed=opts["seed"],
-            wall_time_s=time.time() - start,
-            extra={"data": {"task": "facts", "info": INFO_NAME,
-                            "records": {FILES[k]: len(v) for k, v in data.records.items()}}},
-        ))
-    paths = {key: out_dir / name for key, name in FILES.items()}
-    paths["info"] = out_dir / INFO_NAME
-    return paths
+    return generate_task(out_dir, "facts", FILES, data, overwrite=overwrite, started=started)

@@ -14,7 +14,6 @@ from undo_cli.synthetic import (
     ANSWER_CUE,
     FILES,
     HELDOUT_TEMPLATES,
-    INFO_NAME,
     OPS,
     PLACEHOLDER,
     SPLIT_OPS,
@@ -25,6 +24,7 @@ from undo_cli.synthetic import (
     generate_arithmetic,
     render,
 )
+from undo_cli.synthetic_files import INFO_NAME
 
 # Checkers of the held-out guarantee (test-only: the generator never needs them).
 

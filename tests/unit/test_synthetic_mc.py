@@ -10,9 +10,9 @@ import pytest
 
 from undo_cli.errors import UsageError
 from undo_cli.evaluate import choice_prompt
+from undo_cli.synthetic_files import INFO_NAME
 from undo_cli.synthetic_mc import (
     FILES,
-    INFO_NAME,
     LETTERS,
     RELATIONS,
     SPLITS,
