@@ -67,8 +67,9 @@ undo() { if [ -n "${UNDO:-}" ]; then $UNDO "$@"; else command undo "$@"; fi; }
 D="$OUT/data"
 EVALS=(--eval "retain=$D/retain_eval_equation.jsonl" --eval "forget=$D/forget_eval_equation.jsonl")
 QUIET_ARG=(); [ "$QUIET" = 1 ] && QUIET_ARG=(--quiet)
-TRAIN=(--batch-size "$BATCH" --max-length "$LENGTH" --seed "$SEED" --overwrite
-       --log-every "$LOG_EVERY" "${QUIET_ARG[@]}")
+COMMON=(--batch-size "$BATCH" --max-length "$LENGTH" --overwrite --log-every "$LOG_EVERY"
+        "${QUIET_ARG[@]}")
+TRAIN=("${COMMON[@]}" --seed "$SEED")
 STARTED=$SECONDS
 STAGE_NO=0
 [ "$STAGES" = undo ] && STAGE_COUNT=0 || STAGE_COUNT=4
@@ -122,8 +123,7 @@ for ((k = 0; k < SEEDS; k++)); do
   seed=$((SEED + k))
   tag=""; [ "$k" -gt 0 ] && tag="-s$k"
   of=""; [ "$SEEDS" -gt 1 ] && of=", seed $seed ($((k + 1)) of $SEEDS)"
-  RUN=(--batch-size "$BATCH" --max-length "$LENGTH" --seed "$seed" --overwrite
-       --log-every "$LOG_EVERY" "${QUIET_ARG[@]}")
+  RUN=("${COMMON[@]}" --seed "$seed")
 
   stage "perturb (alpha $ALPHA, beta $BETA) and distill$of"
   undo --threads "$THREADS" perturb "$OUT/unlearned" "$OUT/perturbed$tag" --alpha "$ALPHA" \

@@ -61,13 +61,13 @@ import random
 import re
 import string
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from undo_cli.errors import UsageError
 from undo_cli.options import MAX_RECORDS, check_seed
-from undo_cli.synthetic_files import generate_task, write_task
+from undo_cli.synthetic_files import TaskData, generate_task, write_task
 
 OPS: dict[str, str] = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
 SPLIT_OPS: dict[str, tuple[str, str]] = {"retain": ("add", "sub"), "forget": ("mul", "div")}
@@ -363,12 +363,7 @@ def _eval_word_problems(rng: random.Random, op: str, space: PairSpace,
     return out
 
 
-@dataclass
-class ArithmeticData:
-    """Generated records per file key (the keys of `FILES`) plus the `info.json` payload."""
-
-    records: dict[str, list[dict[str, Any]]]
-    info: dict[str, Any] = field(default_factory=dict)
+ArithmeticData = TaskData  # records per file key plus the info.json payload
 
 
 def arithmetic_records(**options: Any) -> ArithmeticData:

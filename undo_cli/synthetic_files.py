@@ -5,10 +5,20 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 INFO_NAME = "info.json"
+
+
+@dataclass
+class TaskData:
+    """A generated task: records per file key (the keys of the task's `FILES`) plus the
+    `info.json` payload (its `options` included)."""
+
+    records: dict[str, list[dict[str, Any]]]
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 def write_task(directory: str | Path, files: dict[str, str],
@@ -28,9 +38,9 @@ def write_task(directory: str | Path, files: dict[str, str],
     return paths
 
 
-def generate_task(out_dir: str | Path, task: str, files: dict[str, str], data: Any, *,
+def generate_task(out_dir: str | Path, task: str, files: dict[str, str], data: TaskData, *,
                   overwrite: bool, started: float) -> dict[str, Path]:
-    """Write `data` (`.records`, `.info` with its `options`) into `out_dir` atomically with its
+    """Write `data` into `out_dir` atomically with its
     manifest; the final paths (keys of `files`, plus `info`)."""
     from undo_cli.checkpoint import atomic_output, build_manifest, write_manifest
 

@@ -34,13 +34,13 @@ from __future__ import annotations
 import random
 import string
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from undo_cli.errors import UsageError
 from undo_cli.options import MAX_RECORDS, check_seed
-from undo_cli.synthetic_files import generate_task, write_task
+from undo_cli.synthetic_files import TaskData, generate_task, write_task
 
 SPLITS = {"forget": "hazard", "retain": "general"}
 FILES = {f"{split}_{kind}": f"{split}_{kind}.jsonl" for split in SPLITS
@@ -185,12 +185,7 @@ def _choices(rng: random.Random, domain: str, fact: Fact) -> list[str]:
     return choices
 
 
-@dataclass
-class FactsData:
-    """Generated records per file key (the keys of `FILES`) plus the `info.json` payload."""
-
-    records: dict[str, list[dict[str, Any]]]
-    info: dict[str, Any] = field(default_factory=dict)
+FactsData = TaskData  # records per file key plus the info.json payload
 
 
 def facts_records(**options: Any) -> FactsData:
