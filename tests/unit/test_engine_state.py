@@ -99,3 +99,31 @@ def test_only_states_carrying_undos_marker_are_removed(tok, files, tmp_path):
         check_state_dir(state_dir)
     clear_states(state_dir)
     assert foreign.is_dir()
+
+
+def test_a_save_killed_before_its_marker_is_ours_and_cleared(tmp_path):
+    """kill -9 between creating `.tmp-step-N` and writing its marker leaves an empty directory
+    (or an unfinished marker): undo's own, holding nothing, so resuming clears it instead of
+    refusing the state directory. Anything more in it is still refused."""
+    from undo_cli.engine.state_files import MARKER
+
+    empty = tmp_path / ".tmp-step-00000014"
+    empty.mkdir()
+    half = tmp_path / ".tmp-step-00000016"
+    half.mkdir()
+    (half / MARKER).write_text('{"undo": "undo-tra')
+    assert is_ours(empty) and is_ours(half)
+    check_state_dir(tmp_path)
+    assert latest_state(tmp_path) is None
+    clear_states(tmp_path)
+    assert not empty.exists() and not half.exists()
+
+    foreign = tmp_path / ".tmp-step-00000018"
+    foreign.mkdir()
+    (foreign / "state.pkl").write_bytes(pickle.dumps({"step": 18}))
+    assert not is_ours(foreign)
+    assert not is_ours(tmp_path / "step-00000020")  # absent
+    (tmp_path / "step-00000020").mkdir()
+    assert not is_ours(tmp_path / "step-00000020")  # empty, but not an interrupted save
+    with pytest.raises(UsageError, match="did not write"):
+        check_state_dir(tmp_path)

@@ -51,15 +51,20 @@ def write_marker(directory: Path, step: int) -> None:
 
 
 def is_ours(directory: Path) -> bool:
-    """Whether `directory` is a training state undo wrote (it carries undo's marker)."""
+    """Whether `directory` is a training state undo wrote: it carries undo's marker, or it is
+    a `.tmp-` save killed before its marker was written (empty, or holding nothing but an
+    unfinished marker), which holds nothing to keep."""
     marker = directory / MARKER
-    if directory.is_symlink() or not directory.is_dir() or not marker.is_file():
+    if directory.is_symlink() or not directory.is_dir():
         return False
     try:
-        data = json.loads(marker.read_text())
+        data = json.loads(marker.read_text()) if marker.is_file() else None
     except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and data.get("undo") == KIND
+        data = None
+    if isinstance(data, dict):
+        return data.get("undo") == KIND
+    return directory.name.startswith(".tmp-") and all(
+        p.name == MARKER and p.is_file() and not p.is_symlink() for p in directory.iterdir())
 
 
 # ------------------------------------------------------------------------ encoding
