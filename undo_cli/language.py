@@ -9,8 +9,9 @@ two corpora into that setting's files, each record `{"text": ...}`:
 - `info.json`: the sources (each file's fingerprint, or the built-in corpus with its licence),
   the options, and documents and characters per file; `undo.json`.
 
-The evaluation sets are held out by document, never by chunk: documents are shuffled with the
-seed and whole documents go to the evaluation set until it holds `eval_fraction` of the
+The evaluation sets are held out by document, never by chunk: exact repeats of a document are
+dropped (so none lands in both sets; `info.json` counts them), the documents are shuffled with
+the seed and whole documents go to the evaluation set until it holds `eval_fraction` of the
 language's characters (at least one document, never all). The training commands cut long
 documents into rows themselves, and `undo eval` scores a long document in windows.
 
@@ -155,11 +156,12 @@ def language_records(options: LanguageOptions) -> TaskData:
     sources = {}
     for k, split in enumerate(SPLITS):
         corpus = options.retain_corpus if split == "retain" else options.forget_corpus
-        docs, sources[split] = _corpus(split, corpus)
+        found, sources[split] = _corpus(split, corpus)
+        docs = list(dict.fromkeys(found))  # a repeated document would leak into both sets
         if len(docs) < 2:
             where = corpus[0] if corpus else CORPORA / BUILTIN[split]["file"]
-            raise DataError(f"the {split} corpus holds {len(docs)} document; a training and "
-                            "an evaluation set need two at least", where)
+            raise DataError(f"the {split} corpus holds {len(docs)} distinct document(s); a "
+                            "training and an evaluation set need two at least", where)
         # Each language its own stream of the seed, so one corpus does not move the other.
         train, held = split_documents(docs, options.eval_fraction, options.seed * 2 + k,
                                       options.max_chars)
@@ -167,6 +169,7 @@ def language_records(options: LanguageOptions) -> TaskData:
             key = f"{split}_{kind}"
             records[key] = [{"text": d} for d in part]
             sizes[key] = {"documents": len(part), "characters": sum(len(d) for d in part)}
+        sizes[f"{split}_duplicates_dropped"] = len(found) - len(docs)
     info = {"task": "language", "options": asdict(options), "sources": sources,
             "sizes": sizes,
             "note": "evaluation sets are held out by document; the forget metric is the "
