@@ -42,17 +42,18 @@ PRESET="${PRESET:-tiny}"
 LAYERS="${LAYERS:-}"                        # override the preset's size (undo init)
 HIDDEN="${HIDDEN:-}"
 FORGET_WEIGHT="${FORGET_WEIGHT:-0.2}"       # Korean's share of the base model's batches
-BASE_STEPS="${BASE_STEPS:-600}"            # pretraining budget of base and oracle
+BASE_STEPS="${BASE_STEPS:-800}"            # pretraining budget of base and oracle
 BASE_LR="${BASE_LR:-3e-3}"
-UNLEARN_STEPS="${UNLEARN_STEPS:-100}"
+UNLEARN_STEPS="${UNLEARN_STEPS:-60}"
+UNLEARN_BATCH="${UNLEARN_BATCH:-8}"       # per stream (forget and retain)
 UNLEARN_LR="${UNLEARN_LR:-1e-3}"
-DISTILL_MAX_STEPS="${DISTILL_MAX_STEPS:-600}"
+DISTILL_MAX_STEPS="${DISTILL_MAX_STEPS:-800}"
 DISTILL_LR="${DISTILL_LR:-3e-3}"
 RETAIN_TOL="${RETAIN_TOL:-0.05}"            # stop when retain loss <= teacher's x (1 + TOL)
-ATTACK_STEPS="${ATTACK_STEPS:-50}"
-ATTACK_LRS="${ATTACK_LRS:-1e-4,3e-4,1e-3}"
-EVAL_EVERY="${EVAL_EVERY:-10}"
-DISTILL_EVAL_EVERY="${DISTILL_EVAL_EVERY:-50}"
+ATTACK_STEPS="${ATTACK_STEPS:-100}"
+ATTACK_LRS="${ATTACK_LRS:-3e-4,1e-3,3e-3}"
+EVAL_EVERY="${EVAL_EVERY:-20}"
+DISTILL_EVAL_EVERY="${DISTILL_EVAL_EVERY:-25}"
 BATCH="${BATCH:-16}"
 ATTACK_BATCH="${ATTACK_BATCH:-8}"
 ATTACK_EVAL_LIMIT="${ATTACK_EVAL_LIMIT:-32}"  # documents per eval set during attacks
@@ -72,7 +73,7 @@ LOG_EVERY="${LOG_EVERY:-100}"
 QUIET="${QUIET:-0}"
 if [ "${SMOKE:-0}" = 1 ]; then
   ALPHAS="${SMOKE_ALPHAS:-0.2 0.8}" BASE_STEPS=6 UNLEARN_STEPS=2 DISTILL_MAX_STEPS=4
-  DISTILL_EVAL_EVERY=2 ATTACK_STEPS=2 ATTACK_LRS=1e-3 EVAL_EVERY=2 BATCH=4 ATTACK_BATCH=4
+  DISTILL_EVAL_EVERY=2 ATTACK_STEPS=2 UNLEARN_BATCH=4 ATTACK_LRS=1e-3 EVAL_EVERY=2 BATCH=4 ATTACK_BATCH=4
   LENGTH=32 VOCAB=300 MAX_CHARS=4000 LAYERS=1 HIDDEN=32
 fi
 undo() { if [ -n "${UNDO:-}" ]; then $UNDO "$@"; else command undo "$@"; fi; }
@@ -133,7 +134,7 @@ stage "unlearn Korean (MaxEnt)"
 undo --threads "$THREADS" unlearn "$OUT/base" "$OUT/unlearned" --method maxent \
   --forget "$D/forget_train.jsonl" --retain "$D/retain_train.jsonl" "${EVALS[@]}" \
   --eval-every "$UNLEARN_STEPS" --max-steps "$UNLEARN_STEPS" --lr "$UNLEARN_LR" \
-  "${COMMON[@]}" --seed "$SEED"
+  "${COMMON[@]}" --batch-size "$UNLEARN_BATCH" --seed "$SEED"
 
 attack() {  # attack MODEL_DIR RESULTS_DIR SEED
   undo --threads "$THREADS" relearn-attack "$1" --data "$D/forget_train.jsonl" "${EVALS[@]}" \
