@@ -53,7 +53,10 @@ class Objective:
 
     def check_names(self, known: Iterable[str]) -> None:
         """`UsageError` if the objective uses a metric the eval sets do not produce."""
-        self.expr.check_names(known)
+        try:
+            self.expr.check_names(known)
+        except UsageError as e:
+            raise UsageError(f"{FLAG}: {e}") from None
 
     def describe(self) -> dict[str, Any]:
         return {"metric": self.text, "mode": "max" if self.maximize else "min"}
