@@ -335,6 +335,9 @@ def train_and_write(stage: str, out: str | Path, *, model, tokenizer, loss_fn, s
                 trackers.close()
         if result.best is not None:
             extra = {**(extra or {}), "keep_best": result.best}
+            if tmp is not None:
+                log.info("note: --keep-best: writing the weights of step %d (%s = %.6g)",
+                         result.best["step"], result.best["metric"], result.best["value"])
         record = result.compute()
         if compute is not None:
             record = compute(record)
