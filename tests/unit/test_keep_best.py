@@ -165,3 +165,19 @@ def test_train_config_resume_key_holds_keep_best():
     a = resume_key(TrainConfig(max_steps=1), {}, 1)
     b = resume_key(replace(TrainConfig(max_steps=1), keep_best="r.loss"), {}, 1)
     assert a != b
+
+
+def test_unlearn_keeps_the_best_evaluation(cli, files, tmp_path):
+    out = tmp_path / "unlearned"
+    result = cli("unlearn", files["model"], out, "--method", "maxent", "--forget",
+                 files["text"], "--eval", f"f={files['qa']}", "--max-steps", "4",
+                 "--eval-every", "1", "--batch-size", "2", "--max-length", "32",
+                 "--keep-best", "min f.loss", "--quiet")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "undo.json").read_text())
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    evals = {e["step"]: e["f.loss"] for e in log if e["type"] == "eval"}
+    best = min(evals, key=lambda s: (evals[s], s))
+    assert manifest["keep_best"] == {"metric": "min f.loss", "mode": "min", "step": best,
+                                     "value": evals[best]}
+    assert manifest["arguments"]["train"]["keep_best"] == "min f.loss"
