@@ -32,6 +32,7 @@ from undo_cli.records import parse_named_specs, parse_weighted_spec
 
 log = logging.getLogger(__name__)
 
+TRACKER_DIR = "runs"  # --report-to's default --logging-dir inside OUT
 OnStep = Callable[[int, "int | None", int], None]
 OnLog = Callable[[dict[str, Any]], None]
 
@@ -153,6 +154,24 @@ def load_eval_sets(evals: EvalOptions, tokenizer, *, limit: int | None = None,
             for name, path in parse_named_specs(evals.eval)]
 
 
+def check_keep_best(config: TrainConfig, sets: Sequence[Any]) -> None:
+    """`--keep-best` checked before any model loads: its syntax, eval sets to measure it on,
+    and metric names that the sets produce."""
+    if not config.keep_best:
+        return
+    from undo_cli.evaluate import expected_metrics
+    from undo_cli.gates import parse_objective
+
+    objective = parse_objective(config.keep_best)
+    if not sets:
+        raise UsageError("--keep-best needs --eval sets to measure (and --eval-every N to "
+                         "measure during the run)")
+    objective.check_names(expected_metrics(sets))
+    if config.eval_every is None:
+        log.info("note: --keep-best without --eval-every measures only at the end: the "
+                 "last weights are written")
+
+
 class Measure:
     """`measure(model)`: the flat metrics (`SET.METRIC`) of `model` on the eval sets; `items`
     holds the last call's per-item results (for bootstraps), `samples` (with `log_samples`)
@@ -245,6 +264,33 @@ def arguments(train_config: TrainConfig, data_options: DataOptions, eval_options
             "train": train_config.manifest()}
 
 
+def open_run_trackers(config: TrainConfig, out: str | Path, tmp: str | Path,
+                      settings: dict[str, Any]):
+    """The `--report-to` trackers of a run writing `out` (None without any): named
+    `--run-name` (default: OUT's name), writing under `--logging-dir` (default: `runs/` in
+    OUT's temporary directory `tmp`, which becomes OUT), given `settings` (undo.json's keys)."""
+    if not [t for t in config.report_to if t != "none"]:
+        return None
+    from undo_cli.tracking import open_trackers
+
+    logging_dir = Path(config.logging_dir) if config.logging_dir else Path(tmp) / TRACKER_DIR
+    return open_trackers(config.report_to, run_name=config.run_name or Path(out).name,
+                         logging_dir=logging_dir, config=settings)
+
+
+def reporting(on_log: OnLog | None, trackers, prefix: str = "") -> OnLog | None:
+    """`on_log` that also reports every training-log entry to `trackers` (if any)."""
+    if trackers is None:
+        return on_log
+
+    def report(entry: dict[str, Any]) -> None:
+        trackers.log_entry(entry, prefix)
+        if on_log is not None:
+            on_log(entry)
+
+    return report
+
+
 @dataclass
 class Written:
     """What `train_and_write` did: the engine's result and the compute recorded."""
@@ -276,10 +322,22 @@ def train_and_write(stage: str, out: str | Path, *, model, tokenizer, loss_fn, s
     callbacks = callbacks or Callbacks()
     with training_output(out, config, inputs=inputs, overwrite=overwrite,
                          keep_state=keep_state) as (tmp, run_config):
-        result = train(model, loss_fn, streams, run_config, parameters=parameters,
-                       frozen_forward_params=frozen_forward_params, evaluate=evaluate,
-                       should_stop=should_stop, on_step=callbacks.on_step,
-                       on_log=callbacks.on_log)
+        trackers = None if tmp is None else open_run_trackers(
+            config, out, tmp, {"stage": stage, "arguments": arguments, "parents": parents,
+                               "seed": config.seed})
+        try:
+            result = train(model, loss_fn, streams, run_config, parameters=parameters,
+                           frozen_forward_params=frozen_forward_params, evaluate=evaluate,
+                           should_stop=should_stop, on_step=callbacks.on_step,
+                           on_log=reporting(callbacks.on_log, trackers))
+        finally:
+            if trackers is not None:
+                trackers.close()
+        if result.best is not None:
+            extra = {**(extra or {}), "keep_best": result.best}
+            if tmp is not None:
+                log.info("note: --keep-best: writing the weights of step %d (%s = %.6g)",
+                         result.best["step"], result.best["metric"], result.best["value"])
         record = result.compute()
         if compute is not None:
             record = compute(record)
@@ -303,5 +361,6 @@ def summary(out: str | Path, result: Any, started: float, **own: Any) -> dict[st
             "loss": result.loss.get("loss"), "final": result.loss,
             "stop_reason": result.stop_reason, "diverged": result.diverged,
             "diverged_step": result.diverged_step, "resumed_from": result.resumed_from,
-            "metrics": result.final_metrics(), "wall_time_s": round(time.time() - started, 3),
+            "metrics": result.final_metrics(), "keep_best": result.best,
+            "wall_time_s": round(time.time() - started, 3),
             "is_main_process": result.is_main_process}

@@ -69,7 +69,7 @@ def train_checkpoint(out: str | Path, init: str, data: list[str], *,
         out, inputs, load, overwrite=overwrite,
         reads=[*stage.data_paths("--data", data), *stage.eval_paths(evals),
                ("--tokenizer", tokenizer if preset and tokenizer else None)],
-        writes=[("--state-dir", config.state_dir)])
+        writes=[("--state-dir", config.state_dir), ("--logging-dir", config.logging_dir)])
     data_options = stage.fit_length(data_options, infos[0].config if infos else None)
 
     # Tokenizer and data first: a bad file fails before any model is built or loaded.
@@ -79,6 +79,7 @@ def train_checkpoint(out: str | Path, init: str, data: list[str], *,
     streams = {"train": build_stream(tok, data, data_options.max_length, config.batch_size,
                                      config.seed, name="train", packing=data_options.packing)}
     sets = stage.load_eval_sets(evals, tok)
+    stage.check_keep_best(config, sets)
     if preset:
         from undo_cli.modelfactory import build_config, random_model, resolve_shape
 

@@ -499,7 +499,7 @@ def unlearn_checkpoint(
         dst, [src], load, overwrite=overwrite,
         reads=[*stage.data_paths("--forget", forget_specs),
                *stage.data_paths("--retain", retain_specs), *stage.eval_paths(evals)],
-        writes=[("--state-dir", config.state_dir)])[0]
+        writes=[("--state-dir", config.state_dir), ("--logging-dir", config.logging_dir)])[0]
     data_options = stage.fit_length(data_options, info.config)
 
     tokenizer = load_tokenizer(src, trust_remote_code=load.trust_remote_code,
@@ -508,6 +508,7 @@ def unlearn_checkpoint(
                                   config.seed, name=name, packing=data_options.packing)
                for name, specs in (("forget", forget_specs), ("retain", retain_specs)) if specs}
     sets = stage.load_eval_sets(evals, tokenizer)
+    stage.check_keep_best(config, sets)
     model = load_model(src, allow_pickle=load.allow_pickle,
                        trust_remote_code=load.trust_remote_code, base_model=load.base_model)
     if config.lr is None:

@@ -226,3 +226,85 @@ def test_bridged_tasks_are_resolved_before_any_model_loads(args, message, cli, t
     assert result.exit_code == 2, result.output
     assert message in result.stderr and "HF_HUB_OFFLINE" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1  # lm-eval's own noise held back
+
+
+# ------------------------------------------------------------------ task YAML errors, one line
+
+
+def _stand_in_lm_eval(monkeypatch, error: BaseException) -> None:
+    """An lm_eval whose TaskManager fails to build any task with `error`, as lm-eval 0.4
+    does for a malformed task YAML (`TaskConfig(**config)` raising TypeError, ...)."""
+    import importlib.machinery
+    import types
+
+    class TaskManager:
+        def __init__(self, include_path=None):
+            self.all_tasks = ["my_task"] if include_path else []  # the include path's
+
+        def load(self, specs):
+            raise error
+
+    lm_eval = types.ModuleType("lm_eval")
+    lm_eval.__spec__ = importlib.machinery.ModuleSpec("lm_eval", None)
+    tasks = types.ModuleType("lm_eval.tasks")
+    tasks.TaskManager = TaskManager
+    huggingface = types.ModuleType("lm_eval.models.huggingface")
+    huggingface.HFLM = object
+    for name, module in (("lm_eval", lm_eval), ("lm_eval.tasks", tasks),
+                         ("lm_eval.models", types.ModuleType("lm_eval.models")),
+                         ("lm_eval.models.huggingface", huggingface)):
+        monkeypatch.setitem(sys.modules, name, module)
+
+
+BAD_TASK = ("task: my_task\ndataset_path: json\noutput_type: multiple_choice\n"
+            "doc_to_text: \"{{question}}\"\nmetric_lst:\n  - metric: acc\n")
+
+
+def test_an_unknown_task_field_is_named_with_its_file_and_line(monkeypatch, tmp_path, cli,
+                                                               tiny_llama):
+    from undo_cli.errors import DataError
+
+    task = tmp_path / "bad.yaml"
+    task.write_text(BAD_TASK)
+    _stand_in_lm_eval(monkeypatch, TypeError(
+        "TaskConfig.__init__() got an unexpected keyword argument 'metric_lst'"))
+    with pytest.raises(DataError) as caught:
+        resolve_tasks([str(task)])
+    assert str(caught.value) == (f"{task}:5: lm-eval task: field 'metric_lst' is not a field "
+                                 "lm-eval tasks have (did you mean metric_list?)")
+    # the same through `undo eval`, by name under an include path: exit 2, one line
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "mine.yaml").write_text(BAD_TASK)
+    result = cli("eval", tiny_llama, "--lm-eval-tasks", "my_task", "--lm-eval-include-path",
+                 tmp_path / "tasks")
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (f"error: {tmp_path / 'tasks' / 'mine.yaml'}:5: lm-eval task: "
+                             "field 'metric_lst' is not a field lm-eval tasks have (did you "
+                             "mean metric_list?)\n")
+
+
+def test_task_yaml_errors_translate_to_one_line(tmp_path):
+    import yaml
+
+    from undo_cli.evaluation.task_errors import task_error
+
+    task = tmp_path / "t.yaml"
+    task.write_text("task: t\ndataset_path: json\nmetric_list:\n  - metric acc: [\n")
+    try:
+        yaml.safe_load(task.open())
+    except yaml.YAMLError as e:
+        syntax = task_error(e, [str(task)])
+    assert str(syntax).startswith(f"{task}:") and "not valid YAML" in str(syntax)
+    assert "\n" not in str(syntax)
+    task.write_text("task: t\ndataset_path: json\nmetric_list:\n  - acc: 1\n")
+    missing = task_error(KeyError("metric"), [str(task)])
+    assert str(missing) == (f"{task}: lm-eval task: lm-eval needs the field 'metric' here, and "
+                            "the task does not set it (or misspells it)")
+    wrong = task_error(TypeError("'int' object is not iterable in doc_to_choice"),
+                       [str(task)])
+    assert wrong is not None and str(wrong).startswith(f"{task}: lm-eval task:")
+    task.write_text("task: t\ndoc_to_choice: 3\n")
+    typed = task_error(TypeError("'int' object is not iterable in doc_to_choice"),
+                       [str(task)])
+    assert str(typed).startswith(f"{task}:2: lm-eval task: field 'doc_to_choice' has a value")
+    assert task_error(ConnectionError("offline"), ["wmdp_bio"]) is None

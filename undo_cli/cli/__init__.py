@@ -83,6 +83,12 @@ class UndoGroup(TyperGroup):
     (130 still for a command whose gates come after its output: they were not checked).
     """
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        from undo_cli.cli.helptext import reflow_commands
+
+        reflow_commands(self)  # paragraphs wrap to the terminal, lists keep their lines
+
     def parse_args(self, ctx, args):
         try:  # the root's own options (--threads ...); a subcommand's are parsed in invoke
             return super().parse_args(ctx, args)

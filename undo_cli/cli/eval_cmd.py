@@ -16,11 +16,18 @@ from typing import Any
 import typer
 
 from undo_cli.cli import app
-from undo_cli.cli.common import emit_json, err_console, info
+from undo_cli.cli.common import emit_json, err_console, info, show_output
 from undo_cli.cli.options import with_options
 from undo_cli.errors import UsageError
 from undo_cli.jsontext import is_finite_number
-from undo_cli.options import EvalOptions, GateOptions, LoadOptions, check_number, check_seed
+from undo_cli.options import (
+    EvalOptions,
+    GateOptions,
+    LoadOptions,
+    OutputOptions,
+    check_number,
+    check_seed,
+)
 from undo_cli.records import parse_named_specs
 from undo_cli.stats import is_uncertainty
 
@@ -111,7 +118,7 @@ def _samples_file(path: Path | None, checkpoints: list[Path]) -> Path | None:
     return path
 
 
-def _write_samples(path: Path, records: list[dict[str, Any]]) -> None:
+def _write_samples(path: Path, records: list[dict[str, Any]], *, talk: bool = True) -> None:
     """The records as JSON Lines, written aside and renamed into place."""
     import os
 
@@ -125,11 +132,13 @@ def _write_samples(path: Path, records: list[dict[str, Any]]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    info(f"wrote {len(records):,} samples to {path}")
+    if talk:
+        info(f"wrote {len(records):,} samples to {path}")
 
 
 @app.command("eval")
-@with_options("eval", load=LoadOptions, gates=GateOptions)
+@with_options("eval", load=LoadOptions, gates=GateOptions, output=OutputOptions,
+              exclude=("json", "overwrite"))
 def eval_command(
     checkpoints: list[Path] = typer.Argument(..., metavar="CKPT...",
                                              help="Checkpoint directories to evaluate."),
@@ -193,6 +202,7 @@ def eval_command(
     *,
     load: LoadOptions,
     gates: GateOptions,
+    output: OutputOptions,
 ) -> None:
     """Evaluate checkpoints on data files: loss/perplexity, exact match, multiple choice."""
     from undo_cli.cli import debug_enabled
@@ -202,6 +212,7 @@ def eval_command(
     from undo_cli.records import read_eval_data
 
     start = time.time()
+    talk = show_output(output.quiet)  # --quiet: errors only (and --json's document)
     for flag, value, low in (("--batch-size", batch_size, 1), ("--limit", limit, 1),
                              ("--max-new-tokens", max_new_tokens, 1),
                              ("--max-length", max_length, 2)):
@@ -225,7 +236,8 @@ def eval_command(
 
     def on_start(ckpt: str) -> None:
         extra = " (reference)" if reference is not None and ckpt == str(reference) else ""
-        info(f"evaluating {ckpt}{extra}")
+        if talk:
+            info(f"evaluating {ckpt}{extra}")
 
     logged: list[dict[str, Any]] = []
 
@@ -242,12 +254,12 @@ def eval_command(
         on_samples=on_samples if samples_file is not None else None,
         quiet_lm_eval=not debug_enabled())
     if samples_file is not None:
-        _write_samples(samples_file, logged)
+        _write_samples(samples_file, logged, talk=talk)
     problem = payload.pop("error", None)
     listed = payload.get("reference", {}).pop("listed", True)
     if json_out:
         emit_json(payload)
-    else:
+    elif talk:
         rows = list(payload["results"])
         if "reference" in payload and not listed:
             rows.append({**payload["reference"], "checkpoint": f"{reference} (reference)"})
@@ -256,7 +268,7 @@ def eval_command(
     if problem is not None:
         raise problem
     records = payload.get("gates", [])
-    for record in records:
+    for record in records if talk else []:
         if not record["failed"]:
             err_console.print(f"gate passed: {describe_gate(record)}", markup=False,
                               soft_wrap=True)  # one line per gate, for CI logs

@@ -190,7 +190,8 @@ _HELP = (
               data_options=DataOptions, evals=EvalOptions, measurement=AttackMeasurement,
               gates=GateOptions, load=LoadOptions, save=SaveOptions, output=OutputOptions,
               exclude=("lr", "optimizer", "max_steps", "max_tokens", "max_flops", "save_every",
-                       "state_dir", "resume", "keep_last_finite", "log_every", "sam_rho"))
+                       "state_dir", "resume", "keep_last_finite", "log_every", "sam_rho",
+                       "keep_best"))
 def relearn_command(
     checkpoint: Path = typer.Argument(
         None, metavar="CKPT", help="The model to attack (not needed with --compare)."),

@@ -49,8 +49,8 @@ def train_command(
 ) -> None:
     """Train a language model on text or prompt/completion data.
 
-    --init PRESET (tiny, small): a new model, built as `undo init` builds it, is pretrained.
-    --init CHECKPOINT: that model is finetuned.
+    - --init PRESET (tiny, small): a new model, built as `undo init` builds it, is pretrained.
+    - --init CHECKPOINT: that model is finetuned.
 
     OUT gets the model, its tokenizer, train_log.jsonl and undo.json (tokens and FLOPs spent).
     """

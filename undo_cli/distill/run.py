@@ -210,7 +210,8 @@ def distill_checkpoint(teacher_path: str | Path, student: str, out: str | Path, 
     infos = stage.check_inputs(
         out, inputs, load, overwrite=overwrite,
         reads=[*stage.data_paths("--data", data), *stage.eval_paths(evals)],
-        writes=[("--state-dir", config.state_dir), ("--cache-teacher", options.cache_teacher)])
+        writes=[("--state-dir", config.state_dir), ("--cache-teacher", options.cache_teacher),
+                ("--logging-dir", config.logging_dir)])
     data_options = stage.fit_length(data_options, infos[0].config)
     if student_is_dir:
         stage.check_length(data_options.max_length, infos[1].config)
@@ -225,6 +226,7 @@ def distill_checkpoint(teacher_path: str | Path, student: str, out: str | Path, 
     stream = build_stream(tok, data, data_options.max_length, config.batch_size, config.seed,
                           name="train", packing=data_options.packing)
     sets = stage.load_eval_sets(evals, tok)
+    stage.check_keep_best(config, sets)
     if stop is not None:  # before any model is loaded
         stop.check_names(set(expected_metrics(sets)))
 

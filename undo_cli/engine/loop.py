@@ -143,6 +143,9 @@ def train(
     config.validate()
     if not streams:
         raise UsageError("training needs at least one data stream")
+    if config.keep_best and evaluate is None:
+        raise UsageError("--keep-best needs evaluations: give --eval NAME=PATH (and "
+                         "--eval-every N)")
     trainer = _Trainer(model, loss_fn, streams, config, parameters, frozen_forward_params,
                        evaluate, should_stop, on_step, on_log)
     try:
@@ -159,6 +162,11 @@ class _Trainer:
         self.started = time.perf_counter()
         self.model, self.loss_fn, self.streams, self.config = model, loss_fn, streams, config
         self.evaluate, self.should_stop = evaluate, should_stop
+        self.objective = None
+        if config.keep_best:
+            from undo_cli.gates import parse_objective
+
+            self.objective = parse_objective(config.keep_best)
         self.frozen_forward_params = frozen_forward_params
         self.accelerator, self.device = make_accelerator(config.device)
         self.main = self.accelerator.is_main_process
@@ -452,6 +460,8 @@ class _Trainer:
         entry = {"step": run.step, "tokens": run.tokens,
                  "flops": run.flops_trained + run.flops_frozen, **metrics}
         run.evals.append(entry)
+        if self.objective is not None and self.diverged_step is None:
+            self._consider_best(metrics)
         entry = {"type": "eval", **entry}
         if write:
             self._write(entry)
@@ -465,6 +475,32 @@ class _Trainer:
             broadcast_object_list(box, from_process=0)
             reason = box[0]
         return entry, reason
+
+    def _locals(self) -> list[torch.Tensor]:
+        """The trained parameters as this process holds them (an FSDP shard's local part)."""
+        return [p.to_local() if hasattr(p, "to_local") else p for p in self.params]
+
+    def _consider_best(self, metrics: dict) -> None:
+        """--keep-best: keep a copy of the trained weights (on the CPU) when this evaluation
+        beats the best so far (the copy travels with a saved state, so --resume keeps it)."""
+        run = self.run_state
+        value = self.objective.value(metrics)
+        if not self.objective.better(value, None if run.best is None else run.best["value"]):
+            return
+        with torch.no_grad():
+            weights = [t.detach().to("cpu", copy=True) for t in self._locals()]
+        run.best = {"step": run.step, "value": value, "weights": weights}
+
+    def _restore_best(self) -> dict | None:
+        """Put the best evaluation's weights back; what undo.json records about it."""
+        best = self.run_state.best
+        if self.objective is None or best is None:
+            return None
+        if best["step"] != self.run_state.step or self.diverged_step is not None:
+            with torch.no_grad():
+                for target, saved in zip(self._locals(), best["weights"], strict=True):
+                    target.copy_(saved.to(target.device))
+        return {**self.objective.describe(), "step": best["step"], "value": best["value"]}
 
     def _log(self, lr: float) -> None:
         entry = self.window.entry(self.accelerator, self.device)
@@ -529,6 +565,7 @@ class _Trainer:
         last = next((e for e in reversed(run.log) if e.get("type") == "train"), {})
         loss = {k: v for k, v in last.items() if isinstance(v, float) and k not in NOT_TERMS}
         wall = self.elapsed_before + time.perf_counter() - self.started
+        best = self._restore_best()
         self.accelerator.wait_for_everyone()
         model = gather_full_model(
             self.accelerator, self.prepared,
@@ -542,7 +579,7 @@ class _Trainer:
             backward_parameters=self.n_backward, frozen_forward_params=self.frozen_forward_params,
             diverged=self.diverged_step is not None, diverged_step=self.diverged_step,
             resumed_from=self.resumed_from, log=list(run.log), is_main_process=self.main,
-            num_processes=self.world, model=model,
+            num_processes=self.world, model=model, best=best,
         )
 
     def close(self) -> None:

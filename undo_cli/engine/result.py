@@ -40,10 +40,15 @@ class TrainResult:
     is_main_process: bool = True
     num_processes: int = 1
     model: Any = None  # the trained model, unwrapped from any DDP/accelerate wrapper
+    best: dict[str, Any] | None = None  # --keep-best: metric, mode, step, value (the weights)
 
     def final_metrics(self) -> dict[str, Any]:
-        """The metrics of the last evaluation, without its step/tokens/flops counters."""
+        """The metrics of the last evaluation (with --keep-best: of the best one, whose
+        weights the model holds), without its step/tokens/flops counters."""
         last = self.evals[-1] if self.evals else {}
+        if self.best is not None:
+            last = next((e for e in reversed(self.evals) if e.get("step") == self.best["step"]),
+                        last)
         return {k: v for k, v in last.items() if k not in ("step", "tokens", "flops")}
 
     def compute(self) -> dict[str, Any]:

@@ -38,6 +38,7 @@ class RunState:
         self.elapsed_s = 0.0
         self.config: dict = {}
         self.window: dict = {}  # the unfinished log window (so resumed logs match)
+        self.best: dict | None = None  # --keep-best: step, value, weights (local, on the CPU)
 
     def state_dict(self) -> dict:
         return dict(self.__dict__)

@@ -66,6 +66,7 @@ class ResolvedTasks:
     names: dict[str, str]  # spec -> its task or group name (undo's spelling: `gate_name`)
     metrics: dict[str, list[str] | None] = field(default_factory=dict)  # None: unknown yet
     manager: Any = None  # lm-eval's TaskManager
+    include_path: list[Path] = field(default_factory=list)  # --lm-eval-include-path
 
     def expected_metrics(self) -> list[str]:
         """`TASK.METRIC` names the tasks will give (as `evaluate.expected_metrics`)."""
@@ -154,7 +155,15 @@ def _task_metrics(task: Any) -> list[str]:
     return [*names, "n"]
 
 
-def _build_error(error: BaseException, specs: Sequence[str]) -> UndoError:
+def _build_error(error: BaseException, specs: Sequence[str],
+                 include_path: Sequence[str | Path] = ()) -> UndoError:
+    """lm-eval's failure to build or run `specs` as one line: a task YAML's mistake naming
+    the file, line and field (`task_errors`), else what lm-eval said (a network hint)."""
+    from undo_cli.evaluation.task_errors import task_error
+
+    translated = task_error(error, specs, include_path)
+    if translated is not None:
+        return translated
     text = " ".join(str(error).split())
     hint = ""
     if any(word in text.lower() for word in _NETWORK_WORDS):
@@ -177,8 +186,11 @@ def resolve_tasks(specs: Sequence[str], include_path: Sequence[str | Path] = (),
             raise UsageError(f"--lm-eval-include-path {p}: not a directory (give the directory "
                              "holding your task YAML files)")
     specs = list(specs)
-    with quiet_lm_eval(quiet):
-        manager = TaskManager(include_path=[str(p) for p in paths] or None)
+    try:
+        with quiet_lm_eval(quiet):
+            manager = TaskManager(include_path=[str(p) for p in paths] or None)
+    except Exception as e:  # noqa: BLE001 - a malformed YAML under an include path
+        raise _build_error(e, specs, paths) from e
     known = set(manager.all_tasks)
     for spec in specs:
         if spec in known:
@@ -198,7 +210,7 @@ def resolve_tasks(specs: Sequence[str], include_path: Sequence[str | Path] = (),
         with quiet_lm_eval(quiet):
             loaded = manager.load(specs)
     except Exception as e:  # noqa: BLE001 - lm-eval and datasets raise many types
-        raise _build_error(e, specs) from e
+        raise _build_error(e, specs, paths) from e
     tasks, groups = loaded.get("tasks", {}), loaded.get("groups", {})
     names: dict[str, str] = {}
     for spec in specs:
@@ -212,7 +224,8 @@ def resolve_tasks(specs: Sequence[str], include_path: Sequence[str | Path] = (),
         task = tasks.get(spec) or next((t for n, t in tasks.items() if gate_name(n) == name),
                                         None)
         metrics[name] = _task_metrics(task) if task is not None else None
-    return ResolvedTasks(specs=specs, names=names, metrics=metrics, manager=manager)
+    return ResolvedTasks(specs=specs, names=names, metrics=metrics, manager=manager,
+                         include_path=paths)
 
 
 def lm_eval_metrics(output: dict[str, Any], tasks: Sequence[str] | ResolvedTasks
@@ -274,8 +287,8 @@ def run_tasks(model, tokenizer, tasks: Sequence[str] | ResolvedTasks, *,
                 model=lm, tasks=list(specs), limit=limit, random_seed=seed,
                 numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
                 **extra)
-    except (KeyError, ValueError, OSError, ConnectionError) as e:
-        raise _build_error(e, specs) from e
+    except (KeyError, ValueError, TypeError, AttributeError, OSError, ConnectionError) as e:
+        raise _build_error(e, specs, getattr(resolved, "include_path", ())) from e
     finally:
         for module, training in modes.items():
             module.training = training

@@ -1,6 +1,6 @@
 """Conditions on metrics for `--stop-when` and `--fail-if`: a small, safe expression language
-(`expression.py`: grammar, parser, evaluation, the `--fail-if` records) and the names each
-command's gates use (`namespaces.py`)."""
+(`expression.py`: grammar, parser, evaluation, the `--fail-if` records), the names each
+command's gates use (`namespaces.py`) and `--keep-best`'s objective (`objective.py`)."""
 
 from undo_cli.gates.expression import (
     MAX_DEPTH,
@@ -24,10 +24,12 @@ from undo_cli.gates.namespaces import (
     check_eval_gate_names,
     eval_gate_values,
 )
+from undo_cli.gates.objective import Objective, parse_objective
 
 __all__ = [
     "INITIAL", "MAX_DEPTH", "MAX_LENGTH", "REFERENCE_PREFIXES", "TEACHER", "WORST", "Expr",
-    "StopCondition", "attack_gate_names", "attack_gate_values", "check_eval_gate_names",
+    "Objective", "StopCondition", "attack_gate_names", "attack_gate_values",
+    "check_eval_gate_names",
     "check_gates", "describe_gate", "eval_gate_values", "parse_condition", "parse_expression",
-    "parse_gates", "raise_failed_gates",
+    "parse_gates", "parse_objective", "raise_failed_gates",
 ]

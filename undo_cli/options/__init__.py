@@ -47,6 +47,7 @@ from undo_cli.options.base import (
     NOISE,
     SEED_MAX,
     SELECTION,
+    TRACKING,
     TRAINING,
     check,
     check_number,
@@ -73,6 +74,7 @@ from undo_cli.options.groups import (
     RESUME_KEYS,
     SAVE_DTYPES,
     SCHEDULES,
+    TRACKERS,
     DataOptions,
     DistillOptions,
     EvalOptions,
@@ -83,6 +85,7 @@ from undo_cli.options.groups import (
     SaveOptions,
     TrainConfig,
     UnlearnOptions,
+    check_trackers,
 )
 
 __all__ = [
@@ -91,7 +94,7 @@ __all__ = [
     "DISTILL_STOP_WHEN_CAP", "EVALUATION", "IN_OUT", "MEASUREMENT", "METHOD", "NOISE", "NOISES",
     "OPTIMIZERS", "PACKING_MODES", "PAPER_LRS", "RESUME_KEYS", "SAVE_DTYPES", "SCHEDULES",
     "SEARCH_BATCH_SIZES", "SEARCH_LORA_RANKS", "SEED_MAX", "MAX_RECORDS", "SELECTION",
-    "TRAINING", "CHOICE_FORMATS",
+    "TRACKERS", "TRACKING", "TRAINING", "CHOICE_FORMATS", "check_trackers",
     "TRAIN_STEPS", "AttackConfig", "AttackMeasurement", "DataOptions", "DistillOptions",
     "EvalOptions", "GateOptions", "LoadOptions", "NoiseOptions", "OutputOptions",
     "RunSpec", "SaveOptions", "TrainConfig", "UnlearnOptions", "check", "check_number",

@@ -278,7 +278,8 @@ class AttackConfig:
                        warmup_steps=warmup, batch_size=spec.batch_size, max_steps=self.steps,
                        max_tokens=None, max_flops=None, seed=spec.seed,
                        eval_every=self.eval_every, eval_at_start=False, keep_last_finite=True,
-                       log_path=None, state_dir=None, save_every=None, resume=False)
+                       log_path=None, state_dir=None, save_every=None, resume=False,
+                       keep_best=None)
 
 
 @dataclass

@@ -20,6 +20,7 @@ ATTACK = "Attack"
 MEASUREMENT = "Measurement"
 NOISE = "Noise"
 SELECTION = "What trains"
+TRACKING = "Experiment tracking"
 
 
 def option(default: Any = None, help: str = "", *, flag: str | None = None,  # noqa: A002

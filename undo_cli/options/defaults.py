@@ -57,6 +57,8 @@ COMMAND_HELP: dict[str, dict[str, str]] = {
                 "(metrics NAME.loss, NAME.accuracy, ...); used by --stop-when.",
     },
     "eval": {
+        "quiet": "Print nothing but errors (and --json's document): no status lines, table or "
+                 "passed gates; the exit code says whether a gate failed.",
         "fail_if": "Exit with code 3 (after printing the results) if EXPR holds for any "
                    "checkpoint, e.g. \"forget.accuracy > 0.05\" (repeatable). Names: "
                    "SET.METRIC; with --reference also teacher.SET.METRIC (= "

@@ -17,6 +17,7 @@ from undo_cli.options.base import (
     NOISE,
     SEED_MAX,
     SELECTION,
+    TRACKING,
     TRAINING,
     check,
     option,
@@ -31,6 +32,25 @@ DEFAULT_MAX_LENGTH = 256  # --max-length unless the model's maximum is smaller
 SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 NOISES = ("xavier-uniform", "xavier-normal")  # the noise step's distributions (undo_cli.perturb)
 CHOICE_FORMATS = ("qa", "letters", "raw")  # multiple-choice prompts (undo_cli.evaluate)
+# --report-to: the experiment trackers (accelerate's), the module each needs and its extra.
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
+
+
+def check_trackers(report_to: list[str]) -> list[str]:
+    """The trackers `--report-to` asks for (`none` dropped); `UsageError` with the `pip
+    install` line for one that is not installed (checked before any work; torch-free)."""
+    import importlib.util
+
+    chosen = [t for t in dict.fromkeys(report_to or []) if t != "none"]
+    for name in chosen:
+        if name not in TRACKERS:
+            raise UsageError(f"--report-to must be one of {', '.join(TRACKERS)} or none "
+                             f"(got {name!r})")
+        if importlib.util.find_spec(name) is None:
+            raise UsageError(f"--report-to {name}: {name} is not installed; add it with "
+                             f"pip install 'undo-cli[{name}]' (or pip install {name})")
+    return chosen
+
 
 
 @dataclass
@@ -84,6 +104,24 @@ class TrainConfig:
                         panel=TRAINING)
     device: str | None = option(None, "cpu, cuda or cuda:N (default: CUDA if available).",
                                 panel=TRAINING)
+    keep_best: str | None = option(None, "Write the weights of the best evaluation instead of "
+                                   "the last: a metric (\"retain.accuracy\" is maximised, "
+                                   "\"retain.loss\" minimised) or max/min of an expression, "
+                                   "e.g. \"max retain.accuracy - forget.accuracy\". undo.json "
+                                   "records its step and value.", metavar="METRIC",
+                                   panel=EVALUATION)
+    report_to: list[str] = option(help="Send loss, learning rate, throughput, every "
+                                  "evaluation metric and the run's settings to an experiment "
+                                  "tracker: tensorboard, wandb (offline), mlflow, trackio or "
+                                  "none (repeatable).", metavar="TRACKER", panel=TRACKING,
+                                  choices=TRACKERS + ("none",), factory=list)
+    run_name: str | None = option(None, "The run's name in the trackers (default: OUT's "
+                                  "name).", metavar="NAME", panel=TRACKING)
+    logging_dir: Path | None = option(None, "Where trackers write (TensorBoard event files, "
+                                      "W&B's offline run, MLflow's store). Default: "
+                                      "OUT/runs, written as the run goes into OUT's "
+                                      "temporary directory beside it.", metavar="DIR",
+                                      panel=TRACKING)
     log_path: Path | None = option(None, "The JSONL training log.", cli=False)
     eval_at_start: bool = option(False, "Also evaluate before the first step.", cli=False)
 
@@ -102,6 +140,7 @@ class TrainConfig:
             raise UsageError("--save-every needs a state directory")
         if self.resume and self.state_dir is None:
             raise UsageError("--resume needs a state directory")
+        check_trackers(self.report_to)
 
     def state_dir_for(self, out: str | Path) -> Path:
         """`state_dir`, or its default `OUT.undo-state` beside the output directory."""
@@ -116,14 +155,15 @@ class TrainConfig:
 
     def manifest(self) -> dict[str, Any]:
         """The settings that shape the result, as recorded in `undo.json`."""
-        skip = ("log_path", "state_dir", "resume", "device", "eval_at_start")
+        skip = ("log_path", "state_dir", "resume", "device", "eval_at_start", "report_to",
+                "run_name", "logging_dir")
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
 
 
 # Settings whose change changes the result: resuming with other values is refused.
 RESUME_KEYS = ("optimizer", "lr", "min_lr", "schedule", "warmup_steps", "weight_decay", "betas",
                "batch_size", "grad_accum", "max_grad_norm", "max_steps", "max_tokens",
-               "max_flops", "seed", "sam_rho", "bf16")
+               "max_flops", "seed", "sam_rho", "bf16", "keep_best")
 
 
 @dataclass

@@ -206,7 +206,8 @@ def relearn_checkpoint(
     gate_list = parse_gates(gates_given.fail_if)
     info = stage.check_inputs(
         out, [checkpoint], load, overwrite=overwrite,
-        reads=[*stage.data_paths("--data", data), *stage.eval_paths(evals)])[0]
+        reads=[*stage.data_paths("--data", data), *stage.eval_paths(evals)],
+        writes=[("--logging-dir", config.train.logging_dir)])[0]
     data_options = stage.fit_length(data_options, info.config)
 
     tokenizer = load_tokenizer(checkpoint, trust_remote_code=load.trust_remote_code,
@@ -255,6 +256,13 @@ def relearn_checkpoint(
     main = is_main_process()
     output = atomic_output(out, inputs=[checkpoint], overwrite=overwrite) if main else None
     with output or contextlib.nullcontext() as tmp:
+        trackers = None if tmp is None else stage.open_run_trackers(
+            config.train, out, tmp, {"stage": STAGE, "arguments": arguments or {
+                "checkpoint": checkpoint, "data": list(data),
+                "eval": [list(e) for e in eval_specs]},
+                "parents": {"input": checkpoint}, "seed": config.train.seed})
+        if trackers is not None:
+            progress = TrackedProgress(progress or AttackProgress(), trackers)
         saver = None
         if measurement.save_models and main:
             saver = _model_saver(
@@ -271,6 +279,10 @@ def relearn_checkpoint(
             if measurement.max_retain_drop is not None else None,
             study_name=f"undo-relearn-{digest.split(':')[-1][:16]}",
             log_samples=measurement.log_samples)
+        if trackers is not None:
+            for point in core["worst_case"]:
+                trackers.log({f"worst/{forget_metric}": point.get("value")}, point["step"])
+            trackers.close()
         lora_rank = core.pop("lora_rank")
         logged = core.pop("_samples", None)
         results = {
@@ -304,6 +316,46 @@ def relearn_checkpoint(
     if gate_list and raise_on_gate:
         raise_failed_gates(results["gates"])
     return results
+
+
+class TrackedProgress(AttackProgress):
+    """`progress` that also reports every run to the `--report-to` trackers: its training
+    log live under `attack/<RUN>/train/`, its evaluation curve (step 0 on) under
+    `attack/<RUN>/eval/` when it ends."""
+
+    def __init__(self, progress: AttackProgress, trackers: Any):
+        self.progress, self.trackers = progress, trackers
+        self.prefix = "attack/"
+
+    def start(self, total_runs: int, steps: int) -> None:
+        self.progress.start(total_runs, steps)
+
+    def run_started(self, index: int, lr: float | None, seed: int | None,
+                    config: str = "") -> None:
+        self.prefix = f"attack/{config or index}" + (f" seed {seed}" if seed is not None
+                                                      else "") + "/"
+        self.progress.run_started(index, lr, seed, config)
+
+    def step(self, step: int) -> None:
+        self.progress.step(step)
+
+    def log(self, entry: dict[str, Any]) -> None:
+        if entry.get("type") == "train":
+            self.trackers.log_entry(entry, self.prefix)
+        self.progress.log(entry)
+
+    def run_finished(self, run: dict[str, Any], metric: str) -> None:
+        name = f"attack/{run.get('config')}" + (f" seed {run['seed']}"
+                                                if run.get("seed") is not None else "")
+        for point in run.get("curve", []):
+            self.trackers.log_entry({"type": "eval", **point}, name + "/")
+        self.progress.run_finished(run, metric)
+
+    def message(self, text: str) -> None:
+        self.progress.message(text)
+
+    def close(self) -> None:
+        self.progress.close()
 
 
 def _static_attacks(config: AttackConfig, data: Sequence[str], raw: list[EvalData], tokenizer,

@@ -71,6 +71,9 @@ class AttackProgress:
     def message(self, text: str) -> None:
         """A note for the user (e.g. a diverged run)."""
 
+    def log(self, entry: dict[str, Any]) -> None:
+        """A training-log entry of the current run (`engine.train`'s `on_log`)."""
+
     def close(self) -> None:
         """After the last run (also on failure)."""
 
@@ -359,7 +362,8 @@ def _finetune_run(original: torch.nn.Module, spec: RunSpec, config: AttackConfig
 
     result = train(model, lm_loss("attack"), {"attack": stream}, config.run_config(spec),
                    evaluate=evaluate, should_stop=should_stop,
-                   on_step=lambda step, total, tokens: progress.step(step))
+                   on_step=lambda step, total, tokens: progress.step(step),
+                   on_log=progress.log)
     diverged_step = result.diverged_step
     if broken:
         diverged_step = min(broken[0], diverged_step or broken[0])

@@ -69,6 +69,21 @@ def test_table_goes_to_stderr(cli, tiny_llama, files):
     assert "ppl" in result.stderr and "mc" in result.stderr  # bare PATH: named by its stem
 
 
+def test_quiet_prints_nothing_but_errors_and_keeps_the_gates(cli, tiny_llama, files):
+    args = ("eval", tiny_llama, "--data", f"lm={files['text']}")
+    loud = cli(*args, "--fail-if", "lm.loss < 0")
+    assert loud.exit_code == 0 and "evaluating" in loud.stderr and "gate passed" in loud.stderr
+    quiet = cli(*args, "--quiet", "--fail-if", "lm.loss < 0")
+    assert quiet.exit_code == 0, quiet.output
+    assert quiet.stderr == "" and quiet.stdout == ""
+    failed = cli(*args, "-q", "--fail-if", "lm.loss > 0")
+    assert failed.exit_code == 3
+    assert failed.stderr.startswith("error: ") and len(failed.stderr.splitlines()) == 1
+    document = cli(*args, "--quiet", "--json")
+    assert json.loads(document.stdout)["results"][0]["metrics"]["lm"]["loss"] > 0
+    assert document.stderr == ""
+
+
 def test_table_cells_carry_their_uncertainty():
     from undo_cli.cli.eval_cmd import cell
 
