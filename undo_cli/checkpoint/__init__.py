@@ -24,6 +24,7 @@ from undo_cli.checkpoint.load import (
 from undo_cli.checkpoint.manifest import (
     MANIFEST_NAME,
     build_manifest,
+    file_fingerprint,
     fingerprint,
     manifest_history,
     read_manifest,
@@ -47,6 +48,7 @@ __all__ = [
     "check_fits_memory",
     "check_output_path",
     "copy_support_files",
+    "file_fingerprint",
     "fingerprint",
     "inspect_checkpoint",
     "load_model",

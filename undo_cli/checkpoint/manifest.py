@@ -51,6 +51,15 @@ def fingerprint(path: str | Path) -> str:
     return "blake3:" + digest.hexdigest()
 
 
+def file_fingerprint(path: str | Path) -> str:
+    """`blake3:<hex>` of one file's bytes (a data set, a training state's file)."""
+    from blake3 import blake3
+
+    digest = blake3(max_threads=blake3.AUTO)
+    _hash_file(Path(path), digest)
+    return "blake3:" + digest.hexdigest()
+
+
 def _indexed_files(path: Path) -> set[str]:
     """Weight files an index names in subdirectories (relative paths), so that shards kept
     there count too; files at the top are found by name already."""
