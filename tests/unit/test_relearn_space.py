@@ -191,6 +191,9 @@ def test_search_storage_keeps_each_attack_apart(tmp_path):
     assert elsewhere["runs"][0]["curve"] != first["runs"][0]["curve"]  # other data
     again = attack("d", 2, 2, data)  # the first attack again: its trials, reused
     assert [r["curve"] for r in again["runs"]] == [r["curve"] for r in first["runs"]]
+    studies = {r["attack"]["search"]["study"] for r in (first, longer, elsewhere, again)}
+    assert len(studies) == 3 and again["attack"]["search"]["study"] == first["attack"][
+        "search"]["study"]
 
 
 def test_search_without_optuna_says_how_to_install(monkeypatch):

@@ -71,6 +71,25 @@ def _check_database_file(path: Path) -> None:
     if head and head != SQLITE_HEADER:  # SQLite takes an empty file as an empty database
         raise UsageError(f"{FLAG}: {path} is not an SQLite database; give a new file or a "
                          "study database written by an earlier --search")
+    tables = _tables(path) if head else set()
+    if tables and not tables >= OPTUNA_TABLES:
+        raise UsageError(f"{FLAG}: {path} is an SQLite database of something else (it has no "
+                         "Optuna studies), which undo will not add tables to; give a new file")
+
+
+OPTUNA_TABLES = {"studies", "trials"}
+
+
+def _tables(path: Path) -> set[str]:
+    """The table names of the SQLite database `path`, opened read-only."""
+    import sqlite3
+
+    try:
+        with sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True) as db:
+            return {row[0] for row in db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.Error as e:
+        raise UsageError(f"{FLAG}: {path} is not a readable SQLite database ({e})") from e
 
 
 def _check_driver(url: str) -> None:

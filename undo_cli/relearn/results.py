@@ -331,6 +331,8 @@ def relearn_checkpoint(
             **{k: v for k, v in core.items()
                if k not in ("schema_version", "forget_metric", "direction")},
         }
+        if study is not None:
+            results["attack"]["search"]["study"] = study  # its name in --search-storage
         if gate_list:
             results["gates"] = jsonable(check_gates(gate_list, gate_values(results)))
         if main and logged is not None:
