@@ -307,9 +307,11 @@ def relearn_checkpoint(
         if config.finetune and config.search:
             from undo_cli.relearn.search import study_name
 
-            study = study_name(search_key(
-                digest, describe_attack(config, data, data_options, measurement), data,
-                eval_specs, forget_metric, evals, measurement))
+            key = search_key(digest, describe_attack(config, data, data_options, measurement),
+                             data, eval_specs, forget_metric, evals, measurement)
+            if info.kind == "adapter":  # the base it is merged into (--base-model) counts
+                key["base"] = fingerprint(info.base.path)
+            study = study_name(key)
         core = run_attack(
             model, tokenizer, sets, config, forget_metric=forget_metric,
             make_stream=make_stream, threshold=measurement.threshold, evals=evals,

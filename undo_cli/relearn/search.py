@@ -91,8 +91,7 @@ def search_runs(model: Any, config: AttackConfig,
         direction="maximize" if direction == "max" else "minimize", sampler=sampler,
         pruner=optuna.pruners.MedianPruner(n_startup_trials=5,
                                            n_warmup_steps=config.eval_every))
-    for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,
-                                                          TrialState.WAITING)):
+    for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         run = json.loads(stale.user_attrs["run"]) if "run" in stale.user_attrs else None
         _tell(study, stale.number, run, forget_metric)  # an interrupted session's trial
     done = [t for t in study.get_trials(deepcopy=False) if "run" in t.user_attrs
