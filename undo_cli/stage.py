@@ -123,8 +123,9 @@ def check_inputs(out: str | Path, inputs: Sequence[str | Path], load: LoadOption
     written = [(flag, path) for flag, path in writes if path is not None]
     check_output_path(out, inputs=list(inputs), reads=[*present, *written],
                       overwrite=overwrite)
+    bases = [info.base.path for info in infos if info.kind == "adapter"]
     for flag, path in written:
-        for inp in [*inputs, *(p for _, p in present)]:
+        for inp in [*inputs, *bases, *(p for _, p in present)]:
             if _inside(path, inp):
                 raise UsageError(f"{flag} {path} lies inside the input {inp}, which undo must "
                                  "not change: choose a directory outside it")

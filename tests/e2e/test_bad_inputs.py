@@ -130,6 +130,20 @@ def _adapter_inputs(d: Path, ckpt: Path, files: dict) -> None:
     shutil.copytree(adapter, files["selfadapter"])
     (files["selfadapter"] / "adapter_config.json").write_text(json.dumps(
         dict(cfg, base_model_name_or_path=str(files["selfadapter"]))))
+    # Issue 26: adapters that do not fit (a module the base lacks, a negative rank, a PEFT
+    # type peft does not know, a LoRA tensor of another rank than the config's) and a base
+    # of another width (--base-model).
+    for name, changes in (("notargetadapter", {"target_modules": ["nosuch_proj"]}),
+                          ("negrankadapter", {"r": -2}),
+                          ("unknowntypeadapter", {"peft_type": "NOSUCH"}),
+                          ("wrongshapeadapter", {})):
+        files[name] = shutil.copytree(adapter, d / name)
+        (files[name] / "adapter_config.json").write_text(json.dumps(dict(cfg, **changes)))
+    lora_a = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    state = load_file(adapter / "adapter_model.safetensors")
+    save_file(dict(state, **{lora_a: torch.zeros(3, state[lora_a].shape[1])}),
+              files["wrongshapeadapter"] / "adapter_model.safetensors")
+    files["wideckpt"] = make_checkpoint(d / "wideckpt", hidden=64, intermediate=128)
 
 
 def _checkpoint_inputs(d: Path, ckpt: Path, files: dict) -> None:
@@ -510,6 +524,55 @@ CASES = [
      "itself an adapter"),
     ("perturb-adapter-base-is-itself", ["perturb", "{selfadapter}", "{out}"], 2,
      "itself an adapter"),
+    ("eval-adapter-target-module-missing", ["eval", "{notargetadapter}", "--data",
+                                            "x={pairs}"], 2,
+     "the adapter does not fit its base {ckpt}: Target modules {{'nosuch_proj'}} not found"),
+    ("eval-adapter-negative-rank", ["eval", "{negrankadapter}", "--data", "x={pairs}"], 2,
+     "adapter_config.json: the rank r must be a positive whole number (got -2)"),
+    ("eval-adapter-unknown-peft-type", ["eval", "{unknowntypeadapter}", "--data", "x={pairs}"],
+     2, "adapter_config.json: unknown peft_type 'NOSUCH'"),
+    ("eval-adapter-tensor-of-the-wrong-shape", ["eval", "{wrongshapeadapter}", "--data",
+                                                "x={pairs}"], 2,
+     "tensor 'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight' in "
+     "adapter_model.safetensors has shape [3, 32], the base {ckpt} needs [2, 32]"),
+    ("unlearn-adapter-on-a-base-of-another-width", ["unlearn", "{adapter}", "{out}",
+                                                    "--base-model", "{wideckpt}", "--method",
+                                                    "ga", "--forget", "{text}", *FAST], 2,
+     "tensor 'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight' in "
+     "adapter_model.safetensors has shape [2, 32], the base {wideckpt} needs [2, 64]"),
+    # ---- --search-storage: checked when parsed, never inside an input or OUT (issue 26)
+    ("relearn-search-storage-unknown-scheme", ["relearn-attack", "{ckpt}", "--data", "{pairs}",
+                                               "--eval", "forget={pairs}", "--search", "2",
+                                               "--search-storage", "redis://localhost/0",
+                                               "--out", "{out}"], 2,
+     "--search-storage 'redis://localhost/0': unknown scheme 'redis'"),
+    ("relearn-search-storage-directory-missing", ["relearn-attack", "{ckpt}", "--data",
+                                                  "{pairs}", "--eval", "forget={pairs}",
+                                                  "--search", "2", "--search-storage",
+                                                  "sqlite:///{dir}/nowhere/study.db", "--out",
+                                                  "{out}"], 2,
+     "--search-storage: the directory {dir}/nowhere of {dir}/nowhere/study.db does not exist"),
+    ("relearn-search-storage-not-a-database", ["relearn-attack", "{ckpt}", "--data", "{pairs}",
+                                               "--eval", "forget={pairs}", "--search", "2",
+                                               "--search-storage", "sqlite:///{notjson}",
+                                               "--out", "{out}"], 2,
+     "--search-storage: {notjson} is not an SQLite database"),
+    ("relearn-search-storage-is-a-directory", ["relearn-attack", "{ckpt}", "--data", "{pairs}",
+                                               "--eval", "forget={pairs}", "--search", "2",
+                                               "--search-storage", "sqlite:///{dir}", "--out",
+                                               "{out}"], 2,
+     "--search-storage: {dir} is a directory"),
+    ("relearn-search-storage-inside-checkpoint", ["relearn-attack", "{ckpt}", "--data",
+                                                  "{pairs}", "--eval", "forget={pairs}",
+                                                  "--search", "2", "--search-storage",
+                                                  "sqlite:///{ckpt}/study.db", "--out",
+                                                  "{out}"], 2,
+     "--search-storage {ckpt}/study.db lies inside the input {ckpt}"),
+    ("relearn-search-storage-inside-output", ["relearn-attack", "{ckpt}", "--data", "{pairs}",
+                                              "--eval", "forget={pairs}", "--search", "2",
+                                              "--search-storage", "sqlite:///{full}/study.db",
+                                              "--out", "{full}", "--overwrite"], 2,
+     "--search-storage {full}/study.db lies inside the output"),
     # ---- perturb
     ("perturb-nan-weights", ["perturb", "{nanweights}", "{out}"], 2,
      "'model.layers.1.self_attn.q_proj.weight' holds NaN or infinite values"),

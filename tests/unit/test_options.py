@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 
@@ -105,3 +106,42 @@ def test_attack_config_derives_its_grid():
     assert attack.mode == "none"
     with pytest.raises(UsageError, match="--quantize 8|4"):
         attack.validate()
+
+
+def test_search_storage_is_checked_when_parsed(tmp_path):
+    """`--search-storage` (issue 26): a new or empty file, or a study database, is taken; an
+    unknown scheme, an in-memory study, a missing directory, a directory, a file that is not
+    SQLite and another program's database are refused naming the flag."""
+    import sqlite3
+
+    from undo_cli.options.storage import parse_search_storage, sqlite_path
+
+    new = f"sqlite:///{tmp_path / 'new.db'}"
+    assert parse_search_storage(new) == new and sqlite_path(new) == tmp_path / "new.db"
+    assert sqlite_path("sqlite:///rel/study.db?timeout=5") == Path("rel/study.db")
+    (tmp_path / "empty.db").write_bytes(b"")
+    parse_search_storage(f"sqlite:///{tmp_path / 'empty.db'}")
+    study = sqlite3.connect(tmp_path / "study.db")
+    study.execute("CREATE TABLE studies (id)")
+    study.execute("CREATE TABLE trials (id)")
+    study.commit()
+    study.close()
+    parse_search_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    other = sqlite3.connect(tmp_path / "other.db")
+    other.execute("CREATE TABLE accounts (id)")
+    other.commit()
+    other.close()
+    (tmp_path / "notes.txt").write_text("not a database\n")
+    for url, message in (
+            ("redis://localhost/0", "unknown scheme 'redis'"),
+            ("study.db", "is not a storage URL"),
+            ("sqlite://", "in-memory"),
+            (f"sqlite:///{tmp_path / 'no' / 'study.db'}", "does not exist"),
+            (f"sqlite:///{tmp_path}", "is a directory"),
+            (f"sqlite:///{tmp_path / 'notes.txt'}", "is not an SQLite database"),
+            (f"sqlite:///{tmp_path / 'other.db'}", "an SQLite database of something else")):
+        with pytest.raises(UsageError, match="--search-storage") as e:
+            parse_search_storage(url)
+        assert message in str(e.value)
+    with pytest.raises(UsageError, match="does not exist"):  # the library checks it too
+        AttackConfig(search=2, search_storage=f"sqlite:///{tmp_path / 'no' / 'x.db'}").validate()

@@ -116,6 +116,86 @@ def test_the_search_is_deterministic_per_seed_and_resumable(setup, tmp_path):
     assert len(resumed["runs"]) == 3
 
 
+def _search_config(n, storage, seed=0, steps=2):
+    return AttackConfig(optimizers=["adamw", "sgd"], schedules=["constant", "cosine"],
+                        batch_sizes=[2, 4], steps=steps, search=n, search_storage=storage,
+                        train=TrainConfig(schedule="constant", max_steps=1, eval_every=2,
+                                          seed=seed))
+
+
+def test_a_resumed_search_draws_new_configurations_and_closes_stale_trials(setup, tmp_path):
+    """Issue 26: the resumed session's sampler is reseeded from the finished trials, so it
+    does not replay the first session's random start-up draws; a trial left running by the
+    interrupted session is closed as failed."""
+    optuna = pytest.importorskip("optuna")
+    from optuna.trial import TrialState
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+
+    def search(n):
+        return run_attack(setup["model"], setup["tok"], setup["sets"],
+                          _search_config(n, storage), forget_metric="forget.loss",
+                          make_stream=_stream(setup), study_name="interrupted")
+
+    first = search(2)
+    stale = optuna.load_study(study_name="interrupted", storage=storage).ask()  # the kill
+    resumed = search(4)
+    key = [(r["config"], r["lr"]) for r in resumed["runs"]]
+    assert key[:2] == [(r["config"], r["lr"]) for r in first["runs"]]
+    assert len(set(key)) == 4, key  # no configuration is run twice
+    trials = optuna.load_study(study_name="interrupted", storage=storage).trials
+    assert trials[stale.number].state == TrialState.FAIL
+    assert [t.state for t in trials].count(TrialState.RUNNING) == 0
+    assert sorted(r["trial"] for r in resumed["runs"]) == [0, 1, 3, 4]
+
+
+def test_the_samplers_seed_is_one_numpy_takes_and_differs_per_resumption():
+    optuna = pytest.importorskip("optuna")
+    from undo_cli.relearn.search import sampler_seed
+
+    assert sampler_seed(7, 0) == 7  # a new study: --seed itself
+    seeds = {sampler_seed(seed, n) for seed in (0, 7, 2**40, 2**63 - 1) for n in range(4)}
+    assert len(seeds) == 16 and all(0 <= s < 2**32 for s in seeds)
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(
+        seed=sampler_seed(2**63 - 1, 0)))  # --seed 2**63-1 (NumPy takes seeds below 2**32)
+    assert 0 <= study.ask().suggest_float("x", 0, 1) <= 1
+
+
+def test_search_storage_keeps_each_attack_apart(tmp_path):
+    """Issue 26: the study is keyed by everything that defines the attack, so another attack
+    on the same checkpoint in the same storage (other steps, other data) runs its own
+    trials; the same attack again finds its own."""
+    pytest.importorskip("optuna")
+    from undo_cli.options import AttackMeasurement, DataOptions, EvalOptions
+    from undo_cli.relearn import relearn_checkpoint
+
+    ckpt = make_checkpoint(tmp_path / "model", hidden=32, intermediate=64)
+    data = write_jsonl(tmp_path / "forget.jsonl", RECORDS)
+    other = write_jsonl(tmp_path / "other.jsonl", RECORDS[::-1][:12])
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+
+    def attack(out, n, steps, data_file):
+        return relearn_checkpoint(
+            ckpt, tmp_path / out, data=[str(data_file)],
+            config=_search_config(n, storage, steps=steps),
+            evals=EvalOptions(eval=[f"forget={data}"], eval_batch_size=8, max_new_tokens=2),
+            data_options=DataOptions(max_length=16),
+            measurement=AttackMeasurement(eval_limit=4, no_plot=True))
+
+    first = attack("a", 2, 2, data)
+    longer = attack("b", 1, 4, data)
+    assert [r["steps"] for r in longer["runs"]] == [4]  # not the first attack's trials
+    assert longer["worst_case"][-1]["step"] == 4
+    elsewhere = attack("c", 1, 2, other)
+    assert elsewhere["runs"][0]["config"] == first["runs"][0]["config"]  # the same draw,
+    assert elsewhere["runs"][0]["curve"] != first["runs"][0]["curve"]  # other data
+    again = attack("d", 2, 2, data)  # the first attack again: its trials, reused
+    assert [r["curve"] for r in again["runs"]] == [r["curve"] for r in first["runs"]]
+    studies = {r["attack"]["search"]["study"] for r in (first, longer, elsewhere, again)}
+    assert len(studies) == 3 and again["attack"]["search"]["study"] == first["attack"][
+        "search"]["study"]
+
+
 def test_search_without_optuna_says_how_to_install(monkeypatch):
     import builtins
 

@@ -115,40 +115,94 @@ def _from_pretrained(info: CheckpointInfo, dtype: torch.dtype, trust_remote_code
     return model
 
 
-def _load_adapter(base, info: CheckpointInfo):
-    """`base` with the adapter of `info` merged in, after checking that the adapter's file
-    holds exactly the adapter weights the model expects."""
-    from peft import PeftConfig, PeftModel
+def _adapter_config(info: CheckpointInfo):
+    """The adapter's `PeftConfig`, checked before its base is loaded: a `peft_type` peft
+    knows and a positive rank (`UsageError` naming adapter_config.json)."""
+    from peft import PeftConfig
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    file = info.path / "adapter_config.json"
+    peft_type = info.config_data.get("peft_type")
+    known = sorted(str(getattr(k, "value", k)) for k in PEFT_TYPE_TO_CONFIG_MAPPING)
+    if peft_type not in known:
+        raise UsageError(f"{file}: unknown peft_type {peft_type!r} (peft {_peft_version()} "
+                         "does not know it; a LoRA adapter says \"LORA\")")
+    try:
+        config = PeftConfig.from_pretrained(str(info.path))
+    except Exception as e:  # noqa: BLE001 - peft raises many types
+        raise UsageError(f"{file}: not a valid {peft_type} adapter config ({first_line(e)})"
+                         ) from e
+    rank = getattr(config, "r", None)
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise UsageError(f"{file}: the rank r must be a positive whole number (got {rank!r})")
+    # The base is the local directory found (or --base-model), never a hub name.
+    config.base_model_name_or_path = str(info.base.path)
+    config.inference_mode = True
+    return config
+
+
+def _peft_version() -> str:
+    import peft
+
+    return peft.__version__
+
+
+def _load_adapter(base, info: CheckpointInfo, config):
+    """`base` with the adapter of `info` merged in, after checking that the adapter fits the
+    base and that its file holds exactly the adapter weights the model expects, each of the
+    shape and dtype the base needs (`UsageError` naming the tensor, before any is read)."""
+    from peft import get_peft_model
     from peft.utils import get_peft_model_state_dict
 
     try:
-        config = PeftConfig.from_pretrained(str(info.path))
-        # The base is the local directory found (or --base-model), never a hub name.
-        config.base_model_name_or_path = str(info.base.path)
-        model = PeftModel.from_pretrained(base, str(info.path), config=config)
-    except Exception as e:  # noqa: BLE001
-        raise UndoError(f"cannot load adapter {info.path}: {first_line(e)}") from e
+        model = get_peft_model(base, config)
+    except Exception as e:  # noqa: BLE001 - e.g. target modules the base does not have
+        raise UsageError(f"{info.path}: the adapter does not fit its base {info.base.path}: "
+                         f"{first_line(e)}") from e
     if info.tensors:
-        expected = get_peft_model_state_dict(model)
-        file = info.weight_files[0].name
-        missing = sorted(set(expected) - set(info.tensors))
-        unexpected = sorted(set(info.tensors) - set(expected))
-        if missing or unexpected:
-            what = (f"tensor {missing[0]!r} is missing from {file}" if missing else
-                    f"tensor {unexpected[0]!r} in {file} has no place in the adapter")
-            count = len(missing) + len(unexpected)
-            more = f" (and {count - 1} more)" if count > 1 else ""
-            raise UsageError(f"{info.path}: {what}{more}; the adapter does not match its "
-                             "adapter_config.json and base model")
-        for name, entry in info.tensors.items():
-            if entry.dtype not in FLOAT_DTYPES:
-                raise UsageError(f"{info.path}: tensor {name!r} in {file} is stored as "
-                                 f"{entry.dtype}, an adapter holds floating-point weights")
+        _check_adapter_tensors(info, get_peft_model_state_dict(model))
+    try:
+        model.load_adapter(str(info.path), adapter_name="default", is_trainable=False,
+                           key_mapping=getattr(base, "_checkpoint_conversion_mapping", None))
+    except Exception as e:  # noqa: BLE001
+        raise UndoError(f"cannot load adapter {info.path}: {_load_error(e)}") from e
     merged = model.merge_and_unload()
     # PEFT froze the base weights to train the adapter; the merged model is a plain model
     # again, every weight trainable, as `from_pretrained` gives it.
     merged.requires_grad_(True)
     return merged
+
+
+def _check_adapter_tensors(info: CheckpointInfo, expected: dict) -> None:
+    """The adapter file's tensors (from its header) against those the model expects."""
+    file = info.weight_files[0].name
+    missing = sorted(set(expected) - set(info.tensors))
+    unexpected = sorted(set(info.tensors) - set(expected))
+    if missing or unexpected:
+        what = (f"tensor {missing[0]!r} is missing from {file}" if missing else
+                f"tensor {unexpected[0]!r} in {file} has no place in the adapter")
+        count = len(missing) + len(unexpected)
+        more = f" (and {count - 1} more)" if count > 1 else ""
+        raise UsageError(f"{info.path}: {what}{more}; the adapter does not match its "
+                         "adapter_config.json and base model")
+    for name, entry in sorted(info.tensors.items()):
+        if entry.dtype not in FLOAT_DTYPES:
+            raise UsageError(f"{info.path}: tensor {name!r} in {file} is stored as "
+                             f"{entry.dtype}, an adapter holds floating-point weights")
+        wanted = list(expected[name].shape)
+        if list(entry.shape) != wanted:
+            raise UsageError(f"{info.path}: tensor {name!r} in {file} has shape "
+                             f"{list(entry.shape)}, the base {info.base.path} needs {wanted} "
+                             "(an adapter of another rank or for a model of another size)")
+
+
+def _load_error(error: BaseException) -> str:
+    """A one-line account of a failed load: torch's "Error(s) in loading state_dict" report
+    is cut to its first problem (the tensor and both shapes)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict"):
+        return lines[1]
+    return first_line(error)
 
 
 def load_model(
@@ -175,7 +229,9 @@ def load_model(
     dtype = torch.float32 if dtype is None else dtype
     info = inspect_checkpoint(path, allow_pickle=allow_pickle, base_model=base_model)
     if info.kind == "adapter":
-        model = _load_adapter(_from_pretrained(info.base, dtype, trust_remote_code), info)
+        config = _adapter_config(info)  # checked before the base is loaded
+        model = _load_adapter(_from_pretrained(info.base, dtype, trust_remote_code), info,
+                              config)
     else:
         model = _from_pretrained(info, dtype, trust_remote_code)
     if device is not None:

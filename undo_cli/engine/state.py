@@ -14,7 +14,16 @@ from dataclasses import replace
 from pathlib import Path
 
 from undo_cli.engine.processes import is_main_process, wait_for_everyone
-from undo_cli.engine.state_files import COMPLETE, STATE_NAME, is_ours, save_rank, write_marker
+from undo_cli.engine.state_files import (
+    COMPLETE,
+    STATE_NAME,
+    file_hashes,
+    has_marker,
+    is_ours,
+    remove_state_dir,
+    save_rank,
+    write_marker,
+)
 from undo_cli.errors import UsageError
 from undo_cli.options import RESUME_KEYS, TrainConfig
 
@@ -93,7 +102,7 @@ def check_state_dir(state_dir: str | Path) -> None:
 def latest_state(state_dir: str | Path) -> Path | None:
     """The newest complete training-state directory under `state_dir`, or None."""
     found = [p for p in _states(Path(state_dir)) if p.name.startswith(STATE_PREFIX)
-             and is_ours(p) and (p / COMPLETE).is_file()]
+             and has_marker(p) and (p / COMPLETE).is_file()]
     return max(found, key=lambda p: int(p.name[len(STATE_PREFIX):]), default=None)
 
 
@@ -113,7 +122,8 @@ def clear_states(state_dir: Path, keep: Path | None = None) -> None:
     """Remove the saved states in `state_dir` (but `keep`): undo's own only."""
     for p in _states(state_dir):
         if p != keep and is_ours(p):
-            shutil.rmtree(p, ignore_errors=True)
+            with suppress(OSError):
+                remove_state_dir(p)
 
 
 def save_state(accelerator, state_dir: Path, step: int, key: dict, *, model, optimizer,
@@ -126,7 +136,7 @@ def save_state(accelerator, state_dir: Path, step: int, key: dict, *, model, opt
     try:
         if main:
             if tmp.exists() and is_ours(tmp):
-                shutil.rmtree(tmp)
+                remove_state_dir(tmp)
             tmp.mkdir(parents=True)
             write_marker(tmp, step)
         accelerator.wait_for_everyone()
@@ -134,9 +144,10 @@ def save_state(accelerator, state_dir: Path, step: int, key: dict, *, model, opt
                   with_weights=sharded or main)
         accelerator.wait_for_everyone()
         if main:
-            (tmp / COMPLETE).write_text(json.dumps({"step": step, "config": key}) + "\n")
+            (tmp / COMPLETE).write_text(json.dumps({"step": step, "config": key,
+                                                    "files": file_hashes(tmp)}) + "\n")
             if final.exists() and is_ours(final):
-                shutil.rmtree(final)
+                remove_state_dir(final)
             os.replace(tmp, final)
             clear_states(state_dir, keep=final)
         accelerator.wait_for_everyone()

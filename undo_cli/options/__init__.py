@@ -13,7 +13,8 @@ Defaults that differ by command (learning rates, step budgets) are decided once,
 where that knowledge lives (`undo_cli.unlearn`'s method registry) and shown by `--help`.
 
 Modules: `base.py` (`option`, `check`), `groups.py` (the shared groups), `attack.py` (the
-relearning attack), `defaults.py` (per-command defaults and help).
+relearning attack), `storage.py` (`--search-storage`, checked when parsed), `defaults.py`
+(per-command defaults and help).
 
 Groups: `TrainConfig` (the engine: optimizer, schedule, budgets, state), `DataOptions` (how
 training data becomes rows), `EvalOptions` (the evaluation every command that measures

@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 from undo_cli.errors import UsageError
 from undo_cli.options.base import ATTACK, IN_OUT, MEASUREMENT, check, option
 from undo_cli.options.groups import OPTIMIZERS, TrainConfig
+from undo_cli.options.storage import parse_search_storage
 
 
 def _log_grid(low: float, high: float, n: int = 10) -> tuple[float, ...]:
@@ -157,7 +158,7 @@ class AttackConfig:
                                         "sqlite:///attack.db) so that an interrupted search "
                                         "resumes: finished trials are reused, the study runs "
                                         "until it has --search trials.", metavar="URL",
-                                        panel=ATTACK)
+                                        panel=ATTACK, parse=parse_search_storage)
     lora: bool = option(False, "Attack with a LoRA adapter instead of full finetuning.",
                         panel=ATTACK)
     lora_rank: int = option(128, "LoRA rank (clipped to the narrowest wrapped layer of a tiny "
@@ -254,6 +255,7 @@ class AttackConfig:
                 raise UsageError(f"--quantize must be 8 or 4 (got {self.quantize})")
         if self.search_storage is not None and self.search is None:
             raise UsageError("--search-storage needs --search N")
+        parse_search_storage(self.search_storage)
         if not self.finetune:
             if self.quantize is None and self.few_shot is None and not self.ablate_direction:
                 raise UsageError("nothing to attack with: give --data PATH (finetuning), or "

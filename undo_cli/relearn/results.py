@@ -34,6 +34,7 @@ from undo_cli.options import (
     LoadOptions,
     SaveOptions,
 )
+from undo_cli.options.storage import sqlite_path
 from undo_cli.records import (
     EvalData,
     check_attack_results,
@@ -101,6 +102,28 @@ def describe_attack(config: AttackConfig, data: Sequence[str], data_options: Dat
             "weight_decay": t.weight_decay, "grad_accum": t.grad_accum,
             "max_grad_norm": t.max_grad_norm, "bf16": t.bf16, "lora": lora, "quantize": quant,
             "search": search, "shrink_perturb": shrink, **static}
+
+
+def search_key(digest: str, attack: dict[str, Any], data: Sequence[str],
+               eval_specs: Sequence[tuple[str, str]], forget_metric: str, evals: EvalOptions,
+               measurement: AttackMeasurement) -> dict[str, Any]:
+    """Everything that defines a search's trials, by which `--search-storage` keys its study
+    (another attack never reuses them): the checkpoint's fingerprint, the attack's settings
+    (results.json's `attack`, but the number of trials and the storage), the content of
+    every data and eval file, and how the sets are measured."""
+    from undo_cli.checkpoint import fingerprint_data
+    from undo_cli.records import parse_weighted_spec
+
+    settings = {k: v for k, v in attack.items() if k != "data"}
+    settings["search"] = {k: v for k, v in (attack.get("search") or {}).items()
+                          if k not in ("trials", "storage")}
+    data_specs = [parse_weighted_spec(spec) for spec in data]
+    return {"checkpoint": digest, "attack": settings,
+            "data": [[fingerprint_data(path), weight] for path, weight in data_specs],
+            "eval": [[name, fingerprint_data(path)] for name, path in eval_specs],
+            "forget_metric": forget_metric, "eval_limit": measurement.eval_limit,
+            "choice_format": evals.choice_format, "max_new_tokens": evals.max_new_tokens,
+            "until": list(evals.until or [])}
 
 
 def _retain_metric(measurement: AttackMeasurement, available: Sequence[str]) -> str:
@@ -204,10 +227,12 @@ def relearn_checkpoint(
                          "from --data: give --data PATH")
     eval_specs = parse_named_specs(evals.eval)
     gate_list = parse_gates(gates_given.fail_if)
+    storage = sqlite_path(config.search_storage) if config.search else None
     info = stage.check_inputs(
         out, [checkpoint], load, overwrite=overwrite,
         reads=[*stage.data_paths("--data", data), *stage.eval_paths(evals)],
-        writes=[("--logging-dir", config.train.logging_dir)])[0]
+        writes=[("--logging-dir", config.train.logging_dir),
+                *([("--search-storage", storage)] if storage is not None else [])])[0]
     data_options = stage.fit_length(data_options, info.config)
 
     tokenizer = load_tokenizer(checkpoint, trust_remote_code=load.trust_remote_code,
@@ -271,13 +296,22 @@ def relearn_checkpoint(
                     STAGE, arguments=arguments or {"checkpoint": checkpoint, "data": list(data)},
                     parents=stage.with_bases({"input": checkpoint}, [info]),
                     seed=config.train.seed, extra={"saved_model": True}))
+        study = None
+        if config.finetune and config.search:
+            from undo_cli.relearn.search import study_name
+
+            key = search_key(digest, describe_attack(config, data, data_options, measurement),
+                             data, eval_specs, forget_metric, evals, measurement)
+            if info.kind == "adapter":  # the base it is merged into (--base-model) counts
+                key["base"] = fingerprint(info.base.path)
+            study = study_name(key)
         core = run_attack(
             model, tokenizer, sets, config, forget_metric=forget_metric,
             make_stream=make_stream, threshold=measurement.threshold, evals=evals,
             progress=progress, on_model=saver, static_attacks=static_attacks,
             retain_rule=(retain_metric, measurement.max_retain_drop)
             if measurement.max_retain_drop is not None else None,
-            study_name=f"undo-relearn-{digest.split(':')[-1][:16]}",
+            study_name=study or "undo-relearn-attack",
             log_samples=measurement.log_samples)
         if trackers is not None:
             for point in core["worst_case"]:
@@ -296,6 +330,8 @@ def relearn_checkpoint(
             **{k: v for k, v in core.items()
                if k not in ("schema_version", "forget_metric", "direction")},
         }
+        if study is not None:
+            results["attack"]["search"]["study"] = study  # its name in --search-storage
         if gate_list:
             results["gates"] = jsonable(check_gates(gate_list, gate_values(results)))
         if main and logged is not None:
