@@ -45,14 +45,17 @@ def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, fl
         centre = (p + z^2 / 2n) / (1 + z^2 / n)
         half   = z / (1 + z^2 / n) * sqrt(p (1 - p) / n + z^2 / 4n^2)
 
-    (NaN, NaN) for n = 0."""
+    (NaN, NaN) for n = 0. The bounds are exactly 0 at no success and exactly 1 at n of n
+    (where rounding would leave 3.5e-18 and exclude the point), and always contain p."""
     if n <= 0:
         return math.nan, math.nan
     p = successes / n
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
+    lower = 0.0 if successes <= 0 else min(p, max(0.0, centre - half))
+    upper = 1.0 if successes >= n else max(p, min(1.0, centre + half))
+    return lower, upper
 
 
 def ratio_stderr(sums: Sequence[float], counts: Sequence[float]) -> float:

@@ -29,6 +29,17 @@ def test_wilson_interval_matches_the_textbook_formula(k, n):
     assert lower <= p <= upper
 
 
+@pytest.mark.parametrize("n", [1, 2, 7, 100, 1000, 12345])
+def test_wilson_bounds_are_exactly_0_and_1_at_the_edges(n):
+    # At 0 of n the textbook lower bound is 0, but rounding left 3.5e-18 at n = 100, so a
+    # model answering nothing had an interval excluding its own 0.000 (issue 26, item 15).
+    assert wilson_interval(0, n)[0] == 0.0
+    assert wilson_interval(n, n)[1] == 1.0
+    for k in range(0, n + 1, max(1, n // 7)):
+        lower, upper = wilson_interval(k, n)
+        assert 0.0 <= lower <= k / n <= upper <= 1.0
+
+
 def test_wilson_interval_of_nothing_is_nan():
     assert all(math.isnan(x) for x in wilson_interval(0, 0))
 
