@@ -181,6 +181,19 @@ def _results_inputs(d: Path, files: dict) -> None:
             (files[name] / "undo.json").write_text(json.dumps(manifest))
 
 
+def _round_three_inputs(d: Path, files: dict) -> None:
+    """Issue 26's data: Python's json reads NaN and Infinity, JSON has no such text, and a
+    boolean is not text (they became the strings 'nan', 'inf', 'True')."""
+    files["nantext"] = d / "nantext.jsonl"
+    files["nantext"].write_text('{"text": "1 + 1 = 2"}\n{"text": NaN}\n')
+    files["infjson"] = d / "inf.json"
+    files["infjson"].write_text('[{"text": "a \\" NaN"},\n {"text": "b"},\n {"text": -Infinity}]')
+    files["trueanswer"] = _write_jsonl(d / "trueanswer.jsonl",
+                                       [*PAIRS[:2], {"prompt": "1 * 2 =", "completion": True}])
+    files["boolchoice"] = _write_jsonl(d / "boolchoice.jsonl", [
+        {"question": "Q?", "choices": ["yes", False], "answer": 0}])
+
+
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> Iterator[dict[str, Path]]:
     """Good and bad input files, shared by all cases (checked unchanged after each)."""
@@ -249,6 +262,7 @@ def inputs(tmp_path_factory) -> Iterator[dict[str, Path]]:
     _adapter_inputs(d, ckpt, files)
     _results_inputs(d, files)
     _state_inputs(d, files)
+    _round_three_inputs(d, files)
     # Data that is not a file: a FIFO would block a reader forever.
     files["fifo"] = d / "fifo.jsonl"
     os.mkfifo(files["fifo"])
@@ -640,6 +654,24 @@ CASES = [
     ("relearn-compare-results-of-the-wrong-shape", ["relearn-attack", "--compare",
                                                     "{shaperesults}", "--out", "{out}"], 2,
      "'worst_case' must be a list"),
+    # ---- issue 26 (round three): not JSON text, an output that is an input
+    ("train-nan-as-text", ["train", "{out}", "--init", "tiny", "--data", "{nantext}", *FAST],
+     2, "nantext.jsonl:2: NaN is not JSON"),
+    ("train-infinity-in-a-json-list", ["train", "{out}", "--init", "tiny", "--data",
+                                       "{infjson}", *FAST], 2, "inf.json:3: -Infinity is not"),
+    ("eval-true-as-completion", ["eval", "{ckpt}", "--data", "x={trueanswer}"], 2,
+     "trueanswer.jsonl:3: 'completion' is true, not text"),
+    ("eval-false-as-a-choice", ["eval", "{ckpt}", "--data", "x={boolchoice}"], 2,
+     "boolchoice.jsonl:1: 'choices' is false, not text"),
+    ("relearn-true-as-completion", ["relearn-attack", "{ckpt}", "--data", "{trueanswer}",
+                                    "--eval", "forget={pairs}", "--max-length", "32", "--out",
+                                    "{out}"], 2, "trueanswer.jsonl:3: 'completion' is true"),
+    ("eval-log-samples-over-its-data", ["eval", "{ckpt}", "--data", "x={full}/pairs.jsonl",
+                                        "--log-samples", "{full}/pairs.jsonl"], 2,
+     "--log-samples {full}/pairs.jsonl would overwrite the data it scores (--data x="),
+    ("eval-log-samples-through-a-symlink-to-its-data",
+     ["eval", "{ckpt}", "--data", "x={full}/pairs.jsonl", "--log-samples", "{pairslink}"], 2,
+     "would overwrite the data it scores"),
 ]
 
 
@@ -674,9 +706,11 @@ def test_bad_input(cli, inputs, tmp_path, case_id, argv, code, fragment):
     (full / "tokenizer.json").write_text("{}")
     (work / "file.txt").write_text("a file\n")
     (work / "dangling").symlink_to(work / "nowhere")
+    (work / "pairslink.jsonl").symlink_to(full / "pairs.jsonl")
     names = {k: str(v) for k, v in inputs.items()}
     names.update(out=str(work / "out"), full=str(full), file=str(work / "file.txt"),
-                 dangling=str(work / "dangling"), longname=str(work / ("x" * 240)))
+                 dangling=str(work / "dangling"), longname=str(work / ("x" * 240)),
+                 pairslink=str(work / "pairslink.jsonl"))
     args = [a.format(**names) for a in argv]
     fragment = fragment.format(**names)
     before_work, before_inputs = _snapshot(work), _snapshot(inputs["dir"])
