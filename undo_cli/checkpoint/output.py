@@ -214,6 +214,7 @@ def atomic_output(out: str | Path, *, inputs: Iterable[str | Path] = (),
         try:
             tmp.mkdir()
             yield tmp
+            follow_umask(tmp)
             _commit(tmp, out, token, done)
         except BaseException as e:
             if not done:
@@ -241,6 +242,32 @@ def is_disk_full(error: BaseException) -> bool:
             return True
         error = error.__cause__ or error.__context__
     return False
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (/proc), else set
+    and restored at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(directory: str | Path) -> None:
+    """Give every weight file under `directory` (or that file) the mode a new file gets (0666 less the
+    umask), as every other file undo writes has: safetensors writes its files with 0600
+    whatever the umask, so teammates and CI users could not read a checkpoint."""
+    mode = 0o666 & ~current_umask()
+    root = Path(directory)
+    for path in [root] if root.is_file() else root.rglob("*"):
+        if is_weight_file(path.name) and path.is_file() and not path.is_symlink():
+            if path.stat().st_mode & 0o777 != mode:
+                path.chmod(mode)
 
 
 def is_weight_file(name: str) -> bool:
