@@ -199,6 +199,28 @@ def test_existing_output_needs_overwrite(tmp_path):
     assert (empty / "x").exists()
 
 
+@pytest.mark.parametrize("spelling", [".", "..", "ABSOLUTE", "ABSOLUTE/..", "sub/.."])
+def test_the_working_directory_is_not_an_output(spelling, cli, tmp_path, monkeypatch):
+    # `undo init . --overwrite` died with "OSError: [Errno 16] Device or resource busy" (and
+    # with an absolute path, replaced the directory the shell stands in): refused, exit 2,
+    # nothing written or removed.
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    (work / "keep.txt").write_text("keep")
+    monkeypatch.chdir(work)
+    out = spelling.replace("ABSOLUTE", str(work))
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    result = cli("init", out, "--overwrite")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: ") and len(result.stderr.splitlines()) == 1
+    assert "working directory" in result.stderr or "by its name" in result.stderr
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+    assert Path.cwd() == work and (work / "keep.txt").read_text() == "keep"
+    with atomic_output(work / "sub" / "new") as tmp:  # a new directory below it is fine
+        (tmp / "x").write_text("x")
+    assert (work / "sub" / "new" / "x").exists()
+
+
 def test_output_may_not_overlap_inputs(tiny_llama, tmp_path):
     with pytest.raises(UsageError, match="inside input"), atomic_output(
         tiny_llama / "sub", inputs=[tiny_llama]

@@ -81,8 +81,9 @@ def real_output(out: str | Path) -> Path:
 
 def _check_name(out: Path) -> None:
     name = out.absolute().name
-    if not name:
-        raise UsageError(f"output {out}: give a directory name")
+    if not name or name in (".", ".."):
+        raise UsageError(f"output {out}: give the directory by its name (the run replaces "
+                         "OUT by renaming a directory into its place)")
     existing = next((p for p in out.absolute().parents if p.is_dir()), Path("/"))
     try:
         limit = os.pathconf(existing, "PC_NAME_MAX")
@@ -109,6 +110,13 @@ def check_output_path(out: str | Path, *, inputs: Iterable[str | Path] = (),
     out = real_output(out)
     _check_name(out)
     resolved = _resolved(out)
+    try:
+        cwd = Path.cwd().resolve()
+    except OSError:  # the working directory was deleted
+        cwd = None
+    if cwd is not None and out.exists() and _is_within(cwd, resolved):
+        raise UsageError(f"output {out} is the working directory or holds it: the run "
+                         "replaces OUT as a whole, so run it from outside OUT")
     for inp in inputs:
         inp_resolved = _resolved(inp)
         if _is_within(resolved, inp_resolved):
