@@ -192,6 +192,18 @@ def _round_three_inputs(d: Path, files: dict) -> None:
                                        [*PAIRS[:2], {"prompt": "1 * 2 =", "completion": True}])
     files["boolchoice"] = _write_jsonl(d / "boolchoice.jsonl", [
         {"question": "Q?", "choices": ["yes", False], "answer": 0}])
+    # probe: a prompt longer than a GPT-2's 16 positions (line 5), and a model whose
+    # embedding has fewer rows than its tokenizer has tokens.
+    files["shortgpt2"] = make_checkpoint(d / "shortgpt2", arch="gpt2", max_position=16)
+    files["longprompt"] = _write_jsonl(d / "longprompt.jsonl", [
+        *PAIRS[:4], {"prompt": "1 + 1 + 1 + 1 + 1 + 1 + 1 =", "completion": " 7"}, *PAIRS[4:]])
+    from safetensors.torch import load_file
+
+    state = load_file(files["ckpt"] / "model.safetensors")
+    files["smallvocab"] = _variant(files["ckpt"], d / "smallvocab", config={"vocab_size": 8},
+                                   tensors={k: v[:8].clone() for k, v in state.items()
+                                            if k.endswith(("embed_tokens.weight",
+                                                           "lm_head.weight"))})
 
 
 @pytest.fixture(scope="module")
@@ -666,6 +678,12 @@ CASES = [
     ("relearn-true-as-completion", ["relearn-attack", "{ckpt}", "--data", "{trueanswer}",
                                     "--eval", "forget={pairs}", "--max-length", "32", "--out",
                                     "{out}"], 2, "trueanswer.jsonl:3: 'completion' is true"),
+    ("probe-prompt-longer-than-the-positions", ["probe", "{shortgpt2}", "--data",
+                                                "x={longprompt}"], 2,
+     "longprompt.jsonl:5: the prompt is 28 tokens long, longer than the 16 positions of"),
+    ("probe-tokenizer-larger-than-the-embedding", ["probe", "{smallvocab}", "--data",
+                                                   "x={pairs}"], 2,
+     "pairs.jsonl:1: the tokenizer of {smallvocab} gives token id"),
     ("init-gpt2-max-position-10-to-the-11", ["init", "{out}", "--arch", "gpt2",
                                             "--max-position", "100000000000"], 2,
      "--max-position 100000000000 needs at least"),
@@ -694,7 +712,7 @@ def _snapshot(root: Path) -> dict[str, bytes | str | None]:
 def test_the_matrix_is_large_and_covers_every_command():
     commands = {argv[0] if argv[0] != "data" else "data arithmetic" for _, argv, _, _ in CASES}
     assert commands == {"init", "data arithmetic", "train", "unlearn", "perturb", "distill",
-                        "relearn-attack", "eval", "report"}
+                        "relearn-attack", "eval", "report", "probe"}
     assert len(CASES) >= 70
     assert len({case_id for case_id, *_ in CASES}) == len(CASES)
 
