@@ -423,6 +423,14 @@ def read_eval_data(name: str, path: str | Path, *, limit: int | None = None,
 # ----------------------------------------------------------------------------- results files
 
 
+# What `report` and `--compare` accept of a results.json: the bootstrap holds a
+# [samples, points] array per seed and multiplies every point's items by the resamples, so
+# a curve of 200,000 points ran for minutes and took gigabytes. A real attack's curve has a
+# few hundred points (--eval-every), a few thousand items each.
+MAX_CURVE_POINTS = 5_000
+MAX_CURVE_ITEM_VALUES = 5_000_000
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -462,6 +470,15 @@ def check_attack_results(results: Any, file: Path) -> dict[str, Any]:
         raise bad("'worst_case' must be a list of {\"step\": N, \"value\": X}")
     if not curve:
         raise bad("'worst_case' is empty")
+    if len(curve) > MAX_CURVE_POINTS:
+        raise DataError(f"'worst_case' has {len(curve):,} points; undo reads at most "
+                        f"{MAX_CURVE_POINTS:,} (evaluate the attack less often: --eval-every)",
+                        file)
+    item_values = sum(len(p["items"].get("num") or ()) if isinstance(p.get("items"), dict)
+                      else 0 for p in curve)
+    if item_values > MAX_CURVE_ITEM_VALUES:
+        raise DataError(f"'worst_case' keeps {item_values:,} per-item values; undo reads at "
+                        f"most {MAX_CURVE_ITEM_VALUES:,} (fewer points or --eval-limit)", file)
     for point in curve:
         if any(point.get(k) is not None and not _is_number(point[k]) for k in ("lower", "upper")):
             raise bad("a worst-case point's 'lower'/'upper' must be numbers")
@@ -473,6 +490,10 @@ def check_attack_results(results: Any, file: Path) -> dict[str, Any]:
                 and all(_is_number(v) for v in items["num"] + items["den"])):
             raise bad("a worst-case point's 'items' must hold lists 'num' and 'den' of "
                       "numbers, of one length")
+    sizes = {len(p["items"]["num"]) for p in curve if p.get("items") is not None}
+    if len(sizes) > 1:
+        raise bad(f"the worst-case points keep 'items' of different lengths {sorted(sizes)} "
+                  "(every point scores the same items)")
     summary = results["summary"]
     if not isinstance(summary, dict) or any(
             summary.get(k) is not None and not _is_number(summary.get(k))

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -86,6 +87,24 @@ def percentile(samples: np.ndarray, level: float = LEVEL) -> tuple[float, float]
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(finite, [tail, 100 - tail])
     return float(low), float(high)
+
+
+def column_percentiles(samples: np.ndarray, level: float = LEVEL
+                       ) -> tuple[list[float], list[float]]:
+    """`percentile` of every column of `samples` (`[samples, points]`) at once: the lower
+    and the upper bounds, a list each."""
+    if samples.shape[1] == 0:
+        return [], []
+    tail = (1 - level) / 2 * 100
+    finite = np.isfinite(samples)
+    if finite.all():
+        low, high = np.percentile(samples, [tail, 100 - tail], axis=0)
+    else:
+        with warnings.catch_warnings():  # a column without a finite value: NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            low, high = np.nanpercentile(np.where(finite, samples, np.nan),
+                                         [tail, 100 - tail], axis=0)
+    return [float(x) for x in low], [float(x) for x in high]
 
 
 def ratio_value(num: np.ndarray, den: np.ndarray, kind: str) -> np.ndarray:

@@ -172,7 +172,9 @@ def _results_inputs(d: Path, files: dict) -> None:
             ("listresults", [good], None),
             ("deepresults", None, None),
             ("badmanifest", good, [1, 2]),
-            ("badparents", good, {"stage": "relearn-attack", "parents": "x"})):
+            ("badparents", good, {"stage": "relearn-attack", "parents": "x"}),
+            ("longresults", dict(good, worst_case=[{"step": i, "value": 3.0}
+                                                   for i in range(200_000)]), None)):
         files[name] = d / name
         files[name].mkdir()
         text = "[" * 100_000 + "]" * 100_000 if results is None else json.dumps(results)
@@ -663,6 +665,11 @@ CASES = [
      "undo.json: a manifest must be a JSON object"),
     ("report-manifest-parents-not-a-list", ["report", "{badparents}", "--out", "{out}"], 2,
      "'parents' must be a list"),
+    ("report-a-curve-of-200000-points", ["report", "{longresults}", "--out", "{out}"], 2,
+     "longresults/results.json: 'worst_case' has 200,000 points; undo reads at most 5,000"),
+    ("relearn-compare-a-curve-of-200000-points", ["relearn-attack", "--compare",
+                                                  "{longresults}", "--out", "{out}"], 2,
+     "'worst_case' has 200,000 points"),
     ("relearn-compare-results-of-the-wrong-shape", ["relearn-attack", "--compare",
                                                     "{shaperesults}", "--out", "{out}"], 2,
      "'worst_case' must be a list"),

@@ -9,6 +9,7 @@ import pytest
 
 from undo_cli.stats import (
     Z95,
+    column_percentiles,
     percentile,
     proportion_stderr,
     ratio_stderr,
@@ -92,3 +93,16 @@ def test_resampled_means_match_a_loop_over_drawn_indices():
 def test_percentile_ignores_non_finite_samples():
     assert percentile(np.array([np.nan, 1.0, 1.0])) == (1.0, 1.0)
     assert all(math.isnan(x) for x in percentile(np.array([np.nan])))
+
+
+def test_column_percentiles_are_the_percentile_of_each_column():
+    rng = np.random.default_rng(3)
+    samples = rng.random((300, 5))
+    samples[:40, 1] = np.nan
+    samples[7, 2] = np.inf
+    samples[:, 3] = np.nan  # no finite value: NaN bounds
+    lows, highs = column_percentiles(samples)
+    for j in range(5):
+        expected = percentile(samples[:, j])
+        assert np.allclose([lows[j], highs[j]], expected, equal_nan=True, rtol=0, atol=1e-15)
+    assert column_percentiles(np.zeros((4, 0))) == ([], [])

@@ -267,15 +267,15 @@ def current_umask() -> int:
 
 
 def follow_umask(directory: str | Path) -> None:
-    """Give every weight file under `directory` (or that file) the mode a new file gets (0666 less the
-    umask), as every other file undo writes has: safetensors writes its files with 0600
-    whatever the umask, so teammates and CI users could not read a checkpoint."""
+    """Give every weight file under `directory` (or that file) the mode a new file gets
+    (0666 less the umask), as every other file undo writes has: safetensors writes its files
+    with 0600 whatever the umask, so teammates and CI users could not read a checkpoint."""
     mode = 0o666 & ~current_umask()
     root = Path(directory)
     for path in [root] if root.is_file() else root.rglob("*"):
-        if is_weight_file(path.name) and path.is_file() and not path.is_symlink():
-            if path.stat().st_mode & 0o777 != mode:
-                path.chmod(mode)
+        if (is_weight_file(path.name) and path.is_file() and not path.is_symlink()
+                and path.stat().st_mode & 0o777 != mode):
+            path.chmod(mode)
 
 
 def is_weight_file(name: str) -> bool:
