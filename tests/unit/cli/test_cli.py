@@ -107,11 +107,10 @@ def test_threads_sets_torch_threads_and_refuses_bad_values(cli, tmp_path):
 def test_the_cli_makes_idle_openmp_threads_wait_passively(monkeypatch):
     """OMP_WAIT_POLICY=PASSIVE unless the user set a policy (read when torch loads)."""
     import os
+    import signal
     import sys
 
     import pytest
-
-    import signal
 
     from undo_cli import cli as cli_module
 
