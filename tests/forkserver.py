@@ -90,6 +90,7 @@ def _run_command(conn: socket.socket) -> None:
         os.environ.clear()
         os.environ.update(request["env"])
         sys.argv = ["undo", *request["argv"]]
+        _threads_from_environment()
         conn.sendall(f"{os.getpid()}\n".encode())
         from undo_cli.cli import main
 
@@ -114,6 +115,16 @@ def _run_command(conn: socket.socket) -> None:
         with contextlib.suppress(OSError):
             conn.sendall(f"exit {code}\n".encode())
         os._exit(code)
+
+
+def _threads_from_environment() -> None:
+    """torch's threads as a fresh process would take them from OMP_NUM_THREADS (read when
+    torch loaded, in the server, whose environment may differ from the command's)."""
+    import torch
+
+    count = os.environ.get("OMP_NUM_THREADS", "").strip()
+    torch.set_num_threads(int(count) if count.isdigit() and int(count) > 0
+                          else len(os.sched_getaffinity(0)))
 
 
 def client(path: str, argv: list[str]) -> int:
