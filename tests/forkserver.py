@@ -160,7 +160,8 @@ class UndoServer:
 
     def __init__(self, directory: Path):
         self.socket = Path(directory) / "undo.sock"
-        self.command = f"{sys.executable} {Path(__file__).resolve()} client {self.socket}"
+        self.argv = [sys.executable, str(Path(__file__).resolve()), "client", str(self.socket)]
+        self.command = " ".join(self.argv)  # what a script's `$UNDO "$@"` splits
         self.process: subprocess.Popen | None = None
 
     def __enter__(self) -> UndoServer:
