@@ -67,6 +67,17 @@ def tiny_gpt2(tmp_path_factory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("models") / "gpt2", arch="gpt2")
 
 
+@pytest.fixture(scope="session")
+def undo_server(tmp_path_factory):
+    """A warm `undo` for the example scripts (tests/forkserver.py): set `UNDO` to its
+    `command` and every `undo ...` of a script runs in a child forked from one process that
+    imported torch and transformers once."""
+    from forkserver import UndoServer
+
+    with UndoServer(tmp_path_factory.mktemp("undo-server")) as server:
+        yield server
+
+
 @pytest.fixture()
 def cli():
     """Run `undo ...` in-process: `cli("perturb", str(a), str(b), "--alpha", "0.5")`.

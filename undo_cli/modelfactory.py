@@ -231,22 +231,29 @@ def build_config(arch: str, shape: ModelShape, tokenizer):
                         sliding_window=shape.max_position)
 
 
-def random_model(config, seed: int = 0, dtype: torch.dtype = torch.float32):
+def random_model(config, seed: int = 0, dtype: torch.dtype = torch.float32,
+                 what: str = "the model"):
     """A freshly initialised causal LM for `config` (its architecture's own init), seeded.
 
     `UsageError` with the estimate if it cannot fit in the memory available (checked before
-    anything is allocated)."""
+    anything is allocated; `what` names the model in the message)."""
     from transformers import AutoModelForCausalLM
 
     from undo_cli.checkpoint import check_fits_memory
 
-    check_fits_memory(config.to_dict(), torch.empty((), dtype=dtype).element_size(),
-                      "the model")
+    check_fits_memory(config.to_dict(), torch.empty((), dtype=dtype).element_size(), what)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.generation_config.pad_token_id = config.pad_token_id
     model.generation_config.eos_token_id = config.eos_token_id
     return model
+
+
+def describe_shape(shape: ModelShape) -> str:
+    """`the model of --layers 2 --hidden 128 ...`: a shape as `undo init`'s flags, for messages."""
+    flags = " ".join(f"--{name.replace('_', '-')} {value}"
+                     for name, value in asdict(shape).items())
+    return f"the model of {flags}"
 
 
 def resolve_shape(preset: str | None, **overrides: int | None) -> ModelShape:

@@ -26,7 +26,7 @@ import torch
 
 from undo_cli.errors import UsageError
 from undo_cli.evaluate import last_token_hidden_states
-from undo_cli.records import EvalData
+from undo_cli.records import EvalData, Record
 
 TRAIN_SHARE = 0.6
 L2 = 1e-3
@@ -36,23 +36,51 @@ MAX_ITER = 200
 def probe_inputs(data: EvalData, tokenizer) -> tuple[list[list[int]], list[int]]:
     """(prompt token ids, label) per record: prompt/answer -> the answer's first token;
     multiple choice -> the correct choice's index (the prompt as `undo eval` scores it)."""
+    prompts, labels, _ = _probe_items(data, tokenizer)
+    return prompts, labels
+
+
+def _probe_items(data: EvalData, tokenizer) -> tuple[list[list[int]], list[int], list[Record]]:
+    """`probe_inputs` and the record of each prompt (for messages)."""
     from undo_cli.evaluate import choice_prompt
 
     if data.shape == "completion":
-        prompts, labels = [], []
-        for prompt, answer in data.items:
+        prompts, labels, records = [], [], []
+        for (prompt, answer), rec in zip(data.items, data.records):
             answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
             if not answer_ids:
                 continue
             prompts.append(tokenizer(prompt, add_special_tokens=True)["input_ids"])
             labels.append(int(answer_ids[0]))
-        return prompts, labels
+            records.append(rec)
+        return prompts, labels, records
     if data.shape == "choice":
         prompts = [tokenizer(choice_prompt(q, choices)[0], add_special_tokens=True)["input_ids"]
                    for q, choices, _ in data.items]
-        return prompts, [int(target) for _, _, target in data.items]
+        return prompts, [int(target) for _, _, target in data.items], list(data.records)
     raise UsageError(f"{data.source}: probing needs prompt/answer or multiple-choice records "
                      "(text records have no label)")
+
+
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def check_fits_model(ckpt: str | Path, config: dict[str, Any], data: EvalData,
+                     prompts: Sequence[Sequence[int]], records: Sequence[Record]) -> None:
+    """`DataError` (file and line) for a prompt longer than the model's positions or holding a
+    token id its embedding does not have (a tokenizer larger than the model's vocabulary):
+    both failed inside the forward pass (`IndexError`)."""
+    vocab = config.get("vocab_size")
+    positions = next((config[k] for k in POSITION_KEYS
+                      if isinstance(config.get(k), int) and config[k] > 0), None)
+    for ids, rec in zip(prompts, records):
+        if positions is not None and len(ids) > positions:
+            raise rec.error(f"the prompt is {len(ids)} tokens long, longer than the "
+                            f"{positions} positions of {ckpt}: shorten it")
+        if isinstance(vocab, int) and ids and max(ids) >= vocab:
+            raise rec.error(f"the tokenizer of {ckpt} gives token id {max(ids)}, but the "
+                            f"model's embedding has {vocab} rows: a tokenizer larger than "
+                            "the model's vocabulary")
 
 
 def fit_probe(x: torch.Tensor, y: torch.Tensor, classes: int, *, l2: float = L2,
@@ -114,24 +142,30 @@ def probe_checkpoints(checkpoints: Sequence[str | Path], data: Sequence[EvalData
 
     if not 0 < train_share < 1:
         raise UsageError(f"--train-share must lie between 0 and 1 (got {train_share})")
-    for ckpt in checkpoints:
-        inspect_checkpoint(ckpt, allow_pickle=allow_pickle, base_model=base_model)
+    # Every prompt of every set, tokenised and checked against every model before any loads.
+    inputs: dict[tuple[int, str], tuple[list[list[int]], list[int]]] = {}
+    for i, ckpt in enumerate(checkpoints):
+        info = inspect_checkpoint(ckpt, allow_pickle=allow_pickle, base_model=base_model)
+        tokenizer = load_tokenizer(ckpt, trust_remote_code=trust_remote_code,
+                                   base_model=base_model)
+        for d in data:
+            prompts, labels, records = _probe_items(d, tokenizer)
+            if len(labels) < 4:
+                raise UsageError(f"{d.source}: probing needs at least 4 records (got "
+                                 f"{len(labels)})")
+            check_fits_model(ckpt, info.config, d, prompts, records)
+            inputs[i, d.name] = prompts, labels
     target = pick_device(device)
     out = []
-    for ckpt in checkpoints:
+    for i, ckpt in enumerate(checkpoints):
         if on_start is not None:
             on_start(str(ckpt))
         started = time.time()
         model = load_model(ckpt, device=target, allow_pickle=allow_pickle,
                            trust_remote_code=trust_remote_code, base_model=base_model)
-        tokenizer = load_tokenizer(ckpt, trust_remote_code=trust_remote_code,
-                                   base_model=base_model)
         probes = {}
         for d in data:
-            prompts, labels = probe_inputs(d, tokenizer)
-            if len(labels) < 4:
-                raise UsageError(f"{d.source}: probing needs at least 4 records (got "
-                                 f"{len(labels)})")
+            prompts, labels = inputs[i, d.name]
             states = last_token_hidden_states(model, prompts)
             probes[d.name] = probe_layers(states, labels, seed=seed, train_share=train_share)
         out.append({"checkpoint": str(ckpt), "probes": probes,

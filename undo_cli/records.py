@@ -46,28 +46,58 @@ def _read_jsonl(path: Path) -> list[Record]:
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(line, parse_constant=_refuse_constant)
             except json.JSONDecodeError as e:
                 raise DataError(f"not valid JSON ({e.msg})", path, lineno) from e
+            except _NotJson as e:
+                raise DataError(str(e), path, lineno) from None
             records.append(Record(obj, str(path), lineno))
     return records
+
+
+class _NotJson(ValueError):
+    """`NaN`, `Infinity` or `-Infinity` in a data file: Python's json reads them, JSON has no
+    such text (they would become the strings 'nan', 'inf')."""
+
+
+def _refuse_constant(token: str) -> Any:
+    raise _NotJson(f"{token} is not JSON (JSON has no NaN or infinities); write it as a "
+                   "string or a number")
 
 
 def _read_json(path: Path) -> list[Record]:
     text = path.read_text(encoding="utf-8")
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, parse_constant=_refuse_constant)
     except json.JSONDecodeError as e:
         # Many ".json" files are really JSON Lines.
         try:
             return _read_jsonl(path)
         except DataError:
             raise DataError(f"not valid JSON ({e.msg})", path, e.lineno) from e
+    except _NotJson as e:
+        raise DataError(str(e), path, _constant_line(text)) from None
     if isinstance(obj, dict) and isinstance(obj.get("data"), list):
         obj = obj["data"]
     if not isinstance(obj, list):
         raise DataError("expected a JSON list of records (or JSON Lines)", path, 1)
     return [Record(item, str(path), i + 1) for i, item in enumerate(obj)]
+
+
+def _constant_line(text: str) -> int | None:
+    """The line of the first `NaN` / `Infinity` outside a string in JSON `text`."""
+    in_string = escaped = False
+    line = 1
+    for i, ch in enumerate(text):
+        if ch == "\n":
+            line += 1
+        if in_string:
+            in_string, escaped = (not (ch == '"' and not escaped)), (ch == "\\" and not escaped)
+        elif ch == '"':
+            in_string = True
+        elif text.startswith(("NaN", "Infinity"), i):
+            return line
+    return None
 
 
 def _read_csv(path: Path) -> list[Record]:
@@ -178,9 +208,18 @@ def file_shape(records: list[Record]) -> str:
 
 def completion_of(record: Record) -> str:
     """The completion text of a prompt/completion record (`answer` is accepted too)."""
-    value = record.data.get("completion", record.data.get("answer"))
+    key = "completion" if "completion" in record.data else "answer"
+    value = record.data.get(key)
     if value is None:
         raise record.error("'completion' (or 'answer') is missing")
+    return _scalar_text(record, key, value)
+
+
+def _scalar_text(rec: Record, key: str, value: Any) -> str:
+    """A field's value as text: strings as they are, finite numbers written out; booleans
+    and non-finite numbers (a Parquet NaN) refused rather than read as 'True' or 'nan'."""
+    if isinstance(value, bool) or (isinstance(value, float) and not math.isfinite(value)):
+        raise rec.error(f"'{key}' is {json.dumps(value)}, not text: write it as a string")
     return str(value)
 
 
@@ -282,7 +321,7 @@ def text_field(rec: Record, key: str) -> str:
         raise rec.error(f"'{key}' is missing or null")
     if isinstance(value, (dict, list)):
         raise rec.error(f"'{key}' must be a string, not {type(value).__name__}")
-    return str(value)
+    return _scalar_text(rec, key, value)
 
 
 def _choice_answer(rec: Record, value: Any, n_choices: int) -> int:
@@ -321,7 +360,7 @@ def _choice_item(rec: Record) -> tuple[str, list[str], int]:
         raise rec.error("'choices' must be a non-empty list")
     if any(c is None or isinstance(c, (dict, list)) for c in choices):
         raise rec.error("every choice must be a string")
-    choices = [str(c) for c in choices]
+    choices = [_scalar_text(rec, "choices", c) for c in choices]
     if any(not c for c in choices):
         raise rec.error("every choice must be a non-empty string")
     if len(choices) > 26:
@@ -384,6 +423,14 @@ def read_eval_data(name: str, path: str | Path, *, limit: int | None = None,
 # ----------------------------------------------------------------------------- results files
 
 
+# What `report` and `--compare` accept of a results.json: the bootstrap holds a
+# [samples, points] array per seed and multiplies every point's items by the resamples, so
+# a curve of 200,000 points ran for minutes and took gigabytes. A real attack's curve has a
+# few hundred points (--eval-every), a few thousand items each.
+MAX_CURVE_POINTS = 5_000
+MAX_CURVE_ITEM_VALUES = 5_000_000
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -423,6 +470,15 @@ def check_attack_results(results: Any, file: Path) -> dict[str, Any]:
         raise bad("'worst_case' must be a list of {\"step\": N, \"value\": X}")
     if not curve:
         raise bad("'worst_case' is empty")
+    if len(curve) > MAX_CURVE_POINTS:
+        raise DataError(f"'worst_case' has {len(curve):,} points; undo reads at most "
+                        f"{MAX_CURVE_POINTS:,} (evaluate the attack less often: --eval-every)",
+                        file)
+    item_values = sum(len(p["items"].get("num") or ()) if isinstance(p.get("items"), dict)
+                      else 0 for p in curve)
+    if item_values > MAX_CURVE_ITEM_VALUES:
+        raise DataError(f"'worst_case' keeps {item_values:,} per-item values; undo reads at "
+                        f"most {MAX_CURVE_ITEM_VALUES:,} (fewer points or --eval-limit)", file)
     for point in curve:
         if any(point.get(k) is not None and not _is_number(point[k]) for k in ("lower", "upper")):
             raise bad("a worst-case point's 'lower'/'upper' must be numbers")
@@ -434,6 +490,10 @@ def check_attack_results(results: Any, file: Path) -> dict[str, Any]:
                 and all(_is_number(v) for v in items["num"] + items["den"])):
             raise bad("a worst-case point's 'items' must hold lists 'num' and 'den' of "
                       "numbers, of one length")
+    sizes = {len(p["items"]["num"]) for p in curve if p.get("items") is not None}
+    if len(sizes) > 1:
+        raise bad(f"the worst-case points keep 'items' of different lengths {sorted(sizes)} "
+                  "(every point scores the same items)")
     summary = results["summary"]
     if not isinstance(summary, dict) or any(
             summary.get(k) is not None and not _is_number(summary.get(k))

@@ -52,6 +52,7 @@ from undo_cli.records import check_attack_results, check_manifest, read_json_fil
 from undo_cli.stats import (
     BOOTSTRAP_SAMPLES,
     LEVEL,
+    column_percentiles,
     curve_from_items,
     percentile,
     resample_counts,
@@ -239,11 +240,23 @@ def bootstrap(models: dict[str, PooledModel], *, samples: int = BOOTSTRAP_SAMPLE
         finals = np.stack([f for f, _, _ in per_seed], 1)[rows, draws].mean(1)
         aucs = np.stack([a for _, a, _ in per_seed], 1)[rows, draws].mean(1)
         steps = _common_steps(pooled)
-        curves = np.stack([c[:, [_steps(m).index(s) for s in steps]]
-                           for m, (_, _, c) in zip(pooled.seeds, per_seed)], 1)
+        indexes = [_step_index(m) for m in pooled.seeds]
+        on_steps = [c[:, [index[s] for s in steps]]
+                    for index, (_, _, c) in zip(indexes, per_seed)]
+        curve = np.zeros((samples, len(steps)))
+        for column in draws.T:  # the mean over the drawn seeds, one draw at a time
+            for k, seed_curve in enumerate(on_steps):
+                picked = column == k
+                curve[picked] += seed_curve[picked]
         out[label] = {"final": finals, "auc": aucs, "steps": np.asarray(steps),
-                      "curve": curves[rows, draws].mean(1)}
+                      "curve": curve / len(per_seed)}
     return out
+
+
+def _step_index(model: AttackedModel) -> dict[int, int]:
+    """Where each step lies in the worst-case curve (indexed once: the curve may be long)."""
+    worst = model.results["worst_case"]
+    return {worst[i]["step"]: i for i in range(len(worst) - 1, -1, -1)}  # the first of each
 
 
 def _steps(model: AttackedModel) -> list[int]:
@@ -346,9 +359,10 @@ def build_report(specs: list[str], *, roles: dict[str, str] | None = None,
     curves = {}
     for label, pooled in models.items():
         steps = resampled[label]["steps"].tolist()
-        mean = [float(np.mean([_value_at(m, s) for m in pooled.seeds])) for s in steps]
-        lows, highs = zip(*(percentile(resampled[label]["curve"][:, j])
-                            for j in range(len(steps)))) if steps else ((), ())
+        values = [{p["step"]: p["value"] for p in reversed(m.results["worst_case"])}
+                  for m in pooled.seeds]
+        mean = [float(np.mean([v[s] for v in values])) for s in steps]
+        lows, highs = column_percentiles(resampled[label]["curve"])
         curves[label] = [{"step": s, "value": v, "lower": lo, "upper": hi}
                          if len(pooled.seeds) > 1 or pooled.has_items
                          else {"step": s, "value": v}
@@ -362,10 +376,6 @@ def build_report(specs: list[str], *, roles: dict[str, str] | None = None,
 
 def _mean_of(pooled: PooledModel, key: str) -> float | None:
     return pooled.mean(lambda m: m.forget_after if key == "forget_after" else m.auc)
-
-
-def _value_at(model: AttackedModel, step: int) -> float:
-    return next(p["value"] for p in model.results["worst_case"] if p["step"] == step)
 
 
 def _finite_or_none(value: float) -> float | None:

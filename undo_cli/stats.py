@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -45,14 +46,17 @@ def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, fl
         centre = (p + z^2 / 2n) / (1 + z^2 / n)
         half   = z / (1 + z^2 / n) * sqrt(p (1 - p) / n + z^2 / 4n^2)
 
-    (NaN, NaN) for n = 0."""
+    (NaN, NaN) for n = 0. The bounds are exactly 0 at no success and exactly 1 at n of n
+    (where rounding would leave 3.5e-18 and exclude the point), and always contain p."""
     if n <= 0:
         return math.nan, math.nan
     p = successes / n
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
+    lower = 0.0 if successes <= 0 else min(p, max(0.0, centre - half))
+    upper = 1.0 if successes >= n else max(p, min(1.0, centre + half))
+    return lower, upper
 
 
 def ratio_stderr(sums: Sequence[float], counts: Sequence[float]) -> float:
@@ -83,6 +87,24 @@ def percentile(samples: np.ndarray, level: float = LEVEL) -> tuple[float, float]
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(finite, [tail, 100 - tail])
     return float(low), float(high)
+
+
+def column_percentiles(samples: np.ndarray, level: float = LEVEL
+                       ) -> tuple[list[float], list[float]]:
+    """`percentile` of every column of `samples` (`[samples, points]`) at once: the lower
+    and the upper bounds, a list each."""
+    if samples.shape[1] == 0:
+        return [], []
+    tail = (1 - level) / 2 * 100
+    finite = np.isfinite(samples)
+    if finite.all():
+        low, high = np.percentile(samples, [tail, 100 - tail], axis=0)
+    else:
+        with warnings.catch_warnings():  # a column without a finite value: NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            low, high = np.nanpercentile(np.where(finite, samples, np.nan),
+                                         [tail, 100 - tail], axis=0)
+    return [float(x) for x in low], [float(x) for x in high]
 
 
 def ratio_value(num: np.ndarray, den: np.ndarray, kind: str) -> np.ndarray:

@@ -186,13 +186,40 @@ def _results_inputs(d: Path, files: dict) -> None:
             ("listresults", [good], None),
             ("deepresults", None, None),
             ("badmanifest", good, [1, 2]),
-            ("badparents", good, {"stage": "relearn-attack", "parents": "x"})):
+            ("badparents", good, {"stage": "relearn-attack", "parents": "x"}),
+            ("longresults", dict(good, worst_case=[{"step": i, "value": 3.0}
+                                                   for i in range(200_000)]), None)):
         files[name] = d / name
         files[name].mkdir()
         text = "[" * 100_000 + "]" * 100_000 if results is None else json.dumps(results)
         (files[name] / "results.json").write_text(text)
         if manifest is not None:
             (files[name] / "undo.json").write_text(json.dumps(manifest))
+
+
+def _round_three_inputs(d: Path, files: dict) -> None:
+    """Issue 26's data: Python's json reads NaN and Infinity, JSON has no such text, and a
+    boolean is not text (they became the strings 'nan', 'inf', 'True')."""
+    files["nantext"] = d / "nantext.jsonl"
+    files["nantext"].write_text('{"text": "1 + 1 = 2"}\n{"text": NaN}\n')
+    files["infjson"] = d / "inf.json"
+    files["infjson"].write_text('[{"text": "a \\" NaN"},\n {"text": "b"},\n {"text": -Infinity}]')
+    files["trueanswer"] = _write_jsonl(d / "trueanswer.jsonl",
+                                       [*PAIRS[:2], {"prompt": "1 * 2 =", "completion": True}])
+    files["boolchoice"] = _write_jsonl(d / "boolchoice.jsonl", [
+        {"question": "Q?", "choices": ["yes", False], "answer": 0}])
+    # probe: a prompt longer than a GPT-2's 16 positions (line 5), and a model whose
+    # embedding has fewer rows than its tokenizer has tokens.
+    files["shortgpt2"] = make_checkpoint(d / "shortgpt2", arch="gpt2", max_position=16)
+    files["longprompt"] = _write_jsonl(d / "longprompt.jsonl", [
+        *PAIRS[:4], {"prompt": "1 + 1 + 1 + 1 + 1 + 1 + 1 =", "completion": " 7"}, *PAIRS[4:]])
+    from safetensors.torch import load_file
+
+    state = load_file(files["ckpt"] / "model.safetensors")
+    files["smallvocab"] = _variant(files["ckpt"], d / "smallvocab", config={"vocab_size": 8},
+                                   tensors={k: v[:8].clone() for k, v in state.items()
+                                            if k.endswith(("embed_tokens.weight",
+                                                           "lm_head.weight"))})
 
 
 @pytest.fixture(scope="module")
@@ -263,6 +290,7 @@ def inputs(tmp_path_factory) -> Iterator[dict[str, Path]]:
     _adapter_inputs(d, ckpt, files)
     _results_inputs(d, files)
     _state_inputs(d, files)
+    _round_three_inputs(d, files)
     # Data that is not a file: a FIFO would block a reader forever.
     files["fifo"] = d / "fifo.jsonl"
     os.mkfifo(files["fifo"])
@@ -700,9 +728,43 @@ CASES = [
      "undo.json: a manifest must be a JSON object"),
     ("report-manifest-parents-not-a-list", ["report", "{badparents}", "--out", "{out}"], 2,
      "'parents' must be a list"),
+    ("report-a-curve-of-200000-points", ["report", "{longresults}", "--out", "{out}"], 2,
+     "longresults/results.json: 'worst_case' has 200,000 points; undo reads at most 5,000"),
+    ("relearn-compare-a-curve-of-200000-points", ["relearn-attack", "--compare",
+                                                  "{longresults}", "--out", "{out}"], 2,
+     "'worst_case' has 200,000 points"),
     ("relearn-compare-results-of-the-wrong-shape", ["relearn-attack", "--compare",
                                                     "{shaperesults}", "--out", "{out}"], 2,
      "'worst_case' must be a list"),
+    # ---- issue 26 (round three): not JSON text, an output that is an input
+    ("train-nan-as-text", ["train", "{out}", "--init", "tiny", "--data", "{nantext}", *FAST],
+     2, "nantext.jsonl:2: NaN is not JSON"),
+    ("train-infinity-in-a-json-list", ["train", "{out}", "--init", "tiny", "--data",
+                                       "{infjson}", *FAST], 2, "inf.json:3: -Infinity is not"),
+    ("eval-true-as-completion", ["eval", "{ckpt}", "--data", "x={trueanswer}"], 2,
+     "trueanswer.jsonl:3: 'completion' is true, not text"),
+    ("eval-false-as-a-choice", ["eval", "{ckpt}", "--data", "x={boolchoice}"], 2,
+     "boolchoice.jsonl:1: 'choices' is false, not text"),
+    ("relearn-true-as-completion", ["relearn-attack", "{ckpt}", "--data", "{trueanswer}",
+                                    "--eval", "forget={pairs}", "--max-length", "32", "--out",
+                                    "{out}"], 2, "trueanswer.jsonl:3: 'completion' is true"),
+    ("probe-prompt-longer-than-the-positions", ["probe", "{shortgpt2}", "--data",
+                                                "x={longprompt}"], 2,
+     "longprompt.jsonl:5: the prompt is 28 tokens long, longer than the 16 positions of"),
+    ("probe-tokenizer-larger-than-the-embedding", ["probe", "{smallvocab}", "--data",
+                                                   "x={pairs}"], 2,
+     "pairs.jsonl:1: the tokenizer of {smallvocab} gives token id"),
+    ("init-gpt2-max-position-10-to-the-11", ["init", "{out}", "--arch", "gpt2",
+                                            "--max-position", "100000000000"], 2,
+     "--max-position 100000000000 needs at least"),
+    ("init-overwrite-out-dot-dot", ["init", "{full}/..", "--overwrite"], 2,
+     "give the directory by its name"),
+    ("eval-log-samples-over-its-data", ["eval", "{ckpt}", "--data", "x={full}/pairs.jsonl",
+                                        "--log-samples", "{full}/pairs.jsonl"], 2,
+     "--log-samples {full}/pairs.jsonl would overwrite the data it scores (--data x="),
+    ("eval-log-samples-through-a-symlink-to-its-data",
+     ["eval", "{ckpt}", "--data", "x={full}/pairs.jsonl", "--log-samples", "{pairslink}"], 2,
+     "would overwrite the data it scores"),
 ]
 
 
@@ -720,7 +782,7 @@ def _snapshot(root: Path) -> dict[str, bytes | str | None]:
 def test_the_matrix_is_large_and_covers_every_command():
     commands = {argv[0] if argv[0] != "data" else "data arithmetic" for _, argv, _, _ in CASES}
     assert commands == {"init", "data arithmetic", "train", "unlearn", "perturb", "distill",
-                        "relearn-attack", "eval", "report"}
+                        "relearn-attack", "eval", "report", "probe"}
     assert len(CASES) >= 70
     assert len({case_id for case_id, *_ in CASES}) == len(CASES)
 
@@ -737,9 +799,11 @@ def test_bad_input(cli, inputs, tmp_path, case_id, argv, code, fragment):
     (full / "tokenizer.json").write_text("{}")
     (work / "file.txt").write_text("a file\n")
     (work / "dangling").symlink_to(work / "nowhere")
+    (work / "pairslink.jsonl").symlink_to(full / "pairs.jsonl")
     names = {k: str(v) for k, v in inputs.items()}
     names.update(out=str(work / "out"), full=str(full), file=str(work / "file.txt"),
-                 dangling=str(work / "dangling"), longname=str(work / ("x" * 240)))
+                 dangling=str(work / "dangling"), longname=str(work / ("x" * 240)),
+                 pairslink=str(work / "pairslink.jsonl"))
     args = [a.format(**names) for a in argv]
     fragment = fragment.format(**names)
     before_work, before_inputs = _snapshot(work), _snapshot(inputs["dir"])

@@ -12,8 +12,9 @@ Each case makes the moment of the signal certain:
 
 In `undo` subprocesses (the console entry point and its signal handlers, a signal at a
 seeded random moment of training): `train` by default, every case with `-m slow`. In
-process (the command sends the signal to itself at the moment, through the same handlers
-Python installs): every command and moment, fast.
+process (the command sends the signal to its own main thread at the moment, through the
+handlers Python installs; it is handled before the sending call returns, so nothing waits):
+every command and moment, fast.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -134,6 +136,19 @@ def _ids(cases):
     return [f"{n}-{m}-{signal.Signals(s).name}" for n, m, s in cases]
 
 
+def _sigint_to_this_thread() -> None:
+    """SIGINT sent to the calling (main) thread: delivered to it before `pthread_kill`
+    returns, which then runs Python's handler (KeyboardInterrupt raised right here).
+
+    `os.kill(os.getpid(), SIGINT)` queued a process-wide signal that any thread of the
+    process (torch's and OpenMP's workers) may take; the handler then ran whenever that
+    thread was next scheduled, and the test's 5-second sleep stood in for synchronisation:
+    on a loaded machine the run went on and finished (exit 0, issue 26 item 16)."""
+    assert threading.current_thread() is threading.main_thread()
+    signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+    raise AssertionError("SIGINT sent to this thread did not interrupt it")
+
+
 def test_sigint_while_training_in_a_subprocess(inputs, tmp_path):
     _check(_run("train", "training", signal.SIGINT, tmp_path, inputs, seed=1), "training")
 
@@ -153,10 +168,7 @@ def test_every_moment_in_process(cli, inputs, tmp_path, monkeypatch, name, momen
     import undo_cli.engine.loop as loop
     import undo_cli.engine.state as state
 
-    def interrupt() -> None:
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(5)  # the handler raises KeyboardInterrupt here
-
+    interrupt = _sigint_to_this_thread
     args = _command(name, tmp_path / "out", inputs, steps=6)
     if moment == "training":
         real_save = loop.save_state
@@ -190,11 +202,7 @@ def test_a_late_interrupt_of_a_gated_attack_is_not_a_success(cli, inputs, tmp_pa
     between the two, it exits 130 (the gates were not checked), its output complete."""
     import undo_cli.engine as engine
 
-    def interrupt():
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(5)
-
-    monkeypatch.setattr(engine, "wait_for_everyone", interrupt)
+    monkeypatch.setattr(engine, "wait_for_everyone", _sigint_to_this_thread)
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": f"{a} + 1 =", "completion": f" {a + 1}"})
                              + "\n" for a in range(8)))

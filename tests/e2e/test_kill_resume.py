@@ -17,7 +17,9 @@ Llama (hidden 32) trained for `STEPS` steps with `--save-every 2`:
 After every kill OUT does not exist (only a hidden `.OUT.undo-tmp-*` sibling may), and every
 saved state `OUT.undo-state/step-*` is complete. The finished OUT equals the reference
 (`torch.equal` on every tensor), resumed from the last state saved before kill 3, and nothing
-is left beside it. The three commands run side by side (threads driving subprocesses).
+is left beside it. The three commands run side by side (threads driving subprocesses); the
+runs that are not killed (the reference, the last `--resume`) go through the warm `undo` of
+tests/forkserver.py, each in a process of its own.
 """
 
 from __future__ import annotations
@@ -77,11 +79,13 @@ def _start(args: list, **env: str) -> subprocess.Popen:
                             env=_env(**env))
 
 
-def _finish(args: list) -> dict:
-    proc = _start(args)
-    stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0, stderr[-3000:]
-    return json.loads(stdout)
+def _finish(args: list, server) -> dict:
+    """A run to its end (the reference, the last --resume), through the warm `undo`
+    (tests/forkserver.py: a process of its own, without the start-up): its --json summary."""
+    done = subprocess.run([*server.argv, *map(str, args)], capture_output=True, text=True,
+                          env=_env(), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
 
 
 def _wait_for(proc: subprocess.Popen, condition, timeout: float = 120.0) -> None:
@@ -169,10 +173,10 @@ def _command(name: str, files: dict[str, Path], out: Path) -> list:
 
 
 def _kill_and_resume(name: str, files: dict[str, Path], root: Path, rng: random.Random,
-                     mid_save: bool) -> dict:
+                     mid_save: bool, server) -> dict:
     """The whole scenario for one command; returns what happened (for the test to check)."""
     reference = root / f"{name}-reference"
-    _finish(_command(name, files, reference))
+    _finish(_command(name, files, reference), server)
     out = root / name
     args = _command(name, files, out)
     report: dict = {"reference": reference, "out": out}
@@ -205,19 +209,19 @@ def _kill_and_resume(name: str, files: dict[str, Path], root: Path, rng: random.
     report["kill2_saved"] = _saved_steps(out)[-1]
 
     # The last run finishes the job.
-    summary = _finish([*args, "--resume"])
+    summary = _finish([*args, "--resume"], server)
     report["resumed_from"] = summary["resumed_from"]
     return report
 
 
 @pytest.fixture(scope="module")
-def scenarios(files, tmp_path_factory) -> dict:
+def scenarios(files, tmp_path_factory, undo_server) -> dict:
     root = tmp_path_factory.mktemp("kill-runs")
     rng = random.Random(SEED)
     seeds = {name: rng.randrange(2**31) for name in ("train", "unlearn", "distill")}
     with ThreadPoolExecutor(max_workers=3) as pool:
         futures = {name: pool.submit(_kill_and_resume, name, files, root, random.Random(seed),
-                                     mid_save=name != "unlearn")
+                                     mid_save=name != "unlearn", server=undo_server)
                    for name, seed in seeds.items()}
         return {name: future for name, future in futures.items()}
 

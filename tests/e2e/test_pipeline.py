@@ -1,5 +1,10 @@
-"""The UNDO pipelines (examples/arithmetic.sh, alpha_sweep.sh, wmdp_shaped.sh) in their smoke
-configuration."""
+"""The UNDO pipelines (examples/arithmetic.sh, alpha_sweep.sh, wmdp_shaped.sh, language.sh) in
+their smoke configuration.
+
+The scripts' `undo` commands run through the `undo_server` fixture (tests/forkserver.py): each
+in a process of its own, forked from one that imported torch and transformers once, which cut
+the arithmetic smoke's thirty start-ups (about two minutes on two cores) to one. The slow
+demo test runs the scripts with the installed `undo` itself."""
 
 from __future__ import annotations
 
@@ -15,10 +20,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_arithmetic_pipeline_smoke(tmp_path):
+def test_arithmetic_pipeline_smoke(tmp_path, undo_server):
     out = tmp_path / "run"
     env = {**os.environ, "SMOKE": "1", "OUT": str(out), "OMP_NUM_THREADS": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "UNDO": undo_server.command}
     done = subprocess.run(["bash", str(ROOT / "examples" / "arithmetic.sh")], cwd=tmp_path,
                           env={**env, "THREADS": "2"}, capture_output=True, text=True,
                           timeout=600)
@@ -114,11 +120,12 @@ def test_arithmetic_prepare_trains_base_and_oracle_in_turn_with_one_thread(tmp_p
         "== [4/4] unlearn (MaxEnt)"]
 
 
-def test_wmdp_shaped_pipeline_smoke(tmp_path):
+def test_wmdp_shaped_pipeline_smoke(tmp_path, undo_server):
     """The paper's WMDP recipe on the synthetic multiple-choice task, every new option on."""
     out = tmp_path / "run"
     env = {**os.environ, "SMOKE": "1", "OUT": str(out), "OMP_NUM_THREADS": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "UNDO": undo_server.command}
     done = subprocess.run(["bash", str(ROOT / "examples" / "wmdp_shaped.sh")], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -173,13 +180,13 @@ def test_the_demo_shows_the_papers_ordering(tmp_path):
     assert rows["undo"]["relative_robustness_auc"] > 0
 
 
-def test_language_pipeline_smoke(tmp_path):
+def test_language_pipeline_smoke(tmp_path, undo_server):
     """The paper's language setting (examples/language.sh) on the built-in corpus: a BPE over
     English and Korean, base and oracle, MaxEnt, UNDO at one alpha, attacks on the forget loss
     and the report (the frontier of several alphas: tests/unit/test_report.py)."""
     out = tmp_path / "run"
     env = {**os.environ, "SMOKE": "1", "OUT": str(out), "OMP_NUM_THREADS": "1",
-           "SMOKE_ALPHAS": "0.6", "THREADS": "2",
+           "SMOKE_ALPHAS": "0.6", "THREADS": "2", "UNDO": undo_server.command,
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     done = subprocess.run(["bash", str(ROOT / "examples" / "language.sh")], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=600)

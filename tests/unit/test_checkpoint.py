@@ -199,6 +199,28 @@ def test_existing_output_needs_overwrite(tmp_path):
     assert (empty / "x").exists()
 
 
+@pytest.mark.parametrize("spelling", [".", "..", "ABSOLUTE", "ABSOLUTE/..", "sub/.."])
+def test_the_working_directory_is_not_an_output(spelling, cli, tmp_path, monkeypatch):
+    # `undo init . --overwrite` died with "OSError: [Errno 16] Device or resource busy" (and
+    # with an absolute path, replaced the directory the shell stands in): refused, exit 2,
+    # nothing written or removed.
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    (work / "keep.txt").write_text("keep")
+    monkeypatch.chdir(work)
+    out = spelling.replace("ABSOLUTE", str(work))
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    result = cli("init", out, "--overwrite")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: ") and len(result.stderr.splitlines()) == 1
+    assert "working directory" in result.stderr or "by its name" in result.stderr
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+    assert Path.cwd() == work and (work / "keep.txt").read_text() == "keep"
+    with atomic_output(work / "sub" / "new") as tmp:  # a new directory below it is fine
+        (tmp / "x").write_text("x")
+    assert (work / "sub" / "new" / "x").exists()
+
+
 def test_output_may_not_overlap_inputs(tiny_llama, tmp_path):
     with pytest.raises(UsageError, match="inside input"), atomic_output(
         tiny_llama / "sub", inputs=[tiny_llama]
@@ -369,3 +391,38 @@ def test_an_adapters_model_card_is_not_carried(hub_adapter, tmp_path):
     copy_support_files(hub_adapter, tmp_path / "out")
     assert not (tmp_path / "out" / "README.md").exists()
     assert not (tmp_path / "out" / "adapter_config.json").exists()
+
+
+@pytest.fixture()
+def umask():
+    """Set the process's umask for one test, restored after it."""
+    import os
+
+    old = os.umask(0o022)
+    yield os.umask
+    os.umask(old)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o077], ids=["022", "027", "077"])
+def test_weight_files_follow_the_umask(umask, mask, tiny_llama, sharded_qwen2, tmp_path):
+    # safetensors writes its files with 0600 whatever the umask: a checkpoint teammates and
+    # CI users could not read. Every weight file undo writes gets 0666 less the umask, as
+    # config.json has; so do the weights of a training state.
+    from undo_cli.engine.state_files import save_rank
+
+    umask(mask)
+    expected = 0o666 & ~mask
+    model = AutoModelForCausalLM.from_pretrained(sharded_qwen2)
+    with atomic_output(tmp_path / "out") as tmp:
+        save_model(model, None, tmp, source=sharded_qwen2,
+                   layout=Layout("float32", 20_000))
+    written = sorted((tmp_path / "out").glob("*.safetensors"))
+    assert len(written) > 1 and (tmp_path / "out" / "model.safetensors.index.json").exists()
+    for path in [*written, tmp_path / "out" / "config.json"]:
+        assert path.stat().st_mode & 0o777 == expected, path
+    state = tmp_path / "state"
+    state.mkdir()
+    linear = torch.nn.Linear(3, 2)
+    save_rank(state, 0, model=linear, optimizer=torch.optim.SGD(linear.parameters(), lr=0.1),
+              run={"step": 1}, with_weights=True)
+    assert {p.stat().st_mode & 0o777 for p in state.iterdir()} == {expected}

@@ -90,6 +90,17 @@ def test_a_model_that_cannot_fit_is_refused_before_it_is_built(tiny_llama, tmp_p
     load_model(tiny_llama)
 
 
+def test_a_learned_position_table_counts_in_the_estimate(tiny_gpt2):
+    # GPT-2's positions are a table of n_positions x hidden: `init --arch gpt2
+    # --max-position 100000000000` died in the allocator instead of this check.
+    config = json.loads((tiny_gpt2 / "config.json").read_text())
+    actual = sum(p.numel() for p in load_model(tiny_gpt2).parameters())
+    params = estimate_parameters(config)
+    assert params <= actual
+    assert params - estimate_parameters({**config, "n_positions": 0}) == (
+        config["n_positions"] * config["n_embd"])
+
+
 def test_shards_in_subdirectories_are_told_apart(tiny_llama, tmp_path):
     """Two shards may share a file name in different subdirectories."""
     state = load_file(tiny_llama / "model.safetensors")

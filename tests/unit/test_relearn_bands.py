@@ -42,6 +42,18 @@ def test_item_band_is_the_max_over_configurations_inside_each_resample():
     assert band["final"][0] <= band["final"][1]
 
 
+@pytest.mark.parametrize("value", [0.0, 1.0])
+@pytest.mark.parametrize("seeds", [(0,), (0, 1, 2)])
+def test_a_band_at_the_edge_is_exactly_the_edge(value, seeds):
+    # Every item wrong (or right) at every step: every bound, the AUC's and the final point's
+    # included, is exactly 0 (or 1), over items and over seeds, with uneven steps.
+    evaluations = [Evaluation((k, False), seed, step, np.full(9, value), np.ones(9))
+                   for k in "ab" for seed in seeds for step in (0, 3, 10, 17)]
+    band = worst_case_band(evaluations, "forget.accuracy", "max", samples=300)
+    assert band["lower"] == band["upper"] == [value] * 4
+    assert band["auc"] == band["final"] == (value, value)
+
+
 def test_seed_band_resamples_seeds_and_takes_the_worst_of_the_seed_means():
     evaluations = _runs(np.random.default_rng(1), seeds=(0, 1, 2))
     band = worst_case_band(evaluations, "forget.accuracy", "max", samples=400, seed=0)

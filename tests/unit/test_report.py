@@ -270,3 +270,45 @@ def test_compute_figure_shows_auc_and_final_points_the_frontier_and_one_colour_e
     one = {**report, "rows": rows[1:]}
     assert "frontier (AUC)" not in {line.get_label() for line in plot_frontier(
         one, colours).axes[0].get_lines()}
+
+
+def test_a_long_curve_is_pooled_by_step_and_a_longer_one_refused(cli, tmp_path):
+    # Three seeds of 5,000 points (the most undo reads), the third missing step 10: the
+    # pooled curve is the mean of the seeds on their common steps (the report indexed every
+    # step by a scan: quadratic, 200,000 points did not finish in 180 s).
+    rng = np.random.default_rng(0)
+    curves = [rng.random(5_000) for _ in range(3)]
+    dirs = [_seed_dir(tmp_path, f"s{i}", c.tolist()) for i, c in enumerate(curves)]
+    third = json.loads((dirs[2] / "results.json").read_text())
+    third["worst_case"] = [p for p in third["worst_case"] if p["step"] != 10]
+    (dirs[2] / "results.json").write_text(json.dumps(third))
+    report = build_report([f"m={d}" for d in dirs], samples=50)
+    curve = report["curves"]["m"]
+    assert len(curve) == 4_999 and curve[0]["step"] == 0 and curve[1]["step"] == 20
+    assert curve[1]["value"] == pytest.approx(np.mean([c[2] for c in curves]))
+    assert curve[-1]["value"] == pytest.approx(np.mean([c[-1] for c in curves]))
+    assert all(p["lower"] <= p["value"] <= p["upper"] for p in curve[:50])
+    longer = _seed_dir(tmp_path, "long", rng.random(5_001).tolist())
+    result = cli("report", longer, "--out", tmp_path / "r")
+    assert result.exit_code == 2
+    assert f"{longer / 'results.json'}: 'worst_case' has 5,001 points" in result.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_too_many_item_values_are_refused(cli, tmp_path, monkeypatch):
+    import undo_cli.records
+
+    monkeypatch.setattr(undo_cli.records, "MAX_CURVE_ITEM_VALUES", 29)
+    ok = _seed_dir(tmp_path, "ok", [], items=[[1.0, 1.0, 1.0]] * 8 + [[0.0, 0.0, 0.0]])
+    row = build_report([f"m={ok}"], samples=20)["rows"][0]
+    assert row["forget_after_lower"] == row["forget_after_upper"] == 0.0  # the edge, exactly
+    bad = _seed_dir(tmp_path, "bad", [], items=[[1.0, 0.0, 1.0]] * 10)
+    result = cli("report", bad, "--out", tmp_path / "r")
+    assert result.exit_code == 2
+    assert (f"{bad / 'results.json'}: 'worst_case' keeps 30 per-item values; undo reads at "
+            "most 29") in result.stderr
+    # Points keeping different items crashed the bootstrap (ValueError, exit 1).
+    mixed = _seed_dir(tmp_path, "mixed", [], items=[[1.0, 0.0, 1.0], [0.0, 1.0]])
+    result = cli("report", mixed, "--out", tmp_path / "r")
+    assert result.exit_code == 2 and "'items' of different lengths [2, 3]" in result.stderr
+    assert not (tmp_path / "r").exists()

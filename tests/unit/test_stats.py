@@ -9,6 +9,7 @@ import pytest
 
 from undo_cli.stats import (
     Z95,
+    column_percentiles,
     percentile,
     proportion_stderr,
     ratio_stderr,
@@ -27,6 +28,17 @@ def test_wilson_interval_matches_the_textbook_formula(k, n):
     assert lower == pytest.approx(max(0.0, (-b - root) / (2 * a)), abs=1e-12)
     assert upper == pytest.approx(min(1.0, (-b + root) / (2 * a)), abs=1e-12)
     assert lower <= p <= upper
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 100, 1000, 12345])
+def test_wilson_bounds_are_exactly_0_and_1_at_the_edges(n):
+    # At 0 of n the textbook lower bound is 0, but rounding left 3.5e-18 at n = 100, so a
+    # model answering nothing had an interval excluding its own 0.000 (issue 26, item 15).
+    assert wilson_interval(0, n)[0] == 0.0
+    assert wilson_interval(n, n)[1] == 1.0
+    for k in range(0, n + 1, max(1, n // 7)):
+        lower, upper = wilson_interval(k, n)
+        assert 0.0 <= lower <= k / n <= upper <= 1.0
 
 
 def test_wilson_interval_of_nothing_is_nan():
@@ -81,3 +93,16 @@ def test_resampled_means_match_a_loop_over_drawn_indices():
 def test_percentile_ignores_non_finite_samples():
     assert percentile(np.array([np.nan, 1.0, 1.0])) == (1.0, 1.0)
     assert all(math.isnan(x) for x in percentile(np.array([np.nan])))
+
+
+def test_column_percentiles_are_the_percentile_of_each_column():
+    rng = np.random.default_rng(3)
+    samples = rng.random((300, 5))
+    samples[:40, 1] = np.nan
+    samples[7, 2] = np.inf
+    samples[:, 3] = np.nan  # no finite value: NaN bounds
+    lows, highs = column_percentiles(samples)
+    for j in range(5):
+        expected = percentile(samples[:, j])
+        assert np.allclose([lows[j], highs[j]], expected, equal_nan=True, rtol=0, atol=1e-15)
+    assert column_percentiles(np.zeros((4, 0))) == ([], [])

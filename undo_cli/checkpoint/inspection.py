@@ -288,8 +288,8 @@ def check_layers(info: CheckpointInfo) -> None:
 
 def estimate_parameters(config: dict[str, Any]) -> int | None:
     """A lower bound on the parameters of a decoder-only model from its config (embeddings
-    once, attention projections, a two-matrix MLP per layer); None if the config does not
-    give the sizes."""
+    once, a learned position table, attention projections, a two-matrix MLP per layer); None
+    if the config does not give the sizes."""
     def first(*keys: str) -> int | None:
         return next((config[k] for k in keys if isinstance(config.get(k), int)
                      and not isinstance(config.get(k), bool)), None)
@@ -305,7 +305,14 @@ def estimate_parameters(config: dict[str, Any]) -> int | None:
     inner = first("intermediate_size", "n_inner") or 4 * hidden
     attention = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim
     mlp = 2 * hidden * inner
-    return vocab * hidden + layers * (attention + mlp)
+    positions = first(LEARNED_POSITIONS.get(str(config.get("model_type")), "")) or 0
+    return (vocab + positions) * hidden + layers * (attention + mlp)
+
+
+# Architectures whose positions are a learned table (max positions x hidden): the key of its
+# size. Rotary models (Llama, Qwen2, Gemma2, ...) hold nothing per position.
+LEARNED_POSITIONS = {"gpt2": "n_positions", "gpt_bigcode": "n_positions",
+                     "gpt_neo": "max_position_embeddings", "opt": "max_position_embeddings"}
 
 
 def check_fits_memory(config: dict[str, Any], bytes_per_parameter: int, what: str) -> None:

@@ -81,8 +81,9 @@ def real_output(out: str | Path) -> Path:
 
 def _check_name(out: Path) -> None:
     name = out.absolute().name
-    if not name:
-        raise UsageError(f"output {out}: give a directory name")
+    if not name or name in (".", ".."):
+        raise UsageError(f"output {out}: give the directory by its name (the run replaces "
+                         "OUT by renaming a directory into its place)")
     existing = next((p for p in out.absolute().parents if p.is_dir()), Path("/"))
     try:
         limit = os.pathconf(existing, "PC_NAME_MAX")
@@ -109,6 +110,13 @@ def check_output_path(out: str | Path, *, inputs: Iterable[str | Path] = (),
     out = real_output(out)
     _check_name(out)
     resolved = _resolved(out)
+    try:
+        cwd = Path.cwd().resolve()
+    except OSError:  # the working directory was deleted
+        cwd = None
+    if cwd is not None and out.exists() and _is_within(cwd, resolved):
+        raise UsageError(f"output {out} is the working directory or holds it: the run "
+                         "replaces OUT as a whole, so run it from outside OUT")
     for inp in inputs:
         inp_resolved = _resolved(inp)
         if _is_within(resolved, inp_resolved):
@@ -214,6 +222,7 @@ def atomic_output(out: str | Path, *, inputs: Iterable[str | Path] = (),
         try:
             tmp.mkdir()
             yield tmp
+            follow_umask(tmp)
             _commit(tmp, out, token, done)
         except BaseException as e:
             if not done:
@@ -241,6 +250,32 @@ def is_disk_full(error: BaseException) -> bool:
             return True
         error = error.__cause__ or error.__context__
     return False
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (/proc), else set
+    and restored at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(directory: str | Path) -> None:
+    """Give every weight file under `directory` (or that file) the mode a new file gets
+    (0666 less the umask), as every other file undo writes has: safetensors writes its files
+    with 0600 whatever the umask, so teammates and CI users could not read a checkpoint."""
+    mode = 0o666 & ~current_umask()
+    root = Path(directory)
+    for path in [root] if root.is_file() else root.rglob("*"):
+        if (is_weight_file(path.name) and path.is_file() and not path.is_symlink()
+                and path.stat().st_mode & 0o777 != mode):
+            path.chmod(mode)
 
 
 def is_weight_file(name: str) -> bool:

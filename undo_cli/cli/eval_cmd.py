@@ -99,15 +99,24 @@ def render_table(results: list[dict[str, Any]]) -> None:
     console.print(table)
 
 
-def _samples_file(path: Path | None, checkpoints: list[Path]) -> Path | None:
-    """--log-samples FILE, checked before any work: not a directory, not inside a checkpoint
-    evaluated, its directory existing."""
+def _samples_file(path: Path | None, checkpoints: list[Path],
+                  data: list[tuple[str, str]]) -> Path | None:
+    """--log-samples FILE, checked before any work: not a directory, not a `--data` set nor
+    inside one (it would replace the set it scores), not inside a checkpoint evaluated, its
+    directory existing."""
     if path is None:
         return None
     if path.is_dir():
         raise UsageError(f"--log-samples {path} is a directory; give a file name (JSON Lines)")
     if not path.parent.is_dir():
         raise UsageError(f"--log-samples {path}: the directory {path.parent} does not exist")
+    for name, source in data:
+        if not Path(source).exists():
+            continue  # a built-in set (arithmetic:...) or a missing file, refused when read
+        same = path.exists() and path.samefile(source)
+        if same or path.resolve().is_relative_to(Path(source).resolve()):
+            raise UsageError(f"--log-samples {path} would overwrite the data it scores "
+                             f"(--data {name}={source}): write it elsewhere")
     for ckpt in checkpoints:
         try:
             path.resolve().relative_to(Path(ckpt).resolve())
@@ -230,7 +239,8 @@ def eval_command(
         raise UsageError(LM_EVAL_HINT)
     if lm_eval_include_path and not tasks:
         raise UsageError("--lm-eval-include-path needs --lm-eval-tasks")
-    samples_file = _samples_file(log_samples, [*checkpoints, *([reference] if reference else [])])
+    samples_file = _samples_file(log_samples, [*checkpoints, *([reference] if reference else [])],
+                                 specs)
     # Read and validate every data file (and every gate's names) before any model is loaded.
     sets = [read_eval_data(name, path, limit=limit, seed=seed) for name, path in specs]
 

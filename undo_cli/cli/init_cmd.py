@@ -56,6 +56,7 @@ def init_command(
     from undo_cli.modelfactory import (
         build_config,
         count_parameters,
+        describe_shape,
         load_tokenizer_spec,
         random_model,
         resolve_shape,
@@ -74,7 +75,7 @@ def init_command(
                           intermediate=intermediate, max_position=max_position)
     tok = load_tokenizer_spec(tokenizer, tokenizer_data)
     config = build_config(arch, shape, tok)
-    model = random_model(config, seed=seed)
+    model = random_model(config, seed=seed, what=describe_shape(shape))
     n_params = count_parameters(model)
     with atomic_output(out, overwrite=overwrite, reads=reads) as tmp:
         save_model(model, tok, tmp, layout=save_layout(save, None))

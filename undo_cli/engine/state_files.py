@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from undo_cli.checkpoint.output import follow_umask
 from undo_cli.errors import UsageError
 
 MARKER = "undo-state.json"
@@ -199,6 +200,7 @@ def save_rank(directory: Path, rank: int, *, model: torch.nn.Module, optimizer,
         doc["optimizer"] = _encode(optimizer.state_dict(), tensors, "optim")
     json_name, tensor_name = rank_files(rank)
     save_file(tensors, str(directory / tensor_name), metadata={"format": "pt"})
+    follow_umask(directory / tensor_name)
     (directory / json_name).write_text(json.dumps(doc) + "\n")
 
 

@@ -31,6 +31,7 @@ import numpy as np
 from undo_cli.stats import (
     BOOTSTRAP_SAMPLES,
     LEVEL,
+    column_percentiles,
     percentile,
     ratio_value,
     resample_counts,
@@ -105,9 +106,9 @@ def worst_case_band(evaluations: Sequence[Evaluation], metric: str, direction: s
                 per_key.append(ratio_value(weights @ e.num, weights @ e.den, kind))
             if per_key:
                 curves[:, j] = _best(np.stack(per_key, 1), pick)
-    lower, upper = zip(*(percentile(curves[:, j], level) for j in range(len(steps))))
+    lower, upper = column_percentiles(curves, level)
     aucs = trapezoid_mean(steps, curves)
-    return {"steps": steps, "lower": list(lower), "upper": list(upper),
+    return {"steps": steps, "lower": lower, "upper": upper,
             "auc": percentile(aucs, level), "final": percentile(curves[:, -1], level),
             "method": method, "samples": samples, "level": level}
 

@@ -107,18 +107,26 @@ def test_threads_sets_torch_threads_and_refuses_bad_values(cli, tmp_path):
 def test_the_cli_makes_idle_openmp_threads_wait_passively(monkeypatch):
     """OMP_WAIT_POLICY=PASSIVE unless the user set a policy (read when torch loads)."""
     import os
+    import signal
     import sys
 
     import pytest
 
     from undo_cli import cli as cli_module
 
+    # main() installs undo's SIGINT/SIGTERM handlers: give pytest its own back afterwards, or
+    # every later test runs with them (and a stray signal ends the session in their frame).
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     for preset, expected in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
         if preset is None:
             monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
         else:
             monkeypatch.setenv("OMP_WAIT_POLICY", preset)
         monkeypatch.setattr(sys, "argv", ["undo", "--version"])
-        with pytest.raises(SystemExit):
-            cli_module.main()
+        try:
+            with pytest.raises(SystemExit):
+                cli_module.main()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
         assert os.environ["OMP_WAIT_POLICY"] == expected
