@@ -42,6 +42,7 @@ def train_checkpoint(out: str | Path, init: str, data: list[str], *,
     """
     from undo_cli.checkpoint import save_layout
     from undo_cli.modelfactory import ARCHITECTURES, PRESETS
+    from undo_cli.runtime import require_optimizers
 
     started = time.time()
     train = train or TrainConfig(lr=None)
@@ -64,6 +65,7 @@ def train_checkpoint(out: str | Path, init: str, data: list[str], *,
         train = replace(train, max_steps=TRAIN_STEPS)
     config = train.for_output(out)
     config.validate()
+    require_optimizers([config.optimizer], config.device)
     inputs = [] if preset else [init]
     infos = stage.check_inputs(
         out, inputs, load, overwrite=overwrite,

@@ -42,6 +42,7 @@ from undo_cli.options import (
     UnlearnOptions,
     compile_pattern,
 )
+from undo_cli.runtime import require_optimizers
 
 Batch = dict[str, torch.Tensor]
 MethodFn = Callable[[torch.nn.Module, dict[str, Batch], "UnlearnContext"],
@@ -495,6 +496,7 @@ def unlearn_checkpoint(
     config = config.for_output(dst)
     # lr None is chosen once the model (its size) is known.
     replace(config, lr=1.0 if config.lr is None else config.lr).validate()
+    require_optimizers([config.optimizer], config.device)
     info = stage.check_inputs(
         dst, [src], load, overwrite=overwrite,
         reads=[*stage.data_paths("--forget", forget_specs),

@@ -28,6 +28,7 @@ from undo_cli.options import (
     TrainConfig,
     compile_pattern,
 )
+from undo_cli.runtime import require_optimizers
 
 RANDOM_STUDENT_SEED_OFFSET = 7919
 LISTED_NAMES = 50  # tensor names listed in the manifest per category (then only counted)
@@ -198,6 +199,7 @@ def distill_checkpoint(teacher_path: str | Path, student: str, out: str | Path, 
         train = replace(train, eval_every=DISTILL_EVAL_EVERY)
     config = train.for_output(out)
     config.validate()
+    require_optimizers([config.optimizer], config.device)
     stop = StopCondition(options.stop_when) if options.stop_when else None
     if stop is not None and not evals.eval:
         raise UsageError("--stop-when needs --eval sets to measure")

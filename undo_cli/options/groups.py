@@ -24,7 +24,9 @@ from undo_cli.options.base import (
 )
 
 SCHEDULES = ("constant", "linear", "cosine")
-OPTIMIZERS = ("adamw", "adam", "sgd", "sgd-nesterov", "adagrad")
+OPTIMIZERS = ("adamw", "adam", "sgd", "sgd-nesterov", "adagrad", "adamw8bit", "paged_adamw8bit",
+              "adafactor")
+BNB_OPTIMIZERS = ("adamw8bit", "paged_adamw8bit")  # bitsandbytes (CUDA only; optional extra)
 PACKING_MODES = ("documents", "concat", "none")
 DEFAULT_PACKING = "documents"
 DEFAULT_MAX_LENGTH = 256  # --max-length unless the model's maximum is smaller
@@ -37,8 +39,11 @@ CHOICE_FORMATS = ("qa", "letters", "raw")  # multiple-choice prompts (undo_cli.e
 class TrainConfig:
     """Settings of one training run (`undo_cli.engine.train`)."""
 
-    optimizer: str = option("adamw", "Optimizer: adamw, adam, sgd (momentum 0.9), sgd-nesterov "
-                            "or adagrad.", panel=TRAINING, choices=OPTIMIZERS)
+    optimizer: str = option("adamw", "Optimizer: adamw, adam, sgd (momentum 0.9), sgd-nesterov, "
+                            "adagrad, adafactor (factored second moments: O(rows + cols) state "
+                            "per matrix), adamw8bit or paged_adamw8bit (8-bit AdamW state; "
+                            "CUDA and pip install 'undo-cli[bnb]').", panel=TRAINING,
+                            choices=OPTIMIZERS)
     lr: float | None = option(1e-4, "Peak learning rate.", panel=TRAINING, above=0)
     min_lr: float = option(0.0, "Floor the linear/cosine decay ends at.", panel=TRAINING,
                            minimum=0)
@@ -80,8 +85,17 @@ class TrainConfig:
     sam_rho: float = option(0.0, "Sharpness-aware minimisation with radius RHO (e.g. 0.05; 0: "
                             "off). Doubles the compute of a step.", flag="--sam",
                             metavar="RHO", panel=METHOD, minimum=0)
-    bf16: bool = option(False, "bf16 autocast on CUDA (CPU always trains in fp32).",
-                        panel=TRAINING)
+    bf16: bool = option(False, "bf16 autocast on CUDA with fp32 master weights (CPU always "
+                        "trains in fp32).", panel=TRAINING)
+    bf16_weights: bool = option(False, "Pure bf16 training: the parameters, gradients and "
+                                "optimizer state are bf16 (half the memory of fp32, less "
+                                "precise updates). Works on CPU too (slowly).", panel=TRAINING)
+    gradient_checkpointing: bool = option(False, "Recompute each decoder layer's activations "
+                                          "in the backward pass instead of keeping them "
+                                          "(transformers' checkpointing, use_reentrant=False): "
+                                          "activation memory of about one layer instead of "
+                                          "all, for about a third more compute per step.",
+                                          panel=TRAINING)
     device: str | None = option(None, "cpu, cuda or cuda:N (default: CUDA if available).",
                                 panel=TRAINING)
     log_path: Path | None = option(None, "The JSONL training log.", cli=False)
@@ -123,7 +137,7 @@ class TrainConfig:
 # Settings whose change changes the result: resuming with other values is refused.
 RESUME_KEYS = ("optimizer", "lr", "min_lr", "schedule", "warmup_steps", "weight_decay", "betas",
                "batch_size", "grad_accum", "max_grad_norm", "max_steps", "max_tokens",
-               "max_flops", "seed", "sam_rho", "bf16")
+               "max_flops", "seed", "sam_rho", "bf16", "bf16_weights")
 
 
 @dataclass

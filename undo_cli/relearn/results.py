@@ -99,7 +99,8 @@ def describe_attack(config: AttackConfig, data: Sequence[str], data_options: Dat
             "max_length": data_options.max_length, "packing": data_options.packing,
             "schedule": t.schedule, "warmup_steps": t.warmup_steps, "min_lr": t.min_lr,
             "weight_decay": t.weight_decay, "grad_accum": t.grad_accum,
-            "max_grad_norm": t.max_grad_norm, "bf16": t.bf16, "lora": lora, "quantize": quant,
+            "max_grad_norm": t.max_grad_norm, "bf16": t.bf16, "bf16_weights": t.bf16_weights,
+            "gradient_checkpointing": t.gradient_checkpointing, "lora": lora, "quantize": quant,
             "search": search, "shrink_perturb": shrink, **static}
 
 
@@ -184,6 +185,7 @@ def relearn_checkpoint(
         world_size,
     )
     from undo_cli.evaluate import expected_metrics
+    from undo_cli.runtime import require_optimizers
 
     started = time.time()
     log = logging.getLogger(__name__)
@@ -196,6 +198,8 @@ def relearn_checkpoint(
                          "it with examples/accelerate/ddp.yaml")
     config.finetune = bool(data) and not config.no_finetune
     config.validate()
+    if config.finetune:
+        require_optimizers(config.optimizers, config.train.device)
     if not evals.eval:
         raise UsageError("nothing to measure: give --eval NAME=PATH (e.g. the forget and "
                          "retain eval sets)")
