@@ -241,8 +241,9 @@ def _hidden_at(output, layer: int) -> torch.Tensor:
 def _rmu_trainable(model: torch.nn.Module, options: UnlearnOptions) -> str:
     layer = options.layer if options.layer is not None else default_rmu_layer(model)
     layers = "|".join(str(i) for i in range(max(0, layer - 2), layer + 1))
-    # Llama / Gemma / Qwen name it mlp.down_proj, GPT-2 mlp.c_proj.
-    return rf"(^|\.)(layers|h)\.({layers})\.mlp\.(down_proj|c_proj)\.weight$"
+    # Llama / Gemma / Qwen / Mistral / Phi-3 name it mlp.down_proj, GPT-2 mlp.c_proj,
+    # GPT-NeoX mlp.dense_4h_to_h.
+    return rf"(^|\.)(layers|h)\.({layers})\.mlp\.(down_proj|c_proj|dense_4h_to_h)\.weight$"
 
 
 @register_method("rmu", formula="MSE(h_L(forget), c*u) + a * MSE(h_L(retain), h_L^frozen(retain))",

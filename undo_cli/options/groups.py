@@ -352,8 +352,9 @@ class NoiseOptions:
     exclude: list[str] = option(help="Copy tensors whose name matches unchanged "
                                 "(repeatable).", metavar="REGEX", panel=NOISE, factory=list)
     layers: str | None = option(None, "Perturb only the tensors of these decoder layers, e.g. "
-                                "10-15 or 0,2,4-6 (0-based; llama/gemma2/qwen2 "
-                                "model.layers.N., gpt2 transformer.h.N.); --include/--exclude "
+                                "10-15 or 0,2,4-6 (0-based; llama/gemma2/qwen2/mistral/phi3 "
+                                "model.layers.N., gpt2 transformer.h.N., gpt_neox "
+                                "gpt_neox.layers.N.); --include/--exclude "
                                 "apply on top.", metavar="RANGE", panel=NOISE)
 
     def validate(self) -> None:
