@@ -233,6 +233,26 @@ def npo(model, batches, ctx):
     return loss + _retain_ce(model, batches, ctx, terms), terms
 
 
+def _plan(method: Method, options: UnlearnOptions, model_config: dict, config: TrainConfig,
+          length: int, *, has_retain: bool):
+    """The memory plan of an unlearning run: its trainable parameters counted on a meta-device
+    model, a frozen reference copy when the method keeps one, one micro-batch per stream."""
+    from undo_cli.checkpoint.inspection import estimate_parameters
+
+    def select(model):
+        pattern = options.trainable
+        if pattern is None and method.default_trainable is not None:
+            pattern = method.default_trainable(model, options)
+        return stage.select_parameters(model, pattern)
+
+    reference = method.reference_stream == "forget" or (method.reference_stream == "retain"
+                                                         and has_retain)
+    return stage.memory_plan(
+        model_config, config, length=length, streams=2 if has_retain else 1,
+        trainable=stage.meta_trainable(model_config, select),
+        frozen_parameters=(estimate_parameters(model_config) or 0) if reference else 0)
+
+
 def _hidden_at(output, layer: int) -> torch.Tensor:
     # hidden_states[0] is the embedding output; hidden_states[i + 1] the output of layer i.
     return output.hidden_states[layer + 1]
@@ -504,6 +524,10 @@ def unlearn_checkpoint(
                *stage.data_paths("--retain", retain_specs), *stage.eval_paths(evals)],
         writes=[("--state-dir", config.state_dir)])[0]
     data_options = stage.fit_length(data_options, info.config)
+    done = stage.plan_outcome(_plan(chosen, options, info.config, config, data_options.max_length,
+                                    has_retain=bool(retain_specs)), config)
+    if done is not None:
+        return done
 
     tokenizer = load_tokenizer(src, trust_remote_code=load.trust_remote_code,
                                base_model=load.base_model)

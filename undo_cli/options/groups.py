@@ -98,6 +98,11 @@ class TrainConfig:
                                           panel=TRAINING)
     device: str | None = option(None, "cpu, cuda or cuda:N (default: CUDA if available).",
                                 panel=TRAINING)
+    dry_run: bool = option(False, "Print the memory plan (parameters; bytes of weights, "
+                           "gradients, optimizer state and activations per micro-batch under "
+                           "these options and processes; whether it fits the device) and stop "
+                           "before any work; nothing is written. Also: undo plan CMD ARGS.",
+                           panel=TRAINING)
     log_path: Path | None = option(None, "The JSONL training log.", cli=False)
     eval_at_start: bool = option(False, "Also evaluate before the first step.", cli=False)
 
@@ -130,7 +135,7 @@ class TrainConfig:
 
     def manifest(self) -> dict[str, Any]:
         """The settings that shape the result, as recorded in `undo.json`."""
-        skip = ("log_path", "state_dir", "resume", "device", "eval_at_start")
+        skip = ("log_path", "state_dir", "resume", "device", "eval_at_start", "dry_run")
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
 
 

@@ -212,6 +212,16 @@ def relearn_checkpoint(
         out, [checkpoint], load, overwrite=overwrite,
         reads=[*stage.data_paths("--data", data), *stage.eval_paths(evals)])[0]
     data_options = stage.fit_length(data_options, info.config)
+    if config.finetune or config.train.dry_run:
+        from undo_cli.checkpoint.inspection import estimate_parameters
+
+        done = stage.plan_outcome(stage.memory_plan(  # the attacked copy beside the original
+            info.config, config.train, length=data_options.max_length,
+            batch_size=max(config.batch_size_list()), optimizers=config.optimizers,
+            lora_rank=config.lora_rank if config.lora else None,
+            frozen_parameters=estimate_parameters(info.config) or 0), config.train)
+        if done is not None:
+            return done
 
     tokenizer = load_tokenizer(checkpoint, trust_remote_code=load.trust_remote_code,
                                base_model=load.base_model)
