@@ -90,6 +90,7 @@ def main() -> None:
         out = subprocess.run([sys.executable, __file__, "--child", flag], env=env, check=True,
                              capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), flush=True)  # the raw figures, as each run ends
     mb = 1e6
     print(f"model: llama {LAYERS} layers x {HIDDEN} (MLP {INNER}), "
           f"{rows[0]['parameters']:,} parameters; {BATCH} x {LENGTH} tokens per micro-batch")
