@@ -6,8 +6,8 @@ A Llama of 8 layers, 256 wide (MLP 688), character vocabulary, trained with Adam
 are ~100 MB, the activations ~350 MB without checkpointing). Each setting runs in a fresh
 process (peak RSS is per process); after a warm-up run on a 1-layer model (libraries imported,
 autograd and the allocator in use), RSS before the model is built is the baseline, and the
-peak (VmHWM, reset there) after 3 optimizer steps minus it is the measured peak; the step time is the mean of
-steps 2-3. Prints one table; the figures go into docs/benchmarks.md.
+peak (VmHWM, reset there) after 3 optimizer steps minus it is the measured peak; the step
+time is the mean of steps 2-3. Prints one table; the figures go into docs/benchmarks.md.
 
     python benchmarks/bench_memory.py          # ~1-2 minutes on one CPU thread
 """
