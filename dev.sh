@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Set-up and everyday tasks on a fresh machine that has only Python 3.10+:
 #   ./dev.sh demo        create .venv if needed, then run the main job on the built-in default
+#   ./dev.sh language    create .venv if needed, then run the paper's language setting
+#                        (examples/language.sh: English retain, Korean forget, alpha sweep)
 #   ./dev.sh test [ARGS] create .venv if needed, then lint (ruff, import layers) and run the
 #                        default test suite
 #   ./dev.sh setup       only create/refresh .venv
@@ -39,12 +41,15 @@ case "$cmd" in
   demo)
     setup
     PATH="$(cd "$VENV" && pwd)/bin:$PATH" exec bash examples/arithmetic.sh "$@" ;;
+  language)
+    setup
+    PATH="$(cd "$VENV" && pwd)/bin:$PATH" exec bash examples/language.sh "$@" ;;
   test)
     setup
     "$VENV/bin/ruff" check undo_cli tests benchmarks
     "$VENV/bin/lint-imports" --no-cache
     exec "$VENV/bin/python" -m pytest "$@" ;;
   *)
-    sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
     [ "$cmd" = help ] || exit 2 ;;
 esac

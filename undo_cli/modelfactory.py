@@ -51,45 +51,137 @@ def _byte_to_unicode() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(printable, chars)}
 
 
-def build_char_tokenizer(alphabet: str = DEFAULT_ALPHABET):
-    """A character-level tokenizer: one token per character of `alphabet`, plus
-    `<pad>`=0, `<eos>`=1, `<bos>`=2, `<unk>`=3. `<bos>` is put before every text encoded with
-    special tokens (as Llama's tokenizer does), so documents in training and prompts in
-    evaluation start the same way.
-
-    It is a byte-level BPE without merges, so every transformers tokenizer class (including
-    the ones AutoTokenizer forces for some model types, e.g. Qwen2) reads it back the same.
-    Characters outside the alphabet become `<unk>`.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+def _wrap(tok, *, split_words: bool):
+    """`tok` (a byte-level BPE `tokenizers.Tokenizer`) as a transformers tokenizer with undo's
+    special tokens and `<bos>` before every text encoded with special tokens (as Llama's
+    tokenizer does), so documents in training and prompts in evaluation start the same way.
+    `split_words`: GPT-2's pre-tokenizer split (no token spans two words) before the bytes."""
+    from tokenizers import decoders, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    if not alphabet:
-        raise UsageError("the tokenizer alphabet is empty")
-    to_unicode = _byte_to_unicode()
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
-    for ch in alphabet:
-        vocab.setdefault("".join(to_unicode[b] for b in ch.encode()), len(vocab))
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split_words)
     tok.decoder = decoders.ByteLevel()
+    bos = tok.token_to_id("<bos>")
     tok.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", vocab["<bos>"])])
+        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", bos)])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
         unk_token="<unk>", clean_up_tokenization_spaces=False,
     )
 
 
-def load_tokenizer_spec(spec: str):
-    """`char`, `char:ALPHABET`, a tokenizer.json file, or a directory with a tokenizer."""
+def build_char_tokenizer(alphabet: str = DEFAULT_ALPHABET):
+    """A character-level tokenizer: one token per character of `alphabet` (any Unicode
+    characters), plus `<pad>`=0, `<eos>`=1, `<bos>`=2, `<unk>`=3.
+
+    It is a byte-level BPE, so every transformers tokenizer class (including the ones
+    AutoTokenizer forces for some model types, e.g. Qwen2) reads it back the same. A character
+    of several UTF-8 bytes is built by merges from its bytes, whose pieces are tokens too (never
+    produced by text in the alphabet). Characters outside the alphabet become `<unk>` (or such
+    byte pieces where they share leading bytes with a character of the alphabet).
+    """
+    from tokenizers import Tokenizer, models
+
+    if not alphabet:
+        raise UsageError("the tokenizer alphabet is empty")
+    to_unicode = _byte_to_unicode()
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    merges: list[tuple[str, str]] = []
+    for ch in alphabet:
+        pieces = [to_unicode[b] for b in ch.encode()]
+        if len(pieces) == 1:
+            vocab.setdefault(pieces[0], len(vocab))
+            continue
+        for piece in pieces:
+            vocab.setdefault(piece, len(vocab))
+        done = pieces[0]
+        for piece in pieces[1:]:
+            if done + piece not in vocab:
+                vocab[done + piece] = len(vocab)
+                merges.append((done, piece))
+            done += piece
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
+    return _wrap(tok, split_words=False)
+
+
+def decode_alphabet(text: str) -> str:
+    """The characters of a `char:ALPHABET` spec: any Unicode characters as written, with
+    backslash escapes (`\\n`, `\\u00e4`, `\\\\`) decoded. `UsageError` for a broken escape."""
+    if "\\" not in text:
+        return text
+    try:  # non-Latin-1 characters become escapes first, so unicode_escape keeps them intact
+        return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--tokenizer char:{text}: a broken backslash escape ({e.reason})") from e
+
+
+BPE_MIN_VOCAB = len(SPECIAL_TOKENS) + 256  # the special tokens and every byte
+BPE_MAX_VOCAB = 1_000_000
+
+
+def train_bpe_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer of at most `vocab_size` tokens trained on `texts` with the
+    `tokenizers` library, as GPT-2's: `<pad>`=0, `<eos>`=1, `<bos>`=2, `<unk>`=3, the 256
+    bytes (so any text in any language round-trips), then merges of pairs seen at least twice,
+    never across GPT-2's word split. Deterministic: the same texts in the same order give a
+    byte-identical tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    if not BPE_MIN_VOCAB <= vocab_size <= BPE_MAX_VOCAB:
+        raise UsageError(f"--tokenizer bpe:{vocab_size}: the vocabulary must hold "
+                         f"{BPE_MIN_VOCAB} .. {BPE_MAX_VOCAB:,} tokens (4 special tokens and "
+                         "the 256 bytes at least)")
+    if not any(t.strip() for t in texts):
+        raise UsageError("--tokenizer-data holds no text to train the tokenizer on")
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=alphabet, limit_alphabet=len(alphabet),
+                                  min_frequency=2, show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    return _wrap(tok, split_words=True)
+
+
+def record_texts(paths: list[str | Path]) -> list[str]:
+    """The text of every record of every file, in order (any `--data` format): a text
+    record's text, a prompt/completion pair joined, a question with its choices."""
+    from undo_cli.records import completion_of, read_records, record_shape, text_field
+
+    texts: list[str] = []
+    for path in paths:
+        for rec in read_records(path):
+            shape = record_shape(rec)
+            if shape == "text":
+                texts.append(text_field(rec, "text"))
+            elif shape == "completion":
+                texts.append(text_field(rec, "prompt") + completion_of(rec))
+            else:
+                choices = rec.data.get("choices")
+                choices = choices if isinstance(choices, list) else []
+                texts.append("\n".join([text_field(rec, "question"), *map(str, choices)]))
+    return texts
+
+
+def load_tokenizer_spec(spec: str, data: list[str | Path] | None = None):
+    """`char`, `char:ALPHABET`, `bpe:N` (trained on the records of `data`), a tokenizer.json
+    file, or a directory with a tokenizer."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    if data and not spec.startswith("bpe:"):
+        raise UsageError("--tokenizer-data is only used by --tokenizer bpe:N")
     if spec == "char":
         return build_char_tokenizer()
     if spec.startswith("char:"):
-        alphabet = spec[len("char:"):].encode().decode("unicode_escape")
-        return build_char_tokenizer(alphabet)
+        return build_char_tokenizer(decode_alphabet(spec[len("char:"):]))
+    if spec.startswith("bpe:"):
+        size = spec[len("bpe:"):]
+        if not size.isdigit():
+            raise UsageError(f"--tokenizer {spec!r}: expected bpe:N with N the vocabulary size")
+        if not data:
+            raise UsageError("--tokenizer bpe:N needs --tokenizer-data FILE (repeatable): the "
+                             "records to train it on")
+        return train_bpe_tokenizer(record_texts(data), int(size))
     path = Path(spec)
     if path.is_file() and path.suffix == ".json":
         return PreTrainedTokenizerFast(tokenizer_file=str(path))
@@ -98,8 +190,8 @@ def load_tokenizer_spec(spec: str):
             return AutoTokenizer.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError) as e:
             raise UsageError(f"cannot load a tokenizer from {path}: {e}") from e
-    raise UsageError(f"--tokenizer {spec!r}: expected 'char', 'char:ALPHABET', a tokenizer.json "
-                     "file or a directory holding a tokenizer")
+    raise UsageError(f"--tokenizer {spec!r}: expected 'char', 'char:ALPHABET', 'bpe:N', a "
+                     "tokenizer.json file or a directory holding a tokenizer")
 
 
 def build_config(arch: str, shape: ModelShape, tokenizer):

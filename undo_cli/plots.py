@@ -180,6 +180,73 @@ def plot_probes(results: Sequence[dict[str, Any]], path: str | Path) -> Path:
     return Path(path)
 
 
+def model_colours(labels: Sequence[str]) -> dict[str, Any]:
+    """One distinct colour per label, in order of first appearance (tab10, then tab20)."""
+    import matplotlib
+
+    unique = list(dict.fromkeys(labels))
+    cmap = matplotlib.colormaps["tab10" if len(unique) <= 10 else "tab20"]
+    return {label: cmap(i % cmap.N) for i, label in enumerate(unique)}
+
+
+def _with_error(ax, x: float, y: float, low: float | None, high: float | None, *,
+                colour: Any, hollow: bool, label: str | None = None) -> None:
+    """A point at (x, y) with its vertical interval, filled or hollow."""
+    yerr = [[y - low], [high - y]] if low is not None and high is not None else None
+    ax.errorbar([x], [y], yerr=yerr, fmt="o", capsize=3, color=colour, label=label,
+                markerfacecolor="white" if hollow else colour, markersize=7 if hollow else 6)
+
+
+def plot_frontier(report: dict[str, Any], colours: dict[str, Any]):
+    """Relative compute against relative robustness: per model the headline (the AUC, filled)
+    and the final point (hollow), each with its 95% interval; with two or more models besides
+    base, unlearned and oracle, their AUC frontier from the unlearned model to the oracle, and
+    the straight line between those two for reference (a method above it buys robustness for
+    less than its share of the oracle's compute)."""
+    fig, ax = _figure(6.4, 4.6)
+    roles = report.get("roles") or {}
+    rows = [r for r in report["rows"] if r.get("relative_compute") is not None]
+    frontier = []
+    for r in rows:
+        x = r["relative_compute"] * 100
+        colour = colours[r["model"]]
+        for key, hollow, dx in (("relative_robustness_auc", False, 0.0),
+                                ("relative_robustness", True, 0.8)):
+            y = r.get(key)
+            if y is None:
+                continue
+            low, high = r.get(f"{key}_lower"), r.get(f"{key}_upper")
+            _with_error(ax, x + dx, y * 100, None if low is None else low * 100,
+                        None if high is None else high * 100, colour=colour, hollow=hollow,
+                        label=r["model"] if not hollow else None)
+        if r.get("relative_robustness_auc") is not None and r["model"] != roles.get("base"):
+            frontier.append((x, r["relative_robustness_auc"] * 100, r["model"]))
+    unlearned = next((r for r in rows if r["model"] == roles.get("unlearned")), None)
+    oracle = next((r for r in rows if r["model"] == roles.get("oracle")), None)
+    methods = [f for f in frontier
+               if f[2] not in (roles.get("unlearned"), roles.get("oracle"))]
+    if unlearned and oracle and len(methods) >= 2:
+        ends = [(unlearned["relative_compute"] * 100, 0.0), (100.0, 100.0)]
+        ax.plot(*zip(*ends), linestyle="--", color="grey", linewidth=1,
+                label="unlearned to oracle, straight")
+        points = sorted([ends[0], *[(x, y) for x, y, _ in methods], ends[1]])
+        ax.plot(*zip(*points), color="black", linewidth=1, alpha=0.6,
+                label="frontier (AUC)")
+    ax.plot([], [], "o", color="black", label="AUC (headline)")
+    ax.plot([], [], "o", color="black", markerfacecolor="white", label="final point")
+    if not rows:
+        ax.text(0.5, 0.5, "needs --oracle and --unlearned results", ha="center",
+                transform=ax.transAxes)
+    ax.set_xlabel("compute relative to the oracle (%)")
+    ax.set_ylabel("relative robustness (%, 95% interval)")
+    ax.set_title("Compute against robustness: AUC (filled) and final point (hollow)",
+                 fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return fig
+
+
 def plot_report(report: dict[str, Any], directory: Path) -> list[str]:
     """`undo report`'s three figures in `directory` (an empty list, with a note, without
     matplotlib): the pooled worst-case curves with their 95% bands, relative compute against
@@ -190,20 +257,24 @@ def plot_report(report: dict[str, Any], directory: Path) -> list[str]:
             "(pip install 'undo-cli[plot]')")
         return []
     fm = report["forget_metric"]
+    colours = model_colours([r["model"] for r in report["rows"]] + list(report["curves"]))
     fig, ax = _figure(6.4, 4.2)
     for label, curve in report["curves"].items():
-        line = ax.plot([p["step"] for p in curve], [p["value"] for p in curve], marker="o",
-                       markersize=3, label=label)[0]
+        ax.plot([p["step"] for p in curve], [p["value"] for p in curve], marker="o",
+                markersize=3, label=label, color=colours[label])
         band = [(p["step"], p["lower"], p["upper"]) for p in curve
                 if p.get("lower") is not None and p.get("upper") is not None]
         if band:
             steps, lows, highs = zip(*band)
-            ax.fill_between(steps, lows, highs, color=line.get_color(), alpha=0.15,
+            ax.fill_between(steps, lows, highs, color=colours[label], alpha=0.15,
                             linewidth=0)
     _finish(fig, ax, f"{fm} (worst case)",
             "Relearning attack: worst case for the defender (95% bands)",
             directory / "relearn_curves.png")
     written = ["relearn_curves.png"]
+    fig = plot_frontier(report, colours)
+    fig.savefig(directory / "pareto.png")
+    written.append("pareto.png")
 
     def scatter(name: str, xkey: str, ykey: str, xlabel: str, ylabel: str, title: str,
                 pct: bool) -> None:
@@ -213,11 +284,12 @@ def plot_report(report: dict[str, Any], directory: Path) -> list[str]:
         for r in rows:
             x, y = r[xkey] * scale, r[ykey] * scale
             low, high = r.get(f"{ykey}_lower"), r.get(f"{ykey}_upper")
+            colour = colours[r["model"]]
             if low is not None and high is not None:
                 ax.errorbar([x], [y], yerr=[[y - low * scale], [high * scale - y]], fmt="o",
-                            capsize=3)
+                            capsize=3, color=colour)
             else:
-                ax.scatter([x], [y], s=40)
+                ax.scatter([x], [y], s=40, color=colour)
             ax.annotate(r["model"], (x, y), textcoords="offset points", xytext=(5, 5))
         if not rows:
             ax.text(0.5, 0.5, "needs --oracle and --unlearned results", ha="center",
@@ -230,14 +302,11 @@ def plot_report(report: dict[str, Any], directory: Path) -> list[str]:
         fig.savefig(directory / name)
         written.append(name)
 
-    scatter("pareto.png", "relative_compute", "relative_robustness",
-            "compute relative to the oracle (%)", "relative robustness (%, 95% interval)",
-            "Compute against robustness", pct=True)
     scatter("retain_vs_forget.png", "forget_after", "retain",
             f"{fm} after the attack", report["retain_metric"] or "retain",
             "Retain performance against relearned forget performance", pct=False)
     return written
 
 
-__all__ = ["INSTALL_HINT", "matplotlib_available", "plot_attack", "plot_compare",
-           "plot_probes", "plot_report", "require_matplotlib"]
+__all__ = ["INSTALL_HINT", "matplotlib_available", "model_colours", "plot_attack",
+           "plot_compare", "plot_frontier", "plot_probes", "plot_report", "require_matplotlib"]

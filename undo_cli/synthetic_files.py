@@ -22,24 +22,27 @@ class TaskData:
 
 
 def write_task(directory: str | Path, files: dict[str, str],
-               records: dict[str, list[dict[str, Any]]], info: dict[str, Any]) -> dict[str, Path]:
-    """Write `records[key]` as ASCII JSON Lines to `directory / files[key]` for every key, and
-    `info` to `info.json`, into an existing directory; their paths (keys of `files`, plus
-    `info`)."""
+               records: dict[str, list[dict[str, Any]]], info: dict[str, Any], *,
+               ascii_only: bool = True) -> dict[str, Path]:
+    """Write `records[key]` as JSON Lines (ASCII, or UTF-8 with `ascii_only=False`) to
+    `directory / files[key]` for every key, and `info` to `info.json`, into an existing
+    directory; their paths (keys of `files`, plus `info`)."""
     directory = Path(directory)
+    encoding = "ascii" if ascii_only else "utf-8"
     paths: dict[str, Path] = {}
     for key, name in files.items():
         paths[key] = directory / name
-        with open(paths[key], "w", encoding="ascii", newline="\n") as f:
+        with open(paths[key], "w", encoding=encoding, newline="\n") as f:
             for rec in records[key]:
-                f.write(json.dumps(rec, ensure_ascii=True) + "\n")
+                f.write(json.dumps(rec, ensure_ascii=ascii_only) + "\n")
     paths["info"] = directory / INFO_NAME
-    paths["info"].write_text(json.dumps(info, indent=2) + "\n", encoding="ascii")
+    paths["info"].write_text(json.dumps(info, indent=2, ensure_ascii=ascii_only) + "\n",
+                             encoding=encoding)
     return paths
 
 
 def generate_task(out_dir: str | Path, task: str, files: dict[str, str], data: TaskData, *,
-                  overwrite: bool, started: float) -> dict[str, Path]:
+                  overwrite: bool, started: float, ascii_only: bool = True) -> dict[str, Path]:
     """Write `data` into `out_dir` atomically with its
     manifest; the final paths (keys of `files`, plus `info`)."""
     from undo_cli.checkpoint import atomic_output, build_manifest, write_manifest
@@ -47,7 +50,7 @@ def generate_task(out_dir: str | Path, task: str, files: dict[str, str], data: T
     out_dir = Path(out_dir)
     opts = data.info["options"]
     with atomic_output(out_dir, overwrite=overwrite) as tmp:
-        write_task(tmp, files, data.records, data.info)
+        write_task(tmp, files, data.records, data.info, ascii_only=ascii_only)
         write_manifest(tmp, build_manifest(
             "data", arguments={"task": task, **opts}, seed=opts["seed"],
             wall_time_s=time.time() - started,

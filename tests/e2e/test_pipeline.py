@@ -171,3 +171,43 @@ def test_the_demo_shows_the_papers_ordering(tmp_path):
     assert rows["unlearned"]["forget_before"] < 0.1 < rows["unlearned"]["forget_after"]
     assert rows["oracle"]["forget_after"] < rows["unlearned"]["forget_after"]
     assert rows["undo"]["relative_robustness_auc"] > 0
+
+
+def test_language_pipeline_smoke(tmp_path):
+    """The paper's language setting (examples/language.sh) on the built-in corpus: a BPE over
+    English and Korean, base and oracle, MaxEnt, UNDO at one alpha, attacks on the forget loss
+    and the report (the frontier of several alphas: tests/unit/test_report.py)."""
+    out = tmp_path / "run"
+    env = {**os.environ, "SMOKE": "1", "OUT": str(out), "OMP_NUM_THREADS": "1",
+           "SMOKE_ALPHAS": "0.6", "THREADS": "2",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    done = subprocess.run(["bash", str(ROOT / "examples" / "language.sh")], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stages = [line.split("  (")[0] for line in done.stderr.splitlines()
+              if line.startswith("== [")]
+    assert stages[-1] == "== [8/8] report" and len(stages) == 7  # base + oracle share a line
+    tok = AutoTokenizer.from_pretrained(out / "undo-0.6")
+    korean = json.loads((out / "data" / "forget_eval.jsonl").read_text("utf-8").split("\n")[0])
+    ids = tok(korean["text"])["input_ids"]
+    assert tok.unk_token_id not in ids
+    assert tok.decode(ids, skip_special_tokens=True) == korean["text"]
+    init = json.loads((out / "init" / "undo.json").read_text())
+    assert init["arguments"]["tokenizer"] == "bpe:300"
+    assert len(init["arguments"]["tokenizer_data"]) == 2
+    base, oracle = (json.loads((out / m / "undo.json").read_text()) for m in ("base", "oracle"))
+    assert base["arguments"]["data"] == [str(out / "data" / "retain_train.jsonl"),
+                                         str(out / "data" / "forget_train.jsonl") + ":0.2"]
+    assert oracle["arguments"]["data"] == [str(out / "data" / "retain_train.jsonl")]
+    student = json.loads((out / "undo-0.6" / "undo.json").read_text())
+    assert student["arguments"]["noise"]["alpha"] == 0.6
+    for name in ("base", "unlearned", "undo-0.6", "oracle"):
+        results = json.loads((out / "attacks" / name / "results.json").read_text())
+        assert results["forget_metric"] == "forget.loss" and results["worst_case"]
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert report["forget_metric"] == "forget.loss"
+    rows = {r["model"]: r for r in report["rows"]}
+    assert set(rows) == {"undo-0.6", "base", "unlearned", "oracle"}
+    assert rows["oracle"]["relative_compute"] == 1.0
+    assert rows["undo-0.6"]["relative_robustness_auc"] is not None
+    assert (out / "report" / "pareto.png").stat().st_size > 1000

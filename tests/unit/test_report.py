@@ -228,3 +228,45 @@ def test_percentages_never_print_minus_zero():
     row = {"r": -0.001, "r_lower": -0.004, "r_upper": 0.2}
     assert with_interval(row, "r", pct=True) == "0% [0%, 20%]"
     assert with_interval({"r": -0.02}, "r", pct=True) == "-2%"
+
+
+def test_compute_figure_shows_auc_and_final_points_the_frontier_and_one_colour_each():
+    from matplotlib.colors import to_hex
+
+    from undo_cli.plots import model_colours, plot_frontier
+
+    def row(model, compute, final, auc):
+        return {"model": model, "relative_compute": compute, "relative_robustness": final,
+                "relative_robustness_lower": final - 0.1, "relative_robustness_upper": final + 0.1,
+                "relative_robustness_auc": auc, "relative_robustness_auc_lower": auc - 0.05,
+                "relative_robustness_auc_upper": auc + 0.05}
+
+    rows = [row("undo-0.2", 0.2, 0.1, 0.3), row("undo-0.6", 0.5, 0.5, 0.7),
+            row("unlearned", 0.05, 0.0, 0.0), row("oracle", 1.0, 1.0, 1.0)]
+    report = {"rows": rows, "curves": {}, "roles": {"unlearned": "unlearned",
+                                                    "oracle": "oracle", "base": ""}}
+    colours = model_colours([r["model"] for r in rows])
+    assert len({to_hex(c) for c in colours.values()}) == len(rows)
+    ax = plot_frontier(report, colours).axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    # The AUC frontier runs from the unlearned model through the students, sorted by
+    # compute, to the oracle; the straight reference line joins the two ends.
+    frontier = lines["frontier (AUC)"]
+    assert list(frontier.get_xdata()) == [5.0, 20.0, 50.0, 100.0]
+    assert list(frontier.get_ydata()) == pytest.approx([0.0, 30.0, 70.0, 100.0])
+    straight = lines["unlearned to oracle, straight"]
+    assert list(straight.get_xdata()) == [5.0, 100.0]
+    # Every model: a filled AUC point and a hollow final point, in its own colour, each with
+    # its interval.
+    for r in rows:
+        points = [line for line in ax.get_lines() if line.get_color() is not None
+                  and list(line.get_ydata()) in ([r["relative_robustness_auc"] * 100],
+                                                 [r["relative_robustness"] * 100])
+                  and to_hex(line.get_color()) == to_hex(colours[r["model"]])]
+        faces = {to_hex(p.get_markerfacecolor()) for p in points}
+        assert "#ffffff" in faces and to_hex(colours[r["model"]]) in faces
+    assert len(ax.collections) >= 2 * len(rows)  # the error bars
+    # One alpha: no frontier.
+    one = {**report, "rows": rows[1:]}
+    assert "frontier (AUC)" not in {line.get_label() for line in plot_frontier(
+        one, colours).axes[0].get_lines()}

@@ -51,6 +51,23 @@ def fingerprint(path: str | Path) -> str:
     return "blake3:" + digest.hexdigest()
 
 
+def fingerprint_data(path: str | Path) -> str:
+    """`blake3:<hex>` of a data file's bytes; for a directory (a saved `datasets` set), of
+    every file under it, each as its relative name, a NUL byte and its bytes, in sorted
+    order."""
+    from blake3 import blake3
+
+    path = Path(path)
+    digest = blake3(max_threads=blake3.AUTO)
+    if path.is_dir():
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+            _hash_file(file, digest)
+    else:
+        _hash_file(path, digest)
+    return "blake3:" + digest.hexdigest()
+
+
 def _indexed_files(path: Path) -> set[str]:
     """Weight files an index names in subdirectories (relative paths), so that shards kept
     there count too; files at the top are found by name already."""

@@ -28,8 +28,16 @@ def init_command(
     intermediate: int = typer.Option(None, help="MLP inner width."),
     max_position: int = typer.Option(None, help="Longest sequence the model accepts."),
     tokenizer: str = typer.Option(
-        "char", help="'char' (printable ASCII, one token per character), 'char:ALPHABET', "
-        "a tokenizer.json file or a directory holding a tokenizer. Never downloaded."),
+        "char", help="'char' (printable ASCII, one token per character); 'char:ALPHABET' "
+        "(one token per character of ALPHABET, any Unicode characters as written; backslash "
+        "escapes such as \\n or \\u00e4 work too); 'bpe:N' (a byte-level BPE of N tokens, "
+        "N >= 260, trained on --tokenizer-data: any language round-trips); a tokenizer.json "
+        "file; or a directory holding a tokenizer. Never downloaded."),
+    tokenizer_data: list[Path] = typer.Option(
+        None, "--tokenizer-data", metavar="FILE",
+        help="Records to train --tokenizer bpe:N on (repeatable; any --data format: text, "
+        "prompt/completion or questions). Deterministic: the same files in the same order "
+        "give a byte-identical tokenizer; undo.json records each file's fingerprint."),
     seed: int = typer.Option(0, help="Seed of the random initialisation."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
@@ -41,6 +49,7 @@ def init_command(
         atomic_output,
         build_manifest,
         check_output_path,
+        fingerprint_data,
         save_layout,
         save_model,
         write_manifest,
@@ -60,10 +69,11 @@ def init_command(
     check_seed("--seed", seed)
     save.validate()
     reads = [("--tokenizer", tokenizer)] if Path(tokenizer).exists() else []
+    reads += [("--tokenizer-data", path) for path in tokenizer_data or []]
     check_output_path(out, overwrite=overwrite, reads=reads)
     shape = resolve_shape(preset, layers=layers, hidden=hidden, heads=heads,
                           intermediate=intermediate, max_position=max_position)
-    tok = load_tokenizer_spec(tokenizer)
+    tok = load_tokenizer_spec(tokenizer, tokenizer_data)
     config = build_config(arch, shape, tok)
     model = random_model(config, seed=seed)
     n_params = count_parameters(model)
@@ -72,7 +82,9 @@ def init_command(
         write_manifest(tmp, build_manifest(
             "init", seed=seed, wall_time_s=time.time() - start,
             arguments=dict(arch=arch, preset=preset, tokenizer=tokenizer, **shape.__dict__,
-                           save_dtype=save.save_dtype, max_shard_size=save.max_shard_size),
+                           save_dtype=save.save_dtype, max_shard_size=save.max_shard_size,
+                           tokenizer_data=[{"path": str(p), "fingerprint": fingerprint_data(p)}
+                                           for p in tokenizer_data or []]),
             extra={"parameters": n_params},
         ))
     summary = {"output": str(out), "arch": arch, "parameters": n_params,

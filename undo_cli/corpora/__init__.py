@@ -1,0 +1,1 @@
+"""The built-in language corpus (README.md); data files only."""
