@@ -192,13 +192,20 @@ def test_adafactor_trains_and_differs_from_adamw(tok, data):
     assert not torch.equal(finals["adamw"], finals["adafactor"])
 
 
-def test_eight_bit_optimizers_are_refused_without_bitsandbytes_or_cuda():
+def test_eight_bit_optimizers_are_refused_without_bitsandbytes_or_cuda(monkeypatch):
+    import importlib.util
+
     from undo_cli.runtime import require_optimizers
 
     require_optimizers(["adamw", "adafactor"], "cpu")  # nothing to refuse
     for name in ("adamw8bit", "paged_adamw8bit"):
-        with pytest.raises(UsageError, match=f"--optimizer {name} needs"):
-            require_optimizers([name], "cpu")
+        with pytest.raises(UsageError, match=f"--optimizer {name} needs a CUDA device"):
+            require_optimizers([name], "cpu")  # bitsandbytes installed or not: no CUDA here
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(UsageError, match="needs bitsandbytes, which is not installed"):
+        require_optimizers(["adamw8bit"], "cpu")
 
 
 def test_checkpointing_refused_for_a_model_without_it():
