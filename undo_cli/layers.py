@@ -6,7 +6,7 @@ decoder layers, by architecture:
 
 - llama, gemma2, gemma, qwen2, mistral, ... (`model_type` in `LAYER_PREFIXES`):
   `model.layers.N.` (a loaded `AutoModelForCausalLM`; names keep any outer prefix);
-- gpt2: `transformer.h.N.`;
+- gpt2: `transformer.h.N.`; gpt_neox (Pythia, Deep Ignorance): `gpt_neox.layers.N.`;
 - any other model: found from its tensor names, which must contain `.layers.N.` or `.h.N.`
   (`layer_prefix`), else the selection is refused with a message saying what the names look
   like.
@@ -27,7 +27,7 @@ LAYER_PREFIXES: dict[str, str] = {
     "llama": "model.layers", "gemma": "model.layers", "gemma2": "model.layers",
     "gemma3_text": "model.layers", "qwen2": "model.layers", "qwen3": "model.layers",
     "mistral": "model.layers", "mixtral": "model.layers", "phi3": "model.layers",
-    "gpt2": "transformer.h",
+    "gpt2": "transformer.h", "gpt_neox": "gpt_neox.layers",
 }
 _GENERIC = re.compile(r"(^|\.)(layers|h)\.(\d+)\.")
 

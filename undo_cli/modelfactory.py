@@ -13,7 +13,7 @@ import torch
 
 from undo_cli.errors import UsageError
 
-ARCHITECTURES = ("llama", "gemma2", "gpt2", "qwen2")
+ARCHITECTURES = ("llama", "gemma2", "gpt2", "qwen2", "mistral", "gpt_neox", "phi3")
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>")
 DEFAULT_ALPHABET = string.digits + string.ascii_letters + string.punctuation + " \n"
 
@@ -196,7 +196,15 @@ def load_tokenizer_spec(spec: str, data: list[str | Path] | None = None):
 
 def build_config(arch: str, shape: ModelShape, tokenizer):
     """A transformers config of architecture `arch` and size `shape` for `tokenizer`."""
-    from transformers import Gemma2Config, GPT2Config, LlamaConfig, Qwen2Config
+    from transformers import (
+        Gemma2Config,
+        GPT2Config,
+        GPTNeoXConfig,
+        LlamaConfig,
+        MistralConfig,
+        Phi3Config,
+        Qwen2Config,
+    )
 
     if arch not in ARCHITECTURES:
         raise UsageError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
@@ -217,6 +225,12 @@ def build_config(arch: str, shape: ModelShape, tokenizer):
         return GPT2Config(vocab_size=vocab, n_embd=shape.hidden, n_layer=shape.layers,
                           n_head=shape.heads, n_inner=shape.intermediate,
                           n_positions=shape.max_position, **ids)
+    if arch == "gpt_neox":  # Pythia / Deep Ignorance: parallel residual, untied embed_out
+        return GPTNeoXConfig(vocab_size=vocab, hidden_size=shape.hidden,
+                             num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+                             intermediate_size=shape.intermediate,
+                             max_position_embeddings=shape.max_position,
+                             tie_word_embeddings=False, **ids)
     common = dict(
         vocab_size=vocab, hidden_size=shape.hidden, num_hidden_layers=shape.layers,
         num_attention_heads=shape.heads, num_key_value_heads=shape.heads,
@@ -226,6 +240,10 @@ def build_config(arch: str, shape: ModelShape, tokenizer):
         return LlamaConfig(**common)
     if arch == "qwen2":
         return Qwen2Config(**common)
+    if arch == "mistral":  # Zephyr-7B-beta
+        return MistralConfig(**common, sliding_window=None)
+    if arch == "phi3":  # fused qkv_proj and gate_up_proj
+        return Phi3Config(**common, original_max_position_embeddings=shape.max_position)
     head_dim = shape.hidden // shape.heads
     return Gemma2Config(**common, head_dim=head_dim, query_pre_attn_scalar=head_dim,
                         sliding_window=shape.max_position)

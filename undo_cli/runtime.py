@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 # Nothing in undo ever downloads from a hub: checkpoints are local directories.
@@ -94,6 +95,25 @@ def pick_device(requested: str | None = None) -> torch.device:
     if requested:
         return torch.device(requested)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def require_optimizers(names: Iterable[str], device: str | None = None) -> None:
+    """`UsageError` (before any work) if an optimizer of `names` cannot run here: the 8-bit
+    ones need bitsandbytes (the optional extra `undo-cli[bnb]`) and a CUDA device."""
+    import importlib.util
+
+    from undo_cli.errors import UsageError
+    from undo_cli.options import BNB_OPTIMIZERS
+
+    wanted = [n for n in names if n in BNB_OPTIMIZERS]
+    if not wanted:
+        return
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UsageError(f"--optimizer {wanted[0]} needs bitsandbytes, which is not installed: "
+                         "pip install 'undo-cli[bnb]' (CUDA only), or use adamw or adafactor")
+    if pick_device(device).type != "cuda":
+        raise UsageError(f"--optimizer {wanted[0]} needs a CUDA device (bitsandbytes' 8-bit "
+                         "optimizers); on the CPU use adamw or adafactor")
 
 
 def seed_everything(seed: int) -> None:

@@ -255,6 +255,67 @@ def select_parameters(model, pattern: str | None = None, layers: str | None = No
     return chosen
 
 
+def meta_trainable(model_config: dict[str, Any], select: Callable[[Any], Any]) -> int | None:
+    """The parameters `select(model)` picks ((name, parameter) pairs), counted on the model of
+    `model_config` built on the meta device (no memory, no weights); None if it cannot be
+    built so (a checkpoint's custom code)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.for_model(**model_config)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, TypeError):
+        return None
+    return sum(p.numel() for _, p in select(model))
+
+
+def memory_plan(model_config: dict[str, Any], config: TrainConfig, *, length: int,
+                streams: int = 1, batch_size: int | None = None,
+                optimizers: Sequence[str] | None = None, **given: Any) -> Any:
+    """The run's memory plan (`undo_cli.checkpoint.plan.plan_memory`) on the device it would
+    use, under this launch's processes (FSDP shards weights, gradients and state); the
+    largest over `optimizers` when several would run. None without the model's sizes."""
+    from undo_cli.checkpoint.plan import plan_memory
+    from undo_cli.engine import fsdp_requested, training_device, world_size
+    from undo_cli.runtime import available_memory
+
+    device = training_device(config.device)
+    if device.type == "cuda":
+        import torch
+
+        available = int(torch.cuda.mem_get_info(device)[0])
+    else:
+        available = available_memory()
+    plans = [plan_memory(dict(model_config), batch_size=batch_size or config.batch_size,
+                         length=length, streams=streams, optimizer=name, bf16=config.bf16,
+                         bf16_weights=config.bf16_weights,
+                         gradient_checkpointing=config.gradient_checkpointing,
+                         processes=world_size(), sharded=fsdp_requested(), device=str(device),
+                         available=available, **given)
+             for name in (optimizers or [config.optimizer])]
+    return max((p for p in plans if p is not None), key=lambda p: p.total, default=None)
+
+
+def plan_outcome(plan: Any, config: TrainConfig) -> dict[str, Any] | None:
+    """With --dry-run, the summary that ends the command (the plan, nothing written); else
+    None, after a warning if the plan does not fit the device."""
+    from undo_cli.engine import is_main_process
+
+    if config.dry_run:
+        return {"dry_run": True, "plan": plan.as_dict() if plan is not None else None,
+                "plan_lines": plan.lines() if plan is not None else
+                ["no memory plan: the model's config does not give its sizes"],
+                "is_main_process": is_main_process()}
+    if plan is not None and plan.fits is False:
+        log.warning("warning: the memory plan needs %.2f GB per process, more than the %.2f GB "
+                    "available on %s (see --dry-run; --gradient-checkpointing, "
+                    "--bf16-weights, another --optimizer or FSDP lower it)",
+                    plan.total / 1e9, plan.available / 1e9, plan.device)
+    return None
+
+
 def arguments(train_config: TrainConfig, data_options: DataOptions, eval_options: EvalOptions,
               /, **own: Any) -> dict[str, Any]:
     """The `arguments` of a trained output's `undo.json`: the stage's own, the data layout,

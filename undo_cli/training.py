@@ -42,6 +42,7 @@ def train_checkpoint(out: str | Path, init: str, data: list[str], *,
     """
     from undo_cli.checkpoint import save_layout
     from undo_cli.modelfactory import ARCHITECTURES, PRESETS
+    from undo_cli.runtime import require_optimizers
 
     started = time.time()
     train = train or TrainConfig(lr=None)
@@ -64,6 +65,7 @@ def train_checkpoint(out: str | Path, init: str, data: list[str], *,
         train = replace(train, max_steps=TRAIN_STEPS)
     config = train.for_output(out)
     config.validate()
+    require_optimizers([config.optimizer], config.device)
     inputs = [] if preset else [init]
     infos = stage.check_inputs(
         out, inputs, load, overwrite=overwrite,
@@ -74,6 +76,18 @@ def train_checkpoint(out: str | Path, init: str, data: list[str], *,
 
     # Tokenizer and data first: a bad file fails before any model is built or loaded.
     tok, model, shape = _tokenizer(init, preset, tokenizer, load), None, None
+    if preset:
+        from undo_cli.modelfactory import build_config, resolve_shape
+
+        shape = resolve_shape(init)
+        if data_options.max_length > shape.max_position:
+            shape = replace(shape, max_position=data_options.max_length)
+    model_config = (build_config(arch or "llama", shape, tok).to_dict() if preset
+                    else infos[0].config)
+    done = stage.plan_outcome(stage.memory_plan(model_config, config,
+                                                length=data_options.max_length), config)
+    if done is not None:
+        return done
     from undo_cli.data import build_stream
 
     streams = {"train": build_stream(tok, data, data_options.max_length, config.batch_size,
@@ -81,11 +95,8 @@ def train_checkpoint(out: str | Path, init: str, data: list[str], *,
     sets = stage.load_eval_sets(evals, tok)
     stage.check_keep_best(config, sets)
     if preset:
-        from undo_cli.modelfactory import build_config, random_model, resolve_shape
+        from undo_cli.modelfactory import build_config, random_model
 
-        shape = resolve_shape(init)
-        if data_options.max_length > shape.max_position:
-            shape = replace(shape, max_position=data_options.max_length)
         model = random_model(build_config(arch or "llama", shape, tok), seed=config.seed)
     else:
         from undo_cli.checkpoint import load_model

@@ -42,6 +42,7 @@ from undo_cli.options import (
     UnlearnOptions,
     compile_pattern,
 )
+from undo_cli.runtime import require_optimizers
 
 Batch = dict[str, torch.Tensor]
 MethodFn = Callable[[torch.nn.Module, dict[str, Batch], "UnlearnContext"],
@@ -232,6 +233,26 @@ def npo(model, batches, ctx):
     return loss + _retain_ce(model, batches, ctx, terms), terms
 
 
+def _plan(method: Method, options: UnlearnOptions, model_config: dict, config: TrainConfig,
+          length: int, *, has_retain: bool):
+    """The memory plan of an unlearning run: its trainable parameters counted on a meta-device
+    model, a frozen reference copy when the method keeps one, one micro-batch per stream."""
+    from undo_cli.checkpoint.inspection import estimate_parameters
+
+    def select(model):
+        pattern = options.trainable
+        if pattern is None and method.default_trainable is not None:
+            pattern = method.default_trainable(model, options)
+        return stage.select_parameters(model, pattern)
+
+    reference = method.reference_stream == "forget" or (method.reference_stream == "retain"
+                                                         and has_retain)
+    return stage.memory_plan(
+        model_config, config, length=length, streams=2 if has_retain else 1,
+        trainable=stage.meta_trainable(model_config, select),
+        frozen_parameters=(estimate_parameters(model_config) or 0) if reference else 0)
+
+
 def _hidden_at(output, layer: int) -> torch.Tensor:
     # hidden_states[0] is the embedding output; hidden_states[i + 1] the output of layer i.
     return output.hidden_states[layer + 1]
@@ -240,8 +261,9 @@ def _hidden_at(output, layer: int) -> torch.Tensor:
 def _rmu_trainable(model: torch.nn.Module, options: UnlearnOptions) -> str:
     layer = options.layer if options.layer is not None else default_rmu_layer(model)
     layers = "|".join(str(i) for i in range(max(0, layer - 2), layer + 1))
-    # Llama / Gemma / Qwen name it mlp.down_proj, GPT-2 mlp.c_proj.
-    return rf"(^|\.)(layers|h)\.({layers})\.mlp\.(down_proj|c_proj)\.weight$"
+    # Llama / Gemma / Qwen / Mistral / Phi-3 name it mlp.down_proj, GPT-2 mlp.c_proj,
+    # GPT-NeoX mlp.dense_4h_to_h.
+    return rf"(^|\.)(layers|h)\.({layers})\.mlp\.(down_proj|c_proj|dense_4h_to_h)\.weight$"
 
 
 @register_method("rmu", formula="MSE(h_L(forget), c*u) + a * MSE(h_L(retain), h_L^frozen(retain))",
@@ -495,12 +517,17 @@ def unlearn_checkpoint(
     config = config.for_output(dst)
     # lr None is chosen once the model (its size) is known.
     replace(config, lr=1.0 if config.lr is None else config.lr).validate()
+    require_optimizers([config.optimizer], config.device)
     info = stage.check_inputs(
         dst, [src], load, overwrite=overwrite,
         reads=[*stage.data_paths("--forget", forget_specs),
                *stage.data_paths("--retain", retain_specs), *stage.eval_paths(evals)],
         writes=[("--state-dir", config.state_dir), ("--logging-dir", config.logging_dir)])[0]
     data_options = stage.fit_length(data_options, info.config)
+    done = stage.plan_outcome(_plan(chosen, options, info.config, config, data_options.max_length,
+                                    has_retain=bool(retain_specs)), config)
+    if done is not None:
+        return done
 
     tokenizer = load_tokenizer(src, trust_remote_code=load.trust_remote_code,
                                base_model=load.base_model)

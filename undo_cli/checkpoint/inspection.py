@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from undo_cli.checkpoint.plan import count_parameters, weight_bytes
 from undo_cli.checkpoint.safetensors_io import (
     DTYPES,
     CheckpointReader,
@@ -287,32 +288,9 @@ def check_layers(info: CheckpointInfo) -> None:
 
 
 def estimate_parameters(config: dict[str, Any]) -> int | None:
-    """A lower bound on the parameters of a decoder-only model from its config (embeddings
-    once, a learned position table, attention projections, a two-matrix MLP per layer); None
-    if the config does not give the sizes."""
-    def first(*keys: str) -> int | None:
-        return next((config[k] for k in keys if isinstance(config.get(k), int)
-                     and not isinstance(config.get(k), bool)), None)
-
-    hidden = first("hidden_size", "n_embd", "d_model")
-    layers = declared_layers(config)
-    vocab = first("vocab_size") or 0
-    if hidden is None or layers is None:
-        return None
-    heads = first("num_attention_heads", "n_head") or 1
-    kv_heads = first("num_key_value_heads") or heads
-    head_dim = first("head_dim") or max(1, hidden // max(1, heads))
-    inner = first("intermediate_size", "n_inner") or 4 * hidden
-    attention = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim
-    mlp = 2 * hidden * inner
-    positions = first(LEARNED_POSITIONS.get(str(config.get("model_type")), "")) or 0
-    return (vocab + positions) * hidden + layers * (attention + mlp)
-
-
-# Architectures whose positions are a learned table (max positions x hidden): the key of its
-# size. Rotary models (Llama, Qwen2, Gemma2, ...) hold nothing per position.
-LEARNED_POSITIONS = {"gpt2": "n_positions", "gpt_bigcode": "n_positions",
-                     "gpt_neo": "max_position_embeddings", "opt": "max_position_embeddings"}
+    """The parameters of the model of `config` (`plan.count_parameters`: exact for the
+    architectures `undo init` offers, a lower bound for others); None without the sizes."""
+    return count_parameters(config)
 
 
 def check_fits_memory(config: dict[str, Any], bytes_per_parameter: int, what: str) -> None:
@@ -321,11 +299,11 @@ def check_fits_memory(config: dict[str, Any], bytes_per_parameter: int, what: st
     200,000 layers fails in a moment instead of allocating until killed."""
     from undo_cli.runtime import available_memory
 
-    params = estimate_parameters(config)
+    weights = weight_bytes(config, bytes_per_parameter)  # the memory plan's weight bytes
     free = available_memory()
-    if params is None or free is None:
+    if weights is None or free is None:
         return
-    need = params * bytes_per_parameter
+    params, need = weights
     if need > free:
         raise UsageError(f"{what} needs at least {need / 1e9:,.1f} GB ({params:,} parameters "
                          f"estimated from its config, {bytes_per_parameter} bytes each) but "

@@ -224,6 +224,7 @@ def _register() -> None:
         perturb_cmd,
         distill_cmd,
         relearn_cmd,
+        plan_cmd,
         eval_cmd,
         probe_cmd,
         report_cmd,

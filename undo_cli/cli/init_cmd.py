@@ -17,7 +17,8 @@ from undo_cli.options import SaveOptions, check_number, check_seed
 @with_options("init", save=SaveOptions)
 def init_command(
     out: Path = typer.Argument(..., metavar="OUT", help="Output checkpoint directory."),
-    arch: str = typer.Option("llama", help="Architecture: llama, gemma2, gpt2 or qwen2."),
+    arch: str = typer.Option("llama", help="Architecture: llama, gemma2, gpt2, qwen2, mistral "
+                             "(Zephyr), gpt_neox (Pythia, Deep Ignorance) or phi3."),
     preset: str = typer.Option(
         "tiny", help="Size preset: tiny (~0.5M params: 2 layers, 128 wide) or small (~10M: "
         "6 layers, 384 wide). Explicit sizes override it."),

@@ -57,6 +57,18 @@ class TrainingProgress:
         self.display.close()
 
 
+def show_plan(summary: dict[str, Any], output: OutputOptions) -> None:
+    """A --dry-run's memory plan: on stderr, and as JSON (`{"dry_run", "plan"}`) with --json."""
+    from undo_cli.cli.common import emit_json
+
+    lines = summary.pop("plan_lines")
+    if output.json:
+        emit_json(summary)
+    else:
+        for line in lines:
+            info(line)
+
+
 def run_stage(output: OutputOptions, description: str,
               run: Callable[[Callbacks], dict[str, Any]]) -> dict[str, Any] | None:
     """Run a training stage (`run(callbacks)`) under one progress bar. Returns its summary
@@ -70,6 +82,9 @@ def run_stage(output: OutputOptions, description: str,
     finally:
         progress.close()
     if not summary.pop("is_main_process"):
+        return None
+    if summary.get("dry_run"):
+        show_plan(summary, output)
         return None
     if summary.get("diverged"):
         info(f"warning: {summary['stop_reason']}; wrote the last finite weights")

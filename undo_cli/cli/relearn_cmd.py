@@ -259,6 +259,10 @@ def relearn_command(
         progress=progress, save=save)
     if not is_main_rank():
         return
+    if results.get("dry_run"):
+        from undo_cli.cli.progress import show_plan
+
+        return show_plan(results, output)
     if output.json:
         emit_json(results)
     if talk:

@@ -28,6 +28,7 @@ from undo_cli.options import (
     TrainConfig,
     compile_pattern,
 )
+from undo_cli.runtime import require_optimizers
 
 RANDOM_STUDENT_SEED_OFFSET = 7919
 LISTED_NAMES = 50  # tensor names listed in the manifest per category (then only counted)
@@ -152,6 +153,23 @@ def _validate(options: DistillOptions, noise: NoiseOptions) -> None:
         compile_pattern("--train", options.train_pattern)
 
 
+def _memory_plan(infos: list, student_is_dir: bool, options: DistillOptions,
+                 config: TrainConfig, length: int):
+    """The memory plan of a distillation: the student's trained parameters (--train,
+    --train-layers, counted on a meta-device model), the teachers frozen."""
+    from undo_cli.checkpoint.inspection import estimate_parameters
+
+    student = infos[1].config if student_is_dir else infos[0].config
+    teachers = [infos[0]] + ([infos[-1]] if options.second_teacher is not None else [])
+    trainable = None
+    if options.train_pattern is not None or options.train_layers is not None:
+        trainable = stage.meta_trainable(student, lambda model: stage.select_parameters(
+            model, options.train_pattern, options.train_layers, pattern_flag="--train"))
+    return stage.memory_plan(
+        student, config, length=length, trainable=trainable,
+        frozen_parameters=sum(estimate_parameters(t.config) or 0 for t in teachers))
+
+
 def distill_checkpoint(teacher_path: str | Path, student: str, out: str | Path, *,
                        data: Sequence[str], options: DistillOptions | None = None,
                        noise: NoiseOptions | None = None, train: TrainConfig | None = None,
@@ -198,6 +216,7 @@ def distill_checkpoint(teacher_path: str | Path, student: str, out: str | Path, 
         train = replace(train, eval_every=DISTILL_EVAL_EVERY)
     config = train.for_output(out)
     config.validate()
+    require_optimizers([config.optimizer], config.device)
     stop = StopCondition(options.stop_when) if options.stop_when else None
     if stop is not None and not evals.eval:
         raise UsageError("--stop-when needs --eval sets to measure")
@@ -215,6 +234,10 @@ def distill_checkpoint(teacher_path: str | Path, student: str, out: str | Path, 
     data_options = stage.fit_length(data_options, infos[0].config)
     if student_is_dir:
         stage.check_length(data_options.max_length, infos[1].config)
+    done = stage.plan_outcome(_memory_plan(infos, student_is_dir, options, config,
+                                           data_options.max_length), config)
+    if done is not None:
+        return done
 
     def tokenizer(path):
         return load_tokenizer(path, trust_remote_code=load.trust_remote_code,

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from undo_cli.engine.memory import prepare_model
 from undo_cli.engine.processes import (
     all_finite,
     gather_full_model,
@@ -200,6 +201,7 @@ class _Trainer:
                                 + 2.0 * self.n_trainable) * (2 if config.sam_rho > 0 else 1)
         self.frozen_per_token = 2.0 * frozen_forward_params
         self.log_file = None
+        self.restore_model = None
         self.shadow: list[torch.Tensor] | None = None
         self.diverged_step: int | None = None
         self.resumed_from: int | None = None
@@ -345,6 +347,7 @@ class _Trainer:
 
         fit_packing(self.streams, [self.model])
         self.model.train()
+        self.restore_model = prepare_model(self.model, config)  # bf16 weights, checkpointing
         decay = [p for p in self.params if p.ndim >= 2]
         no_decay = [p for p in self.params if p.ndim < 2]
         groups = [g for g in ({"params": decay, "weight_decay": config.weight_decay},
@@ -586,6 +589,8 @@ class _Trainer:
         """Undo the run's temporary changes to the model; release accelerate's references."""
         for p in self.frozen_now:
             p.requires_grad_(True)
+        if self.restore_model is not None:
+            self.restore_model()
         if self.cache_setting is not None:
             self.model.config.use_cache = self.cache_setting
         self.model.train(self.was_training)

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from undo_cli.options import OPTIMIZERS, TrainConfig
+from undo_cli.options import BNB_OPTIMIZERS, OPTIMIZERS, TrainConfig
 
 SGD_MOMENTUM = 0.9  # sgd and sgd-nesterov (the TAR red team's SGD adversaries use momentum)
 
@@ -18,7 +18,10 @@ def make_optimizer(groups: list[dict], config: TrainConfig,
 
     adamw: AdamW (decoupled weight decay), fused on CUDA; adam: Adam (weight decay as L2 in
     the gradient); sgd: SGD with momentum 0.9; sgd-nesterov: the same with Nesterov momentum;
-    adagrad: Adagrad. Betas apply to the Adam kinds.
+    adagrad: Adagrad; adafactor: transformers' Adafactor at the scheduled learning rate
+    (no relative step, no parameter scaling); adamw8bit / paged_adamw8bit: bitsandbytes'
+    8-bit AdamW (CUDA; `runtime.require_optimizers` refuses them earlier). Betas apply to the
+    Adam kinds.
     """
     kind = config.optimizer
     fused = {"fused": True} if device.type == "cuda" else {}
@@ -31,6 +34,19 @@ def make_optimizer(groups: list[dict], config: TrainConfig,
                                nesterov=kind == "sgd-nesterov")
     if kind == "adagrad":
         return torch.optim.Adagrad(groups, lr=config.lr)
+    if kind == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(groups, lr=config.lr, scale_parameter=False, relative_step=False,
+                         warmup_init=False)
+    if kind in BNB_OPTIMIZERS:
+        from undo_cli.runtime import require_optimizers
+
+        require_optimizers([kind], str(device))
+        import bitsandbytes as bnb
+
+        cls = bnb.optim.PagedAdamW8bit if kind == "paged_adamw8bit" else bnb.optim.AdamW8bit
+        return cls(groups, lr=config.lr, betas=tuple(config.betas))
     raise ValueError(f"unknown optimizer {kind!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 

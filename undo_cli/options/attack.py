@@ -24,6 +24,7 @@ PAPER_LRS = (1e-6, 2.15e-6, 4.64e-6, 1e-5, 2.15e-5, 4.64e-5, 1e-4, 2.15e-4, 4.64
 DEFAULT_LRS: dict[str, tuple[float, ...]] = {
     "adamw": PAPER_LRS, "adam": PAPER_LRS, "sgd": _log_grid(1e-4, 1e-1),
     "sgd-nesterov": _log_grid(1e-4, 1e-1), "adagrad": _log_grid(1e-5, 1e-2),
+    "adafactor": PAPER_LRS, "adamw8bit": PAPER_LRS, "paged_adamw8bit": PAPER_LRS,
 }
 ATTACK_SCHEDULES = ("constant", "cosine", "warmup-cosine", "linear")
 WARMUP_SHARE = 0.1  # warmup-cosine: linear warmup over this share of the steps, then cosine
@@ -130,7 +131,8 @@ class AttackConfig:
                                      metavar="LR,LR,...", panel=ATTACK, above=0,
                                      parse=lambda text: parse_lrs(text))
     optimizers: list[str] = option(help="Optimizers of the grid: adamw (default), adam, sgd, "
-                                   "sgd-nesterov, adagrad (comma-separated).",
+                                   "sgd-nesterov, adagrad, adafactor, adamw8bit, "
+                                   "paged_adamw8bit (comma-separated; as --optimizer).",
                                    metavar="NAME,NAME", panel=ATTACK, choices=OPTIMIZERS,
                                    factory=lambda: ["adamw"],
                                    parse=lambda text: parse_list(str, "--optimizers")(text))

@@ -25,7 +25,9 @@ from undo_cli.options.base import (
 )
 
 SCHEDULES = ("constant", "linear", "cosine")
-OPTIMIZERS = ("adamw", "adam", "sgd", "sgd-nesterov", "adagrad")
+OPTIMIZERS = ("adamw", "adam", "sgd", "sgd-nesterov", "adagrad", "adamw8bit", "paged_adamw8bit",
+              "adafactor")
+BNB_OPTIMIZERS = ("adamw8bit", "paged_adamw8bit")  # bitsandbytes (CUDA only; optional extra)
 PACKING_MODES = ("documents", "concat", "none")
 DEFAULT_PACKING = "documents"
 DEFAULT_MAX_LENGTH = 256  # --max-length unless the model's maximum is smaller
@@ -57,8 +59,11 @@ def check_trackers(report_to: list[str]) -> list[str]:
 class TrainConfig:
     """Settings of one training run (`undo_cli.engine.train`)."""
 
-    optimizer: str = option("adamw", "Optimizer: adamw, adam, sgd (momentum 0.9), sgd-nesterov "
-                            "or adagrad.", panel=TRAINING, choices=OPTIMIZERS)
+    optimizer: str = option("adamw", "Optimizer: adamw, adam, sgd (momentum 0.9), sgd-nesterov, "
+                            "adagrad, adafactor (factored second moments: O(rows + cols) state "
+                            "per matrix), adamw8bit or paged_adamw8bit (8-bit AdamW state; "
+                            "CUDA and pip install 'undo-cli[bnb]').", panel=TRAINING,
+                            choices=OPTIMIZERS)
     lr: float | None = option(1e-4, "Peak learning rate.", panel=TRAINING, above=0)
     min_lr: float = option(0.0, "Floor the linear/cosine decay ends at.", panel=TRAINING,
                            minimum=0)
@@ -100,8 +105,17 @@ class TrainConfig:
     sam_rho: float = option(0.0, "Sharpness-aware minimisation with radius RHO (e.g. 0.05; 0: "
                             "off). Doubles the compute of a step.", flag="--sam",
                             metavar="RHO", panel=METHOD, minimum=0)
-    bf16: bool = option(False, "bf16 autocast on CUDA (CPU always trains in fp32).",
-                        panel=TRAINING)
+    bf16: bool = option(False, "bf16 autocast on CUDA with fp32 master weights (CPU always "
+                        "trains in fp32).", panel=TRAINING)
+    bf16_weights: bool = option(False, "Pure bf16 training: the parameters, gradients and "
+                                "optimizer state are bf16 (half the memory of fp32, less "
+                                "precise updates). Works on CPU too (slowly).", panel=TRAINING)
+    gradient_checkpointing: bool = option(False, "Recompute each decoder layer's activations "
+                                          "in the backward pass instead of keeping them "
+                                          "(transformers' checkpointing, use_reentrant=False): "
+                                          "activation memory of about one layer instead of "
+                                          "all, for about a third more compute per step.",
+                                          panel=TRAINING)
     device: str | None = option(None, "cpu, cuda or cuda:N (default: CUDA if available).",
                                 panel=TRAINING)
     keep_best: str | None = option(None, "Write the weights of the best evaluation instead of "
@@ -122,6 +136,11 @@ class TrainConfig:
                                       "OUT/runs, written as the run goes into OUT's "
                                       "temporary directory beside it.", metavar="DIR",
                                       panel=TRACKING)
+    dry_run: bool = option(False, "Print the memory plan (parameters; bytes of weights, "
+                           "gradients, optimizer state and activations per micro-batch under "
+                           "these options and processes; whether it fits the device) and stop "
+                           "before any work; nothing is written. Also: undo plan CMD ARGS.",
+                           panel=TRAINING)
     log_path: Path | None = option(None, "The JSONL training log.", cli=False)
     eval_at_start: bool = option(False, "Also evaluate before the first step.", cli=False)
 
@@ -156,14 +175,14 @@ class TrainConfig:
     def manifest(self) -> dict[str, Any]:
         """The settings that shape the result, as recorded in `undo.json`."""
         skip = ("log_path", "state_dir", "resume", "device", "eval_at_start", "report_to",
-                "run_name", "logging_dir")
+                "run_name", "logging_dir", "dry_run")
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
 
 
 # Settings whose change changes the result: resuming with other values is refused.
 RESUME_KEYS = ("optimizer", "lr", "min_lr", "schedule", "warmup_steps", "weight_decay", "betas",
                "batch_size", "grad_accum", "max_grad_norm", "max_steps", "max_tokens",
-               "max_flops", "seed", "sam_rho", "bf16", "keep_best")
+               "max_flops", "seed", "sam_rho", "bf16", "bf16_weights", "keep_best")
 
 
 @dataclass
@@ -378,8 +397,9 @@ class NoiseOptions:
     exclude: list[str] = option(help="Copy tensors whose name matches unchanged "
                                 "(repeatable).", metavar="REGEX", panel=NOISE, factory=list)
     layers: str | None = option(None, "Perturb only the tensors of these decoder layers, e.g. "
-                                "10-15 or 0,2,4-6 (0-based; llama/gemma2/qwen2 "
-                                "model.layers.N., gpt2 transformer.h.N.); --include/--exclude "
+                                "10-15 or 0,2,4-6 (0-based; llama/gemma2/qwen2/mistral/phi3 "
+                                "model.layers.N., gpt2 transformer.h.N., gpt_neox "
+                                "gpt_neox.layers.N.); --include/--exclude "
                                 "apply on top.", metavar="RANGE", panel=NOISE)
 
     def validate(self) -> None:

@@ -100,7 +100,8 @@ def describe_attack(config: AttackConfig, data: Sequence[str], data_options: Dat
             "max_length": data_options.max_length, "packing": data_options.packing,
             "schedule": t.schedule, "warmup_steps": t.warmup_steps, "min_lr": t.min_lr,
             "weight_decay": t.weight_decay, "grad_accum": t.grad_accum,
-            "max_grad_norm": t.max_grad_norm, "bf16": t.bf16, "lora": lora, "quantize": quant,
+            "max_grad_norm": t.max_grad_norm, "bf16": t.bf16, "bf16_weights": t.bf16_weights,
+            "gradient_checkpointing": t.gradient_checkpointing, "lora": lora, "quantize": quant,
             "search": search, "shrink_perturb": shrink, **static}
 
 
@@ -207,6 +208,7 @@ def relearn_checkpoint(
         world_size,
     )
     from undo_cli.evaluate import expected_metrics
+    from undo_cli.runtime import require_optimizers
 
     started = time.time()
     log = logging.getLogger(__name__)
@@ -219,6 +221,8 @@ def relearn_checkpoint(
                          "it with examples/accelerate/ddp.yaml")
     config.finetune = bool(data) and not config.no_finetune
     config.validate()
+    if config.finetune:
+        require_optimizers(config.optimizers, config.train.device)
     if not evals.eval:
         raise UsageError("nothing to measure: give --eval NAME=PATH (e.g. the forget and "
                          "retain eval sets)")
@@ -234,6 +238,16 @@ def relearn_checkpoint(
         writes=[("--logging-dir", config.train.logging_dir),
                 *([("--search-storage", storage)] if storage is not None else [])])[0]
     data_options = stage.fit_length(data_options, info.config)
+    if config.finetune or config.train.dry_run:
+        from undo_cli.checkpoint.inspection import estimate_parameters
+
+        done = stage.plan_outcome(stage.memory_plan(  # the attacked copy beside the original
+            info.config, config.train, length=data_options.max_length,
+            batch_size=max(config.batch_size_list()), optimizers=config.optimizers,
+            lora_rank=config.lora_rank if config.lora else None,
+            frozen_parameters=estimate_parameters(info.config) or 0), config.train)
+        if done is not None:
+            return done
 
     tokenizer = load_tokenizer(checkpoint, trust_remote_code=load.trust_remote_code,
                                base_model=load.base_model)

@@ -11,7 +11,7 @@ from conftest import make_checkpoint, write_jsonl
 from undo_cli.report import _fmt, with_interval
 
 COMMANDS = ["", "init", "train", "unlearn", "distill", "perturb", "eval", "relearn-attack",
-            "probe", "report", "data", "data arithmetic", "data facts"]
+            "probe", "report", "plan", "data", "data arithmetic", "data facts"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
