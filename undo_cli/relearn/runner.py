@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import replace
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -116,7 +117,8 @@ def run_attack(model: torch.nn.Module, tokenizer, eval_sets: Sequence[Any],
                static_attacks: Sequence[StaticAttack] = (),
                retain_rule: tuple[str, float] | None = None,
                study_name: str = "undo-relearn-attack",
-               log_samples: bool = False) -> dict[str, Any]:
+               log_samples: bool = False,
+               benign_stream: Callable[[int, int], Any] | None = None) -> dict[str, Any]:
     """Run the attack on `model` (kept unchanged) and return the results
     (docs/relearn-results.md) without `checkpoint`, `fingerprint`, `eval` and `attack`, which
     the caller adds. `eval_sets` are measured with `evals`' batch size and generation length.
@@ -130,13 +132,18 @@ def run_attack(model: torch.nn.Module, tokenizer, eval_sets: Sequence[Any],
     model before it is dropped (a LoRA run's model is the peft model, its adapter unmerged); it
     must not change the model. With `log_samples` the result holds `_samples`: one record per
     evaluated item of the unattacked model and of each finetuning run's last evaluation (its
-    configuration, seed, step and set; `--log-samples`).
+    configuration, seed, step and set; `--log-samples`). The families of
+    `undo_cli.relearn.families` that `config` asks for (pruning, QLoRA, finetuning on
+    `benign_stream`'s data, the soft prompt) run last, each as runs of their own.
     """
     from undo_cli.stage import Measure
 
     config.validate()
-    if config.finetune and make_stream is None:
+    if (config.finetune or config.embedding_attack or (config.prune or ("",))[0] == "wanda"
+            or config.qlora) and make_stream is None:
         raise UsageError("no attack data stream")
+    if config.benign_data and benign_stream is None:
+        raise UsageError("no benign data stream")
     direction = metric_direction(forget_metric)
     progress = progress or AttackProgress()
     started = time.perf_counter()
@@ -162,6 +169,15 @@ def run_attack(model: torch.nn.Module, tokenizer, eval_sets: Sequence[Any],
     def finetune(spec: RunSpec, stop=None) -> tuple[dict[str, Any], torch.nn.Module]:
         return _finetune_run(model, spec, config, stream_for(spec), measure, initial,
                              initial_items, progress, stop)
+
+    def finetune_from(original: torch.nn.Module, spec: RunSpec, stream: Any,
+                      start: dict[str, float] | None, start_items: dict[str, Any] | None,
+                      *, measure: Any = measure, **kw: Any
+                      ) -> tuple[dict[str, Any], torch.nn.Module]:
+        return _finetune_run(original, spec, config, stream, measure,
+                             initial if start is None else start,
+                             initial_items if start_items is None else start_items,
+                             progress, **kw)
 
     runs: list[dict[str, Any]] = []
     try:
@@ -199,6 +215,8 @@ def run_attack(model: torch.nn.Module, tokenizer, eval_sets: Sequence[Any],
                 progress.run_finished(run, forget_metric)
                 if on_model is not None and attacked is not None:
                     on_model(run, attacked)
+        _run_families(runs, model, config, measure, lora_rank, make_stream, benign_stream,
+                      tokenizer, eval_sets, progress, on_model, forget_metric, finetune_from)
     finally:
         progress.close()
         model.train(was_training)
@@ -239,6 +257,30 @@ def run_attack(model: torch.nn.Module, tokenizer, eval_sets: Sequence[Any],
         "lora_rank": lora_rank,
         **({"_samples": logged} if log_samples else {}),
     })
+
+
+def _run_families(runs: list, model: torch.nn.Module, config: AttackConfig, measure: Any,
+                  lora_rank: int | None, make_stream: Any, benign_stream: Any, tokenizer,
+                  eval_sets: Sequence[Any], progress: AttackProgress,
+                  on_model: ModelHook | None, forget_metric: str, finetune_from: Any) -> None:
+    """Run the attack families `config` asks for (`undo_cli.relearn.families`)."""
+    from undo_cli.relearn.families import FamilyContext, families_for
+
+    families = families_for(config)
+    if not families:
+        return
+    rank = lora_rank or _lora_rank(model, config.lora_rank,
+                                   lora_target_list(config.lora_targets))
+    ctx = FamilyContext(model=model, config=config, measure=measure,
+                        grid=config.grid(rank if config.lora else None),
+                        finetune=finetune_from, attack_stream=make_stream,
+                        benign_stream=benign_stream, lora_rank=rank, tokenizer=tokenizer,
+                        eval_sets=eval_sets, progress=progress)
+    for family in families:
+        for index, (run, attacked) in enumerate(family(ctx), 1):
+            progress.run_started(index, run.get("lr"), run.get("seed"), run["config"])
+            _collect(runs, run, attacked, config, measure, progress, on_model, forget_metric,
+                     twin=run["attack"] in ("prune+finetune", "benign-finetune"))
 
 
 def _sample_log(run: dict[str, Any], samples: tuple[int, dict[str, list]]) -> list[dict]:
@@ -288,7 +330,7 @@ def _band(runs: list[dict[str, Any]], worst: list[dict[str, Any]], metric: str,
 
 def _collect(runs: list, run: dict[str, Any], attacked: torch.nn.Module, config: AttackConfig,
              measure: Any, progress: AttackProgress, on_model: ModelHook | None,
-             forget_metric: str) -> None:
+             forget_metric: str, twin: bool = True) -> None:
     """Record a finetuning run (and its quantised twin with --quantize); `attacked` is None
     for a trial a resumed search ran before (its run is recorded, its model is gone)."""
     runs.append(run)
@@ -300,7 +342,7 @@ def _collect(runs: list, run: dict[str, Any], attacked: torch.nn.Module, config:
                          f"step {run['diverged_step']}; its later steps do not count")
     if on_model is not None:
         on_model(run, attacked)
-    if config.quantize is not None:
+    if config.quantize is not None and twin:
         qrun, attacked = _quantized_run(attacked, run, config, measure)
         runs.append(qrun)
         progress.run_finished(qrun, forget_metric)
@@ -311,25 +353,32 @@ def _collect(runs: list, run: dict[str, Any], attacked: torch.nn.Module, config:
 def _finetune_run(original: torch.nn.Module, spec: RunSpec, config: AttackConfig,
                   stream: Any, measure: Any, initial: dict[str, float],
                   initial_items: dict[str, Any], progress: AttackProgress,
-                  stop: Callable[[int, dict[str, float]], bool] | None = None
+                  stop: Callable[[int, dict[str, float]], bool] | None = None, *,
+                  steps: int | None = None, frozen_ok: bool = False
                   ) -> tuple[dict[str, Any], torch.nn.Module]:
     """One finetuning run on a fresh copy of `original`: (its results entry, the model).
-    `stop(step, metrics)` may end it early after an evaluation (a pruned search trial)."""
+    `stop(step, metrics)` may end it early after an evaluation (a pruned search trial).
+    `steps` replaces `config.steps`; with `frozen_ok` only the parameters `original` leaves
+    trainable train (the soft prompt). The run's `cost` holds the attacker's tokens and
+    FLOPs (the engine's accounting) at every evaluation."""
     from undo_cli.engine import lm_loss, train
 
     t0 = time.perf_counter()
     eval_time = 0.0
+    steps = steps or config.steps
     model = copy.deepcopy(original)
     if spec.lora_rank:
         from undo_cli.runtime import seed_everything
 
         seed_everything(spec.seed)  # the adapter's random init: from the run's seed alone
         model = _attach_lora(model, config, spec.lora_rank)
-    else:
+    elif not frozen_ok:
         model.requires_grad_(True)
     stream.load_state_dict({"position": 0})
-    schedule = set(range(config.eval_every, config.steps + 1, config.eval_every))
-    schedule.add(config.steps)
+    schedule = set(range(config.eval_every, steps + 1, config.eval_every))
+    schedule.add(steps)
+    tokens_at: dict[int, int] = {0: 0}
+    cost_steps: list[int] = []
     recorded: dict[int, dict[str, float]] = {}
     items: dict[int, dict[str, Any]] = {0: initial_items}
     broken: list[int] = []
@@ -349,6 +398,7 @@ def _finetune_run(original: torch.nn.Module, spec: RunSpec, config: AttackConfig
         metrics = measure(m)
         eval_time += time.perf_counter() - t
         recorded[step] = metrics
+        cost_steps.append(step)
         items[step] = measure.items
         if measure.log_samples:
             last_samples[:] = [(step, measure.samples)]
@@ -357,9 +407,15 @@ def _finetune_run(original: torch.nn.Module, spec: RunSpec, config: AttackConfig
     def should_stop(step: int, metrics: dict[str, float]) -> str | None:
         return "pruned" if stop is not None and metrics and stop(step, metrics) else None
 
-    result = train(model, lm_loss("attack"), {"attack": stream}, config.run_config(spec),
-                   evaluate=evaluate, should_stop=should_stop,
-                   on_step=lambda step, total, tokens: progress.step(step))
+    def on_step(step: int, total: int, tokens: int) -> None:
+        tokens_at[step] = tokens
+        progress.step(step)
+
+    run_config = config.run_config(spec)
+    if steps != config.steps:
+        run_config = replace(run_config, max_steps=steps)
+    result = train(model, lm_loss("attack"), {"attack": stream}, run_config,
+                   evaluate=evaluate, should_stop=should_stop, on_step=on_step)
     diverged_step = result.diverged_step
     if broken:
         diverged_step = min(broken[0], diverged_step or broken[0])
@@ -374,6 +430,7 @@ def _finetune_run(original: torch.nn.Module, spec: RunSpec, config: AttackConfig
         "curve": curve, "diverged": diverged_step is not None, "diverged_step": diverged_step,
         "pruned": result.stop_reason == "pruned",
         "steps": result.steps, "tokens": result.tokens, "flops": result.flops["total"],
+        "cost": attacker_cost(curve, tokens_at, result.tokens, result.flops["total"]),
         "trainable_parameters": result.trainable_parameters,
         "train_loss": result.loss.get("loss"),
         "wall_time_s": time.perf_counter() - t0, "eval_time_s": eval_time,
@@ -383,27 +440,42 @@ def _finetune_run(original: torch.nn.Module, spec: RunSpec, config: AttackConfig
     return run, result.model
 
 
+def attacker_cost(curve: list[dict[str, Any]], tokens_at: dict[int, int], tokens: int,
+                  flops: float) -> list[dict[str, Any]]:
+    """The attacker's cost at each evaluation of a curve: the tokens trained on up to that
+    step and their FLOPs at the run's FLOPs per token (the engine's accounting, constant
+    within a run; `flops / tokens`)."""
+    per_token = flops / tokens if tokens else 0.0
+    out = []
+    for entry in curve:
+        t = tokens_at.get(entry["step"], tokens if entry["step"] else 0)
+        out.append({"step": entry["step"], "tokens": int(t), "flops": per_token * t})
+    return out
+
+
 def _quantized_run(model: torch.nn.Module, source: dict[str, Any], config: AttackConfig,
                    measure: Callable[[torch.nn.Module], dict[str, float]]
                    ) -> tuple[dict[str, Any], torch.nn.Module]:
     """Quantise `model` in place (a LoRA model is merged first) and evaluate it at the step
     its source run ended; a diverged source run is not quantised."""
-    from undo_cli.quantize import quantize_model
+    from undo_cli.quantize import quantize_model_with, scheme_bits
 
     t0 = time.perf_counter()
-    settings = {"bits": config.quantize, "group_size": config.group_size}
+    settings = {"bits": scheme_bits(config.quantize), "group_size": config.group_size}
     run = {**{k: source[k] for k in ("lr", "seed", "optimizer", "schedule", "batch_size",
                                      "mode", "lora_rank", "config", "attack", "static")
               if k in source},
            "quantize": settings, "curve": [],
            "diverged": bool(source["diverged"]), "diverged_step": source.get("diverged_step"),
            "steps": source["steps"], "tokens": 0, "flops": 0.0, "trainable_parameters": 0,
-           "train_loss": None, "wall_time_s": 0.0, "eval_time_s": 0.0}
+           "train_loss": None, "wall_time_s": 0.0, "eval_time_s": 0.0,
+           "cost": [{"step": source["steps"], "tokens": source.get("tokens", 0),
+                     "flops": source.get("flops", 0.0)}]}
     if source["diverged"]:
         return run, model
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    settings.update(quantize_model(model, config.quantize, config.group_size))
+    settings.update(quantize_model_with(model, config.quantize, config.group_size))
     t = time.perf_counter()
     metrics = measure(model)
     run["eval_time_s"] = time.perf_counter() - t
