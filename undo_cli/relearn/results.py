@@ -414,7 +414,12 @@ def _model_saver(root: Path, tokenizer, checkpoint: str | Path, *, layout=None,
             name += f"-q{run['quantize'].get('scheme') or run['quantize']['bits']}"
         target = root / name
         target.mkdir(parents=True, exist_ok=True)
-        if hasattr(model, "peft_config"):  # a LoRA run: the adapter, on top of CKPT
+        if run.get("attack") == "embedding":  # the soft prompt alone: weights unchanged
+            from safetensors.torch import save_file
+
+            prompt = model.get_input_embeddings().prompt.detach().float().cpu().contiguous()
+            save_file({"prompt": prompt}, str(target / "soft_prompt.safetensors"))
+        elif hasattr(model, "peft_config"):  # a LoRA run: the adapter, on top of CKPT
             for cfg in model.peft_config.values():
                 cfg.base_model_name_or_path = str(Path(checkpoint).resolve())
             model.save_pretrained(target)

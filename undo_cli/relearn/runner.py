@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import replace
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch

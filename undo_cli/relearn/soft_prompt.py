@@ -35,7 +35,15 @@ class SoftPromptEmbedding(torch.nn.Module):
         super().__init__()
         self.base = base
         self.vocab = int(base.weight.shape[0])
-        self.prompt = torch.nn.Parameter(init.detach().clone().reshape(n, -1))
+        # In a child module registered after `base`, so that the parameter order (which the
+        # engine's backward accounting follows) is the embedding matrix, then the prompt.
+        self.soft = torch.nn.Module()
+        self.soft.prompt = torch.nn.Parameter(init.detach().clone().reshape(n, -1))
+
+    @property
+    def prompt(self) -> torch.nn.Parameter:
+        """The soft prompt P, `[n, H]`."""
+        return self.soft.prompt
 
     @property
     def weight(self) -> torch.Tensor:  # what callers of get_input_embeddings() read
