@@ -28,19 +28,8 @@ from typing import Any
 
 import torch
 
+from undo_cli.matrix import family_of  # noqa: F401  (a run's family, for callers)
 from undo_cli.options import AttackConfig, RunSpec
-
-FAMILY_OF_ATTACK = {"finetune": "finetune", "few-shot": "few-shot",
-                    "ablate-direction": "ablate-direction", "quantize": "quantize",
-                    "prune": "prune", "prune+finetune": "prune", "qlora": "quantize",
-                    "benign-finetune": "benign", "embedding": "embedding"}
-
-
-def family_of(run: dict[str, Any]) -> str:
-    """The attack family a run belongs to (its quantised twin: `quantize`)."""
-    if run.get("quantize") and run.get("attack") != "qlora":
-        return "quantize"
-    return FAMILY_OF_ATTACK.get(str(run.get("attack")), str(run.get("attack")))
 
 
 @dataclass

@@ -411,7 +411,8 @@ def _model_saver(root: Path, tokenizer, checkpoint: str | Path, *, layout=None,
         if run.get("seed") is not None:
             name += f"-seed{run['seed']}"
         if run.get("quantize"):
-            name += f"-q{run['quantize'].get('scheme') or run['quantize']['bits']}"
+            scheme = run["quantize"].get("scheme")
+            name += f"-q{scheme if scheme in ('nf4', 'int8', 'int4') else run['quantize']['bits']}"
         target = root / name
         target.mkdir(parents=True, exist_ok=True)
         if run.get("attack") == "embedding":  # the soft prompt alone: weights unchanged
