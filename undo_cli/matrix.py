@@ -82,7 +82,7 @@ def evaluations(results: dict[str, Any], family: str, retain_metric: str | None,
     metric = results["forget_metric"]
     before = (results.get("initial") or {}).get(retain_metric) if retain_metric else None
     groups: dict[tuple, list[dict[str, Any]]] = {}
-    for run in results["runs"]:
+    for run in results.get("runs") or []:
         if family_of(run) != family:
             continue
         cost = {c["step"]: c for c in run.get("cost") or []}
@@ -122,7 +122,8 @@ def worst(evals: Sequence[dict[str, Any]], direction: str,
 
 def families_present(models: dict[str, list[dict[str, Any]]]) -> list[str]:
     """Families any model was attacked with, in `FAMILIES` order."""
-    seen = {family_of(r) for seeds in models.values() for res in seeds for r in res["runs"]}
+    seen = {family_of(r) for seeds in models.values() for res in seeds
+            for r in res.get("runs") or []}
     return [f for f in FAMILIES if f in seen] + sorted(seen - set(FAMILIES))
 
 
@@ -131,8 +132,8 @@ def _pooled(seeds: Sequence[dict[str, Any]], family: str, retain_metric: str | N
     """A label's family worst case, pooled over its seeds (results directories)."""
     picks = []
     for res in seeds:
-        found = worst(evaluations(res, family, retain_metric, limit), res["direction"],
-                      use_limit)
+        found = worst(evaluations(res, family, retain_metric, limit),
+                      res.get("direction") or "max", use_limit)
         if found is None:
             return None
         picks.append(found)
@@ -199,7 +200,7 @@ def attack_matrix(models: dict[str, list[dict[str, Any]]], *, oracle: str | None
     with and without the utility limit, `collapsed`, and both verdicts (module doc)."""
     rng = np.random.default_rng([seed, 29])
     families = families_present(models)
-    direction = next(iter(models.values()))[0]["direction"]
+    direction = next(iter(models.values()))[0].get("direction") or "max"
     cells: dict[str, dict[str, Any]] = {}
     for family in families:
         row: dict[str, Any] = {}
@@ -262,7 +263,7 @@ def compute_to_reach(models: dict[str, list[dict[str, Any]]], *, base: str | Non
     """Per label: the cost curve (`flops`, `value`) over every family (utility limit on), the
     target (half of the base model's recovery) and the FLOPs to reach it with an interval."""
     rng = np.random.default_rng([seed, 31])
-    direction = next(iter(models.values()))[0]["direction"]
+    direction = next(iter(models.values()))[0].get("direction") or "max"
     s = _sign(direction)
     p_base = None
     if base in models:
@@ -295,9 +296,10 @@ def compute_to_reach(models: dict[str, list[dict[str, Any]]], *, base: str | Non
             hit = s * (curve[0] - target) >= 0
             entry["reached"] = bool(hit.any())
             entry["flops_to_target"] = float(flops[np.argmax(hit)]) if hit.any() else None
-            low = float(np.percentile(first, 2.5)) if np.isfinite(
-                np.percentile(first, 2.5)) else None
-            high = float(np.percentile(first, 97.5))
+            # no interpolation: a bound is a resample's value, or infinite (never reached)
+            low, high = (float(np.quantile(first, q, method="inverted_cdf"))
+                         for q in (0.025, 0.975))
+            low = low if math.isfinite(low) else None
             entry["lower"] = low
             entry["upper"] = high if math.isfinite(high) else None  # None: not reached
         out[label] = entry
