@@ -267,7 +267,8 @@ def plot_matrix_figures(report: dict[str, Any], directory: Path) -> list[str]:
                 text = f"{cell['worst']:.3g}\n{cell.get('verdict') or ''}"
                 if cell.get("collapsed"):
                     text += "\ncollapsed"
-                ax.text(j, i, text, ha="center", va="center", fontsize=7)
+                ax.text(j, i, text, ha="center", va="center", fontsize=7,
+                        bbox={"facecolor": "white", "alpha": 0.6, "linewidth": 0})
     image = ax.imshow(grid, cmap="viridis" if report.get("direction") == "max"
                       else "viridis_r", aspect="auto")
     fig.colorbar(image, ax=ax, label=f"{report['forget_metric']} (worst case)")
