@@ -190,11 +190,12 @@ def test_every_family_is_its_own_run_in_one_results_json(cli, tiny_llama, files,
     results = json.loads((out / "results.json").read_text())
     attacks = [(run["attack"], bool(run.get("quantize"))) for run in results["runs"]]
     assert attacks == [("finetune", False), ("finetune", True), ("prune", False),
-                       ("prune+finetune", False), ("prune+finetune", True), ("qlora", False),
+                       ("prune+finetune", False), ("prune+finetune", True),
+                       ("quantize", True), ("qlora", False),
                        ("benign-finetune", False), ("benign-finetune", True),
                        ("embedding", False)]
     configs = {run["config"] for run in results["runs"]}
-    assert len(configs) == 6  # quantised twins share their source's configuration name
+    assert len(configs) == 7  # quantised twins share their source's configuration name
     assert results["attack"]["prune"] == {"method": "wanda", "sparsity": 0.5}
     assert results["attack"]["quantize"]["scheme"] == "int8"
     assert results["attack"]["benign_data"] == [str(files["benign"])]
@@ -204,6 +205,9 @@ def test_every_family_is_its_own_run_in_one_results_json(cli, tiny_llama, files,
     pruned = next(run for run in results["runs"] if run["attack"] == "prune")
     assert pruned["prune"]["calibration_rows"] > 0
     assert [c["step"] for c in pruned["curve"]] == [0]
+    original = next(run for run in results["runs"] if run["attack"] == "quantize")
+    assert original["config"] == "original" and original["static"]
+    assert original["quantize"]["library"] == "bitsandbytes"
 
 
 def test_family_options_are_checked_before_loading(cli, tiny_llama, files, tmp_path):

@@ -4,6 +4,8 @@ results.json (docs/relearn-results.md), measured on the same evaluation sets and
 - `prune` (`--prune magnitude:S|wanda:S`, `undo_cli.relearn.prune`): the pruned model alone
   (a static run, `attack: "prune"`) and, with finetuning, every configuration of the grid
   finetuned from the pruned model (`attack: "prune+finetune"`, config `prune METHOD:S + ...`);
+- `quantize` with a library scheme (`--quantize nf4|int8|int4`) and finetuning: the original
+  model quantised as well (a static run, config `original`), besides each run's quantised twin;
 - `qlora` (`--quantize SCHEME --qlora`): LoRA adapters finetuned on the quantised model, the
   model evaluated as quantised base + adapter (`attack: "qlora"`);
 - `benign` (`--benign-data FILE`): every configuration of the grid finetuned on data with no
@@ -92,6 +94,21 @@ def prune_family(ctx: FamilyContext) -> Iterator[tuple[dict[str, Any], Any]]:
         yield _from_changed(run), attacked
 
 
+def quantized_original_family(ctx: FamilyContext) -> Iterator[tuple[dict[str, Any], Any]]:
+    """`--quantize nf4|int8|int4` with finetuning: the original model quantised too (a static
+    run; without finetuning the runner quantises it anyway)."""
+    from undo_cli.quantize import quantize_model_with
+
+    t0 = time.perf_counter()
+    quantized = copy.deepcopy(ctx.model)
+    settings = quantize_model_with(quantized, ctx.config.quantize, ctx.config.group_size)
+    metrics = ctx.measure(quantized)
+    run = _static("quantize", "original", metrics, ctx.measure.items,
+                  time.perf_counter() - t0)
+    run["quantize"] = settings
+    yield run, quantized
+
+
 def qlora_family(ctx: FamilyContext) -> Iterator[tuple[dict[str, Any], Any]]:
     """`--qlora`: LoRA on the quantised model, every configuration of the grid."""
     from undo_cli.quantize import quantize_model_with
@@ -150,6 +167,8 @@ def families_for(config: AttackConfig) -> list[Callable[[FamilyContext], Iterato
     out: list[Callable[[FamilyContext], Iterator]] = []
     if config.prune is not None:
         out.append(prune_family)
+    if isinstance(config.quantize, str) and config.finetune:
+        out.append(quantized_original_family)
     if config.qlora:
         out.append(qlora_family)
     if config.benign_data:
