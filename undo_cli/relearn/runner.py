@@ -271,8 +271,10 @@ def _run_families(runs: list, model: torch.nn.Module, config: AttackConfig, meas
         return
     rank = lora_rank or _lora_rank(model, config.lora_rank,
                                    lora_target_list(config.lora_targets))
-    ctx = FamilyContext(model=model, config=config, measure=measure,
-                        grid=config.grid(rank if config.lora else None),
+    grid = config.grid(rank if config.lora else None)
+    if config.search:  # the families reuse the configuration the search found strongest
+        grid = _best_specs(runs, config, forget_metric) or grid[:1]
+    ctx = FamilyContext(model=model, config=config, measure=measure, grid=grid,
                         finetune=finetune_from, attack_stream=make_stream,
                         benign_stream=benign_stream, lora_rank=rank, tokenizer=tokenizer,
                         eval_sets=eval_sets, progress=progress)
@@ -281,6 +283,23 @@ def _run_families(runs: list, model: torch.nn.Module, config: AttackConfig, meas
             progress.run_started(index, run.get("lr"), run.get("seed"), run["config"])
             _collect(runs, run, attacked, config, measure, progress, on_model, forget_metric,
                      twin=run["attack"] in ("prune+finetune", "benign-finetune"))
+
+
+def _best_specs(runs: list[dict[str, Any]], config: AttackConfig,
+                forget_metric: str) -> list[RunSpec]:
+    """The `RunSpec`s (every seed) of the finetuning run whose last evaluation is best for
+    the attacker; empty without one."""
+    sign = 1.0 if metric_direction(forget_metric) == "max" else -1.0
+    done = [r for r in runs if r.get("attack") == "finetune" and not r.get("quantize")
+            and r.get("curve") and r["curve"][-1].get(forget_metric) is not None]
+    if not done:
+        return []
+    best = max(done, key=lambda r: sign * r["curve"][-1][forget_metric])
+    return [RunSpec(lr=best["lr"], seed=seed, optimizer=best.get("optimizer", "adamw"),
+                    schedule=best.get("schedule", "constant"),
+                    batch_size=best.get("batch_size", config.train.batch_size),
+                    lora_rank=best.get("lora_rank"), lora_alpha=best.get("lora_alpha"))
+            for seed in config.seed_list()]
 
 
 def _sample_log(run: dict[str, Any], samples: tuple[int, dict[str, list]]) -> list[dict]:
