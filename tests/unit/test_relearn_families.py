@@ -166,6 +166,9 @@ def test_soft_prompt_changes_only_the_prompt_and_flops_follow_the_engine(tiny_ll
     assert emb["trainable_parameters"] == prompt.numel() == 3 * 32
     assert emb["flops"] == pytest.approx(per_token * emb["tokens"])
     assert [c["step"] for c in emb["cost"]] == [c["step"] for c in emb["curve"]] == [0, 2, 4]
+    last = results["worst_case"][-1]  # the worst case carries its configuration's cost
+    source = next(r for r in results["runs"] if r["config"] == last["config"])
+    assert last["attacker_flops"] == pytest.approx(source["cost"][-1]["flops"])
     assert emb["cost"][-1]["flops"] == pytest.approx(emb["flops"])
     assert emb["cost"][-1]["tokens"] == emb["tokens"]
     assert emb["curve"][-1]["forget.loss"] < emb["curve"][0]["forget.loss"]

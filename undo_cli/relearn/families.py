@@ -14,11 +14,11 @@ results.json (docs/relearn-results.md), measured on the same evaluation sets and
   per seed (`attack: "embedding"`).
 
 "Every configuration of the grid" is the grid's product; with `--search`, the configuration
-the search found strongest (every seed). Finetuning families reuse the runner's run (`finetune(original, spec, stream, initial,
-initial_items)`), so every run has the same evaluation schedule, divergence handling, cost
-records (`cost`: attacker tokens and FLOPs at each evaluation) and per-item values. A run
-that starts from a changed model (pruned, quantised) leaves out step 0 from its curve: the
-static run of that change is its step 0.
+the search found strongest (every seed). Finetuning families reuse the runner's run
+(`finetune(original, spec, stream, initial, initial_items)`), so every run has the same
+evaluation schedule, divergence handling, cost records (`cost`: attacker tokens and FLOPs
+at each evaluation) and per-item values. A run that starts from a changed model (pruned,
+quantised) leaves out step 0 from its curve: the static run of that change is its step 0.
 """
 
 from __future__ import annotations

@@ -223,6 +223,7 @@ def run_attack(model: torch.nn.Module, tokenizer, eval_sets: Sequence[Any],
     if retain_rule is not None:
         apply_retain_rule(runs, initial, *retain_rule)
     worst = worst_case_curve(runs, forget_metric, direction)
+    annotate_cost(worst, runs)
     band = _band(runs, worst, forget_metric, direction, initial_items, config.train.seed)
     wall = time.perf_counter() - started
     table = per_config_table(runs, forget_metric, direction)
@@ -283,6 +284,25 @@ def _run_families(runs: list, model: torch.nn.Module, config: AttackConfig, meas
             progress.run_started(index, run.get("lr"), run.get("seed"), run["config"])
             _collect(runs, run, attacked, config, measure, progress, on_model, forget_metric,
                      twin=run["attack"] in ("prune+finetune", "benign-finetune"))
+
+
+def annotate_cost(worst: list[dict[str, Any]], runs: list[dict[str, Any]]) -> None:
+    """Give every worst-case point the attacker's cost of the configuration it comes from at
+    that step (`attacker_tokens`, `attacker_flops`: means over its seeds; 0 for the
+    unattacked model and the static attacks)."""
+    from undo_cli.relearn.worst_case import config_key
+
+    for point in worst:
+        costs = []
+        for run in runs:
+            if config_key(run) != (point.get("config"), bool(point.get("quantized"))):
+                continue
+            for entry in run.get("cost") or []:
+                if entry["step"] == point["step"] or run.get("static"):
+                    costs.append(entry)
+        n = len(costs)
+        point["attacker_tokens"] = sum(c["tokens"] for c in costs) / n if n else 0
+        point["attacker_flops"] = sum(c["flops"] for c in costs) / n if n else 0.0
 
 
 def _best_specs(runs: list[dict[str, Any]], config: AttackConfig,
