@@ -279,8 +279,8 @@ def compute_to_reach(models: dict[str, list[dict[str, Any]]], *, base: str | Non
         entry: dict[str, Any] = {"flops": [], "value": [], "target": None,
                                  "flops_to_target": None, "lower": None, "upper": None,
                                  "reached": None}
-        if not evals:
-            out[label] = entry
+        if not evals or not any("cost" in r for r in res.get("runs") or []):
+            out[label] = entry  # nothing attacked, or results written before costs
             continue
         flops, curve = cost_curve(evals, direction)
         entry["flops"], entry["value"] = flops.tolist(), curve[0].tolist()
