@@ -284,7 +284,8 @@ def compute_to_reach(models: dict[str, list[dict[str, Any]]], *, base: str | Non
             continue
         flops, curve = cost_curve(evals, direction)
         entry["flops"], entry["value"] = flops.tolist(), curve[0].tolist()
-        if p_base is not None and before is not None and label != base:
+        if p_base is not None and before is not None and label != base \
+                and s * (p_base - before) > 0:  # else nothing to recover: no target
             target = before + (p_base - before) / 2
             entry["target"] = target
             z = rng.standard_normal((samples, len(evals)))

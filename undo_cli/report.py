@@ -398,9 +398,9 @@ def matrix_markdown(report: dict[str, Any]) -> list[str]:
              f"{matrix['max_retain_drop']:g} do not count), and the oracle-controlled "
              "verdict: **recovered** = significantly above the oracle under the same attack; "
              "**teaches** = the oracle gains as much (the attack teaches rather than "
-             "recovers); level / below oracle otherwise. In brackets: the verdict without the "
-             "utility limit; *collapsed*: the model's retain metric collapses under that "
-             "attack.", "",
+             "recovers); level / below oracle otherwise. Where it differs, the verdict without "
+             "the utility limit follows in brackets; *collapsed*: the model's retain metric "
+             "collapses under that attack (beyond the limit).", "",
              "| model | " + " | ".join(fams) + " |", "| --- |" + " --- |" * len(fams)]
     for model in matrix["models"]:
         cells = []
@@ -426,7 +426,7 @@ def matrix_markdown(report: dict[str, Any]) -> list[str]:
                   "| --- | --- | --- |"]
         for model, c in cost.items():
             if c.get("target") is None:
-                reach = "n/a"
+                reach = "n/a"  # the base itself, no base label, or nothing to recover
             elif not c.get("reached"):
                 reach = "not reached within the budget"
             else:

@@ -110,6 +110,11 @@ def test_attacker_compute_to_half_the_base_recovery():
     assert cost_ft_only["level"]["reached"] is False
     assert cost_ft_only["level"]["upper"] is None  # not reached within the budget
     assert cost_ft_only["collapsed"]["reached"] is False  # 0.95 is beyond the utility limit
+    # a base that ends no higher than a model starts leaves nothing to recover: no target
+    flat = _models()
+    flat["base"] = [_results(0.0, flat["base"][0]["runs"], final=0.0)]
+    assert compute_to_reach(flat, base="base", retain_metric="retain.accuracy",
+                            max_retain_drop=0.1, samples=100)["above"]["target"] is None
 
 
 def test_fail_if_names_and_verdict_strings():
