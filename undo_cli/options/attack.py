@@ -325,7 +325,7 @@ class AttackConfig:
                     and self.prune is None and self.embedding_attack is None
                     and not self.benign_data):
                 raise UsageError("nothing to attack with: give --data PATH (finetuning), or "
-                                 "--quantize, --prune, --benign-data, --embedding-attack, "
+                                 "--quantize 8|4|nf4|int8|int4, --prune, --benign-data, "
                                  "--few-shot K or --ablate-direction")
             return
         if self.lrs is not None and not self.lrs:
