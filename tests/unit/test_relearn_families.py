@@ -208,6 +208,14 @@ def test_every_family_is_its_own_run_in_one_results_json(cli, tiny_llama, files,
     pruned = next(run for run in results["runs"] if run["attack"] == "prune")
     assert pruned["prune"]["calibration_rows"] > 0
     assert [c["step"] for c in pruned["curve"]] == [0]
+    # the benign runs trained on the benign file: their tokens are its first two batches'
+    tok = load_tokenizer(tiny_llama)
+    stream = build_stream(tok, [str(files["benign"])], results["attack"]["max_length"], 4, 0,
+                          name="benign", packing=results["attack"]["packing"])
+    expected = sum(int(next(stream)["attention_mask"].sum()) for _ in range(2))
+    benign = next(run for run in results["runs"] if run["attack"] == "benign-finetune")
+    forget = next(run for run in results["runs"] if run["attack"] == "finetune")
+    assert benign["tokens"] == expected != forget["tokens"]
     original = next(run for run in results["runs"] if run["attack"] == "quantize")
     assert original["config"] == "original" and original["static"]
     assert original["quantize"]["library"] == "bitsandbytes"
@@ -227,3 +235,31 @@ def test_family_options_are_checked_before_loading(cli, tiny_llama, files, tmp_p
     r = cli("relearn-attack", tiny_llama, "--out", tmp_path / "x", "--eval",
             f"forget={files['forget']}", "--embedding-attack", "2")
     assert r.exit_code == 2 and "--embedding-attack optimises" in r.output
+
+
+def test_saved_qlora_model_and_soft_prompt(cli, tiny_llama, files, tmp_path):
+    """--save-models: a QLoRA run as the merged quantised model (it measures what the run
+    measured), a soft prompt as its tensor alone."""
+    pytest.importorskip("bitsandbytes")
+    from safetensors.torch import load_file
+
+    from undo_cli.evaluate import evaluate_model, flatten_metrics
+
+    out = tmp_path / "saved"
+    r = cli("relearn-attack", tiny_llama, "--out", out, "--data", files["forget"],
+            "--eval", f"forget={files['forget']}", "--forget-metric", "forget.loss",
+            "--lrs", "1e-2", "--steps", "2", "--eval-every", "2", "--batch-size", "4",
+            "--quantize", "int8", "--qlora", "--lora-rank", "4", "--embedding-attack", "2",
+            "--prompt-tokens", "2", "--save-models", "--no-plot")
+    assert r.exit_code == 0, r.output
+    results = json.loads((out / "results.json").read_text())
+    qlora = next(run for run in results["runs"] if run["attack"] == "qlora")
+    model = load_model(out / qlora["saved_as"])
+    tok = load_tokenizer(tiny_llama)
+    measured = flatten_metrics(evaluate_model(model, tok, [load_eval_set(
+        "forget", files["forget"], tok)]))
+    assert measured["forget.loss"] == pytest.approx(qlora["curve"][-1]["forget.loss"],
+                                                    rel=1e-4)
+    emb = next(run for run in results["runs"] if run["attack"] == "embedding")
+    prompt = load_file(str(out / emb["saved_as"] / "soft_prompt.safetensors"))["prompt"]
+    assert tuple(prompt.shape) == (2, 32)

@@ -420,6 +420,11 @@ def _model_saver(root: Path, tokenizer, checkpoint: str | Path, *, layout=None,
 
             prompt = model.get_input_embeddings().prompt.detach().float().cpu().contiguous()
             save_file({"prompt": prompt}, str(target / "soft_prompt.safetensors"))
+        elif run.get("attack") == "qlora":  # the adapter sits on the quantised weights
+            import copy
+
+            save_model(copy.deepcopy(model).merge_and_unload(), tokenizer, target,
+                       source=checkpoint, layout=layout)
         elif hasattr(model, "peft_config"):  # a LoRA run: the adapter, on top of CKPT
             for cfg in model.peft_config.values():
                 cfg.base_model_name_or_path = str(Path(checkpoint).resolve())
