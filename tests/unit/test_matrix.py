@@ -162,3 +162,19 @@ def test_report_writes_the_matrix_and_gates_on_a_cell(cli, tmp_path):
               "matrix.finetune.nobody.worst > 0")
     assert bad.exit_code == 2 and "matrix.finetune.nobody.worst" in bad.output
     assert not (tmp_path / "r3").exists()
+
+
+def test_attacker_cost_pools_seeds_by_configuration_and_step():
+    def seed(value_at_5: float) -> dict:
+        return _results(0.0, [_run("finetune", "ft", [(0, 0.0, 0.9, 0),
+                                                     (5, value_at_5, 0.9, 5e5),
+                                                     (10, 0.45, 0.9, 1e6)])])
+
+    models = {"base": _models()["base"], "m": [seed(0.4), seed(0.62)]}
+    cost = compute_to_reach(models, base="base", retain_metric="retain.accuracy",
+                            max_retain_drop=0.1, samples=100)["m"]
+    # step 5: mean 0.51 >= the target 0.5, though one seed alone (0.4) would not reach it
+    assert cost["value"] == pytest.approx([0.0, 0.51, 0.51])
+    assert cost["flops_to_target"] == pytest.approx(5e5)
+    m = attack_matrix(models, oracle=None, retain_metric="retain.accuracy", samples=100)
+    assert m["cells"]["finetune"]["m"]["worst"] == pytest.approx((0.45 + 0.62) / 2)
