@@ -163,6 +163,25 @@ def embedding_family(ctx: FamilyContext) -> Iterator[tuple[dict[str, Any], Any]]
         yield run, attacked
 
 
+def planned_runs(config: AttackConfig, grid_size: int) -> int:
+    """How many runs the families of `config` add (for the progress display); `grid_size`:
+    the configurations x seeds they finetune (1 per seed with --search)."""
+    twins = 2 if config.quantize is not None else 1
+    grid = len(config.seed_list()) if config.search else grid_size
+    n = 0
+    if config.prune is not None:
+        n += 1 + (grid * twins if config.finetune else 0)
+    if isinstance(config.quantize, str) and config.finetune:
+        n += 1
+    if config.qlora:
+        n += grid
+    if config.benign_data:
+        n += grid * twins
+    if config.embedding_attack:
+        n += len(config.seed_list())
+    return n
+
+
 def families_for(config: AttackConfig) -> list[Callable[[FamilyContext], Iterator]]:
     """The families `config` asks for, in results order."""
     out: list[Callable[[FamilyContext], Iterator]] = []

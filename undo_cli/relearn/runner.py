@@ -32,6 +32,7 @@ from undo_cli.engine.processes import all_finite
 from undo_cli.errors import UsageError
 from undo_cli.jsontext import jsonable
 from undo_cli.options import AttackConfig, EvalOptions, RunSpec
+from undo_cli.relearn.families import planned_runs
 from undo_cli.relearn.worst_case import (
     apply_retain_rule,
     attackable_metrics,
@@ -184,7 +185,7 @@ def run_attack(model: torch.nn.Module, tokenizer, eval_sets: Sequence[Any],
         if config.finetune and config.search:
             from undo_cli.relearn.search import search_runs
 
-            progress.start(config.search, config.steps)
+            progress.start(config.search + planned_runs(config, 1), config.steps)
             search_rank = lora_rank or _lora_rank(model, config.lora_rank,
                                                   lora_target_list(config.lora_targets))
             for run, attacked in search_runs(model, config, finetune, forget_metric,
@@ -193,14 +194,15 @@ def run_attack(model: torch.nn.Module, tokenizer, eval_sets: Sequence[Any],
                          forget_metric)
         elif config.finetune:
             grid = config.grid(lora_rank)
-            progress.start(len(grid) * (2 if config.quantize else 1), config.steps)
+            progress.start(len(grid) * (2 if config.quantize else 1)
+                           + planned_runs(config, len(grid)), config.steps)
             for index, spec in enumerate(grid, 1):
                 progress.run_started(index, spec.lr, spec.seed, spec.config_id)
                 run, attacked = finetune(spec)
                 _collect(runs, run, attacked, config, measure, progress, on_model,
                          forget_metric)
         elif config.quantize is not None:
-            progress.start(1, 0)
+            progress.start(1 + planned_runs(config, len(config.grid(1))), 0)
             progress.run_started(1, None, None, "original, quantised")
             base = {"lr": None, "seed": None, "diverged": False, "steps": 0,
                     "config": "original", "attack": "quantize", "static": True}
@@ -209,6 +211,8 @@ def run_attack(model: torch.nn.Module, tokenizer, eval_sets: Sequence[Any],
             progress.run_finished(qrun, forget_metric)
             if on_model is not None:
                 on_model(qrun, attacked)
+        elif planned_runs(config, len(config.grid(1))):
+            progress.start(planned_runs(config, len(config.grid(1))), config.steps)
         for attack in static_attacks:
             for run, attacked in attack(model, measure):
                 runs.append(run)
@@ -280,8 +284,8 @@ def _run_families(runs: list, model: torch.nn.Module, config: AttackConfig, meas
                         benign_stream=benign_stream, lora_rank=rank, tokenizer=tokenizer,
                         eval_sets=eval_sets, progress=progress)
     for family in families:
-        for index, (run, attacked) in enumerate(family(ctx), 1):
-            progress.run_started(index, run.get("lr"), run.get("seed"), run["config"])
+        for run, attacked in family(ctx):
+            progress.run_started(len(runs) + 1, run.get("lr"), run.get("seed"), run["config"])
             _collect(runs, run, attacked, config, measure, progress, on_model, forget_metric,
                      twin=run["attack"] in ("prune+finetune", "benign-finetune"))
 
