@@ -284,7 +284,9 @@ def score_sequences(model, requests: Sequence[tuple[Sequence[int], int]], *,
         ids, mask = ids.to(device), mask.to(device)
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        token_lp = logprobs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1).double().cpu()
+        # Ids past the output vocabulary (a soft prompt's, before `start`) are never scored.
+        targets = ids[:, 1:].clamp(max=logprobs.shape[-1] - 1)
+        token_lp = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).double().cpu()
         for row, i in enumerate(chunk):
             seq, start = requests[i]
             values = token_lp[row, start - 1:len(seq) - 1]

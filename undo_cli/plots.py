@@ -310,3 +310,62 @@ def plot_report(report: dict[str, Any], directory: Path) -> list[str]:
 
 __all__ = ["INSTALL_HINT", "matplotlib_available", "model_colours", "plot_attack",
            "plot_compare", "plot_frontier", "plot_probes", "plot_report", "require_matplotlib"]
+
+
+# --------------------------------------------------------------------- the attack matrix
+
+
+def plot_matrix_figures(report: dict[str, Any], directory: Path) -> list[str]:
+    """`matrix.png` (models x attack families, coloured by the worst-case forget metric and
+    labelled with the oracle-controlled verdict) and `attacker_cost.png` (each model's worst
+    case against the attacker's FLOPs, log axis); an empty list without matplotlib or
+    without a matrix."""
+    matrix = report.get("matrix")
+    if not matplotlib_available() or not matrix or not matrix.get("families"):
+        return []
+    import numpy as np
+
+    families, models = matrix["families"], matrix["models"]
+    grid = np.full((len(models), len(families)), np.nan)
+    fig, ax = _figure(1.6 + 1.4 * len(families), 1.2 + 0.6 * len(models))
+    for i, model in enumerate(models):
+        for j, fam in enumerate(families):
+            cell = matrix["cells"][fam][model]
+            if cell.get("attacked") and cell.get("worst") is not None:
+                grid[i, j] = cell["worst"]
+                text = f"{cell['worst']:.3g}\n{cell.get('verdict') or ''}"
+                if cell.get("collapsed"):
+                    text += "\ncollapsed"
+                ax.text(j, i, text, ha="center", va="center", fontsize=7,
+                        bbox={"facecolor": "white", "alpha": 0.6, "linewidth": 0})
+    image = ax.imshow(grid, cmap="viridis" if report.get("direction") == "max"
+                      else "viridis_r", aspect="auto")
+    fig.colorbar(image, ax=ax, label=f"{report['forget_metric']} (worst case)")
+    ax.set_xticks(range(len(families)), families, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(models)), models, fontsize=8)
+    ax.set_title("Attack matrix: worst case and verdict vs the oracle", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(directory / "matrix.png", dpi=DPI)
+    written = ["matrix.png"]
+    cost = report.get("attacker_cost") or {}
+    curves = {m: c for m, c in cost.items() if c.get("flops")}
+    if curves:
+        fig, ax = _figure(6.4, 4.2)
+        positive = [f for c in curves.values() for f in c["flops"] if f > 0]
+        floor = min(positive) / 10 if positive else 1.0
+        for model, c in curves.items():
+            xs = [max(f, floor) for f in c["flops"]]
+            line = ax.step(xs, c["value"], where="post", label=model)[0]
+            if c.get("flops_to_target") is not None:
+                ax.axvline(max(c["flops_to_target"], floor), color=line.get_color(),
+                           linestyle=":", linewidth=1)
+        ax.set_xscale("log")
+        ax.set_xlabel("attacker FLOPs (one run; no-training attacks at the left edge)")
+        ax.set_ylabel(f"{report['forget_metric']} (worst case)")
+        ax.set_title("Worst case against attacker compute (dotted: half the base's "
+                     "recovery)", fontsize=10)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(directory / "attacker_cost.png", dpi=DPI)
+        written.append("attacker_cost.png")
+    return written

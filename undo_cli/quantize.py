@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from undo_cli.errors import UsageError
+from undo_cli.options.attack import QUANTIZE_SCHEMES, parse_quantize
 
 BITS = (8, 4)
 
@@ -138,5 +139,113 @@ def quantized_copy(model: torch.nn.Module, bits: int,
     return clone, quantize_model(clone, bits, group_size)
 
 
-__all__ = ["BITS", "check_settings", "error_bound", "qmax", "quantizable_layers",
+# ----------------------------------------------------------------------------- library schemes
+
+# Deployment quantisers, by name: (library, bits). nf4 and int8 are bitsandbytes' own
+# (`load_in_4bit` NF4 with blocks of 64, `load_in_8bit`'s LLM.int8 row-wise absmax codes),
+# on CUDA and on CPU (bitsandbytes >= 0.45 has CPU kernels for both); int4 is optimum-quanto's
+# qint4 (affine, a scale and a shift per group of 128 input weights; bitsandbytes has no
+# integer 4-bit format). The weights are quantised with the library and stored back as the
+# library's own dequantisation, in the weight's dtype.
+SCHEMES = {"nf4": ("bitsandbytes", 4), "int8": ("bitsandbytes", 8),
+           "int4": ("optimum-quanto", 4)}
+assert tuple(SCHEMES) == QUANTIZE_SCHEMES
+QUANTO_GROUP = 128
+NF4_BLOCK = 64
+QUANTIZE_HINT = ("--quantize nf4|int8|int4 needs bitsandbytes (nf4, int8) and optimum-quanto "
+                 "(int4): pip install 'undo-cli[quantize]'")
+
+
+def scheme_bits(quantize: int | str) -> int:
+    """The bit width of a `--quantize` value."""
+    return SCHEMES[quantize][1] if isinstance(quantize, str) else int(quantize)
+
+
+def _quiet_import(module: str):
+    import importlib
+    import logging
+
+    names = ("bitsandbytes", "optimum", "optimum.quanto", "kernels")
+    quiet = [logging.getLogger(n) for n in names]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.ERROR)
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise UsageError(QUANTIZE_HINT) from e
+    finally:
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
+
+
+def check_library(scheme: str) -> None:
+    """`UsageError` (before any model loads) when the library of `scheme` is missing."""
+    _quiet_import("bitsandbytes.functional" if SCHEMES[scheme][0] == "bitsandbytes"
+                  else "optimum.quanto")
+
+
+def library_dequantize(weight: torch.Tensor, scheme: str) -> torch.Tensor:
+    """`weight` (output channels x inputs) quantised by the library of `scheme` and
+    dequantised by that library: same shape and dtype.
+
+    - nf4: `bitsandbytes.functional.quantize_4bit(w, blocksize=64, quant_type="nf4")`, then
+      `dequantize_4bit` (NF4 code book, one absmax per 64 consecutive weights);
+    - int8: `int8_vectorwise_quant(w)` -> `int8_vectorwise_dequant`: `round(127 w / max|row|)`
+      per output channel, times `max|row| / 127`;
+    - int4: `optimum.quanto.quantize_weight(w, qint4, axis=0, group_size=128)` with quanto's
+      `MaxOptimizer` (affine: scale and shift per group), then `.dequantize()`; a row whose
+      length 128 does not divide is one group.
+    """
+    if scheme not in SCHEMES:
+        raise UsageError(f"unknown quantisation scheme {scheme!r}")
+    w = weight.detach()
+    if scheme in ("nf4", "int8"):
+        functional = _quiet_import("bitsandbytes.functional")
+        if scheme == "nf4":
+            packed, state = functional.quantize_4bit(w.float().contiguous(), blocksize=NF4_BLOCK,
+                                                     quant_type="nf4")
+            out = functional.dequantize_4bit(packed, state, quant_type="nf4")
+        else:
+            codes, stats, _ = functional.int8_vectorwise_quant(w.float().contiguous())
+            out = functional.int8_vectorwise_dequant(codes, stats)
+        return out.reshape(w.shape).to(weight.dtype)
+    quanto = _quiet_import("optimum.quanto")
+    from optimum.quanto.tensor.optimizers import MaxOptimizer
+
+    cols = w.shape[1]
+    group = QUANTO_GROUP if cols % QUANTO_GROUP == 0 else cols
+    wf = w.float().contiguous()
+    scale, shift = MaxOptimizer()(wf, quanto.qint4, axis=0, group_size=group)
+    q = quanto.quantize_weight(wf, qtype=quanto.qint4, axis=0, scale=scale, shift=shift,
+                               group_size=group, optimized=False)
+    return q.dequantize().reshape(w.shape).to(weight.dtype)
+
+
+def quantize_model_with(model: torch.nn.Module, quantize: int | str,
+                        group_size: int | None = None) -> dict[str, Any]:
+    """`quantize_model` for RTN bits (8, 4) and the library schemes alike; the summary names
+    the scheme and the library."""
+    if not isinstance(quantize, str):
+        out = quantize_model(model, int(quantize), group_size)
+        return {**out, "scheme": f"rtn{int(quantize)}", "library": "undo (round-to-nearest)"}
+    layers = quantizable_layers(model)
+    if not layers:
+        raise UsageError("the model has no linear layers to quantise")
+    changed, largest = 0, 0.0
+    with torch.no_grad():
+        for _, module, transposed in layers:
+            w = module.weight
+            matrix = w.t() if transposed else w
+            new = library_dequantize(matrix, quantize)
+            largest = max(largest, float((new.float() - matrix.float()).abs().max()))
+            matrix.copy_(new)
+            changed += w.numel()
+    library, bits = SCHEMES[quantize]
+    return {"bits": bits, "group_size": None, "scheme": quantize, "library": library,
+            "layers": len(layers), "parameters": changed, "max_abs_change": largest}
+
+
+__all__ = ["BITS", "SCHEMES", "library_dequantize", "parse_quantize", "quantize_model_with",
+           "scheme_bits", "check_settings", "error_bound", "qmax", "quantizable_layers",
            "quantize_dequantize", "quantize_model", "quantized_copy"]

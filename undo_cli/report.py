@@ -289,7 +289,7 @@ def significance(lower: float | None, upper: float | None) -> dict[str, Any] | N
 
 def build_report(specs: list[str], *, roles: dict[str, str] | None = None,
                  retain_metric: str | None = None, samples: int = BOOTSTRAP_SAMPLES,
-                 seed: int = 0) -> dict[str, Any]:
+                 seed: int = 0, max_retain_drop: float = 0.1) -> dict[str, Any]:
     """Numbers of the report (also written as report.json)."""
     groups = parse_specs(specs)
     models = {label: PooledModel(label, [load_attacked(label, p) for p in paths])
@@ -371,7 +371,84 @@ def build_report(specs: list[str], *, roles: dict[str, str] | None = None,
             "direction": next(iter(models.values())).seeds[0].results.get("direction"),
             "rows": rows, "curves": curves, "headline": "relative_robustness_auc",
             "uncertainty": {"method": "bootstrap over seeds and items", "samples": samples,
-                            "level": LEVEL, "seed": seed}}
+                            "level": LEVEL, "seed": seed},
+            **matrix_sections(models, roles, retain_metric, rows, max_retain_drop,
+                              samples, seed)}
+
+
+# ------------------------------------------------------------------------- attack matrix
+
+
+def matrix_sections(models: dict[str, PooledModel], roles: dict[str, str],
+                    retain_metric: str | None, rows: list[dict[str, Any]],
+                    max_retain_drop: float, samples: int, seed: int) -> dict[str, Any]:
+    """report.json's `matrix` (models x attack families: worst case, oracle-controlled
+    verdicts with and without the utility limit, collapse) and `attacker_cost` (cost curves,
+    the attacker compute to reach half of the base model's recovery next to the defender's
+    compute): `undo_cli.matrix`."""
+    from undo_cli.matrix import attack_matrix, compute_to_reach
+
+    results = {label: [m.results for m in pooled.seeds] for label, pooled in models.items()}
+    matrix = attack_matrix(results, oracle=roles.get("oracle") or None,
+                           retain_metric=retain_metric, max_retain_drop=max_retain_drop,
+                           samples=samples, seed=seed)
+    cost = compute_to_reach(results, base=roles.get("base") or None,
+                            retain_metric=retain_metric, max_retain_drop=max_retain_drop,
+                            samples=samples, seed=seed)
+    for row in rows:
+        cost[row["model"]]["defender_flops"] = row["compute_flops"]
+    return {"matrix": matrix, "attacker_cost": cost}
+
+
+def matrix_markdown(report: dict[str, Any]) -> list[str]:
+    """The matrix and attacker-cost sections of report.md."""
+    matrix, cost = report.get("matrix"), report.get("attacker_cost") or {}
+    if not matrix or not matrix["families"]:
+        return []
+    fams = matrix["families"]
+    lines = ["", "## Attack matrix", "",
+             f"Worst-case `{report['forget_metric']}` per attack family (evaluations whose "
+             f"retain metric `{matrix['retain_metric']}` dropped by more than "
+             f"{matrix['max_retain_drop']:g} do not count), and the oracle-controlled "
+             "verdict: **recovered** = significantly above the oracle under the same attack; "
+             "**teaches** = the oracle gains as much (the attack teaches rather than "
+             "recovers); level / below oracle otherwise. Where it differs, the verdict without "
+             "the utility limit follows in brackets; *collapsed*: the model's retain metric "
+             "collapses under that attack (beyond the limit).", "",
+             "| model | " + " | ".join(fams) + " |", "| --- |" + " --- |" * len(fams)]
+    for model in matrix["models"]:
+        cells = []
+        for fam in fams:
+            c = matrix["cells"][fam][model]
+            if not c.get("attacked"):
+                cells.append("n/a")
+                continue
+            text = f"{_fmt(c['worst'])} {c.get('verdict') or ''}".strip()
+            if c.get("verdict_no_limit") and c.get("verdict_no_limit") != c.get("verdict"):
+                text += f" ({c['verdict_no_limit']} without the limit)"
+            if c.get("collapsed"):
+                text += ", *collapsed*"
+            cells.append(text)
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    lines += ["", "![attack matrix](matrix.png)"]
+    if cost:
+        lines += ["", "## Attacker compute", "",
+                  "FLOPs an attacker needs (one run, the engine's accounting) for the worst "
+                  "case to reach half of the base model's recovery, with its 95% interval, "
+                  "next to the compute the defender spent on the model.", "",
+                  "| model | attacker FLOPs to half the base's recovery | defender FLOPs |",
+                  "| --- | --- | --- |"]
+        for model, c in cost.items():
+            if c.get("target") is None:
+                reach = "n/a"  # the base itself, no base label, or nothing to recover
+            elif not c.get("reached"):
+                reach = "not reached within the budget"
+            else:
+                upper = _fmt(c["upper"]) if c.get("upper") is not None else "not reached"
+                reach = f"{_fmt(c['flops_to_target'])} [{_fmt(c.get('lower'))}, {upper}]"
+            lines.append(f"| {model} | {reach} | {_fmt(c.get('defender_flops'))} |")
+        lines += ["", "![worst case against attacker compute](attacker_cost.png)"]
+    return lines
 
 
 def _mean_of(pooled: PooledModel, key: str) -> float | None:
@@ -458,6 +535,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     found = verdicts(report)
     if found:
         lines += ["", "## Is it significant?", "", *found]
+    lines += matrix_markdown(report)
     lines += ["", "![worst-case relearning curves](relearn_curves.png)", "",
               "![compute against robustness](pareto.png)", "",
               "![retain against relearned forget performance](retain_vs_forget.png)", ""]
@@ -466,21 +544,38 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def write_report(specs: list[str], out: str | Path, *, roles: dict[str, str] | None = None,
                  retain_metric: str | None = None, overwrite: bool = False,
-                 samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> dict[str, Any]:
-    """Build the report and write `report.md`, `report.json` and the figures into `out`."""
+                 samples: int = BOOTSTRAP_SAMPLES, seed: int = 0, max_retain_drop: float = 0.1,
+                 fail_if: list[str] | None = None) -> dict[str, Any]:
+    """Build the report and write `report.md`, `report.json` and the figures into `out`.
+    `fail_if` gates (on `matrix.FAMILY.MODEL.worst|verdict|...`, `undo_cli.matrix`) are
+    checked after writing (`GateFailed`)."""
     from undo_cli.checkpoint import atomic_output, build_manifest, write_manifest
-    from undo_cli.plots import plot_report
+    from undo_cli.gates import check_gates, parse_gates, raise_failed_gates
+    from undo_cli.matrix import gate_values, rewrite_string_tests
+    from undo_cli.plots import plot_matrix_figures, plot_report
 
+    given = list(fail_if or [])
+    gates = parse_gates([rewrite_string_tests(g) for g in given])
     report = build_report(specs, roles=roles, retain_metric=retain_metric, samples=samples,
-                          seed=seed)
+                          seed=seed, max_retain_drop=max_retain_drop)
+    values = gate_values(report["matrix"])
+    for expr in gates:
+        expr.check_names(set(values))
+    if gates:
+        report["gates"] = check_gates(gates, values)
+        for record, text in zip(report["gates"], given):
+            record["expression"] = text
     # REPORT_DIR may not lie inside, or (with --overwrite) replace, a results directory.
     inputs = [Path(d) for row in report["rows"] for d in row["results_dirs"]]
     with atomic_output(out, inputs=inputs, overwrite=overwrite) as tmp:
         (tmp / "report.md").write_text(render_markdown(report))
         (tmp / "report.json").write_text(to_json(report, indent=2) + "\n")
         figures = plot_report(report, tmp)
+        figures += plot_matrix_figures(report, tmp)
         write_manifest(tmp, build_manifest("report", arguments={
             "results": specs, "roles": report["roles"], "bootstrap_samples": samples,
-            "seed": seed}))
+            "seed": seed, "max_retain_drop": max_retain_drop, "fail_if": list(fail_if or [])}))
     report["figures"] = figures
+    if gates:
+        raise_failed_gates(report["gates"])
     return report

@@ -176,8 +176,12 @@ _HELP = (
     "numbers: final, AUC = mean of the worst-case curve, steps to --threshold), relearn.png "
     "(with matplotlib: pip install 'undo-cli\\[plot]') and undo.json."
     "\n\n"
-    "--quantize 8|4 adds the quantisation attack; --compare [LABEL=]DIR ... only draws the "
-    "worst-case curves of earlier results into one figure (--out/compare.png)."
+    "--quantize 8|4 adds the quantisation attack (undo's round-to-nearest); --quantize "
+    "nf4|int8 uses bitsandbytes and --quantize int4 optimum-quanto (pip install "
+    "'undo-cli\\[quantize]'), --qlora adds LoRA finetuning on the quantised model. --prune, "
+    "--benign-data and --embedding-attack add their attack families, each as runs of their "
+    "own (docs/relearn-results.md, \"Attack families\"). --compare [LABEL=]DIR ... only draws "
+    "the worst-case curves of earlier results into one figure (--out/compare.png)."
     "\n\n"
     "Data-parallel under `accelerate launch` (examples/accelerate/ddp.yaml) or torchrun: each "
     "run trains on every process (--batch-size each), the evaluations are split among them, "
@@ -200,7 +204,7 @@ def relearn_command(
     data: list[str] = typer.Option(
         [], "--data", metavar="PATH[:WEIGHT]", rich_help_panel=ATTACK,
         help="Attack (forget-domain) training data, repeatable with mixing weights. Without "
-        "it, only --quantize is applied."),
+        "it, only the attacks without it run (--quantize, --prune magnitude, --benign-data)."),
     compare: list[str] = typer.Option(
         [], "--compare", metavar="[LABEL=]RESULTS_DIR",
         help="Only plot: the worst-case curves of these attack results (repeatable; e.g. "

@@ -34,6 +34,16 @@ def report_command(
         help="Resamples of the 95% intervals (seeds, and items within seeds)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap (the same seed gives "
                              "the same intervals)."),
+    max_retain_drop: float = typer.Option(
+        0.1, "--max-retain-drop", metavar="D", min=0,
+        help="The attack matrix's utility limit: an evaluation whose retain metric is more "
+        "than D worse than the model's own before the attack does not count (verdicts are "
+        "shown with and without it)."),
+    fail_if: list[str] = typer.Option(
+        None, "--fail-if", metavar="EXPR",
+        help="Exit 3 (after writing) when EXPR holds, on any cell of the attack matrix: "
+        "matrix.FAMILY.MODEL.worst, .difference, .collapsed, .verdict == \"recovered\" "
+        "(or teaches, level, below oracle), .verdict_no_limit == ..."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty REPORT_DIR."),
     json_out: bool = typer.Option(False, "--json", help="Print report.json on stdout."),
 ) -> None:
@@ -57,8 +67,10 @@ def report_command(
     roles = {"oracle": oracle if oracle in labels else "",
              "unlearned": unlearned if unlearned in labels else "",
              "base": base if base in labels else ""}
+    check_number("--max-retain-drop", max_retain_drop, minimum=0)
     report = write_report(results, out, roles=roles, retain_metric=retain_metric,
-                          overwrite=overwrite, samples=bootstrap_samples, seed=seed)
+                          overwrite=overwrite, samples=bootstrap_samples, seed=seed,
+                          max_retain_drop=max_retain_drop, fail_if=fail_if or [])
     if json_out:
         emit_json(report)
         return

@@ -31,6 +31,37 @@ WARMUP_SHARE = 0.1  # warmup-cosine: linear warmup over this share of the steps,
 ATTACK_EVAL_EVERY = 25
 SEARCH_BATCH_SIZES = (4, 16, 64)  # --search without --batch-sizes
 SEARCH_LORA_RANKS = (8, 32, 128)  # --search over LoRA ranks (clipped for tiny models)
+QUANTIZE_SCHEMES = ("nf4", "int8", "int4")  # library quantisers (undo_cli.quantize.SCHEMES)
+PRUNE_METHODS = ("magnitude", "wanda")
+
+
+def parse_quantize(text: str | int | None) -> int | str | None:
+    """`--quantize`: 8 or 4 (round-to-nearest, as before) or a library scheme."""
+    if text is None or isinstance(text, int):
+        return text
+    value = str(text).strip().lower()
+    if value in ("8", "4"):
+        return int(value)
+    if value in QUANTIZE_SCHEMES:
+        return value
+    raise UsageError(f"--quantize must be 8 or 4 (round-to-nearest) or one of "
+                     f"{', '.join(QUANTIZE_SCHEMES)} (got {text!r})")
+
+
+def parse_prune(text: str | tuple | None) -> tuple[str, float] | None:
+    """`--prune magnitude:S|wanda:S` -> (method, sparsity S in (0, 1))."""
+    if text is None or isinstance(text, tuple):
+        return text
+    method, sep, amount = str(text).partition(":")
+    method = method.strip().lower()
+    try:
+        sparsity = float(amount)
+    except ValueError:
+        sparsity = math.nan
+    if not sep or method not in PRUNE_METHODS or not 0 < sparsity < 1:
+        raise UsageError(f"--prune must be magnitude:S or wanda:S with a sparsity 0 < S < 1 "
+                         f"(got {text!r})")
+    return method, sparsity
 
 
 def parse_list(kind: type, option_name: str):
@@ -175,10 +206,35 @@ class AttackConfig:
                                "as q_proj,v_proj.", metavar="all-linear|NAME,NAME",
                                panel=ATTACK)
     lora_dropout: float = option(0.0, "LoRA dropout.", cli=False, minimum=0, maximum=1)
-    quantize: int | None = option(None, "Round-to-nearest weight quantisation of the linear "
-                                  "layers (symmetric, dequantised to float): of CKPT itself "
-                                  "without finetuning, else of each run's final model.",
-                                  metavar="8|4", panel=ATTACK)
+    quantize: int | str | None = option(
+        None, "Weight quantisation of the linear layers, stored dequantised: 8 or 4 is undo's "
+        "round-to-nearest (symmetric); nf4 and int8 use bitsandbytes (NF4 blocks of 64, "
+        "LLM.int8 row-wise absmax; on CUDA and on CPU), int4 optimum-quanto's qint4 (affine, "
+        "groups of 128) (pip install 'undo-cli[quantize]'). Of CKPT itself, and of each run's "
+        "final model when finetuning; with --qlora also quantised finetuning.",
+        metavar="8|4|nf4|int8|int4", panel=ATTACK, parse=lambda text: parse_quantize(text))
+    qlora: bool = option(False, "With --quantize: also finetune LoRA adapters on the "
+                         "quantised model (QLoRA, the quantised-finetuning attack), as runs of "
+                         "their own.", panel=ATTACK)
+    prune: tuple[str, float] | None = option(
+        None, "Prune the linear layers to sparsity S: magnitude (the smallest |W| of each "
+        "layer) or wanda (the smallest |W_ij| * ||X_j|| of each output row, activation norms "
+        "from 128 rows of --data). Evaluated alone and, with finetuning, as the start of "
+        "runs of its own.", metavar="magnitude:S|wanda:S", panel=ATTACK,
+        parse=lambda text: parse_prune(text))
+    embedding_attack: int | None = option(
+        None, "Optimise a soft prompt (--prompt-tokens embeddings before every input) on "
+        "--data for STEPS steps with the weights frozen, evaluating with it.",
+        metavar="STEPS", panel=ATTACK, minimum=1)
+    prompt_tokens: int = option(8, "Soft-prompt length of --embedding-attack.", metavar="N",
+                                panel=ATTACK, minimum=1)
+    prompt_lr: float = option(1e-2, "Learning rate (AdamW) of --embedding-attack.",
+                              metavar="LR", panel=ATTACK, above=0)
+    benign_data: list[str] | None = option(
+        None, "Also finetune on data with no forget content (any --data format; the "
+        "out-of-domain relearning attack), every configuration of the grid, as runs of their "
+        "own.", metavar="FILE", panel=ATTACK,
+        parse=lambda text: parse_list(str, "--benign-data")(text))
     group_size: int | None = option(None, "With --quantize: one scale per G input weights "
                                     "(default: per output channel).", metavar="G",
                                     panel=ATTACK, minimum=1)
@@ -253,15 +309,28 @@ class AttackConfig:
         if self.quantize is not None or self.group_size is not None:
             if self.quantize is None:
                 raise UsageError("--group-size needs --quantize")
-            if self.quantize not in (4, 8):
-                raise UsageError(f"--quantize must be 8 or 4 (got {self.quantize})")
+            if self.quantize not in (4, 8, *QUANTIZE_SCHEMES):
+                raise UsageError(f"--quantize must be 8, 4, {', '.join(QUANTIZE_SCHEMES)} "
+                                 f"(got {self.quantize})")
+            if isinstance(self.quantize, str) and self.group_size is not None:
+                raise UsageError("--group-size applies to --quantize 8|4 only (the library "
+                                 "schemes have their own blocks)")
+        if self.qlora and self.quantize is None:
+            raise UsageError("--qlora needs --quantize")
+        if self.qlora and not self.finetune:
+            raise UsageError("--qlora finetunes: give --data PATH")
+        if self.prompt_tokens != 8 and self.embedding_attack is None:
+            raise UsageError("--prompt-tokens needs --embedding-attack STEPS")
         if self.search_storage is not None and self.search is None:
             raise UsageError("--search-storage needs --search N")
         parse_search_storage(self.search_storage)
         if not self.finetune:
-            if self.quantize is None and self.few_shot is None and not self.ablate_direction:
+            if (self.quantize is None and self.few_shot is None and not self.ablate_direction
+                    and self.prune is None and self.embedding_attack is None
+                    and not self.benign_data):
                 raise UsageError("nothing to attack with: give --data PATH (finetuning), or "
-                                 "--quantize 8|4, --few-shot K or --ablate-direction")
+                                 "--quantize 8|4|nf4|int8|int4, --prune, --benign-data, "
+                                 "--few-shot K or --ablate-direction")
             return
         if self.lrs is not None and not self.lrs:
             raise UsageError("--lrs is empty: give at least one learning rate")

@@ -66,13 +66,13 @@ def describe_attack(config: AttackConfig, data: Sequence[str], data_options: Dat
     """The `attack` entry of results.json: every setting of the adversary's space."""
     t = config.train
     measurement = measurement or AttackMeasurement()
-    quant = ({"bits": config.quantize, "group_size": config.group_size}
-             if config.quantize is not None else None)
+    quant = quantize_settings(config)
     static = {"few_shot": config.few_shot, "ablate_direction": config.ablate_direction,
               "max_retain_drop": measurement.max_retain_drop,
               "retain_metric": measurement.retain_metric if measurement.max_retain_drop
               is not None or config.ablate_direction else None}
     shrink = shrink_perturb_settings(config)
+    static.update(family_settings(config))
     if not config.finetune:
         return {"mode": "none", "lrs": [], "steps": 0, "batch_size": t.batch_size,
                 "eval_every": config.eval_every, "seeds": config.seed_list(),
@@ -149,6 +149,31 @@ def _prompts_of(data: EvalData, tokenizer) -> list[list[int]]:
     """Token ids of what a set's items start from: prompts, questions or texts."""
     texts = [item if data.shape == "text" else item[0] for item in data.items]
     return [tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
+
+
+def quantize_settings(config: AttackConfig) -> dict[str, Any] | None:
+    """The `attack.quantize` entry: bits and group size (RTN), or the library scheme."""
+    if config.quantize is None:
+        return None
+    if isinstance(config.quantize, str):
+        from undo_cli.options.attack import QUANTIZE_SCHEMES
+
+        assert config.quantize in QUANTIZE_SCHEMES
+        library = "optimum-quanto" if config.quantize == "int4" else "bitsandbytes"
+        return {"bits": 8 if config.quantize == "int8" else 4, "group_size": None,
+                "scheme": config.quantize, "library": library, "qlora": config.qlora}
+    return {"bits": config.quantize, "group_size": config.group_size}
+
+
+def family_settings(config: AttackConfig) -> dict[str, Any]:
+    """The `attack` entries of the families of `undo_cli.relearn.families`."""
+    prune = ({"method": config.prune[0], "sparsity": config.prune[1]}
+             if config.prune is not None else None)
+    embedding = ({"steps": config.embedding_attack, "prompt_tokens": config.prompt_tokens,
+                  "lr": config.prompt_lr, "optimizer": "adamw"}
+                 if config.embedding_attack else None)
+    return {"prune": prune, "embedding_attack": embedding,
+            "benign_data": list(config.benign_data) if config.benign_data else None}
 
 
 def shrink_perturb_settings(config: AttackConfig) -> dict[str, Any] | None:
@@ -229,12 +254,23 @@ def relearn_checkpoint(
     if (config.few_shot or config.ablate_direction) and not data:
         raise UsageError("--few-shot and --ablate-direction take their forget-domain text "
                          "from --data: give --data PATH")
+    if config.embedding_attack and not data:
+        raise UsageError("--embedding-attack optimises its soft prompt on --data: give "
+                         "--data PATH")
+    if config.prune is not None and config.prune[0] == "wanda" and not data:
+        raise UsageError("--prune wanda:S takes its activation norms from --data: give "
+                         "--data PATH")
+    if isinstance(config.quantize, str):
+        from undo_cli.quantize import check_library
+
+        check_library(config.quantize)
     eval_specs = parse_named_specs(evals.eval)
     gate_list = parse_gates(gates_given.fail_if)
     storage = sqlite_path(config.search_storage) if config.search else None
     info = stage.check_inputs(
         out, [checkpoint], load, overwrite=overwrite,
-        reads=[*stage.data_paths("--data", data), *stage.eval_paths(evals)],
+        reads=[*stage.data_paths("--data", data), *stage.eval_paths(evals),
+               *stage.data_paths("--benign-data", config.benign_data or [])],
         writes=[("--logging-dir", config.train.logging_dir),
                 *([("--search-storage", storage)] if storage is not None else [])])[0]
     data_options = stage.fit_length(data_options, info.config)
@@ -262,8 +298,8 @@ def relearn_checkpoint(
         measurement = replace(measurement, retain_metric=retain_metric)
     for expr in gate_list:
         expr.check_names(attack_gate_names(available, measurement.threshold))
-    make_stream = None
-    if config.finetune:
+    make_stream = benign_stream = None
+    if data and (config.finetune or config.embedding_attack or config.prune is not None):
         from undo_cli.data import build_stream
 
         def make_stream(seed: int, batch_size: int):
@@ -271,6 +307,14 @@ def relearn_checkpoint(
                                 seed, name="attack", packing=data_options.packing)
 
         make_stream(config.train.seed, config.batch_size_list()[0])  # bad data: fail now
+    if config.benign_data:
+        from undo_cli.data import build_stream
+
+        def benign_stream(seed: int, batch_size: int):
+            return build_stream(tokenizer, list(config.benign_data), data_options.max_length,
+                                batch_size, seed, name="benign", packing=data_options.packing)
+
+        benign_stream(config.train.seed, config.batch_size_list()[0])  # bad data: fail now
     static_attacks = _static_attacks(config, data, raw, tokenizer, evals, retain_metric)
     plot = not measurement.no_plot
     if plot:
@@ -326,7 +370,7 @@ def relearn_checkpoint(
             retain_rule=(retain_metric, measurement.max_retain_drop)
             if measurement.max_retain_drop is not None else None,
             study_name=study or "undo-relearn-attack",
-            log_samples=measurement.log_samples)
+            log_samples=measurement.log_samples, benign_stream=benign_stream)
         if trackers is not None:
             for point in core["worst_case"]:
                 trackers.log({f"worst/{forget_metric}": point.get("value")}, point["step"])
@@ -469,10 +513,21 @@ def _model_saver(root: Path, tokenizer, checkpoint: str | Path, *, layout=None,
         if run.get("seed") is not None:
             name += f"-seed{run['seed']}"
         if run.get("quantize"):
-            name += f"-q{run['quantize']['bits']}"
+            scheme = run["quantize"].get("scheme")
+            name += f"-q{scheme if scheme in ('nf4', 'int8', 'int4') else run['quantize']['bits']}"
         target = root / name
         target.mkdir(parents=True, exist_ok=True)
-        if hasattr(model, "peft_config"):  # a LoRA run: the adapter, on top of CKPT
+        if run.get("attack") == "embedding":  # the soft prompt alone: weights unchanged
+            from safetensors.torch import save_file
+
+            prompt = model.get_input_embeddings().prompt.detach().float().cpu().contiguous()
+            save_file({"prompt": prompt}, str(target / "soft_prompt.safetensors"))
+        elif run.get("attack") == "qlora":  # the adapter sits on the quantised weights
+            import copy
+
+            save_model(copy.deepcopy(model).merge_and_unload(), tokenizer, target,
+                       source=checkpoint, layout=layout)
+        elif hasattr(model, "peft_config"):  # a LoRA run: the adapter, on top of CKPT
             for cfg in model.peft_config.values():
                 cfg.base_model_name_or_path = str(Path(checkpoint).resolve())
             model.save_pretrained(target)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ from undo_cli.engine.processes import all_finite
 from undo_cli.errors import UsageError
 from undo_cli.jsontext import jsonable
 from undo_cli.options import AttackConfig, EvalOptions, RunSpec
+from undo_cli.relearn.families import planned_runs
 from undo_cli.relearn.worst_case import (
     apply_retain_rule,
     attackable_metrics,
@@ -119,7 +121,8 @@ def run_attack(model: torch.nn.Module, tokenizer, eval_sets: Sequence[Any],
                static_attacks: Sequence[StaticAttack] = (),
                retain_rule: tuple[str, float] | None = None,
                study_name: str = "undo-relearn-attack",
-               log_samples: bool = False) -> dict[str, Any]:
+               log_samples: bool = False,
+               benign_stream: Callable[[int, int], Any] | None = None) -> dict[str, Any]:
     """Run the attack on `model` (kept unchanged) and return the results
     (docs/relearn-results.md) without `checkpoint`, `fingerprint`, `eval` and `attack`, which
     the caller adds. `eval_sets` are measured with `evals`' batch size and generation length.
@@ -133,13 +136,18 @@ def run_attack(model: torch.nn.Module, tokenizer, eval_sets: Sequence[Any],
     model before it is dropped (a LoRA run's model is the peft model, its adapter unmerged); it
     must not change the model. With `log_samples` the result holds `_samples`: one record per
     evaluated item of the unattacked model and of each finetuning run's last evaluation (its
-    configuration, seed, step and set; `--log-samples`).
+    configuration, seed, step and set; `--log-samples`). The families of
+    `undo_cli.relearn.families` that `config` asks for (pruning, QLoRA, finetuning on
+    `benign_stream`'s data, the soft prompt) run last, each as runs of their own.
     """
     from undo_cli.stage import Measure
 
     config.validate()
-    if config.finetune and make_stream is None:
+    if (config.finetune or config.embedding_attack or (config.prune or ("",))[0] == "wanda"
+            or config.qlora) and make_stream is None:
         raise UsageError("no attack data stream")
+    if config.benign_data and benign_stream is None:
+        raise UsageError("no benign data stream")
     direction = metric_direction(forget_metric)
     progress = progress or AttackProgress()
     started = time.perf_counter()
@@ -166,12 +174,21 @@ def run_attack(model: torch.nn.Module, tokenizer, eval_sets: Sequence[Any],
         return _finetune_run(model, spec, config, stream_for(spec), measure, initial,
                              initial_items, progress, stop)
 
+    def finetune_from(original: torch.nn.Module, spec: RunSpec, stream: Any,
+                      start: dict[str, float] | None, start_items: dict[str, Any] | None,
+                      *, measure: Any = measure, **kw: Any
+                      ) -> tuple[dict[str, Any], torch.nn.Module]:
+        return _finetune_run(original, spec, config, stream, measure,
+                             initial if start is None else start,
+                             initial_items if start_items is None else start_items,
+                             progress, **kw)
+
     runs: list[dict[str, Any]] = []
     try:
         if config.finetune and config.search:
             from undo_cli.relearn.search import search_runs
 
-            progress.start(config.search, config.steps)
+            progress.start(config.search + planned_runs(config, 1), config.steps)
             search_rank = lora_rank or _lora_rank(model, config.lora_rank,
                                                   lora_target_list(config.lora_targets))
             for run, attacked in search_runs(model, config, finetune, forget_metric,
@@ -180,14 +197,15 @@ def run_attack(model: torch.nn.Module, tokenizer, eval_sets: Sequence[Any],
                          forget_metric)
         elif config.finetune:
             grid = config.grid(lora_rank)
-            progress.start(len(grid) * (2 if config.quantize else 1), config.steps)
+            progress.start(len(grid) * (2 if config.quantize else 1)
+                           + planned_runs(config, len(grid)), config.steps)
             for index, spec in enumerate(grid, 1):
                 progress.run_started(index, spec.lr, spec.seed, spec.config_id)
                 run, attacked = finetune(spec)
                 _collect(runs, run, attacked, config, measure, progress, on_model,
                          forget_metric)
         elif config.quantize is not None:
-            progress.start(1, 0)
+            progress.start(1 + planned_runs(config, len(config.grid(1))), 0)
             progress.run_started(1, None, None, "original, quantised")
             base = {"lr": None, "seed": None, "diverged": False, "steps": 0,
                     "config": "original", "attack": "quantize", "static": True}
@@ -196,18 +214,23 @@ def run_attack(model: torch.nn.Module, tokenizer, eval_sets: Sequence[Any],
             progress.run_finished(qrun, forget_metric)
             if on_model is not None:
                 on_model(qrun, attacked)
+        elif planned_runs(config, len(config.grid(1))):
+            progress.start(planned_runs(config, len(config.grid(1))), config.steps)
         for attack in static_attacks:
             for run, attacked in attack(model, measure):
                 runs.append(run)
                 progress.run_finished(run, forget_metric)
                 if on_model is not None and attacked is not None:
                     on_model(run, attacked)
+        _run_families(runs, model, config, measure, lora_rank, make_stream, benign_stream,
+                      tokenizer, eval_sets, progress, on_model, forget_metric, finetune_from)
     finally:
         progress.close()
         model.train(was_training)
     if retain_rule is not None:
         apply_retain_rule(runs, initial, *retain_rule)
     worst = worst_case_curve(runs, forget_metric, direction)
+    annotate_cost(worst, runs)
     band = _band(runs, worst, forget_metric, direction, initial_items, config.train.seed)
     wall = time.perf_counter() - started
     table = per_config_table(runs, forget_metric, direction)
@@ -242,6 +265,68 @@ def run_attack(model: torch.nn.Module, tokenizer, eval_sets: Sequence[Any],
         "lora_rank": lora_rank,
         **({"_samples": logged} if log_samples else {}),
     })
+
+
+def _run_families(runs: list, model: torch.nn.Module, config: AttackConfig, measure: Any,
+                  lora_rank: int | None, make_stream: Any, benign_stream: Any, tokenizer,
+                  eval_sets: Sequence[Any], progress: AttackProgress,
+                  on_model: ModelHook | None, forget_metric: str, finetune_from: Any) -> None:
+    """Run the attack families `config` asks for (`undo_cli.relearn.families`)."""
+    from undo_cli.relearn.families import FamilyContext, families_for
+
+    families = families_for(config)
+    if not families:
+        return
+    rank = lora_rank or _lora_rank(model, config.lora_rank,
+                                   lora_target_list(config.lora_targets))
+    grid = config.grid(rank if config.lora else None)
+    if config.search:  # the families reuse the configuration the search found strongest
+        grid = _best_specs(runs, config, forget_metric) or grid[:1]
+    ctx = FamilyContext(model=model, config=config, measure=measure, grid=grid,
+                        finetune=finetune_from, attack_stream=make_stream,
+                        benign_stream=benign_stream, lora_rank=rank, tokenizer=tokenizer,
+                        eval_sets=eval_sets, progress=progress)
+    for family in families:
+        for run, attacked in family(ctx):
+            progress.run_started(len(runs) + 1, run.get("lr"), run.get("seed"), run["config"])
+            _collect(runs, run, attacked, config, measure, progress, on_model, forget_metric,
+                     twin=run["attack"] in ("prune+finetune", "benign-finetune"))
+
+
+def annotate_cost(worst: list[dict[str, Any]], runs: list[dict[str, Any]]) -> None:
+    """Give every worst-case point the attacker's cost of the configuration it comes from at
+    that step (`attacker_tokens`, `attacker_flops`: means over its seeds; 0 for the
+    unattacked model and the static attacks)."""
+    from undo_cli.relearn.worst_case import config_key
+
+    for point in worst:
+        costs = []
+        for run in runs:
+            if config_key(run) != (point.get("config"), bool(point.get("quantized"))):
+                continue
+            for entry in run.get("cost") or []:
+                if entry["step"] == point["step"] or run.get("static"):
+                    costs.append(entry)
+        n = len(costs)
+        point["attacker_tokens"] = sum(c["tokens"] for c in costs) / n if n else 0
+        point["attacker_flops"] = sum(c["flops"] for c in costs) / n if n else 0.0
+
+
+def _best_specs(runs: list[dict[str, Any]], config: AttackConfig,
+                forget_metric: str) -> list[RunSpec]:
+    """The `RunSpec`s (every seed) of the finetuning run whose last evaluation is best for
+    the attacker; empty without one."""
+    sign = 1.0 if metric_direction(forget_metric) == "max" else -1.0
+    done = [r for r in runs if r.get("attack") == "finetune" and not r.get("quantize")
+            and r.get("curve") and r["curve"][-1].get(forget_metric) is not None]
+    if not done:
+        return []
+    best = max(done, key=lambda r: sign * r["curve"][-1][forget_metric])
+    return [RunSpec(lr=best["lr"], seed=seed, optimizer=best.get("optimizer", "adamw"),
+                    schedule=best.get("schedule", "constant"),
+                    batch_size=best.get("batch_size", config.train.batch_size),
+                    lora_rank=best.get("lora_rank"), lora_alpha=best.get("lora_alpha"))
+            for seed in config.seed_list()]
 
 
 def _sample_log(run: dict[str, Any], samples: tuple[int, dict[str, list]]) -> list[dict]:
@@ -291,7 +376,7 @@ def _band(runs: list[dict[str, Any]], worst: list[dict[str, Any]], metric: str,
 
 def _collect(runs: list, run: dict[str, Any], attacked: torch.nn.Module, config: AttackConfig,
              measure: Any, progress: AttackProgress, on_model: ModelHook | None,
-             forget_metric: str) -> None:
+             forget_metric: str, twin: bool = True) -> None:
     """Record a finetuning run (and its quantised twin with --quantize); `attacked` is None
     for a trial a resumed search ran before (its run is recorded, its model is gone)."""
     runs.append(run)
@@ -303,7 +388,7 @@ def _collect(runs: list, run: dict[str, Any], attacked: torch.nn.Module, config:
                          f"step {run['diverged_step']}; its later steps do not count")
     if on_model is not None:
         on_model(run, attacked)
-    if config.quantize is not None:
+    if config.quantize is not None and twin:
         qrun, attacked = _quantized_run(attacked, run, config, measure)
         runs.append(qrun)
         progress.run_finished(qrun, forget_metric)
@@ -314,25 +399,32 @@ def _collect(runs: list, run: dict[str, Any], attacked: torch.nn.Module, config:
 def _finetune_run(original: torch.nn.Module, spec: RunSpec, config: AttackConfig,
                   stream: Any, measure: Any, initial: dict[str, float],
                   initial_items: dict[str, Any], progress: AttackProgress,
-                  stop: Callable[[int, dict[str, float]], bool] | None = None
+                  stop: Callable[[int, dict[str, float]], bool] | None = None, *,
+                  steps: int | None = None, frozen_ok: bool = False
                   ) -> tuple[dict[str, Any], torch.nn.Module]:
     """One finetuning run on a fresh copy of `original`: (its results entry, the model).
-    `stop(step, metrics)` may end it early after an evaluation (a pruned search trial)."""
+    `stop(step, metrics)` may end it early after an evaluation (a pruned search trial).
+    `steps` replaces `config.steps`; with `frozen_ok` only the parameters `original` leaves
+    trainable train (the soft prompt). The run's `cost` holds the attacker's tokens and
+    FLOPs (the engine's accounting) at every evaluation."""
     from undo_cli.engine import lm_loss, train
 
     t0 = time.perf_counter()
     eval_time = 0.0
+    steps = steps or config.steps
     model = copy.deepcopy(original)
     if spec.lora_rank:
         from undo_cli.runtime import seed_everything
 
         seed_everything(spec.seed)  # the adapter's random init: from the run's seed alone
         model = _attach_lora(model, config, spec.lora_rank)
-    else:
+    elif not frozen_ok:
         model.requires_grad_(True)
     stream.load_state_dict({"position": 0})
-    schedule = set(range(config.eval_every, config.steps + 1, config.eval_every))
-    schedule.add(config.steps)
+    schedule = set(range(config.eval_every, steps + 1, config.eval_every))
+    schedule.add(steps)
+    tokens_at: dict[int, int] = {0: 0}
+    cost_steps: list[int] = []
     recorded: dict[int, dict[str, float]] = {}
     items: dict[int, dict[str, Any]] = {0: initial_items}
     broken: list[int] = []
@@ -352,6 +444,7 @@ def _finetune_run(original: torch.nn.Module, spec: RunSpec, config: AttackConfig
         metrics = measure(m)
         eval_time += time.perf_counter() - t
         recorded[step] = metrics
+        cost_steps.append(step)
         items[step] = measure.items
         if measure.log_samples:
             last_samples[:] = [(step, measure.samples)]
@@ -360,9 +453,15 @@ def _finetune_run(original: torch.nn.Module, spec: RunSpec, config: AttackConfig
     def should_stop(step: int, metrics: dict[str, float]) -> str | None:
         return "pruned" if stop is not None and metrics and stop(step, metrics) else None
 
-    result = train(model, lm_loss("attack"), {"attack": stream}, config.run_config(spec),
-                   evaluate=evaluate, should_stop=should_stop,
-                   on_step=lambda step, total, tokens: progress.step(step),
+    def on_step(step: int, total: int, tokens: int) -> None:
+        tokens_at[step] = tokens
+        progress.step(step)
+
+    run_config = config.run_config(spec)
+    if steps != config.steps:
+        run_config = replace(run_config, max_steps=steps)
+    result = train(model, lm_loss("attack"), {"attack": stream}, run_config,
+                   evaluate=evaluate, should_stop=should_stop, on_step=on_step,
                    on_log=progress.log)
     diverged_step = result.diverged_step
     if broken:
@@ -378,6 +477,7 @@ def _finetune_run(original: torch.nn.Module, spec: RunSpec, config: AttackConfig
         "curve": curve, "diverged": diverged_step is not None, "diverged_step": diverged_step,
         "pruned": result.stop_reason == "pruned",
         "steps": result.steps, "tokens": result.tokens, "flops": result.flops["total"],
+        "cost": attacker_cost(curve, tokens_at, result.tokens, result.flops["total"]),
         "trainable_parameters": result.trainable_parameters,
         "train_loss": result.loss.get("loss"),
         "wall_time_s": time.perf_counter() - t0, "eval_time_s": eval_time,
@@ -387,27 +487,42 @@ def _finetune_run(original: torch.nn.Module, spec: RunSpec, config: AttackConfig
     return run, result.model
 
 
+def attacker_cost(curve: list[dict[str, Any]], tokens_at: dict[int, int], tokens: int,
+                  flops: float) -> list[dict[str, Any]]:
+    """The attacker's cost at each evaluation of a curve: the tokens trained on up to that
+    step and their FLOPs at the run's FLOPs per token (the engine's accounting, constant
+    within a run; `flops / tokens`)."""
+    per_token = flops / tokens if tokens else 0.0
+    out = []
+    for entry in curve:
+        t = tokens_at.get(entry["step"], tokens if entry["step"] else 0)
+        out.append({"step": entry["step"], "tokens": int(t), "flops": per_token * t})
+    return out
+
+
 def _quantized_run(model: torch.nn.Module, source: dict[str, Any], config: AttackConfig,
                    measure: Callable[[torch.nn.Module], dict[str, float]]
                    ) -> tuple[dict[str, Any], torch.nn.Module]:
     """Quantise `model` in place (a LoRA model is merged first) and evaluate it at the step
     its source run ended; a diverged source run is not quantised."""
-    from undo_cli.quantize import quantize_model
+    from undo_cli.quantize import quantize_model_with, scheme_bits
 
     t0 = time.perf_counter()
-    settings = {"bits": config.quantize, "group_size": config.group_size}
+    settings = {"bits": scheme_bits(config.quantize), "group_size": config.group_size}
     run = {**{k: source[k] for k in ("lr", "seed", "optimizer", "schedule", "batch_size",
                                      "mode", "lora_rank", "config", "attack", "static")
               if k in source},
            "quantize": settings, "curve": [],
            "diverged": bool(source["diverged"]), "diverged_step": source.get("diverged_step"),
            "steps": source["steps"], "tokens": 0, "flops": 0.0, "trainable_parameters": 0,
-           "train_loss": None, "wall_time_s": 0.0, "eval_time_s": 0.0}
+           "train_loss": None, "wall_time_s": 0.0, "eval_time_s": 0.0,
+           "cost": [{"step": source["steps"], "tokens": source.get("tokens", 0),
+                     "flops": source.get("flops", 0.0)}]}
     if source["diverged"]:
         return run, model
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    settings.update(quantize_model(model, config.quantize, config.group_size))
+    settings.update(quantize_model_with(model, config.quantize, config.group_size))
     t = time.perf_counter()
     metrics = measure(model)
     run["eval_time_s"] = time.perf_counter() - t

@@ -27,8 +27,8 @@ def _static_run(attack: str, config: str, seed: int | None, metrics: dict[str, f
     return {"attack": attack, "config": config, "static": True, "lr": None, "seed": seed,
             "quantize": None, "curve": [{"step": 0, **metrics}], "diverged": False,
             "diverged_step": None, "steps": 0, "tokens": 0, "flops": 0.0,
-            "trainable_parameters": 0, "train_loss": None, "wall_time_s": seconds,
-            "eval_time_s": seconds, **extra}
+            "cost": [{"step": 0, "tokens": 0, "flops": 0.0}], "trainable_parameters": 0,
+            "train_loss": None, "wall_time_s": seconds, "eval_time_s": seconds, **extra}
 
 
 # ----------------------------------------------------------------------------- few-shot
