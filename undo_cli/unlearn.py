@@ -240,6 +240,8 @@ def _plan(method: Method, options: UnlearnOptions, model_config: dict, config: T
     from undo_cli.checkpoint.inspection import estimate_parameters
 
     def select(model):
+        if method.steered:
+            _steered_layer(model, options)
         pattern = options.trainable
         if pattern is None and method.default_trainable is not None:
             pattern = method.default_trainable(model, options)
@@ -251,6 +253,15 @@ def _plan(method: Method, options: UnlearnOptions, model_config: dict, config: T
         model_config, config, length=length, streams=2 if has_retain else 1,
         trainable=stage.meta_trainable(model_config, select),
         frozen_parameters=(estimate_parameters(model_config) or 0) if reference else 0)
+
+
+def _steered_layer(model: torch.nn.Module, options: UnlearnOptions) -> int:
+    """RMU's layer (--layer, or the default for the model), checked against the model."""
+    n = num_layers(model)
+    layer = options.layer if options.layer is not None else default_rmu_layer(model)
+    if layer >= n:
+        raise UsageError(f"--layer {layer}: the model has {n} layers (0..{n - 1})")
+    return layer
 
 
 def _hidden_at(output, layer: int) -> torch.Tensor:
@@ -425,10 +436,7 @@ def prepare_method(model: torch.nn.Module, method: str | Method, options: Unlear
     layer = None
     steering = None
     if method.steered:
-        n = num_layers(model)
-        layer = options.layer if options.layer is not None else default_rmu_layer(model)
-        if layer >= n:
-            raise UsageError(f"--layer {layer}: the model has {n} layers (0..{n - 1})")
+        layer = _steered_layer(model, options)
         hidden |= {"forget", "retain"}
         steering = steering_vector(model.config.hidden_size, options.steering_coeff, options.seed)
     reference = None
