@@ -7,6 +7,8 @@
 #   RUN=runs/arithmetic bash benchmarks/attack_matrix.sh          # the demo's output dir
 #   BASE=... UNLEARNED=... UNDO=... ORACLE=... DATA=... OUT=... bash benchmarks/attack_matrix.sh
 #   SMOKE=1 ...                                                   # a seconds-long check
+#   SETTING=language RUN=runs/language UNDO=runs/language/undo-0.6 ...  # examples/language.sh's
+#     models: the Korean loss as the forget metric (forget_eval/retain_eval, loss metrics)
 #
 # Families per model, in one command each: finetuning on the forget data (the demo's grid),
 # PRUNE (default wanda:0.5) alone and before finetuning, QUANTIZE (default nf4, bitsandbytes)
@@ -33,11 +35,23 @@ PROMPT_TOKENS="${PROMPT_TOKENS:-8}"
 LORA_RANK="${LORA_RANK:-16}"
 MAX_RETAIN_DROP="${MAX_RETAIN_DROP:-0.1}"
 SEED="${SEED:-0}"
+SETTING="${SETTING:-arithmetic}"
+EXTRA=()
+if [ "$SETTING" = language ]; then
+  RETAIN_EVAL="${RETAIN_EVAL:-$DATA/retain_eval.jsonl}"
+  FORGET_EVAL="${FORGET_EVAL:-$DATA/forget_eval.jsonl}"
+  FORGET_METRIC=forget.loss; RETAIN_METRIC=retain.loss
+  EXTRA=(--eval-limit "${EVAL_LIMIT:-32}")
+else
+  RETAIN_EVAL="${RETAIN_EVAL:-$DATA/retain_eval_equation.jsonl}"
+  FORGET_EVAL="${FORGET_EVAL:-$DATA/forget_eval_equation.jsonl}"
+  FORGET_METRIC=forget.accuracy; RETAIN_METRIC=retain.accuracy
+fi
 if [ "${SMOKE:-0}" = 1 ]; then
   STEPS=2; LRS=1e-3; EVAL_EVERY=1; EMBED_STEPS=2; PROMPT_TOKENS=2; LORA_RANK=4; BATCH=4
 fi
 
-EVALS=(--eval "retain=$DATA/retain_eval_equation.jsonl" --eval "forget=$DATA/forget_eval_equation.jsonl")
+EVALS=(--eval "retain=$RETAIN_EVAL" --eval "forget=$FORGET_EVAL")
 mkdir -p "$OUT"
 START=$SECONDS
 REPORT=()
@@ -45,7 +59,7 @@ for pair in "base=$BASE" "unlearned=$UNLEARNED" "undo=$UNDO" "oracle=$ORACLE"; d
   label="${pair%%=*}"; model="${pair#*=}"
   t0=$SECONDS
   undo relearn-attack "$model" --data "$DATA/forget_train.jsonl" "${EVALS[@]}" \
-    --forget-metric forget.accuracy --retain-metric retain.accuracy \
+    --forget-metric "$FORGET_METRIC" --retain-metric "$RETAIN_METRIC" "${EXTRA[@]}" \
     --lrs "$LRS" --steps "$STEPS" --eval-every "$EVAL_EVERY" --batch-size "$BATCH" \
     --max-length "$LENGTH" --seed "$SEED" \
     --prune "$PRUNE" --quantize "$QUANTIZE" --qlora --lora-rank "$LORA_RANK" \
