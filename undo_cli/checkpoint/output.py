@@ -34,6 +34,7 @@ from undo_cli.checkpoint.lock import (
 from undo_cli.checkpoint.swap import exchange, signals_deferred
 from undo_cli.errors import UndoError, UsageError
 from undo_cli.options import SaveOptions, parse_size
+from undo_cli.options.paths import current_reads
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,13 @@ def _check_name(out: Path) -> None:
                          f"most {limit - SIBLING_BYTES} bytes here")
 
 
+def _check_reads(reads: Iterable[tuple[str, str | Path]], out: Path, resolved: Path) -> None:
+    for flag, path in reads:
+        if _is_within(_resolved(path), resolved):
+            raise UsageError(f"{flag} {path} lies inside the output {out}, which the run "
+                             "replaces: move it out of OUT or choose another OUT")
+
+
 def check_output_path(out: str | Path, *, inputs: Iterable[str | Path] = (),
                       reads: Iterable[tuple[str, str | Path]] = (),
                       overwrite: bool = False) -> Path:
@@ -104,21 +112,22 @@ def check_output_path(out: str | Path, *, inputs: Iterable[str | Path] = (),
 
     `inputs` are checkpoints (or results directories) the command reads: OUT may not lie in
     one, be one or contain one. `reads` are `(flag, path)` of every other path it reads or
-    writes besides OUT: none may lie inside OUT or be OUT.
+    writes besides OUT: none may lie inside OUT or be OUT; nor may any path-typed option the
+    running command declared (`undo_cli.options.paths`).
     """
     out = real_output(out)
     _check_name(out)
     resolved = _resolved(out)
+    declared = current_reads()  # options first, so that the message names the flag
+    options = [(flag, path) for flag, path in declared if flag.startswith("-")]
+    _check_reads(options, out, resolved)
     for inp in inputs:
         inp_resolved = _resolved(inp)
         if _is_within(resolved, inp_resolved):
             raise UsageError(f"output {out} lies inside input {inp}: choose a path outside it")
         if _is_within(inp_resolved, resolved):
             raise UsageError(f"output {out} contains input {inp}: choose another output path")
-    for flag, path in reads:
-        if _is_within(_resolved(path), resolved):
-            raise UsageError(f"{flag} {path} lies inside the output {out}, which the run "
-                             "replaces: move it out of OUT or choose another OUT")
+    _check_reads([*reads, *(r for r in declared if r not in options)], out, resolved)
     if out.exists():
         if not out.is_dir():
             raise UsageError(f"output {out} exists and is not a directory")

@@ -20,10 +20,12 @@ from undo_cli.options import (
     SaveOptions,
     TrainConfig,
 )
+from undo_cli.options.paths import plain_paths, weighted_paths
 
 
 @app.command("distill")
-@with_options("distill", train=TrainConfig, data_options=DataOptions, evals=EvalOptions,
+@with_options("distill", reads={"student": plain_paths, "data": weighted_paths},
+              train=TrainConfig, data_options=DataOptions, evals=EvalOptions,
               distill=DistillOptions, noise=NoiseOptions, load=LoadOptions, save=SaveOptions,
               output=OutputOptions, exclude=("sam_rho",))
 def distill_command(

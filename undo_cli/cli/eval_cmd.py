@@ -21,6 +21,7 @@ from undo_cli.cli.options import with_options
 from undo_cli.errors import UsageError
 from undo_cli.jsontext import is_finite_number
 from undo_cli.options import EvalOptions, GateOptions, LoadOptions, check_number, check_seed
+from undo_cli.options.paths import named_paths
 from undo_cli.records import parse_named_specs
 from undo_cli.stats import is_uncertainty
 
@@ -129,7 +130,8 @@ def _write_samples(path: Path, records: list[dict[str, Any]]) -> None:
 
 
 @app.command("eval")
-@with_options("eval", load=LoadOptions, gates=GateOptions)
+@with_options("eval", outputs=("log_samples",), reads={"data": named_paths}, load=LoadOptions,
+              gates=GateOptions)
 def eval_command(
     checkpoints: list[Path] = typer.Argument(..., metavar="CKPT...",
                                              help="Checkpoint directories to evaluate."),

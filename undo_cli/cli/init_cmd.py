@@ -11,10 +11,11 @@ from undo_cli.cli import app
 from undo_cli.cli.common import emit_json, info
 from undo_cli.cli.options import with_options
 from undo_cli.options import SaveOptions, check_number, check_seed
+from undo_cli.options.paths import plain_paths
 
 
 @app.command("init")
-@with_options("init", save=SaveOptions)
+@with_options("init", reads={"tokenizer": plain_paths}, save=SaveOptions)
 def init_command(
     out: Path = typer.Argument(..., metavar="OUT", help="Output checkpoint directory."),
     arch: str = typer.Option("llama", help="Architecture: llama, gemma2, gpt2 or qwen2."),

@@ -22,9 +22,11 @@ import types
 import typing
 from collections.abc import Callable, Iterable
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 from undo_cli.options import COMMAND_DEFAULTS, COMMAND_HELP, check, flag_of
+from undo_cli.options.paths import declared_reads, existing, plain_paths
 
 
 def _cli_type(f, hint: Any) -> Any:
@@ -34,12 +36,26 @@ def _cli_type(f, hint: Any) -> Any:
     return kind
 
 
-def with_options(command: str, *, exclude: Iterable[str] = (),
+def _is_path(hint: Any) -> bool:
+    """Whether a type hint is `Path`, `list[Path]` or an Optional of one."""
+    if hint is Path:
+        return True
+    return any(_is_path(arg) for arg in typing.get_args(hint))
+
+
+def with_options(command: str, *, exclude: Iterable[str] = (), outputs: Iterable[str] = ("out",),
+                 reads: dict[str, Callable[[Any], list[str]]] | None = None,
                  **groups: type) -> Callable[[Callable], Callable]:
-    """Decorator: the fields of `groups` become options of `command` (module doc)."""
+    """Decorator: the fields of `groups` become options of `command` (module doc).
+
+    Every path-typed option (a `Path` field or parameter but those named in `outputs`, a field
+    declared with `option(reads=...)`, a parameter named in `reads` with the function that
+    finds its paths) is one of the command's reads: while the command runs,
+    `check_output_path` refuses an OUT containing any that exists (`undo_cli.options.paths`).
+    """
     import typer
 
-    exclude = set(exclude)
+    exclude, outputs, reads = set(exclude), set(outputs), dict(reads or {})
     defaults = COMMAND_DEFAULTS.get(command, {})
     helps = COMMAND_HELP.get(command, {})
 
@@ -50,6 +66,11 @@ def with_options(command: str, *, exclude: Iterable[str] = (),
         if missing:
             raise TypeError(f"{func.__name__} has no parameter for option groups {missing}")
         own = [p for name, p in signature.parameters.items() if name not in groups]
+        # (parameter, its flag, how to find its paths) of every path-typed parameter
+        path_params = [(p.name, _param_flag(p), reads.get(p.name, plain_paths)) for p in own
+                       if p.name in reads or (p.name not in outputs
+                                              and _is_path(hints.get(p.name)))]
+        path_fields: dict[str, list[tuple[str, str, Callable]]] = {}
         added: list[inspect.Parameter] = []
         annotations = {p.name: hints[p.name] for p in own if p.name in hints}
         plan: dict[str, list[tuple[str, Any]]] = {}  # group -> (field, internal name)
@@ -59,6 +80,10 @@ def with_options(command: str, *, exclude: Iterable[str] = (),
             field_hints = typing.get_type_hints(cls)
             base = cls()
             plan[group], fixed[group] = [], {}
+            path_fields[group] = [
+                (f.name, flag_of(f), f.metadata.get("reads") or plain_paths)
+                for f in fields(cls) if f.metadata.get("reads")
+                or (f.name not in outputs and _is_path(field_hints[f.name]))]
             for f in fields(cls):
                 default = defaults.get(f.name, getattr(base, f.name))
                 if f.name in exclude or not f.metadata.get("cli", False):
@@ -103,7 +128,13 @@ def with_options(command: str, *, exclude: Iterable[str] = (),
                 instance = cls(**values)
                 check(instance)
                 built[group] = instance
-            return func(*args, **kwargs, **built)
+            found = [read for name, flag, extract in path_params
+                     for read in existing(flag, kwargs.get(name), extract)]
+            found += [read for group, entries in path_fields.items()
+                      for name, flag, extract in entries
+                      for read in existing(flag, getattr(built[group], name), extract)]
+            with declared_reads(found):
+                return func(*args, **kwargs, **built)
 
         params = [p.replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD,
                             annotation=hints.get(p.name, p.annotation)) for p in own]
@@ -113,3 +144,14 @@ def with_options(command: str, *, exclude: Iterable[str] = (),
         return wrapper
 
     return decorate
+
+
+def _param_flag(p: inspect.Parameter) -> str:
+    """The flag of a parameter declared with `typer.Option` (its first `--name`), or the
+    parameter's name in capitals for an argument."""
+    decls = [d for d in getattr(p.default, "param_decls", None) or () if d.startswith("--")]
+    if decls:
+        return decls[0]
+    if type(p.default).__name__ == "OptionInfo":
+        return "--" + p.name.replace("_", "-")
+    return getattr(p.default, "metavar", None) or p.name.upper()

@@ -13,6 +13,7 @@ from undo_cli.cli.common import emit_json, err_console, info, show_output
 from undo_cli.cli.options import with_options
 from undo_cli.errors import UsageError
 from undo_cli.options import LoadOptions, OutputOptions, check_number, check_seed
+from undo_cli.options.paths import named_paths
 
 
 def render(results: list[dict[str, Any]]) -> None:
@@ -35,7 +36,7 @@ def render(results: list[dict[str, Any]]) -> None:
 
 
 @app.command("probe")
-@with_options("probe", load=LoadOptions, output=OutputOptions)
+@with_options("probe", reads={"data": named_paths}, load=LoadOptions, output=OutputOptions)
 def probe_command(
     checkpoints: list[Path] = typer.Argument(..., metavar="CKPT...",
                                              help="Checkpoints to probe (e.g. base, unlearned, "

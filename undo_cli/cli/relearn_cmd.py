@@ -27,6 +27,7 @@ from undo_cli.options import (
     SaveOptions,
     TrainConfig,
 )
+from undo_cli.options.paths import named_paths, weighted_paths
 from undo_cli.records import parse_named_specs
 
 _LABELS = {"accuracy": "acc", "accuracy_norm": "acc_norm"}
@@ -186,7 +187,8 @@ _HELP = (
 
 
 @app.command("relearn-attack", help=_HELP)
-@with_options("relearn-attack", attack=AttackConfig, train=TrainConfig,
+@with_options("relearn-attack", reads={"data": weighted_paths, "compare": named_paths},
+              attack=AttackConfig, train=TrainConfig,
               data_options=DataOptions, evals=EvalOptions, measurement=AttackMeasurement,
               gates=GateOptions, load=LoadOptions, save=SaveOptions, output=OutputOptions,
               exclude=("lr", "optimizer", "max_steps", "max_tokens", "max_flops", "save_every",

@@ -18,10 +18,13 @@ from undo_cli.options import (
     SaveOptions,
     TrainConfig,
 )
+from undo_cli.options.paths import plain_paths, weighted_paths
 
 
 @app.command("train")
-@with_options("train", train=TrainConfig, data_options=DataOptions, evals=EvalOptions,
+@with_options("train", reads={"init": plain_paths, "data": weighted_paths,
+                                    "tokenizer": plain_paths},
+              train=TrainConfig, data_options=DataOptions, evals=EvalOptions,
               load=LoadOptions, save=SaveOptions, output=OutputOptions, exclude=("sam_rho",))
 def train_command(
     out: Path = typer.Argument(..., metavar="OUT", help="Output checkpoint directory."),

@@ -20,6 +20,7 @@ from undo_cli.options import (
     TrainConfig,
     UnlearnOptions,
 )
+from undo_cli.options.paths import weighted_paths
 
 _SUMMARY = ("Suppress a capability: train IN to forget the --forget data while keeping the "
             "--retain data, and write the result to OUT (the Unlearn step of UNDO, "
@@ -66,7 +67,8 @@ def _method_help() -> str:
 
 @app.command("unlearn", cls=lazy_help(_help, options={"method": _method_help}),
              short_help=_SUMMARY)
-@with_options("unlearn", train=TrainConfig, data_options=DataOptions, evals=EvalOptions,
+@with_options("unlearn", reads={"forget": weighted_paths, "retain": weighted_paths},
+              train=TrainConfig, data_options=DataOptions, evals=EvalOptions,
               method_options=UnlearnOptions, load=LoadOptions, save=SaveOptions,
               output=OutputOptions)
 def unlearn_command(

@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 from undo_cli.errors import UsageError
 from undo_cli.options.base import ATTACK, IN_OUT, MEASUREMENT, check, option
 from undo_cli.options.groups import OPTIMIZERS, TrainConfig
+from undo_cli.options.paths import sqlite_path
 
 
 def _log_grid(low: float, high: float, n: int = 10) -> tuple[float, ...]:
@@ -157,7 +158,7 @@ class AttackConfig:
                                         "sqlite:///attack.db) so that an interrupted search "
                                         "resumes: finished trials are reused, the study runs "
                                         "until it has --search trials.", metavar="URL",
-                                        panel=ATTACK)
+                                        panel=ATTACK, reads=sqlite_path)
     lora: bool = option(False, "Attack with a LoRA adapter instead of full finetuning.",
                         panel=ATTACK)
     lora_rank: int = option(128, "LoRA rank (clipped to the narrowest wrapped layer of a tiny "

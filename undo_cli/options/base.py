@@ -26,17 +26,20 @@ def option(default: Any = None, help: str = "", *, flag: str | None = None,  # n
            short: str | None = None, metavar: str | None = None, panel: str | None = None,
            cli: bool = True, minimum: float | None = None, above: float | None = None,
            maximum: float | None = None, choices: tuple[str, ...] | None = None,
-           factory: Any = None, parse: Any = None) -> Any:
+           factory: Any = None, parse: Any = None, reads: Any = None) -> Any:
     """A dataclass field with what the command line and `check` need.
 
     `flag` defaults to `--field-name`; `minimum`/`maximum` bound a number (inclusive),
     `above` from below (exclusive); every float must be finite; `choices` lists the accepted
     strings. `cli=False` keeps the field out of the command line (set by the library);
-    `parse` turns the text given on the command line into the field's value.
+    `parse` turns the text given on the command line into the field's value. A `Path` field
+    is one of the command's reads (`undo_cli.options.paths`); text naming files declares how
+    to find them with `reads=` (`named_paths`, `weighted_paths`, `sqlite_path`).
     """
     metadata = {"help": help, "flag": flag, "short": short, "metavar": metavar,
                 "panel": panel, "cli": cli, "minimum": minimum, "above": above,
-                "maximum": maximum, "choices": choices, "parse": parse}
+                "maximum": maximum, "choices": choices, "parse": parse,
+                "reads": reads}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)

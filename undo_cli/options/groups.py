@@ -22,6 +22,7 @@ from undo_cli.options.base import (
     option,
     parse_size,
 )
+from undo_cli.options.paths import named_paths
 
 SCHEDULES = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adamw", "adam", "sgd", "sgd-nesterov", "adagrad")
@@ -150,7 +151,8 @@ class EvalOptions:
 
     eval: list[str] = option(help="Held-out data evaluated every --eval-every steps and at "
                              "the end (metrics NAME.loss, NAME.accuracy, ...; repeatable).",
-                             metavar="NAME=PATH", panel=EVALUATION, factory=list)
+                             metavar="NAME=PATH", panel=EVALUATION, factory=list,
+                             reads=named_paths)
     eval_batch_size: int | None = option(None, "Batch size of evaluation (default: "
                                          "automatic).", panel=EVALUATION, minimum=1)
     max_new_tokens: int = option(32, "Greedy tokens generated per prompt when measuring "
