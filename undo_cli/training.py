@@ -47,7 +47,6 @@ def train_checkpoint(out: str | Path, init: str, data: list[str], *,
     train = train or TrainConfig(lr=None)
     data_options, evals = data_options or DataOptions(), evals or EvalOptions()
     load, save = load or LoadOptions(), save or SaveOptions()
-    save.validate()
     preset = init in PRESETS and not Path(init).exists()
     if not preset:
         if not Path(init).exists():

@@ -40,7 +40,6 @@ from undo_cli.options import (
     SaveOptions,
     TrainConfig,
     UnlearnOptions,
-    compile_pattern,
 )
 
 Batch = dict[str, torch.Tensor]
@@ -372,21 +371,12 @@ class MethodSetup:
         return round(self.reference_parameters * sizes[name] / total) if total else 0
 
 
-def validate_options(method: Method, options: UnlearnOptions, *, has_retain: bool) -> None:
-    """Refuse option values that cannot work, before anything is loaded."""
+def check_retain(method: Method, *, has_retain: bool) -> None:
+    """Refuse retain data for a method without a retain term, before anything is loaded.
+    (The options' own values were checked when the `UnlearnOptions` was built.)"""
     if has_retain and not method.uses_retain:
         raise UsageError(f"method {method.name!r} has no retain term; drop --retain or use "
                          "'graddiff' (gradient ascent + retain)")
-    if options.retain_weight is not None and not options.retain_weight >= 0:
-        raise UsageError("--retain-weight must be >= 0")
-    if not options.beta > 0:
-        raise UsageError("--beta must be > 0")
-    if options.layer is not None and options.layer < 0:
-        raise UsageError("--layer must be >= 0")
-    if not (options.repnoise_alpha >= 0 and options.repnoise_beta >= 0):
-        raise UsageError("--repnoise-alpha and --repnoise-beta must be >= 0")
-    if options.trainable is not None:
-        compile_pattern("--trainable", options.trainable)
 
 
 def prepare_method(model: torch.nn.Module, method: str | Method, options: UnlearnOptions, *,
@@ -397,7 +387,7 @@ def prepare_method(model: torch.nn.Module, method: str | Method, options: Unlear
     training. The model's parameters are not touched: pass `setup.parameters` to `train`.
     """
     method = get_method(method) if isinstance(method, str) else method
-    validate_options(method, options, has_retain=has_retain)
+    check_retain(method, has_retain=has_retain)
     weight = options.retain_weight if options.retain_weight is not None else method.retain_weight
     hidden = {"forget"} if options.repnoise else set()
     layer = None
@@ -482,19 +472,17 @@ def unlearn_checkpoint(
     options = options or UnlearnOptions()
     data_options, evals = data_options or DataOptions(), evals or EvalOptions()
     load, save = load or LoadOptions(), save or SaveOptions()
-    save.validate()
     config = train_config or TrainConfig(lr=None, schedule="constant")
     chosen = get_method(method)
     forget_specs, retain_specs = list(forget_specs), list(retain_specs)
     if not forget_specs:
         raise UsageError("no forget data: give --forget FILE")
     options = replace(options, seed=config.seed)
-    validate_options(chosen, options, has_retain=bool(retain_specs))
+    check_retain(chosen, has_retain=bool(retain_specs))
     if config.max_steps is None and config.max_tokens is None and config.max_flops is None:
         config = replace(config, max_steps=chosen.max_steps)
     config = config.for_output(dst)
-    # lr None is chosen once the model (its size) is known.
-    replace(config, lr=1.0 if config.lr is None else config.lr).validate()
+    config.validate(lr_decided_later=True)  # lr None: chosen once the model's size is known
     info = stage.check_inputs(
         dst, [src], load, overwrite=overwrite,
         reads=[*stage.data_paths("--forget", forget_specs),

@@ -228,12 +228,15 @@ def test_steering_vector_is_a_seeded_scaled_unit_vector():
 def test_option_validation():
     ga = unlearn.get_method("ga")
     with pytest.raises(UsageError, match="no retain term"):
-        unlearn.validate_options(ga, unlearn.UnlearnOptions(), has_retain=True)
-    npo = unlearn.get_method("npo")
-    for bad in (dict(beta=0.0), dict(retain_weight=-1.0), dict(layer=-1),
-                dict(repnoise_beta=-1.0), dict(trainable="(")):
-        with pytest.raises(UsageError):
-            unlearn.validate_options(npo, unlearn.UnlearnOptions(**bad), has_retain=True)
+        unlearn.check_retain(ga, has_retain=True)
+    unlearn.check_retain(unlearn.get_method("npo"), has_retain=True)
+    # An invalid group cannot be built: each value is checked (and a pattern compiled) there.
+    for bad, flag in ((dict(beta=0.0), "--beta"), (dict(retain_weight=-1.0), "--retain-weight"),
+                      (dict(layer=-1), "--layer"), (dict(repnoise_beta=-1.0), "--repnoise-beta"),
+                      (dict(trainable="("), "--trainable")):
+        with pytest.raises(UsageError, match=flag):
+            unlearn.UnlearnOptions(**bad)
+    assert unlearn.UnlearnOptions(trainable="mlp").trainable.regex.search("x.mlp.y")
 
 
 def test_repnoise_adds_its_term(small):

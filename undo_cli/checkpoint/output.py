@@ -33,7 +33,7 @@ from undo_cli.checkpoint.lock import (
 )
 from undo_cli.checkpoint.swap import exchange, signals_deferred
 from undo_cli.errors import UndoError, UsageError
-from undo_cli.options import SaveOptions, parse_size
+from undo_cli.options import SaveOptions
 from undo_cli.options.paths import current_reads
 
 log = logging.getLogger(__name__)
@@ -298,7 +298,7 @@ def save_layout(save: SaveOptions | None, source=None) -> Layout:
     stored = source.stored_dtype() if source is not None else None
     dtype = save.save_dtype if save.save_dtype != "auto" else stored or "float32"
     if save.max_shard_size is not None:
-        return Layout(dtype, parse_size(save.max_shard_size, "--max-shard-size"))
+        return Layout(dtype, save.max_shard_size.bytes)  # parsed when `save` was built
     largest = source.largest_shard_bytes() if source is not None else None
     if largest is None:
         return Layout(dtype, ONE_FILE)

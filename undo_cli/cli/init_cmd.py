@@ -58,7 +58,6 @@ def init_command(
                         ("--intermediate", intermediate), ("--max-position", max_position)):
         check_number(flag, value, minimum=1)
     check_seed("--seed", seed)
-    save.validate()
     reads = [("--tokenizer", tokenizer)] if Path(tokenizer).exists() else []
     check_output_path(out, overwrite=overwrite, reads=reads)
     shape = resolve_shape(preset, layers=layers, hidden=hidden, heads=heads,

@@ -2,7 +2,8 @@
 
 A command declares which groups it takes; their fields become its options, with the flag, help
 and help panel the field declares, the command's defaults from `COMMAND_DEFAULTS` and its help
-from `COMMAND_HELP`. The function receives one instance of each group, checked:
+from `COMMAND_HELP`. The function receives one instance of each group, built from the text
+given (a group parses and checks itself when it is built, `options.base.settle`):
 
     @app.command("distill")
     @with_options("distill", train=TrainConfig, evals=EvalOptions, distill=DistillOptions,
@@ -25,7 +26,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from undo_cli.options import COMMAND_DEFAULTS, COMMAND_HELP, check, flag_of
+from undo_cli.options import COMMAND_DEFAULTS, COMMAND_HELP, flag_of
+from undo_cli.options.base import settle
 from undo_cli.options.paths import declared_reads, existing, plain_paths
 
 
@@ -74,12 +76,14 @@ def with_options(command: str, *, exclude: Iterable[str] = (), outputs: Iterable
         added: list[inspect.Parameter] = []
         annotations = {p.name: hints[p.name] for p in own if p.name in hints}
         plan: dict[str, list[tuple[str, Any]]] = {}  # group -> (field, internal name)
+        parsed: dict[str, set[str]] = {}  # group -> fields with a parse hook
         fixed: dict[str, dict[str, Any]] = {}  # group -> excluded fields' values
         flags: set[str] = set()
         for group, cls in groups.items():
             field_hints = typing.get_type_hints(cls)
             base = cls()
             plan[group], fixed[group] = [], {}
+            parsed[group] = {f.name for f in fields(cls) if f.metadata.get("parse")}
             path_fields[group] = [
                 (f.name, flag_of(f), f.metadata.get("reads") or plain_paths)
                 for f in fields(cls) if f.metadata.get("reads")
@@ -119,14 +123,12 @@ def with_options(command: str, *, exclude: Iterable[str] = (), outputs: Iterable
                 values = dict(fixed[group])
                 for name, internal in plan[group]:
                     value = kwargs.pop(internal)
-                    parse = next(f for f in fields(cls) if f.name == name).metadata.get("parse")
-                    if parse is not None:
-                        if value is None:
-                            continue
-                        value = parse(value)
+                    if value is None and name in parsed[group]:
+                        continue  # the field's own default applies
                     values[name] = value
-                instance = cls(**values)
-                check(instance)
+                instance = cls(**values)  # parses its text and checks itself
+                if not hasattr(cls, "__post_init__"):
+                    settle(instance)
                 built[group] = instance
             found = [read for name, flag, extract in path_params
                      for read in existing(flag, kwargs.get(name), extract)]

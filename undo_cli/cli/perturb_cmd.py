@@ -61,16 +61,9 @@ def perturb_command(
 
     # numpy's OpenBLAS would start a spinning thread per core; perturb uses no BLAS.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    from undo_cli.checkpoint.safetensors_io import parse_size
-    from undo_cli.layers import parse_layer_range
-    from undo_cli.perturb import make_options, perturb_checkpoint
+    from undo_cli.perturb import perturb_checkpoint
 
-    # Check every argument before any work.
-    s = settings
-    make_options(s.alpha, s.beta, seed, s.noise, s.include or None, s.exclude or None)
-    parse_layer_range(s.layers)
-    if max_shard_size is not None:
-        parse_size(max_shard_size)
+    s = settings  # checked and parsed when built; perturb_checkpoint checks the rest first
     display = ProgressDisplay(show_output(output.quiet), transient=True, bytes_=True)
 
     def progress(done: int, total: int) -> None:

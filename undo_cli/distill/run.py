@@ -14,7 +14,6 @@ from undo_cli import stage
 from undo_cli.distill.loss import kd_loss_fn
 from undo_cli.distill.teachers import TeacherCache, TeacherSwitch
 from undo_cli.errors import UsageError
-from undo_cli.layers import parse_layer_range
 from undo_cli.options import (
     DISTILL_EVAL_EVERY,
     DISTILL_STOP_WHEN_CAP,
@@ -26,8 +25,8 @@ from undo_cli.options import (
     NoiseOptions,
     SaveOptions,
     TrainConfig,
-    compile_pattern,
 )
+from undo_cli.options.text import layer_numbers
 
 RANDOM_STUDENT_SEED_OFFSET = 7919
 LISTED_NAMES = 50  # tensor names listed in the manifest per category (then only counted)
@@ -103,7 +102,7 @@ def hidden_layer_list(options: DistillOptions, student, teachers: Sequence[Any]
             raise UsageError(f"--hidden-loss-weight compares hidden states layer by layer: "
                              f"student and teacher need the same number of layers and hidden "
                              f"size (student {shape}, teacher {_shape(teacher)})")
-    layers = parse_layer_range(options.hidden_layers, "--hidden-layers")
+    layers = layer_numbers(options.hidden_layers)
     if layers is None:
         return list(range(shape[0]))
     if layers[-1] >= shape[0]:
@@ -141,17 +140,6 @@ def _plan(teacher, options: DistillOptions, noise: NoiseOptions) -> _Plan:
     return _Plan(trained=trained, noise_only=only, noise=record)
 
 
-def _validate(options: DistillOptions, noise: NoiseOptions) -> None:
-    """Every check that needs no model, before any work."""
-    options.validate()
-    noise.validate()
-    parse_layer_range(options.train_layers, "--train-layers")
-    parse_layer_range(options.hidden_layers, "--hidden-layers")
-    parse_layer_range(noise.layers, "--layers")
-    if options.train_pattern is not None:
-        compile_pattern("--train", options.train_pattern)
-
-
 def distill_checkpoint(teacher_path: str | Path, student: str, out: str | Path, *,
                        data: Sequence[str], options: DistillOptions | None = None,
                        noise: NoiseOptions | None = None, train: TrainConfig | None = None,
@@ -185,11 +173,9 @@ def distill_checkpoint(teacher_path: str | Path, student: str, out: str | Path, 
     options, data_options = options or DistillOptions(), data_options or DataOptions()
     evals, load = evals or EvalOptions(), load or LoadOptions()
     save = save or SaveOptions()
-    save.validate()
     noise = noise or NoiseOptions(alpha=None, beta=None)
     train = train or TrainConfig(lr=1e-3)
     student = student or ("teacher" if noise.alpha is not None else "")
-    _validate(options, noise)
     budget = train.max_steps or train.max_tokens or train.max_flops
     if budget is None:
         train = replace(train, max_steps=DISTILL_STOP_WHEN_CAP if options.stop_when
@@ -313,7 +299,7 @@ def distill_checkpoint(teacher_path: str | Path, student: str, out: str | Path, 
     selection = {
         "trained": None if plan.trained is None else {
             "pattern": options.train_pattern,
-            "layers": list(parse_layer_range(options.train_layers) or []) or None,
+            "layers": list(layer_numbers(options.train_layers) or []) or None,
             "names": plan.trained[:LISTED_NAMES], "count": len(plan.trained)},
         "noise": plan.noise,
         "hidden_loss": None if hidden_layers is None else {

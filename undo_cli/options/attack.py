@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, replace
 
 from undo_cli.errors import UsageError
-from undo_cli.options.base import ATTACK, IN_OUT, MEASUREMENT, check, option
+from undo_cli.options.base import ATTACK, IN_OUT, MEASUREMENT, option, settle
 from undo_cli.options.groups import OPTIMIZERS, TrainConfig
 from undo_cli.options.paths import sqlite_path
 
@@ -206,6 +206,9 @@ class AttackConfig:
     train: TrainConfig = option(help="Every run's engine settings.", cli=False,
                                 factory=lambda: TrainConfig(schedule="constant", max_steps=1))
 
+    def __post_init__(self) -> None:
+        settle(self)
+
     @property
     def mode(self) -> str:
         """"full" or "lora" finetuning, "none" without it."""
@@ -246,8 +249,9 @@ class AttackConfig:
                 for seed in self.seed_list()]
 
     def validate(self) -> None:
-        """`UsageError` (named as the command-line options) for impossible settings."""
-        check(self)
+        """`UsageError` (named as the command-line options) for an attack that cannot run
+        (once the library has set `finetune` and `train`; each value was checked when the
+        group was built)."""
         if self.quantize is not None or self.group_size is not None:
             if self.quantize is None:
                 raise UsageError("--group-size needs --quantize")
@@ -317,3 +321,6 @@ class AttackMeasurement:
                                "evaluation (prompt, choices or target, log-likelihoods or "
                                "generated text, correct or not), as lm-evaluation-harness's "
                                "--log_samples.", panel=IN_OUT)
+
+    def __post_init__(self) -> None:
+        settle(self)

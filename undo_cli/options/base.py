@@ -4,11 +4,13 @@ accepted values), `flag_of`, and `check` (parse-time validation naming the flag)
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import field, fields
 from typing import Any
 
 from undo_cli.errors import UsageError
+from undo_cli.options.text import compile_pattern, size_in_bytes  # noqa: F401 - re-exported
+
+parse_size = size_in_bytes  # the name the library has used
 
 TRAINING = "Training"
 DATA = "Data"
@@ -74,44 +76,26 @@ def check_number(flag: str, value: Any, *, minimum: float | None = None,
         raise UsageError(f"{flag} must be at most {maximum:g} (got {value:g})")
 
 
-def parse_size(text: str | int, flag: str | None = None) -> int:
-    """`"2GB"` -> 2_000_000_000, `"500MiB"` -> 524_288_000, `"1234"` -> 1234 (bytes);
-    `UsageError` (naming `flag` if given) for anything else or a size below one byte."""
-    where = f"{flag} " if flag else ""
-    if isinstance(text, int):
-        size = text
-    else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", text.upper())
-        if not m:
-            raise UsageError(f"{where}cannot read size {text!r}: expected e.g. 2GB, 500MB, "
-                             "1GiB or a number of bytes")
-        number, unit = float(m.group(1)), m.group(2)
-        unit = unit if unit.endswith("B") or not unit else unit + "B"
-        base = 1024 if "I" in unit else 1000
-        power = {"": 0, "B": 0, "KB": 1, "MB": 2, "GB": 3, "TB": 4,
-                 "KIB": 1, "MIB": 2, "GIB": 3, "TIB": 4}.get(unit)
-        if power is None:
-            raise UsageError(f"{where}cannot read size {text!r}: unknown unit {unit}")
-        size = int(number * base**power)
-    if size < 1:
-        raise UsageError(f"{where}size {text!r} must be positive")
-    return size
-
-
-def compile_pattern(flag: str, pattern: str) -> re.Pattern:
-    """`pattern` compiled, or a `UsageError` naming `flag` for an invalid regular expression."""
-    try:
-        return re.compile(pattern)
-    except re.error as e:
-        raise UsageError(f"{flag} {pattern!r} is not a valid regular expression ({e})") from e
-
-
 def check_seed(flag: str, value: int) -> None:
     """`UsageError` naming `flag` for a seed outside 0 .. 2**63 - 1."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise UsageError(f"{flag} must be an integer (got {value!r})")
     if not 0 <= value <= SEED_MAX:
         raise UsageError(f"{flag} must lie in 0 .. 2**63 - 1 (got {value})")
+
+
+def settle(group: Any) -> None:
+    """Make a group final where it is built (its `__post_init__`): plain text in a field with
+    a `parse` hook becomes the hook's typed value, then `check` validates every field. A
+    group that exists is valid; nothing downstream parses or checks it again."""
+    for f in fields(group):
+        parse = f.metadata.get("parse")
+        value = getattr(group, f.name)
+        plain = type(value) is str or (isinstance(value, (list, tuple))
+                                      and any(type(v) is str for v in value))
+        if parse is not None and plain:
+            object.__setattr__(group, f.name, parse(value))
+    check(group)
 
 
 def check(group: Any) -> None:

@@ -190,7 +190,6 @@ def relearn_checkpoint(
     data_options, measurement = data_options or DataOptions(), measurement or AttackMeasurement()
     gates_given, load = gates or GateOptions(), load or LoadOptions()
     save = save or SaveOptions()
-    save.validate()
     if fsdp_requested():
         raise UsageError("relearn-attack runs data-parallel (DDP) only, not under FSDP: launch "
                          "it with examples/accelerate/ddp.yaml")
