@@ -234,6 +234,24 @@ def atomic_output(out: str | Path, *, inputs: Iterable[str | Path] = (),
             raise
 
 
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary file beside `path` that replaces `path` only if the block completes
+    (one file's `atomic_output`: an interrupted or failed write leaves `path` as it was)."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as e:
+        if is_disk_full(e):
+            raise UndoError(f"no space left on the device while writing {path}; nothing was "
+                            "written") from e
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 _DISK_FULL_TEXT = ("no space left on device", "disk quota exceeded", "(os error 28)",
                    "(os error 122)")
 

@@ -47,6 +47,7 @@ def _is_path(hint: Any) -> bool:
 
 def with_options(command: str, *, exclude: Iterable[str] = (), outputs: Iterable[str] = ("out",),
                  reads: dict[str, Callable[[Any], list[str]]] | None = None,
+                 aliases: dict[str, tuple[str, ...]] | None = None,
                  **groups: type) -> Callable[[Callable], Callable]:
     """Decorator: the fields of `groups` become options of `command` (module doc).
 
@@ -54,10 +55,12 @@ def with_options(command: str, *, exclude: Iterable[str] = (), outputs: Iterable
     declared with `option(reads=...)`, a parameter named in `reads` with the function that
     finds its paths) is one of the command's reads: while the command runs,
     `check_output_path` refuses an OUT containing any that exists (`undo_cli.options.paths`).
+    `aliases` gives a field more flags (`{"eval": ("--data",)}`).
     """
     import typer
 
     exclude, outputs, reads = set(exclude), set(outputs), dict(reads or {})
+    aliases = dict(aliases or {})
     defaults = COMMAND_DEFAULTS.get(command, {})
     helps = COMMAND_HELP.get(command, {})
 
@@ -103,7 +106,8 @@ def with_options(command: str, *, exclude: Iterable[str] = (), outputs: Iterable
                     default = None  # the field's own default applies when not given
                 if default is None and not isinstance(kind, types.UnionType):
                     kind = kind | None
-                decls = [flag] + ([f.metadata["short"]] if f.metadata.get("short") else [])
+                decls = [flag, *aliases.get(f.name, ())]
+                decls += [f.metadata["short"]] if f.metadata.get("short") else []
                 shown = isinstance(default, (int, float, str)) and not isinstance(default, bool)
                 extra = {"metavar": f.metadata["metavar"]} if f.metadata.get("metavar") else {}
                 opt = typer.Option(

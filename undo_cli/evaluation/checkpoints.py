@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from undo_cli.checkpoint import atomic_file
 from undo_cli.errors import UndoError, UsageError
 from undo_cli.evaluate import (
     DEFAULT_MAX_NEW_TOKENS,
@@ -22,6 +23,7 @@ from undo_cli.evaluate import (
     tokenize_eval_data,
 )
 from undo_cli.evaluation.harness import ResolvedTasks, resolve_tasks, run_tasks
+from undo_cli.jsontext import to_json
 from undo_cli.records import EvalData
 
 # What `--log-samples` gets: (checkpoint, set or task, its per-item records).
@@ -168,3 +170,11 @@ def evaluate_and_gate(checkpoints: Sequence[str | Path], data: Sequence[EvalData
     if gates:
         payload["gates"] = records
     return payload
+
+
+def write_samples(path: str | Path, records: Sequence[dict[str, Any]]) -> None:
+    """`--log-samples FILE`: the records as JSON Lines, written through `atomic_file` (an
+    interrupted write leaves FILE as it was)."""
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(to_json(record) + "\n")

@@ -21,6 +21,24 @@ COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 COMMAND_HELP: dict[str, dict[str, str]] = {
+    "data arithmetic": {
+        "overwrite": "Replace a non-empty OUT_DIR.",
+        "seed": "Seed: the same seed and options give byte-identical files.",
+    },
+    "data facts": {
+        "overwrite": "Replace a non-empty OUT_DIR.",
+        "seed": "Seed: the same seed and options give byte-identical files.",
+    },
+    "report": {
+        "overwrite": "Replace a non-empty REPORT_DIR.",
+        "json": "Print report.json on stdout.",
+    },
+    "perturb": {
+        "max_shard_size": "Re-shard the output into files of at most SIZE (e.g. 2GB, 500MB); "
+                          "default: shard like the input.",
+        "base_model": "With an adapter as IN: its base model's local directory, instead of the "
+                      "hub name its adapter_config.json gives.",
+    },
     "train": {
         "lr": "Peak learning rate. Default: 1e-3 from a preset, 1e-4 from a checkpoint.",
         "max_steps": f"Stop after this many optimizer steps. Default: {TRAIN_STEPS} unless "
@@ -57,6 +75,21 @@ COMMAND_HELP: dict[str, dict[str, str]] = {
                 "(metrics NAME.loss, NAME.accuracy, ...); used by --stop-when.",
     },
     "eval": {
+        "eval": "A data set to evaluate on (repeatable; --data is an alias, as in earlier "
+                "versions). The record shape decides the metrics: text -> loss, ppl; prompt + "
+                "completion/answer -> loss, greedy exact-match accuracy; question + choices + "
+                "answer -> multiple-choice accuracy, accuracy_norm. PATH may also name a "
+                "built-in set such as arithmetic:retain_eval.",
+        "choice_format": "Multiple-choice prompt, each exactly lm-evaluation-harness's: qa "
+                         "('Question: Q\\nAnswer:' + ' CHOICE', its ARC layout), letters (its "
+                         "MMLU/WMDP layout: lettered choices, scores ' A', ' B', ...) or raw "
+                         "(question and choice as given).",
+        "until": "Stop strings of greedy generation (repeatable; lm-eval's until): the answer "
+                 "is cut at the first one. Default: a newline. \\n and \\t are read as "
+                 "newline and tab. EOS always stops. A prompt ending in whitespace is generated "
+                 "from without it (the tokens training reads); lm-eval's generate_until keeps "
+                 "it, which on a BPE model can cost all accuracy (docs/benchmarks.md).",
+        "json": "Print one JSON object on stdout and nothing else.",
         "fail_if": "Exit with code 3 (after printing the results) if EXPR holds for any "
                    "checkpoint, e.g. \"forget.accuracy > 0.05\" (repeatable). Names: "
                    "SET.METRIC; with --reference also teacher.SET.METRIC (= "

@@ -1,0 +1,140 @@
+"""The option groups of the commands that do not train: `undo init`, `undo eval`, `undo probe`,
+`undo report` and what `undo perturb` adds to the noise step (`undo_cli.options`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from undo_cli.errors import UsageError
+from undo_cli.options.base import NOISE, SEED_MAX, option, settle
+from undo_cli.options.paths import plain_paths
+from undo_cli.stats import BOOTSTRAP_SAMPLES
+
+ARCHS = ("llama", "gemma2", "gpt2", "qwen2")  # `undo init --arch` (undo_cli.modelfactory)
+MAX_BOOTSTRAP_SAMPLES = 10**7
+
+
+def seed_option(help: str, *, panel: str | None = None) -> Any:  # noqa: A002
+    """The one declaration of a seed: 0 .. 2**63 - 1, default 0, checked as every field."""
+    return option(0, help, panel=panel, minimum=0, maximum=SEED_MAX)
+
+
+@dataclass
+class InitOptions:
+    """`undo init`: the architecture, size and tokenizer of a new random model."""
+
+    arch: str = option("llama", "Architecture: llama, gemma2, gpt2 or qwen2.")
+    preset: str = option("tiny", "Size preset: tiny (~0.5M params: 2 layers, 128 wide) or small "
+                         "(~10M: 6 layers, 384 wide). Explicit sizes override it.")
+    layers: int | None = option(None, "Number of transformer layers.", minimum=1)
+    hidden: int | None = option(None, "Hidden (model) width.", minimum=1)
+    heads: int | None = option(None, "Attention heads (must divide --hidden).", minimum=1)
+    intermediate: int | None = option(None, "MLP inner width.", minimum=1)
+    max_position: int | None = option(None, "Longest sequence the model accepts.", minimum=1)
+    tokenizer: str = option("char", "'char' (printable ASCII, one token per character), "
+                            "'char:ALPHABET', a tokenizer.json file or a directory holding a "
+                            "tokenizer. Never downloaded.", reads=plain_paths)
+    seed: int = seed_option("Seed of the random initialisation.")
+
+    def __post_init__(self) -> None:
+        settle(self)
+
+
+@dataclass
+class EvalRunOptions:
+    """What `undo eval` adds to the evaluation group: how much to score and with what."""
+
+    batch_size: int | None = option(None, "Sequences per batch (default: adapts to length).",
+                                    minimum=1)
+    max_length: int | None = option(None, "Window in tokens (default: the model's maximum "
+                                    "length, at most 4096); longer text is scored in "
+                                    "consecutive windows.", minimum=2)
+    limit: int | None = option(None, "Evaluate a seeded random sample of N records per set.",
+                               minimum=1)
+    seed: int = seed_option("Seed of the --limit sample.")
+    target_delimiter: str | None = option(
+        None, "Text between prompt and answer, or question and choice (lm-eval's "
+        "target_delimiter). Default: none for prompt/answer records (their text is prompt + "
+        "answer, as training reads it), ' ' for qa and letters, none for raw.", metavar="TEXT")
+    log_samples: Path | None = option(
+        None, "Write one JSON line per scored item to FILE (checkpoint, set, prompt, choices or "
+        "target, log-likelihoods or generated text, correct or not), as lm-eval's "
+        "--log_samples; lm-eval tasks' items as lm-eval records them.", metavar="FILE")
+    lm_eval_tasks: str | None = option(
+        None, "Comma-separated lm-evaluation-harness tasks (e.g. wmdp_bio,mmlu), or YAML files "
+        "of tasks, run when lm_eval is installed; their scores are merged into the results "
+        "(names checked before any model is loaded).", metavar="TASKS")
+    lm_eval_include_path: list[Path] = option(
+        help="A directory of lm-eval task YAML files (repeatable), so that --lm-eval-tasks "
+        "finds your own tasks by name (lm-eval's --include_path); a task with a local data "
+        "set (dataset_path: json, data_files) needs no network.", metavar="DIR", factory=list)
+    device: str | None = option(None, "cpu, cuda, cuda:1, ... (default: CUDA if any).")
+    reference: Path | None = option(
+        None, "A reference model (e.g. the teacher before unlearning) evaluated on the same "
+        "sets: its metrics are shown and usable in --fail-if as teacher.SET.METRIC.",
+        metavar="CKPT")
+
+    def __post_init__(self) -> None:
+        settle(self)
+
+    @property
+    def tasks(self) -> list[str]:
+        """`wmdp_bio,mmlu` -> ["wmdp_bio", "mmlu"]."""
+        return [t.strip() for t in (self.lm_eval_tasks or "").split(",") if t.strip()]
+
+
+@dataclass
+class ProbeOptions:
+    """`undo probe`: the split of the records and where the probes run."""
+
+    out: Path | None = option(None, "Also write probe.json, probe.png and undo.json into DIR.",
+                              metavar="DIR")
+    seed: int = seed_option("Seed of the train/held-out split.")
+    train_share: float = option(0.6, "Share of the records the probes are fitted on; they are "
+                                "scored on the rest.", above=0.0)
+    device: str | None = option(None, "cpu, cuda or cuda:N (default: CUDA if any).")
+
+    def __post_init__(self) -> None:
+        settle(self)
+        if not self.train_share < 1.0:
+            raise UsageError(f"--train-share must be below 1 (got {self.train_share:g})")
+
+
+@dataclass
+class ReportOptions:
+    """`undo report`: the roles of the labels, the retain metric and the bootstrap."""
+
+    oracle: str = option("oracle", "Label of the data-filtering oracle (gold standard of "
+                         "robustness).")
+    unlearned: str = option("unlearned", "Label of the unlearned-only model (robustness 0).")
+    base: str = option("base", "Label of the base model whose training compute the others "
+                       "share (its chain is not counted as their compute).")
+    retain_metric: str | None = option(None, "Retain metric of the table (default: the forget "
+                                       "metric's kind on another set).", metavar="SET.METRIC")
+    bootstrap_samples: int = option(BOOTSTRAP_SAMPLES, "Resamples of the 95% intervals (seeds, "
+                                    "and items within seeds).", minimum=100,
+                                    maximum=MAX_BOOTSTRAP_SAMPLES)
+    seed: int = seed_option("Seed of the bootstrap (the same seed gives the same intervals).")
+
+    def __post_init__(self) -> None:
+        settle(self)
+
+
+@dataclass
+class PerturbRunOptions:
+    """What `undo perturb` adds to the noise step: its seed and the non-finite guard."""
+
+    seed: int = seed_option("Noise seed; the same seed gives byte-identical weights.",
+                            panel=NOISE)
+    allow_nonfinite: bool = option(False, "Write NaN or infinite weights (copied from IN, or "
+                                   "from noise that overflows a narrow dtype) instead of "
+                                   "refusing them.", panel=NOISE)
+
+    def __post_init__(self) -> None:
+        settle(self)
+
+
+__all__ = ["ARCHS", "EvalRunOptions", "InitOptions", "PerturbRunOptions",
+           "ProbeOptions", "ReportOptions", "seed_option"]
