@@ -6,12 +6,24 @@ Used by tests and examples, and by `undo distill --student random`.
 from __future__ import annotations
 
 import string
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from undo_cli.checkpoint import (
+    atomic_output,
+    build_manifest,
+    check_output_path,
+    save_layout,
+    save_model,
+    write_manifest,
+)
 from undo_cli.errors import UsageError
+from undo_cli.options import SaveOptions
+from undo_cli.options.commands import InitOptions
 
 ARCHITECTURES = ("llama", "gemma2", "gpt2", "qwen2")
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>")
@@ -170,3 +182,29 @@ def resolve_shape(preset: str | None, **overrides: int | None) -> ModelShape:
 def count_parameters(model) -> int:
     """Distinct parameters (tied weights counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def init_checkpoint(out: str | Path, options: InitOptions | None = None, *,
+                    save: SaveOptions | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """`undo init`: write a random model of `options`' architecture and size with its local
+    tokenizer to `out` (atomically, with `undo.json`); returns the summary `--json` prints."""
+    started = time.time()
+    options, save = options or InitOptions(), save or SaveOptions()
+    reads = ([("--tokenizer", options.tokenizer)] if Path(options.tokenizer).exists() else [])
+    check_output_path(out, overwrite=overwrite, reads=reads)
+    shape = resolve_shape(options.preset, layers=options.layers, hidden=options.hidden,
+                          heads=options.heads, intermediate=options.intermediate,
+                          max_position=options.max_position)
+    tok = load_tokenizer_spec(options.tokenizer)
+    model = random_model(build_config(options.arch, shape, tok), seed=options.seed)
+    n_params = count_parameters(model)
+    with atomic_output(out, overwrite=overwrite, reads=reads) as tmp:
+        save_model(model, tok, tmp, layout=save_layout(save, None))
+        write_manifest(tmp, build_manifest(
+            "init", seed=options.seed, wall_time_s=time.time() - started,
+            arguments=dict(arch=options.arch, preset=options.preset,
+                           tokenizer=options.tokenizer, **asdict(shape),
+                           save_dtype=save.save_dtype, max_shard_size=save.max_shard_size),
+            extra={"parameters": n_params}))
+    return {"output": str(out), "arch": options.arch, "parameters": n_params,
+            "vocab_size": len(tok), **asdict(shape)}

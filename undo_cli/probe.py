@@ -26,9 +26,9 @@ import torch
 
 from undo_cli.errors import UsageError
 from undo_cli.evaluate import last_token_hidden_states
+from undo_cli.options.commands import TRAIN_SHARE
 from undo_cli.records import EvalData
 
-TRAIN_SHARE = 0.6
 L2 = 1e-3
 MAX_ITER = 200
 
@@ -138,3 +138,25 @@ def probe_checkpoints(checkpoints: Sequence[str | Path], data: Sequence[EvalData
                     "wall_time_s": round(time.time() - started, 3)})
         del model
     return out
+
+
+def write_probe(out: str | Path, payload: dict[str, Any], checkpoints: Sequence[str | Path], *,
+                overwrite: bool = False, started: float | None = None) -> None:
+    """`undo probe --out DIR`: probe.json, probe.png (with matplotlib) and undo.json, written
+    atomically."""
+    from undo_cli.checkpoint import atomic_output, build_manifest, write_manifest
+    from undo_cli.jsontext import to_json
+    from undo_cli.plots import matplotlib_available, plot_probes
+
+    started = time.time() if started is None else started
+    with atomic_output(out, inputs=list(checkpoints), overwrite=overwrite) as tmp:
+        (Path(tmp) / "probe.json").write_text(to_json(payload, indent=2) + "\n")
+        if matplotlib_available():
+            plot_probes(payload["results"], Path(tmp) / "probe.png")
+        write_manifest(tmp, build_manifest(
+            "probe", arguments={"checkpoints": [str(c) for c in checkpoints],
+                                "seed": payload["seed"], "train_share": payload["train_share"]},
+            parents={f"checkpoint{i}": c for i, c in enumerate(checkpoints)},
+            wall_time_s=time.time() - started,
+            metrics={r["checkpoint"]: {n: p["best_accuracy"] for n, p in r["probes"].items()}
+                     for r in payload["results"]}))

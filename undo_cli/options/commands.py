@@ -12,8 +12,8 @@ from undo_cli.options.base import NOISE, SEED_MAX, option, settle
 from undo_cli.options.paths import plain_paths
 from undo_cli.stats import BOOTSTRAP_SAMPLES
 
-ARCHS = ("llama", "gemma2", "gpt2", "qwen2")  # `undo init --arch` (undo_cli.modelfactory)
 MAX_BOOTSTRAP_SAMPLES = 10**7
+TRAIN_SHARE = 0.6  # `undo probe --train-share`: share of the records the probes are fitted on
 
 
 def seed_option(help: str, *, panel: str | None = None) -> Any:  # noqa: A002
@@ -92,8 +92,8 @@ class ProbeOptions:
     out: Path | None = option(None, "Also write probe.json, probe.png and undo.json into DIR.",
                               metavar="DIR")
     seed: int = seed_option("Seed of the train/held-out split.")
-    train_share: float = option(0.6, "Share of the records the probes are fitted on; they are "
-                                "scored on the rest.", above=0.0)
+    train_share: float = option(TRAIN_SHARE, "Share of the records the probes are fitted on; "
+                                "they are scored on the rest.", above=0.0)
     device: str | None = option(None, "cpu, cuda or cuda:N (default: CUDA if any).")
 
     def __post_init__(self) -> None:
@@ -136,5 +136,5 @@ class PerturbRunOptions:
         settle(self)
 
 
-__all__ = ["ARCHS", "EvalRunOptions", "InitOptions", "PerturbRunOptions",
+__all__ = ["TRAIN_SHARE", "EvalRunOptions", "InitOptions", "PerturbRunOptions",
            "ProbeOptions", "ReportOptions", "seed_option"]
