@@ -21,14 +21,8 @@ COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 COMMAND_HELP: dict[str, dict[str, str]] = {
-    "data arithmetic": {
-        "overwrite": "Replace a non-empty OUT_DIR.",
-        "seed": "Seed: the same seed and options give byte-identical files.",
-    },
-    "data facts": {
-        "overwrite": "Replace a non-empty OUT_DIR.",
-        "seed": "Seed: the same seed and options give byte-identical files.",
-    },
+    "data arithmetic": {"overwrite": "Replace a non-empty OUT_DIR."},
+    "data facts": {"overwrite": "Replace a non-empty OUT_DIR."},
     "report": {
         "overwrite": "Replace a non-empty REPORT_DIR.",
         "json": "Print report.json on stdout.",
