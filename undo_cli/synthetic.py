@@ -67,8 +67,7 @@ from typing import Any
 
 from undo_cli.errors import UsageError
 from undo_cli.options import MAX_RECORDS, option
-from undo_cli.options.base import settle
-from undo_cli.options.commands import seed_option
+from undo_cli.options.base import seed_option, settle
 from undo_cli.synthetic_files import TaskData, generate_task, write_task
 
 OPS: dict[str, str] = {"add": "+", "sub": "-", "mul": "*", "div": "/"}

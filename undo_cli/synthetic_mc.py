@@ -40,8 +40,7 @@ from typing import Any
 
 from undo_cli.errors import UsageError
 from undo_cli.options import MAX_RECORDS, option
-from undo_cli.options.base import settle
-from undo_cli.options.commands import seed_option
+from undo_cli.options.base import seed_option, settle
 from undo_cli.synthetic_files import TaskData, generate_task, write_task
 
 SPLITS = {"forget": "hazard", "retain": "general"}

@@ -55,6 +55,8 @@ from undo_cli.options.base import (
     flag_of,
     option,
     parse_size,
+    seed_option,
+    settle,
 )
 from undo_cli.options.defaults import (
     COMMAND_DEFAULTS,
@@ -96,4 +98,5 @@ __all__ = [
     "EvalOptions", "GateOptions", "LoadOptions", "NoiseOptions", "OutputOptions",
     "RunSpec", "SaveOptions", "TrainConfig", "UnlearnOptions", "check", "check_number",
     "check_seed", "compile_pattern", "flag_of", "option", "parse_lrs", "parse_size",
+    "seed_option", "settle",
 ]

@@ -57,6 +57,12 @@ INT_MAX = 2**63 - 1
 MAX_RECORDS = 10_000_000  # records a synthetic generator builds in memory (--train-size ...)
 
 
+def seed_option(help: str, *, panel: str | None = None) -> Any:  # noqa: A002
+    """The one declaration of a seed (`--seed` of every command, `--perturb-seed`): 0 ..
+    2**63 - 1, default 0, checked as every field is."""
+    return option(0, help, panel=panel, minimum=0, maximum=SEED_MAX)
+
+
 def check_number(flag: str, value: Any, *, minimum: float | None = None,
                  above: float | None = None, maximum: float | None = None) -> None:
     """`UsageError` naming `flag` unless `value` is a finite number in range (inclusive

@@ -5,20 +5,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from undo_cli.errors import UsageError
-from undo_cli.options.base import NOISE, SEED_MAX, option, settle
+from undo_cli.options.base import NOISE, option, seed_option, settle
 from undo_cli.options.paths import plain_paths
 from undo_cli.stats import BOOTSTRAP_SAMPLES
 
 MAX_BOOTSTRAP_SAMPLES = 10**7
 TRAIN_SHARE = 0.6  # `undo probe --train-share`: share of the records the probes are fitted on
-
-
-def seed_option(help: str, *, panel: str | None = None) -> Any:  # noqa: A002
-    """The one declaration of a seed: 0 .. 2**63 - 1, default 0, checked as every field."""
-    return option(0, help, panel=panel, minimum=0, maximum=SEED_MAX)
 
 
 @dataclass

@@ -15,10 +15,10 @@ from undo_cli.options.base import (
     MEASUREMENT,
     METHOD,
     NOISE,
-    SEED_MAX,
     SELECTION,
     TRAINING,
     option,
+    seed_option,
     settle,
 )
 from undo_cli.options.paths import named_paths
@@ -62,8 +62,8 @@ class TrainConfig:
                                     "processes) were trained on.", panel=TRAINING, minimum=1)
     max_flops: float | None = option(None, "Stop once the FLOPs spent (trained model and "
                                      "frozen models) reach this.", panel=TRAINING, above=0)
-    seed: int = option(0, "Seed of data order, sampling and dropout (a CPU run is repeatable "
-                       "bit for bit).", panel=TRAINING, minimum=0, maximum=SEED_MAX)
+    seed: int = seed_option("Seed of data order, sampling and dropout (a CPU run is repeatable "
+                            "bit for bit).", panel=TRAINING)
     log_every: int = option(10, "Log (train_log.jsonl, progress) every N steps.",
                             panel=TRAINING, minimum=1)
     eval_every: int | None = option(None, "Evaluate every N steps (and at the end).",
@@ -265,8 +265,8 @@ class UnlearnOptions:
 class DistillOptions:
     """What `undo distill` adds to the training settings."""
 
-    perturb_seed: int = option(0, "Seed of the in-memory noise (as undo perturb --seed).",
-                               panel=NOISE, minimum=0, maximum=SEED_MAX)
+    perturb_seed: int = seed_option("Seed of the in-memory noise (as undo perturb --seed).",
+                                    panel=NOISE)
     temperature: float = option(1.0, "Softmax temperature of both models; the loss is "
                                 "T^2 * KL.", panel=DISTILLATION, above=0)
     ce_weight: float = option(0.0, "Weight of the hard-label CE mixed into the loss "
