@@ -15,7 +15,7 @@ from typing import Any
 
 import typer
 
-from undo_cli.cli import app
+from undo_cli.cli.app import app
 from undo_cli.cli.common import emit_json, err_console, info
 from undo_cli.cli.options import with_options
 from undo_cli.errors import UsageError
@@ -122,7 +122,7 @@ def eval_command(
     output: OutputOptions,
 ) -> None:
     """Evaluate checkpoints on data files: loss/perplexity, exact match, multiple choice."""
-    from undo_cli.cli import debug_enabled
+    from undo_cli.cli.app import debug_enabled
     from undo_cli.evaluate import LM_EVAL_HINT
     from undo_cli.evaluation import evaluate_and_gate, lm_eval_available, write_samples
     from undo_cli.gates import describe_gate, parse_gates, raise_failed_gates

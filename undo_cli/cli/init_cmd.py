@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from undo_cli.cli import app
+from undo_cli.cli.app import app
 from undo_cli.cli.common import emit_json, info, show_output
 from undo_cli.cli.options import with_options
 from undo_cli.options import OutputOptions, SaveOptions

@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from undo_cli.cli import app
+from undo_cli.cli.app import app
 from undo_cli.cli.common import emit_json, err_console, info, show_output
 from undo_cli.cli.options import with_options
 from undo_cli.options import LoadOptions, OutputOptions

@@ -10,7 +10,7 @@ from typing import Any
 
 import typer
 
-from undo_cli.cli import app
+from undo_cli.cli.app import app
 from undo_cli.cli.common import emit_json, err_console, info, is_main_rank, show_output
 from undo_cli.cli.options import with_options
 from undo_cli.console import ProgressDisplay
@@ -222,7 +222,7 @@ def relearn_command(
         if checkpoint is not None or data or evals.eval:
             raise UsageError("--compare only plots earlier results: give no CKPT, --data or "
                              "--eval with it")
-        from undo_cli.cli import refuse_launch
+        from undo_cli.cli.app import refuse_launch
 
         refuse_launch("undo relearn-attack --compare")
         from undo_cli.relearn import compare_results
