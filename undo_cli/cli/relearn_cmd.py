@@ -4,7 +4,7 @@ and report the worst case for the defender (see `undo_cli.relearn`)."""
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,6 @@ from undo_cli.options import (
     TrainConfig,
 )
 from undo_cli.options.paths import named_paths, weighted_paths
-from undo_cli.records import parse_named_specs
 
 _LABELS = {"accuracy": "acc", "accuracy_norm": "acc_norm"}
 
@@ -242,22 +241,14 @@ def relearn_command(
     from undo_cli.relearn import relearn_checkpoint
 
     parse_gates(gates.fail_if)  # malformed expressions fail before anything else
-    attack.train = train
+    attack = replace(attack, train=train)
     started = time.time()
     talk = show_output(output.quiet)  # one process reports under a launcher
     progress = _progress(enabled=talk)
     results = relearn_checkpoint(
         checkpoint, out, data=list(data), config=attack, evals=evals,
         data_options=data_options, measurement=measurement, gates=gates, load=load,
-        overwrite=output.overwrite, raise_on_gate=False,
-        arguments={"checkpoint": str(checkpoint), "data": list(data),
-                   "eval": [list(e) for e in parse_named_specs(evals.eval)],
-                   "choice_format": evals.choice_format,
-                   "attack": {k: v for k, v in asdict(attack).items() if k != "train"},
-                   "train": train.manifest(), "measurement": asdict(measurement),
-                   "fail_if": list(gates.fail_if), "max_length": data_options.max_length,
-                   "packing": data_options.packing, "out": str(out)},
-        progress=progress, save=save)
+        overwrite=output.overwrite, raise_on_gate=False, progress=progress, save=save)
     if not is_main_rank():
         return
     if output.json:

@@ -9,7 +9,7 @@ import contextlib
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,19 @@ COMPARE_PLOT_NAME = "compare.png"
 COMPARE_NAME = "compare.json"
 MODELS_DIR = "models"
 STAGE = "relearn-attack"
+
+
+def attack_arguments(checkpoint: str | Path, out: str | Path, data: Sequence[str],
+                     config: AttackConfig, evals: EvalOptions, data_options: DataOptions,
+                     measurement: AttackMeasurement, gates: GateOptions) -> dict[str, Any]:
+    """Every setting of an attack as `undo.json` records it (`arguments`)."""
+    return {"checkpoint": str(checkpoint), "data": list(data),
+            "eval": [list(e) for e in parse_named_specs(evals.eval)],
+            "choice_format": evals.choice_format,
+            "attack": {k: v for k, v in asdict(config).items() if k != "train"},
+            "train": config.train.manifest(), "measurement": asdict(measurement),
+            "fail_if": list(gates.fail_if), "max_length": data_options.max_length,
+            "packing": data_options.packing, "out": str(out)}
 
 
 def describe_attack(config: AttackConfig, data: Sequence[str], data_options: DataOptions,
@@ -190,6 +203,8 @@ def relearn_checkpoint(
     data_options, measurement = data_options or DataOptions(), measurement or AttackMeasurement()
     gates_given, load = gates or GateOptions(), load or LoadOptions()
     save = save or SaveOptions()
+    arguments = arguments or attack_arguments(checkpoint, out, data, config, evals, data_options,
+                                              measurement, gates_given)
     if fsdp_requested():
         raise UsageError("relearn-attack runs data-parallel (DDP) only, not under FSDP: launch "
                          "it with examples/accelerate/ddp.yaml")
@@ -259,7 +274,7 @@ def relearn_checkpoint(
             saver = _model_saver(
                 Path(tmp) / MODELS_DIR, tokenizer, checkpoint, layout=save_layout(save, info),
                 base_manifest=build_manifest(
-                    STAGE, arguments=arguments or {"checkpoint": checkpoint, "data": list(data)},
+                    STAGE, arguments=arguments,
                     parents=stage.with_bases({"input": checkpoint}, [info]),
                     seed=config.train.seed, extra={"saved_model": True}))
         core = run_attack(
@@ -289,9 +304,7 @@ def relearn_checkpoint(
             write_samples(Path(tmp) / SAMPLES_NAME, logged)
         if main:
             _write_outputs(Path(tmp), results, plot=plot, manifest=build_manifest(
-                STAGE, arguments=arguments or {"checkpoint": checkpoint, "data": list(data),
-                                               "eval": [list(e) for e in eval_specs],
-                                               "attack": results["attack"]},
+                STAGE, arguments=arguments,
                 parents=stage.with_bases({"input": checkpoint}, [info]),
                 seed=config.train.seed, wall_time_s=time.time() - started,
                 compute={**results["compute"], "runs": len(results["runs"]),
