@@ -184,12 +184,11 @@ def count_parameters(model) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def init_checkpoint(out: str | Path, options: InitOptions | None = None, *,
-                    save: SaveOptions | None = None, overwrite: bool = False) -> dict[str, Any]:
+def init_checkpoint(out: str | Path, options: InitOptions = InitOptions(), *,
+                    save: SaveOptions = SaveOptions(), overwrite: bool = False) -> dict[str, Any]:
     """`undo init`: write a random model of `options`' architecture and size with its local
     tokenizer to `out` (atomically, with `undo.json`); returns the summary `--json` prints."""
     started = time.time()
-    options, save = options or InitOptions(), save or SaveOptions()
     reads = ([("--tokenizer", options.tokenizer)] if Path(options.tokenizer).exists() else [])
     check_output_path(out, overwrite=overwrite, reads=reads)
     shape = resolve_shape(options.preset, layers=options.layers, hidden=options.hidden,

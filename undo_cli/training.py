@@ -22,31 +22,27 @@ from undo_cli.options import (
     SaveOptions,
     TrainConfig,
 )
-
-PRESET_LR = 1e-3  # --lr default when pretraining from a preset
-FINETUNE_LR = 1e-4  # ... and when finetuning a checkpoint
+from undo_cli.options.defaults import TRAIN
+from undo_cli.options.rates import default_lr
 
 
 def train_checkpoint(out: str | Path, init: str, data: list[str], *,
-                     train: TrainConfig | None = None, data_options: DataOptions | None = None,
-                     evals: EvalOptions | None = None, load: LoadOptions | None = None,
+                     train: TrainConfig = TRAIN, data_options: DataOptions = DataOptions(),
+                     evals: EvalOptions = EvalOptions(), load: LoadOptions = LoadOptions(),
                      arch: str | None = None, tokenizer: str | None = None,
                      overwrite: bool = False, callbacks: stage.Callbacks | None = None,
-                     save: SaveOptions | None = None) -> dict[str, Any]:
+                     save: SaveOptions = SaveOptions()) -> dict[str, Any]:
     """Train on `data` (`PATH[:WEIGHT]` specs) from `init` (a checkpoint directory, or a size
     preset with `arch` and `tokenizer`) and write the result to `out`; returns the summary.
 
-    `train.lr` None means `PRESET_LR` from a preset, `FINETUNE_LR` from a checkpoint; no budget
-    means `TRAIN_STEPS` steps. The model is written in the checkpoint's dtype and sharding
-    unless `save` says otherwise (fp32, one file, from a preset).
+    `train.lr` None means `default_lr` (PRESET_LR from a preset, FINETUNE_LR from a
+    checkpoint); no budget means `TRAIN_STEPS` steps. The model is written in the checkpoint's
+    dtype and sharding unless `save` says otherwise (fp32, one file, from a preset).
     """
     from undo_cli.checkpoint import save_layout
     from undo_cli.modelfactory import ARCHITECTURES, PRESETS
 
     started = time.time()
-    train = train or TrainConfig(lr=None)
-    data_options, evals = data_options or DataOptions(), evals or EvalOptions()
-    load, save = load or LoadOptions(), save or SaveOptions()
     preset = init in PRESETS and not Path(init).exists()
     if not preset:
         if not Path(init).exists():
@@ -58,7 +54,7 @@ def train_checkpoint(out: str | Path, init: str, data: list[str], *,
     elif arch is not None and arch not in ARCHITECTURES:
         raise UsageError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
     if train.lr is None:
-        train = replace(train, lr=PRESET_LR if preset else FINETUNE_LR)
+        train = replace(train, lr=default_lr("train", preset=preset))
     if train.max_steps is None and train.max_tokens is None and train.max_flops is None:
         train = replace(train, max_steps=TRAIN_STEPS)
     config = train.for_output(out)

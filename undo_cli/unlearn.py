@@ -40,7 +40,10 @@ from undo_cli.options import (
     SaveOptions,
     TrainConfig,
     UnlearnOptions,
+    rates,
 )
+from undo_cli.options.defaults import RMU_STEPS, UNLEARN, UNLEARN_STEPS
+from undo_cli.options.rates import RMU_TINY_LR, UNLEARN_LR, UNLEARN_TINY_LR
 
 Batch = dict[str, torch.Tensor]
 MethodFn = Callable[[torch.nn.Module, dict[str, Batch], "UnlearnContext"],
@@ -49,8 +52,6 @@ MethodFn = Callable[[torch.nn.Module, dict[str, Batch], "UnlearnContext"],
 # RMU's layer of the WMDP paper (Li et al. 2024): layer 7 of Zephyr-7B. Smaller models use
 # a layer a little below their middle (see `default_rmu_layer`).
 RMU_PAPER_LAYER = 7
-# Models below this many parameters (test and toy models) get each method's `tiny_lr`.
-TINY_MODEL_PARAMS = 10_000_000
 
 
 @dataclass(frozen=True)
@@ -66,9 +67,9 @@ class Method:
     # any; the copy is made only when that stream is given.
     reference_stream: str | None = None
     steered: bool = False  # uses a layer (--layer) and a steering vector c * u (RMU)
-    lr: float = 5e-5  # default learning rate for models of TINY_MODEL_PARAMS or more
-    tiny_lr: float = 1e-3  # ... and for smaller ones
-    max_steps: int = 100  # default budget
+    lr: float = UNLEARN_LR  # default learning rate for models of TINY_MODEL_PARAMS or more
+    tiny_lr: float = UNLEARN_TINY_LR  # ... and for smaller ones (`options.rates.default_lr`)
+    max_steps: int = UNLEARN_STEPS  # default budget
     default_trainable: Callable[[torch.nn.Module, UnlearnOptions], str] | None = None
 
 
@@ -245,7 +246,7 @@ def _rmu_trainable(model: torch.nn.Module, options: UnlearnOptions) -> str:
 
 @register_method("rmu", formula="MSE(h_L(forget), c*u) + a * MSE(h_L(retain), h_L^frozen(retain))",
                  retain_weight=1200.0, reference_stream="retain", steered=True,
-                 tiny_lr=1e-2, max_steps=500,
+                 tiny_lr=RMU_TINY_LR, max_steps=RMU_STEPS,
                  default_trainable=_rmu_trainable)
 def rmu(model, batches, ctx):
     """RMU: L = MSE(h_L(forget), c*u) + a * MSE(h_L(retain), h_L^frozen(retain)).
@@ -419,13 +420,13 @@ def prepare_method(model: torch.nn.Module, method: str | Method, options: Unlear
 
 
 def default_lr(method: Method, parameters: int) -> float:
-    """The method's learning rate for a model of `parameters` parameters.
-
-    5e-5 (the middle of the UNDO paper's 1e-5..8e-5 sweep on its 100M-parameter models) from
-    TINY_MODEL_PARAMS parameters up; below, toy models need more: 1e-3 (RMU, which trains only
-    a few matrices: 1e-2).
-    """
-    return method.lr if parameters >= TINY_MODEL_PARAMS else method.tiny_lr
+    """The method's learning rate for a model of `parameters` parameters, as
+    `undo_cli.options.rates.default_lr` decides it: UNLEARN_LR (the middle of the UNDO
+    paper's 1e-5..8e-5 sweep on its 100M-parameter models) from TINY_MODEL_PARAMS parameters
+    up; below, toy models need more: UNLEARN_TINY_LR (RMU, which trains only a few matrices:
+    RMU_TINY_LR)."""
+    return rates.default_lr("unlearn", parameters=parameters, lr=method.lr,
+                            tiny_lr=method.tiny_lr)
 
 
 # --------------------------------------------------------------------------------------------
@@ -440,16 +441,16 @@ def unlearn_checkpoint(
     method: str,
     forget_specs: Sequence[str],
     retain_specs: Sequence[str] = (),
-    options: UnlearnOptions | None = None,
-    train_config: TrainConfig | None = None,
+    options: UnlearnOptions = UnlearnOptions(),
+    train_config: TrainConfig = UNLEARN,
     *,
-    data_options: DataOptions | None = None,
-    evals: EvalOptions | None = None,
-    load: LoadOptions | None = None,
+    data_options: DataOptions = DataOptions(),
+    evals: EvalOptions = EvalOptions(),
+    load: LoadOptions = LoadOptions(),
     overwrite: bool = False,
     keep_state: bool = False,
     callbacks: stage.Callbacks | None = None,
-    save: SaveOptions | None = None,
+    save: SaveOptions = SaveOptions(),
 ) -> dict[str, Any]:
     """Unlearn `forget_specs` from checkpoint `src` with `method`; write the result to `dst`.
 
@@ -469,10 +470,7 @@ def unlearn_checkpoint(
     from undo_cli.data import build_stream
 
     started = time.time()
-    options = options or UnlearnOptions()
-    data_options, evals = data_options or DataOptions(), evals or EvalOptions()
-    load, save = load or LoadOptions(), save or SaveOptions()
-    config = train_config or TrainConfig(lr=None, schedule="constant")
+    config = train_config
     chosen = get_method(method)
     forget_specs, retain_specs = list(forget_specs), list(retain_specs)
     if not forget_specs:

@@ -400,10 +400,10 @@ def test_nan_guard_fires_and_leaves_no_output(toy, tmp_path):
 def test_bad_arguments_fail_before_any_work(toy, tmp_path):
     with pytest.raises(UsageError, match="no retain term"):
         unlearn.unlearn_checkpoint(toy["model"], tmp_path / "o", "ga", [str(toy["forget"])],
-                                   [str(toy["retain"])], None, _config())
+                                   [str(toy["retain"])], unlearn.UnlearnOptions(), _config())
     with pytest.raises(UsageError, match="no forget data"):
-        unlearn.unlearn_checkpoint(toy["model"], tmp_path / "o", "maxent", [], [], None,
-                                   _config())
+        unlearn.unlearn_checkpoint(toy["model"], tmp_path / "o", "maxent", [], [],
+                                   unlearn.UnlearnOptions(), _config())
     with pytest.raises(UsageError, match="unknown unlearning method"):
         unlearn.unlearn_checkpoint(toy["model"], tmp_path / "o", "bogus", [str(toy["forget"])])
     assert not (tmp_path / "o").exists()

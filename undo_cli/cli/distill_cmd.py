@@ -20,6 +20,7 @@ from undo_cli.options import (
     SaveOptions,
     TrainConfig,
 )
+from undo_cli.options.defaults import DISTILL, DISTILL_NOISE
 from undo_cli.options.paths import plain_paths, weighted_paths
 
 
@@ -41,11 +42,11 @@ def distill_command(
         ..., "--data", metavar="PATH[:WEIGHT]",
         help="Distillation data (retain / pretraining-like text), repeatable with weights."),
     *,
-    train: TrainConfig,
+    train: TrainConfig = DISTILL,
     data_options: DataOptions,
     evals: EvalOptions,
     distill: DistillOptions,
-    noise: NoiseOptions,
+    noise: NoiseOptions = DISTILL_NOISE,
     load: LoadOptions,
     save: SaveOptions,
     output: OutputOptions,

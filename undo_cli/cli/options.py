@@ -1,18 +1,20 @@
 """The command line generated from the option groups of `undo_cli.options`.
 
 A command declares which groups it takes; their fields become its options, with the flag, help
-and help panel the field declares, the command's defaults from `COMMAND_DEFAULTS` and its help
-from `COMMAND_HELP`. The function receives one instance of each group, built from the text
+and help panel the field declares and its help from `COMMAND_HELP`. A group parameter's
+default is the command's defaults: the same group instance the stage function takes as its
+own default (`undo_cli.options.defaults`, e.g. `DISTILL`), so that the command line and the
+library cannot disagree. The function receives one instance of each group, built from the text
 given (a group parses and checks itself when it is built, `options.base.settle`):
 
     @app.command("distill")
     @with_options("distill", train=TrainConfig, evals=EvalOptions, distill=DistillOptions,
                   exclude=("sam_rho",))
-    def distill_command(out: Path = typer.Argument(...), *, train: TrainConfig,
+    def distill_command(out: Path = typer.Argument(...), *, train: TrainConfig = DISTILL,
                         evals: EvalOptions, distill: DistillOptions) -> None: ...
 
 (The groups are the function's keyword-only parameters, named as in `with_options`; fields in
-`exclude` are not offered and keep their default.)
+`exclude` are not offered and keep the command's default.)
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from undo_cli.options import COMMAND_DEFAULTS, COMMAND_HELP, flag_of
+from undo_cli.options import COMMAND_HELP, flag_of
 from undo_cli.options.base import settle
 from undo_cli.options.paths import declared_reads, existing, plain_paths
 
@@ -61,7 +63,6 @@ def with_options(command: str, *, exclude: Iterable[str] = (), outputs: Iterable
 
     exclude, outputs, reads = set(exclude), set(outputs), dict(reads or {})
     aliases = dict(aliases or {})
-    defaults = COMMAND_DEFAULTS.get(command, {})
     helps = COMMAND_HELP.get(command, {})
 
     def decorate(func: Callable) -> Callable:
@@ -84,7 +85,9 @@ def with_options(command: str, *, exclude: Iterable[str] = (), outputs: Iterable
         flags: set[str] = set()
         for group, cls in groups.items():
             field_hints = typing.get_type_hints(cls)
-            base = cls()
+            given = signature.parameters[group].default  # the command's defaults, if any
+            base = given if isinstance(given, cls) else cls()
+            plain = cls()
             plan[group], fixed[group] = [], {}
             parsed[group] = {f.name for f in fields(cls) if f.metadata.get("parse")}
             path_fields[group] = [
@@ -92,9 +95,9 @@ def with_options(command: str, *, exclude: Iterable[str] = (), outputs: Iterable
                 for f in fields(cls) if f.metadata.get("reads")
                 or (f.name not in outputs and _is_path(field_hints[f.name]))]
             for f in fields(cls):
-                default = defaults.get(f.name, getattr(base, f.name))
+                default = getattr(base, f.name)
                 if f.name in exclude or not f.metadata.get("cli", False):
-                    if f.name in defaults:
+                    if default != getattr(plain, f.name):  # the command's own default
                         fixed[group][f.name] = default
                     continue
                 flag = flag_of(f)
@@ -145,6 +148,7 @@ def with_options(command: str, *, exclude: Iterable[str] = (), outputs: Iterable
         params = [p.replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD,
                             annotation=hints.get(p.name, p.annotation)) for p in own]
         wrapper.__signature__ = signature.replace(parameters=params + added)
+        wrapper.__wrapped_command__ = func  # the command as written (its defaults)
         wrapper.__annotations__ = {**annotations, "return": hints.get("return")}
         del wrapper.__wrapped__  # typer must see the new signature, not the original's
         return wrapper

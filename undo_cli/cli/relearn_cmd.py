@@ -27,6 +27,7 @@ from undo_cli.options import (
     SaveOptions,
     TrainConfig,
 )
+from undo_cli.options.defaults import ATTACK_TRAIN
 from undo_cli.options.paths import named_paths, weighted_paths
 
 _LABELS = {"accuracy": "acc", "accuracy_norm": "acc_norm"}
@@ -207,7 +208,7 @@ def relearn_command(
         "base, unlearned, UNDO, oracle) into --out/compare.png. No CKPT then."),
     *,
     attack: AttackConfig,
-    train: TrainConfig,
+    train: TrainConfig = ATTACK_TRAIN,
     data_options: DataOptions,
     evals: EvalOptions,
     measurement: AttackMeasurement,

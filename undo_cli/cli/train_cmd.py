@@ -18,6 +18,7 @@ from undo_cli.options import (
     SaveOptions,
     TrainConfig,
 )
+from undo_cli.options.defaults import TRAIN
 from undo_cli.options.paths import plain_paths, weighted_paths
 
 
@@ -43,7 +44,7 @@ def train_command(
         None, help="With a preset: 'char' (default), 'char:ALPHABET', a tokenizer.json file or "
         "a directory holding a tokenizer."),
     *,
-    train: TrainConfig,
+    train: TrainConfig = TRAIN,
     data_options: DataOptions,
     evals: EvalOptions,
     load: LoadOptions,

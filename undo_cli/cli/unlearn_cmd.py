@@ -20,6 +20,7 @@ from undo_cli.options import (
     TrainConfig,
     UnlearnOptions,
 )
+from undo_cli.options.defaults import UNLEARN
 from undo_cli.options.paths import weighted_paths
 
 _SUMMARY = ("Suppress a capability: train IN to forget the --forget data while keeping the "
@@ -31,7 +32,14 @@ _SUMMARY = ("Suppress a capability: train IN to forget the --forget data while k
 
 
 def _help() -> str:
-    from undo_cli.unlearn import METHODS, TINY_MODEL_PARAMS
+    from undo_cli.options.defaults import RMU_STEPS, UNLEARN_STEPS, rate_text
+    from undo_cli.options.rates import (
+        RMU_TINY_LR,
+        TINY_MODEL_PARAMS,
+        UNLEARN_LR,
+        UNLEARN_TINY_LR,
+    )
+    from undo_cli.unlearn import METHODS
 
     # One paragraph per method (typer keeps paragraphs apart, not single lines).
     lines = "\n\n".join(f"  {m.name}: L = {m.formula}" for m in METHODS.values())
@@ -50,9 +58,10 @@ def _help() -> str:
         "\n\n"
         "Defaults follow the papers: retain weight 1 (RMU 1200), NPO beta 0.1, RMU c 6.5 at "
         "layer min(7, layers/2 - 1) training the MLP down-projections of layers L-2..L, "
-        "RepNoise alpha 1 and beta 0.001, a constant learning rate for 100 steps (RMU 500). "
-        f"--lr defaults to 5e-5 for models of {TINY_MODEL_PARAMS // 1_000_000}M+ parameters and "
-        "to 1e-3 (RMU 1e-2) for smaller, toy models."
+        f"RepNoise alpha 1 and beta 0.001, a constant learning rate for {UNLEARN_STEPS} steps "
+        f"(RMU {RMU_STEPS}). --lr defaults to {rate_text(UNLEARN_LR)} for models of "
+        f"{TINY_MODEL_PARAMS // 1_000_000}M+ parameters and to {rate_text(UNLEARN_TINY_LR)} "
+        f"(RMU {rate_text(RMU_TINY_LR)}) for smaller, toy models."
         "\n\n"
         "OUT gets the model, its tokenizer, train_log.jsonl and undo.json; a failed or "
         "diverged run writes nothing (see --keep-last-finite)."
@@ -86,7 +95,7 @@ def unlearn_command(
         [], "--retain", metavar="PATH[:WEIGHT]", rich_help_panel=METHOD,
         help="Data to keep, repeatable (not used by ga; without it no retain term)."),
     *,
-    train: TrainConfig,
+    train: TrainConfig = UNLEARN,
     data_options: DataOptions,
     evals: EvalOptions,
     method_options: UnlearnOptions,

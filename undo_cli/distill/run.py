@@ -26,6 +26,7 @@ from undo_cli.options import (
     SaveOptions,
     TrainConfig,
 )
+from undo_cli.options.defaults import DISTILL, DISTILL_NOISE
 from undo_cli.options.text import layer_numbers
 
 RANDOM_STUDENT_SEED_OFFSET = 7919
@@ -33,7 +34,7 @@ LISTED_NAMES = 50  # tensor names listed in the manifest per category (then only
 
 
 def build_student(spec: str, teacher, noise: NoiseOptions, noise_seed: int, seed: int, *,
-                  load: LoadOptions | None = None, only: Sequence[str] | None = None):
+                  load: LoadOptions = LoadOptions(), only: Sequence[str] | None = None):
     """The model to train: a checkpoint, `random` (fresh init with the teacher's config), or,
     with `--alpha/--beta`, the teacher noised in memory exactly as `undo perturb` would (with
     the same --layers / --include / --exclude selection; `only`, if given, limits the noise to
@@ -44,7 +45,6 @@ def build_student(spec: str, teacher, noise: NoiseOptions, noise_seed: int, seed
     from undo_cli.modelfactory import random_model
     from undo_cli.perturb import perturb_model_
 
-    load = load or LoadOptions()
     if noise.alpha is not None:
         if spec not in ("teacher", ""):
             raise UsageError("--alpha/--beta noise the teacher in memory: give --student "
@@ -141,12 +141,12 @@ def _plan(teacher, options: DistillOptions, noise: NoiseOptions) -> _Plan:
 
 
 def distill_checkpoint(teacher_path: str | Path, student: str, out: str | Path, *,
-                       data: Sequence[str], options: DistillOptions | None = None,
-                       noise: NoiseOptions | None = None, train: TrainConfig | None = None,
-                       data_options: DataOptions | None = None,
-                       evals: EvalOptions | None = None, load: LoadOptions | None = None,
+                       data: Sequence[str], options: DistillOptions = DistillOptions(),
+                       noise: NoiseOptions = DISTILL_NOISE, train: TrainConfig = DISTILL,
+                       data_options: DataOptions = DataOptions(),
+                       evals: EvalOptions = EvalOptions(), load: LoadOptions = LoadOptions(),
                        overwrite: bool = False, callbacks: stage.Callbacks | None = None,
-                       save: SaveOptions | None = None) -> dict[str, Any]:
+                       save: SaveOptions = SaveOptions()) -> dict[str, Any]:
     """Distil `teacher_path` into `student` (a checkpoint, `random`, or `teacher` noised in
     memory with `noise`, as `undo perturb` with seed `options.perturb_seed`) on `data` and
     write the result to `out`; returns the summary printed by `undo distill`.
@@ -170,11 +170,6 @@ def distill_checkpoint(teacher_path: str | Path, student: str, out: str | Path, 
 
     started = time.time()
     teacher_path = Path(teacher_path)
-    options, data_options = options or DistillOptions(), data_options or DataOptions()
-    evals, load = evals or EvalOptions(), load or LoadOptions()
-    save = save or SaveOptions()
-    noise = noise or NoiseOptions(alpha=None, beta=None)
-    train = train or TrainConfig(lr=1e-3)
     student = student or ("teacher" if noise.alpha is not None else "")
     budget = train.max_steps or train.max_tokens or train.max_flops
     if budget is None:

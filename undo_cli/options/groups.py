@@ -22,6 +22,7 @@ from undo_cli.options.base import (
     settle,
 )
 from undo_cli.options.paths import named_paths
+from undo_cli.options.rates import FINETUNE_LR
 from undo_cli.options.text import byte_size, layer_range, pattern
 
 SCHEDULES = ("constant", "linear", "cosine")
@@ -40,7 +41,7 @@ class TrainConfig:
 
     optimizer: str = option("adamw", "Optimizer: adamw, adam, sgd (momentum 0.9), sgd-nesterov "
                             "or adagrad.", panel=TRAINING, choices=OPTIMIZERS)
-    lr: float | None = option(1e-4, "Peak learning rate.", panel=TRAINING, above=0)
+    lr: float | None = option(FINETUNE_LR, "Peak learning rate.", panel=TRAINING, above=0)
     min_lr: float = option(0.0, "Floor the linear/cosine decay ends at.", panel=TRAINING,
                            minimum=0)
     schedule: str = option("cosine", "Learning-rate schedule after warmup: constant, linear "

@@ -73,11 +73,10 @@ def attack_arguments(checkpoint: str | Path, out: str | Path, data: Sequence[str
 
 
 def describe_attack(config: AttackConfig, data: Sequence[str], data_options: DataOptions,
-                    measurement: AttackMeasurement | None = None,
+                    measurement: AttackMeasurement = AttackMeasurement(),
                     lora_rank: int | None = None) -> dict[str, Any]:
     """The `attack` entry of results.json: every setting of the adversary's space."""
     t = config.train
-    measurement = measurement or AttackMeasurement()
     quant = ({"bits": config.quantize, "group_size": config.group_size}
              if config.quantize is not None else None)
     static = {"few_shot": config.few_shot, "ablate_direction": config.ablate_direction,
@@ -156,15 +155,15 @@ def relearn_checkpoint(
     data: Sequence[str],
     config: AttackConfig,
     evals: EvalOptions,
-    data_options: DataOptions | None = None,
-    measurement: AttackMeasurement | None = None,
-    gates: GateOptions | None = None,
-    load: LoadOptions | None = None,
+    data_options: DataOptions = DataOptions(),
+    measurement: AttackMeasurement = AttackMeasurement(),
+    gates: GateOptions = GateOptions(),
+    load: LoadOptions = LoadOptions(),
     overwrite: bool = False,
     raise_on_gate: bool = True,
     arguments: dict[str, Any] | None = None,
     progress: AttackProgress | None = None,
-    save: SaveOptions | None = None,
+    save: SaveOptions = SaveOptions(),
 ) -> dict[str, Any]:
     """Attack checkpoint `checkpoint` and write `out/results.json`, `out/undo.json` and (with
     matplotlib) `out/relearn.png`, atomically; returns the results.
@@ -200,9 +199,7 @@ def relearn_checkpoint(
 
     started = time.time()
     log = logging.getLogger(__name__)
-    data_options, measurement = data_options or DataOptions(), measurement or AttackMeasurement()
-    gates_given, load = gates or GateOptions(), load or LoadOptions()
-    save = save or SaveOptions()
+    gates_given = gates
     arguments = arguments or attack_arguments(checkpoint, out, data, config, evals, data_options,
                                               measurement, gates_given)
     if fsdp_requested():

@@ -111,7 +111,7 @@ StaticAttack = Callable[[torch.nn.Module, Callable[[torch.nn.Module], dict[str, 
 def run_attack(model: torch.nn.Module, tokenizer, eval_sets: Sequence[Any],
                config: AttackConfig, *, forget_metric: str,
                make_stream: Callable[[int, int], Any] | None = None,
-               threshold: float | None = None, evals: EvalOptions | None = None,
+               threshold: float | None = None, evals: EvalOptions = EvalOptions(),
                progress: AttackProgress | None = None, on_model: ModelHook | None = None,
                static_attacks: Sequence[StaticAttack] = (),
                retain_rule: tuple[str, float] | None = None,
@@ -140,7 +140,7 @@ def run_attack(model: torch.nn.Module, tokenizer, eval_sets: Sequence[Any],
     direction = metric_direction(forget_metric)
     progress = progress or AttackProgress()
     started = time.perf_counter()
-    measure = Measure(tokenizer, eval_sets, evals or EvalOptions(), log_samples=log_samples)
+    measure = Measure(tokenizer, eval_sets, evals, log_samples=log_samples)
     was_training = model.training
     model.eval()
     initial = measure(model)
