@@ -12,10 +12,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Gemma2Config,
+    GPT2Config,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
 
 from undo_cli.checkpoint import (
     atomic_output,
     build_manifest,
+    check_fits_memory,
     check_output_path,
     save_layout,
     save_model,
@@ -73,8 +84,6 @@ def build_char_tokenizer(alphabet: str = DEFAULT_ALPHABET):
     the ones AutoTokenizer forces for some model types, e.g. Qwen2) reads it back the same.
     Characters outside the alphabet become `<unk>`.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
 
     if not alphabet:
         raise UsageError("the tokenizer alphabet is empty")
@@ -95,7 +104,6 @@ def build_char_tokenizer(alphabet: str = DEFAULT_ALPHABET):
 
 def load_tokenizer_spec(spec: str):
     """`char`, `char:ALPHABET`, a tokenizer.json file, or a directory with a tokenizer."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     if spec == "char":
         return build_char_tokenizer()
@@ -116,7 +124,6 @@ def load_tokenizer_spec(spec: str):
 
 def build_config(arch: str, shape: ModelShape, tokenizer):
     """A transformers config of architecture `arch` and size `shape` for `tokenizer`."""
-    from transformers import Gemma2Config, GPT2Config, LlamaConfig, Qwen2Config
 
     if arch not in ARCHITECTURES:
         raise UsageError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
@@ -156,9 +163,7 @@ def random_model(config, seed: int = 0, dtype: torch.dtype = torch.float32):
 
     `UsageError` with the estimate if it cannot fit in the memory available (checked before
     anything is allocated)."""
-    from transformers import AutoModelForCausalLM
 
-    from undo_cli.checkpoint import check_fits_memory
 
     check_fits_memory(config.to_dict(), torch.empty((), dtype=dtype).element_size(),
                       "the model")

@@ -24,10 +24,21 @@ from typing import Any
 
 import torch
 
+from undo_cli.checkpoint import (
+    atomic_output,
+    build_manifest,
+    inspect_checkpoint,
+    load_model,
+    load_tokenizer,
+    write_manifest,
+)
 from undo_cli.errors import UsageError
-from undo_cli.evaluate import last_token_hidden_states
+from undo_cli.evaluate import choice_prompt, last_token_hidden_states
+from undo_cli.jsontext import to_json
 from undo_cli.options.commands import TRAIN_SHARE
+from undo_cli.plots import matplotlib_available, plot_probes
 from undo_cli.records import EvalData
+from undo_cli.runtime import pick_device
 
 L2 = 1e-3
 MAX_ITER = 200
@@ -36,7 +47,6 @@ MAX_ITER = 200
 def probe_inputs(data: EvalData, tokenizer) -> tuple[list[list[int]], list[int]]:
     """(prompt token ids, label) per record: prompt/answer -> the answer's first token;
     multiple choice -> the correct choice's index (the prompt as `undo eval` scores it)."""
-    from undo_cli.evaluate import choice_prompt
 
     if data.shape == "completion":
         prompts, labels = [], []
@@ -109,8 +119,6 @@ def probe_checkpoints(checkpoints: Sequence[str | Path], data: Sequence[EvalData
                       base_model: str | Path | None = None, device: str | None = None,
                       on_start: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Probe every checkpoint on every set: `[{"checkpoint", "probes": {set: result}}]`."""
-    from undo_cli.checkpoint import inspect_checkpoint, load_model, load_tokenizer
-    from undo_cli.runtime import pick_device
 
     if not 0 < train_share < 1:
         raise UsageError(f"--train-share must lie between 0 and 1 (got {train_share})")
@@ -144,9 +152,6 @@ def write_probe(out: str | Path, payload: dict[str, Any], checkpoints: Sequence[
                 overwrite: bool = False, started: float | None = None) -> None:
     """`undo probe --out DIR`: probe.json, probe.png (with matplotlib) and undo.json, written
     atomically."""
-    from undo_cli.checkpoint import atomic_output, build_manifest, write_manifest
-    from undo_cli.jsontext import to_json
-    from undo_cli.plots import matplotlib_available, plot_probes
 
     started = time.time() if started is None else started
     with atomic_output(out, inputs=list(checkpoints), overwrite=overwrite) as tmp:

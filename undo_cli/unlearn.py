@@ -31,7 +31,9 @@ from typing import Any
 import torch
 
 from undo_cli import losses, stage
-from undo_cli.data import model_inputs
+from undo_cli.checkpoint import load_model, load_tokenizer, save_layout
+from undo_cli.data import build_stream, model_inputs
+from undo_cli.engine import count_parameters
 from undo_cli.errors import UsageError
 from undo_cli.options import (
     DataOptions,
@@ -466,8 +468,6 @@ def unlearn_checkpoint(
     summary (also recorded in the manifest). The model is written in `src`'s dtype and
     sharding unless `save` says otherwise.
     """
-    from undo_cli.checkpoint import load_model, load_tokenizer, save_layout
-    from undo_cli.data import build_stream
 
     started = time.time()
     config = train_config
@@ -497,8 +497,6 @@ def unlearn_checkpoint(
     model = load_model(src, allow_pickle=load.allow_pickle,
                        trust_remote_code=load.trust_remote_code, base_model=load.base_model)
     if config.lr is None:
-        from undo_cli.engine import count_parameters
-
         config = replace(config, lr=default_lr(chosen, count_parameters(model)))
     setup = prepare_method(model, chosen, options, has_retain=bool(retain_specs),
                            grad_accum=config.grad_accum)

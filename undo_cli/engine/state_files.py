@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from undo_cli.errors import UsageError
 
@@ -148,7 +149,6 @@ def save_rank(directory: Path, rank: int, *, model: torch.nn.Module, optimizer,
               run: dict[str, Any], with_weights: bool) -> None:
     """Write process `rank`'s part of the state: the model and optimizer (`with_weights`),
     the run's state and the random generators."""
-    from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
     doc: dict[str, Any] = {"run": _encode(run, tensors, "run"),
@@ -183,7 +183,6 @@ def check_files(directory: Path, world: int) -> None:
 
 def read_rank(directory: Path, rank: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Process `rank`'s JSON document and tensors (`UsageError` if they are unreadable)."""
-    from safetensors.torch import load_file
 
     json_name, tensor_name = rank_files(rank)
     try:

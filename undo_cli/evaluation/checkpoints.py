@@ -14,17 +14,26 @@ from typing import Any
 
 import torch
 
-from undo_cli.checkpoint import atomic_file
+from undo_cli.checkpoint import atomic_file, inspect_checkpoint, load_model, load_tokenizer
 from undo_cli.errors import UndoError, UsageError
 from undo_cli.evaluate import (
     DEFAULT_MAX_NEW_TOKENS,
     evaluate_model,
+    expected_metrics,
     flatten_metrics,
     tokenize_eval_data,
 )
 from undo_cli.evaluation.harness import ResolvedTasks, resolve_tasks, run_tasks
+from undo_cli.gates import (
+    REFERENCE_PREFIXES,
+    check_eval_gate_names,
+    check_gates,
+    eval_gate_values,
+    parse_gates,
+)
 from undo_cli.jsontext import to_json
 from undo_cli.records import EvalData
+from undo_cli.runtime import pick_device
 
 # What `--log-samples` gets: (checkpoint, set or task, its per-item records).
 OnSamples = Callable[[str, str, list], None]
@@ -51,8 +60,6 @@ def evaluate_checkpoints(checkpoints: Sequence[str | Path], data: Sequence[EvalD
     loaded (`UsageError`); a checkpoint that fails to load raises `UndoError`.
     `on_samples(checkpoint, set, records)` gets every item's record (`--log-samples`).
     """
-    from undo_cli.checkpoint import inspect_checkpoint, load_model, load_tokenizer
-    from undo_cli.runtime import pick_device
 
     for ckpt in checkpoints:
         inspect_checkpoint(ckpt, allow_pickle=allow_pickle, base_model=base_model)
@@ -113,14 +120,6 @@ def evaluate_and_gate(checkpoints: Sequence[str | Path], data: Sequence[EvalData
     returned in `error` (the caller shows the results, then fails); failed gates are records
     with `failed: true` (raise with `undo_cli.gates.raise_failed_gates`).
     """
-    from undo_cli.evaluate import expected_metrics
-    from undo_cli.gates import (
-        REFERENCE_PREFIXES,
-        check_eval_gate_names,
-        check_gates,
-        eval_gate_values,
-        parse_gates,
-    )
 
     gates = parse_gates(fail_if)
     names = [d.name for d in data]

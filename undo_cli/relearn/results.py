@@ -6,6 +6,7 @@ docs/relearn-results.md), and `compare_results` (`--compare`: several results in
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import time
 from collections.abc import Sequence
@@ -15,8 +16,27 @@ from typing import Any
 
 import torch
 
+from undo_cli import stage
+from undo_cli.checkpoint import (
+    atomic_output,
+    build_manifest,
+    fingerprint,
+    load_model,
+    load_tokenizer,
+    save_layout,
+    save_model,
+    write_manifest,
+)
+from undo_cli.data import build_stream
+from undo_cli.engine import (
+    fsdp_requested,
+    is_main_process,
+    training_device,
+    wait_for_everyone,
+    world_size,
+)
 from undo_cli.errors import UsageError
-from undo_cli.evaluate import tokenize_eval_data
+from undo_cli.evaluate import expected_metrics, tokenize_eval_data
 from undo_cli.gates import (
     attack_gate_names,
     attack_gate_values,
@@ -34,12 +54,16 @@ from undo_cli.options import (
     LoadOptions,
     SaveOptions,
 )
+from undo_cli.perturb import perturb_model_
+from undo_cli.plots import matplotlib_available, plot_attack, plot_compare, require_matplotlib
 from undo_cli.records import (
     EvalData,
     check_attack_results,
     parse_named_specs,
+    parse_weighted_spec,
     read_eval_data,
     read_json_file,
+    read_records,
 )
 from undo_cli.relearn.runner import (
     SCHEMA_VERSION,
@@ -47,6 +71,12 @@ from undo_cli.relearn.runner import (
     ModelHook,
     lora_target_list,
     run_attack,
+)
+from undo_cli.relearn.static import (
+    demonstrations,
+    direction_attack,
+    few_shot_attack,
+    sample_prompts,
 )
 from undo_cli.relearn.worst_case import final_metrics, metric_direction, resolve_forget_metric
 
@@ -177,25 +207,7 @@ def relearn_checkpoint(
     after writing (with `raise_on_gate`; else see `results["gates"]` and
     `raise_failed_gates`).
     """
-    import logging
 
-    from undo_cli import stage
-    from undo_cli.checkpoint import (
-        atomic_output,
-        build_manifest,
-        fingerprint,
-        load_model,
-        load_tokenizer,
-        save_layout,
-    )
-    from undo_cli.engine import (
-        fsdp_requested,
-        is_main_process,
-        training_device,
-        wait_for_everyone,
-        world_size,
-    )
-    from undo_cli.evaluate import expected_metrics
 
     started = time.time()
     log = logging.getLogger(__name__)
@@ -235,8 +247,6 @@ def relearn_checkpoint(
         expr.check_names(attack_gate_names(available, measurement.threshold))
     make_stream = None
     if config.finetune:
-        from undo_cli.data import build_stream
-
         def make_stream(seed: int, batch_size: int):
             return build_stream(tokenizer, list(data), data_options.max_length, batch_size,
                                 seed, name="attack", packing=data_options.packing)
@@ -244,19 +254,15 @@ def relearn_checkpoint(
         make_stream(config.train.seed, config.batch_size_list()[0])  # bad data: fail now
     static_attacks = _static_attacks(config, data, raw, tokenizer, evals, retain_metric)
     plot = not measurement.no_plot
-    if plot:
-        from undo_cli.plots import matplotlib_available
-
-        if not matplotlib_available():
-            log.info("note: matplotlib is not installed, so no relearn.png is drawn "
-                     "(pip install 'undo-cli[plot]'); results.json is written as usual")
-            plot = False
+    if plot and not matplotlib_available():
+        log.info("note: matplotlib is not installed, so no relearn.png is drawn "
+                 "(pip install 'undo-cli[plot]'); results.json is written as usual")
+        plot = False
 
     model = load_model(checkpoint, device=training_device(config.train.device),
                        allow_pickle=load.allow_pickle, trust_remote_code=load.trust_remote_code,
                        base_model=load.base_model)
     if config.shrink_perturb is not None:  # before the step-0 evaluation: part of the attack
-        from undo_cli.perturb import perturb_model_
 
         perturb_model_(model, config.shrink_perturb, config.shrink_perturb_beta,
                        seed=config.train.seed)
@@ -320,14 +326,6 @@ def _static_attacks(config: AttackConfig, data: Sequence[str], raw: list[EvalDat
     """The attacks without finetuning that `config` asks for, with their data read now."""
     if not (config.few_shot or config.ablate_direction):
         return []
-    from undo_cli import stage
-    from undo_cli.records import parse_weighted_spec, read_records
-    from undo_cli.relearn.static import (
-        demonstrations,
-        direction_attack,
-        few_shot_attack,
-        sample_prompts,
-    )
 
     records = [r.data for spec in data for r in read_records(parse_weighted_spec(spec)[0])]
     pool = demonstrations(records)
@@ -369,7 +367,6 @@ def _model_saver(root: Path, tokenizer, checkpoint: str | Path, *, layout=None,
     """An `on_model` hook writing each attacked model under `root`, with an `undo.json` of
     its own (`base_manifest` plus the run: configuration, seed, steps, compute, final
     metrics); full models in `layout`'s dtype and shards."""
-    from undo_cli.checkpoint import save_model, write_manifest
 
     def save(run: dict[str, Any], model: torch.nn.Module) -> None:
         name = re.sub(r"[^A-Za-z0-9.=-]+", "-", run.get("config") or "original").strip("-")
@@ -411,12 +408,9 @@ def write_samples(path: Path, records: Sequence[dict[str, Any]]) -> None:
 def _write_outputs(directory: Path, results: dict[str, Any], *, plot: bool,
                    manifest: dict[str, Any]) -> None:
     """results.json, relearn.png (with `plot`) and undo.json into `directory`."""
-    from undo_cli.checkpoint import write_manifest
 
     (directory / RESULTS_NAME).write_text(to_json(results, indent=2) + "\n")
     if plot:
-        from undo_cli.plots import plot_attack
-
         plot_attack(results, directory / PLOT_NAME)
     write_manifest(directory, manifest)
 
@@ -459,8 +453,6 @@ def compare_results(specs: Sequence[str], out: str | Path, *, overwrite: bool = 
 
     All results must use the same forget metric. `UsageError` without matplotlib.
     """
-    from undo_cli.checkpoint import atomic_output, build_manifest, write_manifest
-    from undo_cli.plots import plot_compare, require_matplotlib
 
     started = time.time()
     if not specs:

@@ -27,18 +27,25 @@ from typing import Any
 
 import torch
 
+from undo_cli.engine import lm_loss, train
 from undo_cli.engine.processes import all_finite
 from undo_cli.errors import UsageError
 from undo_cli.jsontext import jsonable
 from undo_cli.options import AttackConfig, EvalOptions, RunSpec
+from undo_cli.quantize import quantizable_layers, quantize_model
+from undo_cli.relearn.bands import Evaluation, item_values, point_items, worst_case_band
+from undo_cli.relearn.search import search_runs
 from undo_cli.relearn.worst_case import (
     apply_retain_rule,
     attackable_metrics,
+    config_key,
     metric_direction,
     per_config_table,
     summarize,
     worst_case_curve,
 )
+from undo_cli.runtime import seed_everything
+from undo_cli.stage import Measure
 
 SCHEMA_VERSION = 1
 
@@ -80,7 +87,6 @@ ModelHook = Callable[[dict[str, Any], torch.nn.Module], None]
 
 def _lora_rank(model: torch.nn.Module, rank: int, targets: str | list[str]) -> int:
     """`rank`, clipped to the narrowest dimension of the layers LoRA will wrap."""
-    from undo_cli.quantize import quantizable_layers
 
     names = targets if isinstance(targets, list) else None
     widths = []
@@ -93,6 +99,7 @@ def _lora_rank(model: torch.nn.Module, rank: int, targets: str | list[str]) -> i
 
 
 def _attach_lora(model: torch.nn.Module, config: AttackConfig, rank: int) -> torch.nn.Module:
+    # peft only here: importing it prints a kernels notice, and only LoRA attacks need it.
     from peft import LoraConfig, get_peft_model
 
     try:
@@ -132,7 +139,6 @@ def run_attack(model: torch.nn.Module, tokenizer, eval_sets: Sequence[Any],
     evaluated item of the unattacked model and of each finetuning run's last evaluation (its
     configuration, seed, step and set; `--log-samples`).
     """
-    from undo_cli.stage import Measure
 
     config.validate()
     if config.finetune and make_stream is None:
@@ -166,8 +172,6 @@ def run_attack(model: torch.nn.Module, tokenizer, eval_sets: Sequence[Any],
     runs: list[dict[str, Any]] = []
     try:
         if config.finetune and config.search:
-            from undo_cli.relearn.search import search_runs
-
             progress.start(config.search, config.steps)
             search_rank = lora_rank or _lora_rank(model, config.lora_rank,
                                                   lora_target_list(config.lora_targets))
@@ -257,8 +261,6 @@ def _band(runs: list[dict[str, Any]], worst: list[dict[str, Any]], metric: str,
     """The worst case's bootstrap band (`undo_cli.relearn.bands`), written into its points
     (`lower`, `upper`, and the per-item values `undo report` resamples); None without
     per-item results (e.g. only trials of an earlier session of a resumed search)."""
-    from undo_cli.relearn.bands import Evaluation, item_values, point_items, worst_case_band
-    from undo_cli.relearn.worst_case import config_key
 
     evaluations = []
     for run in runs:
@@ -315,14 +317,11 @@ def _finetune_run(original: torch.nn.Module, spec: RunSpec, config: AttackConfig
                   ) -> tuple[dict[str, Any], torch.nn.Module]:
     """One finetuning run on a fresh copy of `original`: (its results entry, the model).
     `stop(step, metrics)` may end it early after an evaluation (a pruned search trial)."""
-    from undo_cli.engine import lm_loss, train
 
     t0 = time.perf_counter()
     eval_time = 0.0
     model = copy.deepcopy(original)
     if spec.lora_rank:
-        from undo_cli.runtime import seed_everything
-
         seed_everything(spec.seed)  # the adapter's random init: from the run's seed alone
         model = _attach_lora(model, config, spec.lora_rank)
     else:
@@ -388,7 +387,6 @@ def _quantized_run(model: torch.nn.Module, source: dict[str, Any], config: Attac
                    ) -> tuple[dict[str, Any], torch.nn.Module]:
     """Quantise `model` in place (a LoRA model is merged first) and evaluate it at the step
     its source run ended; a diverged source run is not quantised."""
-    from undo_cli.quantize import quantize_model
 
     t0 = time.perf_counter()
     settings = {"bits": config.quantize, "group_size": config.group_size}
