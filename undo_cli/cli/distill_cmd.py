@@ -21,27 +21,17 @@ from undo_cli.options import (
     TrainConfig,
 )
 from undo_cli.options.defaults import DISTILL, DISTILL_NOISE
-from undo_cli.options.paths import plain_paths, weighted_paths
+from undo_cli.options.inputs import DistillInputs
 
 
 @app.command("distill")
-@with_options("distill", reads={"student": plain_paths, "data": weighted_paths},
-              train=TrainConfig, data_options=DataOptions, evals=EvalOptions,
-              distill=DistillOptions, noise=NoiseOptions, load=LoadOptions, save=SaveOptions,
-              output=OutputOptions, exclude=("sam_rho",))
+@with_options("distill", inputs=DistillInputs, train=TrainConfig, data_options=DataOptions,
+              evals=EvalOptions, distill=DistillOptions, noise=NoiseOptions, load=LoadOptions,
+              save=SaveOptions, output=OutputOptions, exclude=("sam_rho",))
 def distill_command(
     out: Path = typer.Argument(..., metavar="OUT", help="Output checkpoint directory."),
-    teacher: Path = typer.Option(..., "--teacher", metavar="CKPT",
-                                 help="The (unlearned) teacher checkpoint."),
-    student: str = typer.Option(
-        "", "--student", metavar="CKPT|random|teacher",
-        help="The student's initial weights: a checkpoint (normally `undo perturb` of the "
-        "teacher), `random` (fresh init with the teacher's config: Unlearn-and-Distill), or "
-        "`teacher` with --alpha/--beta (noised in memory, identical to `undo perturb`)."),
-    data: list[str] = typer.Option(
-        ..., "--data", metavar="PATH[:WEIGHT]",
-        help="Distillation data (retain / pretraining-like text), repeatable with weights."),
     *,
+    inputs: DistillInputs,
     train: TrainConfig = DISTILL,
     data_options: DataOptions,
     evals: EvalOptions,
@@ -69,9 +59,9 @@ def distill_command(
     from undo_cli.distill import distill_checkpoint
 
     summary = run_stage(output, "distill", lambda callbacks: distill_checkpoint(
-        teacher, student, out, data=list(data), options=distill, noise=noise, train=train,
-        data_options=data_options, evals=evals, load=load, overwrite=output.overwrite,
-        callbacks=callbacks, save=save))
+        inputs.teacher, inputs.student, out, data=list(inputs.data), options=distill,
+        noise=noise, train=train, data_options=data_options, evals=evals, load=load,
+        overwrite=output.overwrite, callbacks=callbacks, save=save))
     if summary is not None:
         kd = summary["kd_loss"]
         info(f"wrote {out}: {summary['steps']} steps, {summary['tokens']:,} tokens, "

@@ -107,11 +107,14 @@ def with_options(command: str, *, exclude: Iterable[str] = (), outputs: Iterable
                 kind = _cli_type(f, field_hints[f.name])
                 if f.metadata.get("parse") and default is not None:
                     default = None  # the field's own default applies when not given
-                if default is None and not isinstance(kind, types.UnionType):
+                required = f.metadata.get("required", False)
+                if default is None and not required and not isinstance(kind, types.UnionType):
                     kind = kind | None
                 decls = [flag, *aliases.get(f.name, ())]
                 decls += [f.metadata["short"]] if f.metadata.get("short") else []
                 shown = isinstance(default, (int, float, str)) and not isinstance(default, bool)
+                if required:
+                    default, shown = ..., False
                 extra = {"metavar": f.metadata["metavar"]} if f.metadata.get("metavar") else {}
                 opt = typer.Option(
                     list(default) if isinstance(default, list) else default, *decls,

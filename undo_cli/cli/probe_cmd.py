@@ -13,7 +13,7 @@ from undo_cli.cli.common import emit_json, err_console, info, show_output
 from undo_cli.cli.options import with_options
 from undo_cli.options import LoadOptions, OutputOptions
 from undo_cli.options.commands import ProbeOptions
-from undo_cli.options.paths import named_paths
+from undo_cli.options.inputs import ProbeInputs
 
 
 def render(results: list[dict[str, Any]]) -> None:
@@ -36,17 +36,14 @@ def render(results: list[dict[str, Any]]) -> None:
 
 
 @app.command("probe")
-@with_options("probe", reads={"data": named_paths}, outputs=("out",), probe=ProbeOptions,
-              load=LoadOptions, output=OutputOptions)
+@with_options("probe", inputs=ProbeInputs, probe=ProbeOptions, load=LoadOptions,
+              output=OutputOptions)
 def probe_command(
     checkpoints: list[Path] = typer.Argument(..., metavar="CKPT...",
                                              help="Checkpoints to probe (e.g. base, unlearned, "
                                              "UNDO and oracle: one table)."),
-    data: list[str] = typer.Option(
-        ..., "--data", metavar="NAME=PATH",
-        help="Prompt/answer or multiple-choice records (repeatable); the label is the "
-        "answer's first token or the correct choice."),
     *,
+    inputs: ProbeInputs,
     probe: ProbeOptions,
     load: LoadOptions,
     output: OutputOptions,
@@ -66,7 +63,7 @@ def probe_command(
     started = time.time()
     talk = show_output(output.quiet)
     out = probe.out
-    sets = [read_eval_data(name, path) for name, path in parse_named_specs(data, "--data")]
+    sets = [read_eval_data(name, path) for name, path in parse_named_specs(inputs.data, "--data")]
     if out is not None:
         check_output_path(out, inputs=list(checkpoints), overwrite=output.overwrite)
     results = probe_checkpoints(

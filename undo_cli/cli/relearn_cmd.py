@@ -16,7 +16,6 @@ from undo_cli.cli.options import with_options
 from undo_cli.console import ProgressDisplay
 from undo_cli.errors import UsageError
 from undo_cli.options import (
-    ATTACK,
     AttackConfig,
     AttackMeasurement,
     DataOptions,
@@ -28,7 +27,7 @@ from undo_cli.options import (
     TrainConfig,
 )
 from undo_cli.options.defaults import ATTACK_TRAIN
-from undo_cli.options.paths import named_paths, weighted_paths
+from undo_cli.options.inputs import AttackInputs
 
 _LABELS = {"accuracy": "acc", "accuracy_norm": "acc_norm"}
 
@@ -187,8 +186,7 @@ _HELP = (
 
 
 @app.command("relearn-attack", help=_HELP)
-@with_options("relearn-attack", reads={"data": weighted_paths, "compare": named_paths},
-              attack=AttackConfig, train=TrainConfig,
+@with_options("relearn-attack", inputs=AttackInputs, attack=AttackConfig, train=TrainConfig,
               data_options=DataOptions, evals=EvalOptions, measurement=AttackMeasurement,
               gates=GateOptions, load=LoadOptions, save=SaveOptions, output=OutputOptions,
               exclude=("lr", "optimizer", "max_steps", "max_tokens", "max_flops", "save_every",
@@ -196,17 +194,8 @@ _HELP = (
 def relearn_command(
     checkpoint: Path = typer.Argument(
         None, metavar="CKPT", help="The model to attack (not needed with --compare)."),
-    out: Path = typer.Option(..., "--out", metavar="RESULTS_DIR",
-                             help="Results directory: results.json, relearn.png, undo.json."),
-    data: list[str] = typer.Option(
-        [], "--data", metavar="PATH[:WEIGHT]", rich_help_panel=ATTACK,
-        help="Attack (forget-domain) training data, repeatable with mixing weights. Without "
-        "it, only --quantize is applied."),
-    compare: list[str] = typer.Option(
-        [], "--compare", metavar="[LABEL=]RESULTS_DIR",
-        help="Only plot: the worst-case curves of these attack results (repeatable; e.g. "
-        "base, unlearned, UNDO, oracle) into --out/compare.png. No CKPT then."),
     *,
+    inputs: AttackInputs,
     attack: AttackConfig,
     train: TrainConfig = ATTACK_TRAIN,
     data_options: DataOptions,
@@ -218,6 +207,7 @@ def relearn_command(
     output: OutputOptions,
 ) -> None:
     """`undo relearn-attack CKPT --data F --eval NAME=PATH --out DIR` (see the help text)."""
+    out, data, compare = inputs.out, inputs.data, inputs.compare
     if compare:
         if checkpoint is not None or data or evals.eval:
             raise UsageError("--compare only plots earlier results: give no CKPT, --data or "

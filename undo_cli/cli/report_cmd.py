@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import typer
 
 from undo_cli.cli.app import app
@@ -11,21 +9,21 @@ from undo_cli.cli.common import emit_json, err_console, info, show_output
 from undo_cli.cli.options import with_options
 from undo_cli.options import OutputOptions
 from undo_cli.options.commands import ReportOptions
+from undo_cli.options.inputs import ReportOutput
 from undo_cli.options.paths import named_paths
 
 
 @app.command("report")
-@with_options("report", reads={"results": named_paths}, report=ReportOptions,
-              output=OutputOptions)
+@with_options("report", reads={"results": named_paths}, where=ReportOutput,
+              report=ReportOptions, output=OutputOptions)
 def report_command(
     results: list[str] = typer.Argument(
         ..., metavar="[LABEL=]RESULTS_DIR...",
         help="Results directories of `undo relearn-attack`, optionally labelled (default "
         "label: the directory name). Several directories under one label (repeat the label, "
         "or give a quoted glob: 'undo=attacks/undo-s*') are pooled as seeds of that model."),
-    out: Path = typer.Option(..., "--out", metavar="REPORT_DIR",
-                             help="Where report.md, report.json and the PNG figures go."),
     *,
+    where: ReportOutput,
     report: ReportOptions,
     output: OutputOptions,
 ) -> None:
@@ -43,6 +41,7 @@ def report_command(
     from undo_cli.report import parse_specs, with_interval, write_report
 
     talk = show_output(output.quiet)
+    out = where.out
     labels = list(parse_specs(results))
     roles = {role: label if label in labels else "" for role, label in
              (("oracle", report.oracle), ("unlearned", report.unlearned), ("base", report.base))}

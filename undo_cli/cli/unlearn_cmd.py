@@ -21,7 +21,7 @@ from undo_cli.options import (
     UnlearnOptions,
 )
 from undo_cli.options.defaults import UNLEARN
-from undo_cli.options.paths import weighted_paths
+from undo_cli.options.inputs import UnlearnInputs
 
 _SUMMARY = ("Suppress a capability: train IN to forget the --forget data while keeping the "
             "--retain data, and write the result to OUT (the Unlearn step of UNDO, "
@@ -76,9 +76,8 @@ def _method_help() -> str:
 
 @app.command("unlearn", cls=lazy_help(_help, options={"method": _method_help}),
              short_help=_SUMMARY)
-@with_options("unlearn", reads={"forget": weighted_paths, "retain": weighted_paths},
-              train=TrainConfig, data_options=DataOptions, evals=EvalOptions,
-              method_options=UnlearnOptions, load=LoadOptions, save=SaveOptions,
+@with_options("unlearn", inputs=UnlearnInputs, train=TrainConfig, data_options=DataOptions,
+              evals=EvalOptions, method_options=UnlearnOptions, load=LoadOptions, save=SaveOptions,
               output=OutputOptions)
 def unlearn_command(
     src: Path = typer.Argument(..., metavar="IN", help="Input checkpoint directory."),
@@ -86,15 +85,8 @@ def unlearn_command(
     method: str = typer.Option(
         ..., "--method", metavar="NAME", rich_help_panel=METHOD,
         help="Unlearning method (formulas above)."),  # the full help: _method_help
-    forget: list[str] = typer.Option(
-        ..., "--forget", metavar="PATH[:WEIGHT]", rich_help_panel=METHOD,
-        help="Data to forget, repeatable with mixing weights ({\"text\"} records are packed "
-        "into --max-length rows; {\"prompt\", \"completion\"} records count the completion "
-        "only)."),
-    retain: list[str] = typer.Option(
-        [], "--retain", metavar="PATH[:WEIGHT]", rich_help_panel=METHOD,
-        help="Data to keep, repeatable (not used by ga; without it no retain term)."),
     *,
+    inputs: UnlearnInputs,
     train: TrainConfig = UNLEARN,
     data_options: DataOptions,
     evals: EvalOptions,
@@ -108,8 +100,9 @@ def unlearn_command(
 
     get_method(method)
     summary = run_stage(output, f"unlearn ({method})", lambda callbacks: unlearn_checkpoint(
-        src, out, method, forget, retain, method_options, train, data_options=data_options,
-        evals=evals, load=load, overwrite=output.overwrite, callbacks=callbacks, save=save))
+        src, out, method, inputs.forget, inputs.retain, method_options, train,
+        data_options=data_options, evals=evals, load=load, overwrite=output.overwrite,
+        callbacks=callbacks, save=save))
     if summary is not None:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in summary["final"].items()
                           if k not in ("grad_norm", "tokens_per_s"))

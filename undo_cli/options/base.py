@@ -28,7 +28,8 @@ def option(default: Any = None, help: str = "", *, flag: str | None = None,  # n
            short: str | None = None, metavar: str | None = None, panel: str | None = None,
            cli: bool = True, minimum: float | None = None, above: float | None = None,
            maximum: float | None = None, choices: tuple[str, ...] | None = None,
-           factory: Any = None, parse: Any = None, reads: Any = None) -> Any:
+           factory: Any = None, parse: Any = None, reads: Any = None,
+           required: bool = False) -> Any:
     """A dataclass field with what the command line and `check` need.
 
     `flag` defaults to `--field-name`; `minimum`/`maximum` bound a number (inclusive),
@@ -36,12 +37,13 @@ def option(default: Any = None, help: str = "", *, flag: str | None = None,  # n
     strings. `cli=False` keeps the field out of the command line (set by the library);
     `parse` turns the text given on the command line into the field's value. A `Path` field
     is one of the command's reads (`undo_cli.options.paths`); text naming files declares how
-    to find them with `reads=` (`named_paths`, `weighted_paths`, `sqlite_path`).
+    to find them with `reads=` (`named_paths`, `weighted_paths`, `sqlite_path`). `required`
+    options must be given on the command line.
     """
     metadata = {"help": help, "flag": flag, "short": short, "metavar": metavar,
                 "panel": panel, "cli": cli, "minimum": minimum, "above": above,
                 "maximum": maximum, "choices": choices, "parse": parse,
-                "reads": reads}
+                "reads": reads, "required": required}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
