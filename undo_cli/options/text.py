@@ -96,36 +96,31 @@ def compile_pattern(flag: str, pattern: str) -> re.Pattern:
         raise UsageError(f"{flag} {pattern!r} is not a valid regular expression ({e})") from e
 
 
-def byte_size(flag: str) -> Callable[[Any], ByteSize]:
-    """The `parse` hook of a size option."""
-    def parse(text: Any) -> ByteSize:
-        if isinstance(text, ByteSize):
+def _typed(kind: type, attribute: str, meaning: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """A `parse` hook: text -> `kind(text)` carrying `attribute` = `meaning(text)`; a value
+    already of `kind` is returned as it is."""
+    def parse(text: Any) -> Any:
+        if isinstance(text, kind):
             return text
-        value = ByteSize(text)
-        value.bytes = size_in_bytes(text, flag)
+        value = kind(text)
+        setattr(value, attribute, meaning(text))
         return value
     return parse
+
+
+def byte_size(flag: str) -> Callable[[Any], ByteSize]:
+    """The `parse` hook of a size option."""
+    return _typed(ByteSize, "bytes", lambda text: size_in_bytes(text, flag))
 
 
 def layer_range(flag: str) -> Callable[[Any], LayerRange]:
     """The `parse` hook of a layer-range option."""
-    def parse(text: Any) -> LayerRange:
-        if isinstance(text, LayerRange):
-            return text
-        value = LayerRange(text)
-        value.layers = layer_numbers(text, flag)
-        return value
-    return parse
+    return _typed(LayerRange, "layers", lambda text: layer_numbers(text, flag))
 
 
 def pattern(flag: str) -> Callable[[Any], Any]:
     """The `parse` hook of a regular-expression option (one, or a list of them)."""
-    def one(text: Any) -> Pattern:
-        if isinstance(text, Pattern):
-            return text
-        value = Pattern(text)
-        value.regex = compile_pattern(flag, text)
-        return value
+    one = _typed(Pattern, "regex", lambda text: compile_pattern(flag, text))
 
     def parse(value: Any) -> Any:
         return [one(v) for v in value] if isinstance(value, (list, tuple)) else one(value)
