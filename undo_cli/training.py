@@ -13,7 +13,18 @@ from pathlib import Path
 from typing import Any
 
 from undo_cli import stage
+from undo_cli.checkpoint import load_model, load_tokenizer, save_layout
+from undo_cli.data import build_stream
+from undo_cli.engine import lm_loss
 from undo_cli.errors import UsageError
+from undo_cli.modelfactory import (
+    ARCHITECTURES,
+    PRESETS,
+    build_config,
+    load_tokenizer_spec,
+    random_model,
+    resolve_shape,
+)
 from undo_cli.options import (
     TRAIN_STEPS,
     DataOptions,
@@ -39,9 +50,6 @@ def train_checkpoint(out: str | Path, init: str, data: list[str], *,
     checkpoint); no budget means `TRAIN_STEPS` steps. The model is written in the checkpoint's
     dtype and sharding unless `save` says otherwise (fp32, one file, from a preset).
     """
-    from undo_cli.checkpoint import save_layout
-    from undo_cli.modelfactory import ARCHITECTURES, PRESETS
-
     started = time.time()
     preset = init in PRESETS and not Path(init).exists()
     if not preset:
@@ -69,21 +77,16 @@ def train_checkpoint(out: str | Path, init: str, data: list[str], *,
 
     # Tokenizer and data first: a bad file fails before any model is built or loaded.
     tok, model, shape = _tokenizer(init, preset, tokenizer, load), None, None
-    from undo_cli.data import build_stream
 
     streams = {"train": build_stream(tok, data, data_options.max_length, config.batch_size,
                                      config.seed, name="train", packing=data_options.packing)}
     sets = stage.load_eval_sets(evals, tok)
     if preset:
-        from undo_cli.modelfactory import build_config, random_model, resolve_shape
-
         shape = resolve_shape(init)
         if data_options.max_length > shape.max_position:
             shape = replace(shape, max_position=data_options.max_length)
         model = random_model(build_config(arch or "llama", shape, tok), seed=config.seed)
     else:
-        from undo_cli.checkpoint import load_model
-
         model = load_model(init, allow_pickle=load.allow_pickle,
                            trust_remote_code=load.trust_remote_code,
                            base_model=load.base_model)
@@ -104,16 +107,11 @@ def train_checkpoint(out: str | Path, init: str, data: list[str], *,
 
 def _tokenizer(init: str, preset: bool, spec: str | None, load: LoadOptions):
     if preset:
-        from undo_cli.modelfactory import load_tokenizer_spec
-
         return load_tokenizer_spec(spec or "char")
-    from undo_cli.checkpoint import load_tokenizer
 
     return load_tokenizer(init, trust_remote_code=load.trust_remote_code,
                           base_model=load.base_model)
 
 
 def _lm_loss():
-    from undo_cli.engine import lm_loss
-
     return lm_loss("train")

@@ -4,6 +4,7 @@ engine."""
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -11,9 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from undo_cli import stage
+from undo_cli.checkpoint import fingerprint, load_model, load_tokenizer, save_layout
+from undo_cli.data import build_stream, fit_packing
 from undo_cli.distill.loss import kd_loss_fn
 from undo_cli.distill.teachers import TeacherCache, TeacherSwitch
+from undo_cli.engine import training_device
 from undo_cli.errors import UsageError
+from undo_cli.evaluate import expected_metrics
+from undo_cli.gates import StopCondition
+from undo_cli.modelfactory import random_model
 from undo_cli.options import (
     DISTILL_EVAL_EVERY,
     DISTILL_STOP_WHEN_CAP,
@@ -28,6 +35,7 @@ from undo_cli.options import (
 )
 from undo_cli.options.defaults import DISTILL, DISTILL_NOISE
 from undo_cli.options.text import layer_numbers
+from undo_cli.perturb import noise_selection, perturb_model_
 
 RANDOM_STUDENT_SEED_OFFSET = 7919
 LISTED_NAMES = 50  # tensor names listed in the manifest per category (then only counted)
@@ -39,11 +47,7 @@ def build_student(spec: str, teacher, noise: NoiseOptions, noise_seed: int, seed
     with `--alpha/--beta`, the teacher noised in memory exactly as `undo perturb` would (with
     the same --layers / --include / --exclude selection; `only`, if given, limits the noise to
     exactly those tensor names). Tensors outside the selection keep the teacher's values."""
-    import copy
 
-    from undo_cli.checkpoint import load_model
-    from undo_cli.modelfactory import random_model
-    from undo_cli.perturb import perturb_model_
 
     if noise.alpha is not None:
         if spec not in ("teacher", ""):
@@ -114,15 +118,12 @@ def hidden_layer_list(options: DistillOptions, student, teachers: Sequence[Any]
 @dataclass
 class _Plan:
     """What trains and what is noised, decided on the teacher before the student exists."""
-
     trained: list[str] | None  # names of the trained parameters (None: all)
     noise_only: list[str] | None  # the noise limited to these names (the trained ones)
     noise: dict[str, Any] | None  # the manifest's record of the in-memory noise
 
 
 def _plan(teacher, options: DistillOptions, noise: NoiseOptions) -> _Plan:
-    from undo_cli.perturb import noise_selection
-
     trained = None
     if options.train_pattern is not None or options.train_layers is not None:
         trained = [n for n, _ in stage.select_parameters(
@@ -162,12 +163,6 @@ def distill_checkpoint(teacher_path: str | Path, student: str, out: str | Path, 
     unless `noise` selects tensors itself); `hidden_loss_weight` adds the hidden-state term;
     `second_teacher` gives the targets of a `second_teacher_fraction` of the micro-batches.
     """
-    from undo_cli.checkpoint import fingerprint, load_model, load_tokenizer, save_layout
-    from undo_cli.data import build_stream, fit_packing
-    from undo_cli.engine import training_device
-    from undo_cli.evaluate import expected_metrics
-    from undo_cli.gates import StopCondition
-
     started = time.time()
     teacher_path = Path(teacher_path)
     student = student or ("teacher" if noise.alpha is not None else "")
