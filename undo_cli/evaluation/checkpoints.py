@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from undo_cli.checkpoint import atomic_file, inspect_checkpoint, load_model, load_tokenizer
+import undo_cli.checkpoint as checkpoint_io  # load_model looked up when called (tests replace it)
+from undo_cli.checkpoint import atomic_file, inspect_checkpoint, load_tokenizer
 from undo_cli.errors import UndoError, UsageError
 from undo_cli.evaluate import (
     DEFAULT_MAX_NEW_TOKENS,
@@ -70,7 +71,7 @@ def evaluate_checkpoints(checkpoints: Sequence[str | Path], data: Sequence[EvalD
     for ckpt in checkpoints:
         if on_start is not None:
             on_start(str(ckpt))
-        model = load_model(ckpt, device=target, allow_pickle=allow_pickle,
+        model = checkpoint_io.load_model(ckpt, device=target, allow_pickle=allow_pickle,
                            trust_remote_code=trust_remote_code, base_model=base_model)
         tokenizer = load_tokenizer(ckpt, trust_remote_code=trust_remote_code,
                                    base_model=base_model)

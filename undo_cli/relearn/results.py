@@ -16,12 +16,14 @@ from typing import Any
 
 import torch
 
+import undo_cli.checkpoint as checkpoint_io  # looked up when called: tests replace them
+import undo_cli.engine as engine
+import undo_cli.plots as plots
 from undo_cli import stage
 from undo_cli.checkpoint import (
     atomic_output,
     build_manifest,
     fingerprint,
-    load_model,
     load_tokenizer,
     save_layout,
     save_model,
@@ -32,7 +34,6 @@ from undo_cli.engine import (
     fsdp_requested,
     is_main_process,
     training_device,
-    wait_for_everyone,
     world_size,
 )
 from undo_cli.errors import UsageError
@@ -55,7 +56,7 @@ from undo_cli.options import (
     SaveOptions,
 )
 from undo_cli.perturb import perturb_model_
-from undo_cli.plots import matplotlib_available, plot_attack, plot_compare, require_matplotlib
+from undo_cli.plots import plot_attack, plot_compare, require_matplotlib
 from undo_cli.records import (
     EvalData,
     check_attack_results,
@@ -254,12 +255,12 @@ def relearn_checkpoint(
         make_stream(config.train.seed, config.batch_size_list()[0])  # bad data: fail now
     static_attacks = _static_attacks(config, data, raw, tokenizer, evals, retain_metric)
     plot = not measurement.no_plot
-    if plot and not matplotlib_available():
+    if plot and not plots.matplotlib_available():
         log.info("note: matplotlib is not installed, so no relearn.png is drawn "
                  "(pip install 'undo-cli[plot]'); results.json is written as usual")
         plot = False
 
-    model = load_model(checkpoint, device=training_device(config.train.device),
+    model = checkpoint_io.load_model(checkpoint, device=training_device(config.train.device),
                        allow_pickle=load.allow_pickle, trust_remote_code=load.trust_remote_code,
                        base_model=load.base_model)
     if config.shrink_perturb is not None:  # before the step-0 evaluation: part of the attack
@@ -315,7 +316,7 @@ def relearn_checkpoint(
                 metrics={"forget_metric": forget_metric, **results["summary"],
                          "worst": final_metrics(results)},
                 extra={"relearn": {"results": RESULTS_NAME, "timing": results["timing"]}}))
-    wait_for_everyone()
+    engine.wait_for_everyone()
     if gate_list and raise_on_gate:
         raise_failed_gates(results["gates"])
     return results
