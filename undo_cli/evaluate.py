@@ -2,7 +2,6 @@
 
 Used by `undo eval` and, in-process on a model already in memory, by distillation's stop
 condition and the relearning attack. The API:
-
     sets = [load_eval_set("retain", "retain_eval.jsonl", tokenizer)]   # read + tokenise once
     metrics = evaluate_model(model, tokenizer, sets)    # {"retain": {"loss": .., "accuracy": ..}}
     flatten_metrics(metrics)                            # {"retain.loss": .., "retain.accuracy": ..}
@@ -68,6 +67,12 @@ from typing import Any
 
 import torch
 
+from undo_cli.data import (
+    encode_prompt_completion,
+    encode_text,
+    ensure_special_tokens,
+    split_pair,
+)
 from undo_cli.errors import DataError, UsageError
 from undo_cli.generation import (
     DEFAULT_UNTIL,
@@ -147,12 +152,6 @@ def tokenize_eval_data(data: EvalData, tokenizer, *, choice_format: str = "qa",
     """Tokenise validated data with `tokenizer` (the same tokenisation training uses);
     `target_delimiter` goes between prompt and answer (default "") or question and choice
     (default: the format's)."""
-    from undo_cli.data import (
-        encode_prompt_completion,
-        encode_text,
-        ensure_special_tokens,
-        split_pair,
-    )
 
     if choice_format not in CHOICE_FORMATS:
         raise UsageError(f"unknown choice format {choice_format!r}; choose one of "

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import torch
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from undo_cli.errors import UndoError
 
@@ -136,7 +137,6 @@ def _stop_criteria(tokenizer, width: int, until: Sequence[str], prefixes: Sequen
     """A stopping criterion: a row is done once its generated text (after its prefix) holds a
     stop string. Only rows whose last token could end one (it holds a stop string's last
     character) are decoded."""
-    from transformers import StoppingCriteria
 
     suspects = tokens_containing(tokenizer, "".join(s[-1] for s in until))
 
@@ -209,7 +209,6 @@ def greedy_generate(model, tokenizer, prompts: Sequence[Sequence[int]], *,
     last tokens. The caller sets eval mode and `torch.no_grad` (see
     `evaluate.evaluate_model`).
     """
-    from transformers import GenerationConfig, StoppingCriteriaList
 
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")

@@ -28,13 +28,13 @@ from __future__ import annotations
 import random
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from undo_cli.checkpoint import fingerprint_data
 from undo_cli.errors import DataError, UsageError
-from undo_cli.options import check_seed
+from undo_cli.options.commands import LanguageOptions
 from undo_cli.records import read_records, text_field
 from undo_cli.synthetic_files import TaskData, generate_task
 
@@ -58,25 +58,6 @@ BUILTIN = {
         "licence": "not protected works (Korean Copyright Act, Article 7)",
     },
 }
-
-
-@dataclass
-class LanguageOptions:
-    """Options of the splitter; `validate()` raises `UsageError` for impossible ones."""
-
-    seed: int = 0
-    eval_fraction: float = 0.1  # share of each language's characters held out, by document
-    max_chars: int | None = None  # per language, whole documents in seeded order; None: all
-    retain_corpus: list[str] = field(default_factory=list)  # empty: the built-in English
-    forget_corpus: list[str] = field(default_factory=list)  # empty: the built-in Korean
-
-    def validate(self) -> None:
-        check_seed("--seed", self.seed)
-        if not 0.0 < self.eval_fraction < 1.0:
-            raise UsageError(f"--eval-fraction must lie strictly between 0 and 1 (got "
-                             f"{self.eval_fraction})")
-        if self.max_chars is not None and self.max_chars < 1:
-            raise UsageError(f"--max-chars must be at least 1 (got {self.max_chars})")
 
 
 def _plain_text_documents(path: Path) -> list[str]:
@@ -130,7 +111,7 @@ def split_documents(docs: list[str], eval_fraction: float, seed: int,
     return chosen[n_eval:], chosen[:n_eval]
 
 
-def _corpus(split: str, paths: list[str]) -> tuple[list[str], list[dict[str, Any]]]:
+def _corpus(split: str, paths: list[Path]) -> tuple[list[str], list[dict[str, Any]]]:
     """The documents of one language and the description of where they came from."""
     if not paths:
         builtin = BUILTIN[split]
@@ -150,7 +131,6 @@ def _corpus(split: str, paths: list[str]) -> tuple[list[str], list[dict[str, Any
 
 def language_records(options: LanguageOptions) -> TaskData:
     """The setting's records and `info.json` payload (module doc)."""
-    options.validate()
     records: dict[str, list[dict[str, Any]]] = {}
     sizes: dict[str, dict[str, int]] = {}
     sources = {}
@@ -170,18 +150,21 @@ def language_records(options: LanguageOptions) -> TaskData:
             records[key] = [{"text": d} for d in part]
             sizes[key] = {"documents": len(part), "characters": sum(len(d) for d in part)}
         sizes[f"{split}_duplicates_dropped"] = len(found) - len(docs)
-    info = {"task": "language", "options": asdict(options), "sources": sources,
+    settings = asdict(options)
+    for key in ("retain_corpus", "forget_corpus"):
+        settings[key] = [str(p) for p in settings[key]]
+    info = {"task": "language", "options": settings, "sources": sources,
             "sizes": sizes,
             "note": "evaluation sets are held out by document; the forget metric is the "
                     "cross-entropy (loss) of forget_eval"}
     return TaskData(records=records, info=info)
 
 
-def generate_language(out_dir: str | Path, *, overwrite: bool = False,
-                      **options: Any) -> dict[str, Path]:
+def generate_language(out_dir: str | Path, options: LanguageOptions = LanguageOptions(), *,
+                      overwrite: bool = False) -> dict[str, Path]:
     """Write the setting into `out_dir` atomically, with `undo.json`; the written paths (keys
     of `FILES`, plus `info`). Everything is read and checked before anything is written."""
     started = time.time()
-    data = language_records(LanguageOptions(**options))
+    data = language_records(options)
     return generate_task(out_dir, "language", FILES, data, overwrite=overwrite, started=started,
                          ascii_only=False)

@@ -21,6 +21,10 @@ import re
 from collections.abc import Iterable
 
 from undo_cli.errors import UsageError
+from undo_cli.options.text import layer_numbers as parse_layer_range
+
+__all__ = ["LAYER_PREFIXES", "count_layers", "format_layers", "layer_pattern", "layer_prefix",
+           "parse_layer_range", "resolve_layers"]
 
 # The decoder-layer container of each preset architecture (and its close relatives).
 LAYER_PREFIXES: dict[str, str] = {
@@ -30,30 +34,6 @@ LAYER_PREFIXES: dict[str, str] = {
     "gpt2": "transformer.h", "gpt_neox": "gpt_neox.layers",
 }
 _GENERIC = re.compile(r"(^|\.)(layers|h)\.(\d+)\.")
-
-
-def parse_layer_range(text: str | None, flag: str = "--layers") -> tuple[int, ...] | None:
-    """`"10-15"` -> (10, ..., 15); `"0,2,4-5"` -> (0, 2, 4, 5); `"all"`, "" or None -> None
-    (every layer). `UsageError` naming `flag` for anything else (negative numbers, a range
-    whose end is below its start)."""
-    if text is None or not str(text).strip() or str(text).strip().lower() == "all":
-        return None
-    chosen: set[int] = set()
-    for part in (p.strip() for p in str(text).split(",")):
-        if not part:
-            continue
-        m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
-        if m is None:
-            raise UsageError(f"{flag} {text!r}: expected layer numbers and ranges such as "
-                             "10-15 or 0,2,4-6 (0-based), or all")
-        first = int(m.group(1))
-        last = int(m.group(2)) if m.group(2) is not None else first
-        if last < first:
-            raise UsageError(f"{flag} {text!r}: the range {part} ends before it starts")
-        chosen.update(range(first, last + 1))
-    if not chosen:
-        raise UsageError(f"{flag} {text!r} selects no layer")
-    return tuple(sorted(chosen))
 
 
 def format_layers(layers: Iterable[int] | None) -> str:

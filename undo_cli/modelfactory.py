@@ -6,12 +6,40 @@ Used by tests and examples, and by `undo distill --student random`.
 from __future__ import annotations
 
 import string
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Gemma2Config,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
 
+from undo_cli.checkpoint import (
+    atomic_output,
+    build_manifest,
+    check_fits_memory,
+    check_output_path,
+    fingerprint_data,
+    save_layout,
+    save_model,
+    write_manifest,
+)
 from undo_cli.errors import UsageError
+from undo_cli.options import SaveOptions
+from undo_cli.options.commands import InitOptions
+from undo_cli.records import completion_of, read_records, record_shape, text_field
 
 ARCHITECTURES = ("llama", "gemma2", "gpt2", "qwen2", "mistral", "gpt_neox", "phi3")
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>")
@@ -56,9 +84,6 @@ def _wrap(tok, *, split_words: bool):
     special tokens and `<bos>` before every text encoded with special tokens (as Llama's
     tokenizer does), so documents in training and prompts in evaluation start the same way.
     `split_words`: GPT-2's pre-tokenizer split (no token spans two words) before the bytes."""
-    from tokenizers import decoders, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split_words)
     tok.decoder = decoders.ByteLevel()
     bos = tok.token_to_id("<bos>")
@@ -80,8 +105,6 @@ def build_char_tokenizer(alphabet: str = DEFAULT_ALPHABET):
     produced by text in the alphabet). Characters outside the alphabet become `<unk>` (or such
     byte pieces where they share leading bytes with a character of the alphabet).
     """
-    from tokenizers import Tokenizer, models
-
     if not alphabet:
         raise UsageError("the tokenizer alphabet is empty")
     to_unicode = _byte_to_unicode()
@@ -125,8 +148,6 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int):
     bytes (so any text in any language round-trips), then merges of pairs seen at least twice,
     never across GPT-2's word split. Deterministic: the same texts in the same order give a
     byte-identical tokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
     if not BPE_MIN_VOCAB <= vocab_size <= BPE_MAX_VOCAB:
         raise UsageError(f"--tokenizer bpe:{vocab_size}: the vocabulary must hold "
                          f"{BPE_MIN_VOCAB} .. {BPE_MAX_VOCAB:,} tokens (4 special tokens and "
@@ -146,8 +167,6 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int):
 def record_texts(paths: list[str | Path]) -> list[str]:
     """The text of every record of every file, in order (any `--data` format): a text
     record's text, a prompt/completion pair joined, a question with its choices."""
-    from undo_cli.records import completion_of, read_records, record_shape, text_field
-
     texts: list[str] = []
     for path in paths:
         for rec in read_records(path):
@@ -166,8 +185,6 @@ def record_texts(paths: list[str | Path]) -> list[str]:
 def load_tokenizer_spec(spec: str, data: list[str | Path] | None = None):
     """`char`, `char:ALPHABET`, `bpe:N` (trained on the records of `data`), a tokenizer.json
     file, or a directory with a tokenizer."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
     if data and not spec.startswith("bpe:"):
         raise UsageError("--tokenizer-data is only used by --tokenizer bpe:N")
     if spec == "char":
@@ -196,16 +213,6 @@ def load_tokenizer_spec(spec: str, data: list[str | Path] | None = None):
 
 def build_config(arch: str, shape: ModelShape, tokenizer):
     """A transformers config of architecture `arch` and size `shape` for `tokenizer`."""
-    from transformers import (
-        Gemma2Config,
-        GPT2Config,
-        GPTNeoXConfig,
-        LlamaConfig,
-        MistralConfig,
-        Phi3Config,
-        Qwen2Config,
-    )
-
     if arch not in ARCHITECTURES:
         raise UsageError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
     for name in ("layers", "hidden", "heads", "intermediate", "max_position"):
@@ -255,10 +262,6 @@ def random_model(config, seed: int = 0, dtype: torch.dtype = torch.float32,
 
     `UsageError` with the estimate if it cannot fit in the memory available (checked before
     anything is allocated; `what` names the model in the message)."""
-    from transformers import AutoModelForCausalLM
-
-    from undo_cli.checkpoint import check_fits_memory
-
     check_fits_memory(config.to_dict(), torch.empty((), dtype=dtype).element_size(), what)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -287,3 +290,32 @@ def resolve_shape(preset: str | None, **overrides: int | None) -> ModelShape:
 def count_parameters(model) -> int:
     """Distinct parameters (tied weights counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def init_checkpoint(out: str | Path, options: InitOptions = InitOptions(), *,
+                    save: SaveOptions = SaveOptions(), overwrite: bool = False) -> dict[str, Any]:
+    """`undo init`: write a random model of `options`' architecture and size with its local
+    tokenizer to `out` (atomically, with `undo.json`); returns the summary `--json` prints."""
+    started = time.time()
+    reads = ([("--tokenizer", options.tokenizer)] if Path(options.tokenizer).exists() else [])
+    reads += [("--tokenizer-data", Path(p)) for p in options.tokenizer_data]
+    check_output_path(out, overwrite=overwrite, reads=reads)
+    shape = resolve_shape(options.preset, layers=options.layers, hidden=options.hidden,
+                          heads=options.heads, intermediate=options.intermediate,
+                          max_position=options.max_position)
+    tok = load_tokenizer_spec(options.tokenizer, options.tokenizer_data)
+    model = random_model(build_config(options.arch, shape, tok), seed=options.seed,
+                         what=describe_shape(shape))
+    n_params = count_parameters(model)
+    with atomic_output(out, overwrite=overwrite, reads=reads) as tmp:
+        save_model(model, tok, tmp, layout=save_layout(save, None))
+        write_manifest(tmp, build_manifest(
+            "init", seed=options.seed, wall_time_s=time.time() - started,
+            arguments=dict(arch=options.arch, preset=options.preset,
+                           tokenizer=options.tokenizer, **asdict(shape),
+                           save_dtype=save.save_dtype, max_shard_size=save.max_shard_size,
+                           tokenizer_data=[{"path": str(p), "fingerprint": fingerprint_data(p)}
+                                           for p in options.tokenizer_data]),
+            extra={"parameters": n_params}))
+    return {"output": str(out), "arch": options.arch, "parameters": n_params,
+            "vocab_size": len(tok), **asdict(shape)}

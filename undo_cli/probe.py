@@ -24,11 +24,22 @@ from typing import Any
 
 import torch
 
+from undo_cli.checkpoint import (
+    atomic_output,
+    build_manifest,
+    inspect_checkpoint,
+    load_model,
+    load_tokenizer,
+    write_manifest,
+)
 from undo_cli.errors import UsageError
-from undo_cli.evaluate import last_token_hidden_states
+from undo_cli.evaluate import choice_prompt, last_token_hidden_states
+from undo_cli.jsontext import to_json
+from undo_cli.options.commands import TRAIN_SHARE
+from undo_cli.plots import matplotlib_available, plot_probes
 from undo_cli.records import EvalData, Record
+from undo_cli.runtime import pick_device
 
-TRAIN_SHARE = 0.6
 L2 = 1e-3
 MAX_ITER = 200
 
@@ -42,7 +53,6 @@ def probe_inputs(data: EvalData, tokenizer) -> tuple[list[list[int]], list[int]]
 
 def _probe_items(data: EvalData, tokenizer) -> tuple[list[list[int]], list[int], list[Record]]:
     """`probe_inputs` and the record of each prompt (for messages)."""
-    from undo_cli.evaluate import choice_prompt
 
     if data.shape == "completion":
         prompts, labels, records = [], [], []
@@ -137,8 +147,6 @@ def probe_checkpoints(checkpoints: Sequence[str | Path], data: Sequence[EvalData
                       base_model: str | Path | None = None, device: str | None = None,
                       on_start: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Probe every checkpoint on every set: `[{"checkpoint", "probes": {set: result}}]`."""
-    from undo_cli.checkpoint import inspect_checkpoint, load_model, load_tokenizer
-    from undo_cli.runtime import pick_device
 
     if not 0 < train_share < 1:
         raise UsageError(f"--train-share must lie between 0 and 1 (got {train_share})")
@@ -172,3 +180,22 @@ def probe_checkpoints(checkpoints: Sequence[str | Path], data: Sequence[EvalData
                     "wall_time_s": round(time.time() - started, 3)})
         del model
     return out
+
+
+def write_probe(out: str | Path, payload: dict[str, Any], checkpoints: Sequence[str | Path], *,
+                overwrite: bool = False, started: float | None = None) -> None:
+    """`undo probe --out DIR`: probe.json, probe.png (with matplotlib) and undo.json, written
+    atomically."""
+
+    started = time.time() if started is None else started
+    with atomic_output(out, inputs=list(checkpoints), overwrite=overwrite) as tmp:
+        (Path(tmp) / "probe.json").write_text(to_json(payload, indent=2) + "\n")
+        if matplotlib_available():
+            plot_probes(payload["results"], Path(tmp) / "probe.png")
+        write_manifest(tmp, build_manifest(
+            "probe", arguments={"checkpoints": [str(c) for c in checkpoints],
+                                "seed": payload["seed"], "train_share": payload["train_share"]},
+            parents={f"checkpoint{i}": c for i, c in enumerate(checkpoints)},
+            wall_time_s=time.time() - started,
+            metrics={r["checkpoint"]: {n: p["best_accuracy"] for n, p in r["probes"].items()}
+                     for r in payload["results"]}))

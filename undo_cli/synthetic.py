@@ -66,7 +66,8 @@ from pathlib import Path
 from typing import Any
 
 from undo_cli.errors import UsageError
-from undo_cli.options import MAX_RECORDS, check_seed
+from undo_cli.options import MAX_RECORDS, option
+from undo_cli.options.base import seed_option, settle
 from undo_cli.synthetic_files import TaskData, generate_task, write_task
 
 OPS: dict[str, str] = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
@@ -271,18 +272,28 @@ def _reserved_count(size: int, fraction: float) -> int:
 
 @dataclass(frozen=True)
 class ArithmeticOptions:
-    """Options of the generator; `validate()` raises `UsageError` for impossible ones."""
+    """Options of the generator (`undo data arithmetic`); impossible ones cannot be built
+    (`UsageError`)."""
 
-    seed: int = 0
-    train_size: int = 6000
-    eval_size: int = 200
-    add_max: int = 20
-    mul_max: int = 9
-    word_fraction: float = 0.1
-    heldout_pairs: float = 0.0
+    seed: int = seed_option("Seed: the same seed and options give byte-identical files.")
+    train_size: int = option(6000, "Training records per split (retain, forget), shared "
+                             "equally by the split's two operations.")
+    eval_size: int = option(200, "Evaluation items per split, shared equally by its two "
+                            "operations; half of each operation's items (rounded up) are "
+                            "equations, the rest word problems from held-out templates.")
+    add_max: int = option(20, "Addition and subtraction operands are 0..N (subtraction keeps "
+                          "a >= b).")
+    mul_max: int = option(9, "Multiplication factors, divisors and quotients are 1..N "
+                          "(division is always exact).")
+    word_fraction: float = option(0.1, "Share of the training records that are word problems "
+                                  "(the rest are bare equations).")
+    heldout_pairs: float = option(0.0, "Share (0 to 0.5) of each operation's operand pairs "
+                                  "kept out of all training text; eval equations then use only "
+                                  "those pairs. 0: eval equations test facts seen in training "
+                                  "(a tiny model cannot infer unseen multiplication facts).")
 
-    def validate(self) -> None:
-        check_seed("--seed", self.seed)
+    def __post_init__(self) -> None:
+        settle(self)
         for flag, value in (("--train-size", self.train_size), ("--eval-size", self.eval_size)):
             if value > MAX_RECORDS:
                 raise UsageError(f"{flag} must be at most {MAX_RECORDS:,} (got {value})")
@@ -366,17 +377,17 @@ def _eval_word_problems(rng: random.Random, op: str, space: PairSpace,
 ArithmeticData = TaskData  # records per file key plus the info.json payload
 
 
-def arithmetic_records(**options: Any) -> ArithmeticData:
+def arithmetic_records(task: ArithmeticOptions | None = None, **options: Any) -> ArithmeticData:
     """Generate every file's records in memory (see the module docstring); deterministic.
 
-    Options are the fields of `ArithmeticOptions` (seed, train_size, eval_size, add_max,
-    mul_max, word_fraction, heldout_pairs); `UsageError` for impossible values.
+    `task`, or options that are the fields of `ArithmeticOptions` (seed, train_size,
+    eval_size, add_max, mul_max, word_fraction, heldout_pairs); `UsageError` for impossible
+    values.
     """
     try:
-        opts = ArithmeticOptions(**options)
+        opts = task or ArithmeticOptions(**options)
     except TypeError as e:
         raise UsageError(f"arithmetic data: {e}") from e
-    opts.validate()
     rng = random.Random(f"undo-arithmetic:{opts.seed}")
     records: dict[str, list[dict[str, Any]]] = {}
     heldout: dict[str, list[list[int]]] = {}
@@ -474,13 +485,14 @@ def write_arithmetic(data: ArithmeticData, directory: str | Path) -> dict[str, P
 
 
 def generate_arithmetic(out_dir: str | Path, *, overwrite: bool = False,
+                        task: ArithmeticOptions | None = None,
                         **options: Any) -> dict[str, Path]:
     """Generate the task into `out_dir` atomically, with `undo.json`; the written paths
     (keys of `FILES`, plus `info`).
 
-    `options` are those of `arithmetic_records`. Options and the output path are checked
+    `task` or `options` are those of `arithmetic_records`. Options and the output path are checked
     before anything is written (`UsageError`).
     """
     started = time.time()
-    data = arithmetic_records(**options)
+    data = arithmetic_records(task, **options)
     return generate_task(out_dir, "arithmetic", FILES, data, overwrite=overwrite, started=started)

@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from undo_cli.errors import UsageError
-from undo_cli.options import MAX_RECORDS, check_seed
+from undo_cli.options import MAX_RECORDS, option
+from undo_cli.options.base import seed_option, settle
 from undo_cli.synthetic_files import TaskData, generate_task, write_task
 
 SPLITS = {"forget": "hazard", "retain": "general"}
@@ -100,16 +101,22 @@ SYLLABLES = {
 
 @dataclass(frozen=True)
 class FactsOptions:
-    """Options of the generator; `validate()` raises `UsageError` for impossible ones."""
+    """Options of the generator (`undo data facts`); impossible ones cannot be built
+    (`UsageError`)."""
 
-    seed: int = 0
-    entities: int = 24  # per domain; facts = entities x 4 properties
-    train_size: int = 4000  # corpus records per domain
-    qa_fraction: float = 0.25  # share of corpus records that are question-answer lines
-    mc_fraction: float = 0.25  # ... and four-choice questions with their letter answer
+    seed: int = seed_option("Seed: the same seed and options give byte-identical files.")
+    entities: int = option(24, "Made-up subjects per domain, four facts each (so 4 x N "
+                           "questions per domain).")
+    train_size: int = option(4000, "Corpus records per domain (every fact appears in every "
+                             "form).")
+    qa_fraction: float = option(0.25, "Share of corpus records that are 'Question: Q\\nAnswer: "
+                                "VALUE' lines.")
+    mc_fraction: float = option(0.25, "Share of corpus records that are four-choice questions "
+                                "in the MMLU/WMDP layout with their letter answer (choice "
+                                "orders differ from the evaluation's).")
 
-    def validate(self) -> None:
-        check_seed("--seed", self.seed)
+    def __post_init__(self) -> None:
+        settle(self)
         if self.train_size > MAX_RECORDS:
             raise UsageError(f"--train-size must be at most {MAX_RECORDS:,} (got "
                              f"{self.train_size})")
@@ -188,16 +195,15 @@ def _choices(rng: random.Random, domain: str, fact: Fact) -> list[str]:
 FactsData = TaskData  # records per file key plus the info.json payload
 
 
-def facts_records(**options: Any) -> FactsData:
+def facts_records(task: FactsOptions | None = None, **options: Any) -> FactsData:
     """Generate every file's records in memory (see the module docstring); deterministic.
 
     Options are the fields of `FactsOptions`; `UsageError` for impossible values.
     """
     try:
-        opts = FactsOptions(**options)
+        opts = task or FactsOptions(**options)
     except TypeError as e:
         raise UsageError(f"facts data: {e}") from e
-    opts.validate()
     rng = random.Random(f"undo-facts:{opts.seed}")
     taken: set[str] = set()
     records: dict[str, list[dict[str, Any]]] = {}
@@ -271,9 +277,9 @@ def write_facts(data: FactsData, directory: str | Path) -> dict[str, Path]:
 
 
 def generate_facts(out_dir: str | Path, *, overwrite: bool = False,
-                   **options: Any) -> dict[str, Path]:
+                   task: FactsOptions | None = None, **options: Any) -> dict[str, Path]:
     """Generate the task into `out_dir` atomically, with `undo.json`; the written paths
     (keys of `FILES`, plus `info`). Options are checked before anything is written."""
     started = time.time()
-    data = facts_records(**options)
+    data = facts_records(task, **options)
     return generate_task(out_dir, "facts", FILES, data, overwrite=overwrite, started=started)

@@ -13,7 +13,18 @@ from pathlib import Path
 from typing import Any
 
 from undo_cli import stage
+from undo_cli.checkpoint import load_model, load_tokenizer, save_layout
+from undo_cli.data import build_stream
+from undo_cli.engine import lm_loss
 from undo_cli.errors import UsageError
+from undo_cli.modelfactory import (
+    ARCHITECTURES,
+    PRESETS,
+    build_config,
+    load_tokenizer_spec,
+    random_model,
+    resolve_shape,
+)
 from undo_cli.options import (
     TRAIN_STEPS,
     DataOptions,
@@ -22,33 +33,25 @@ from undo_cli.options import (
     SaveOptions,
     TrainConfig,
 )
-
-PRESET_LR = 1e-3  # --lr default when pretraining from a preset
-FINETUNE_LR = 1e-4  # ... and when finetuning a checkpoint
+from undo_cli.options.defaults import TRAIN
+from undo_cli.options.rates import default_lr
+from undo_cli.runtime import require_optimizers
 
 
 def train_checkpoint(out: str | Path, init: str, data: list[str], *,
-                     train: TrainConfig | None = None, data_options: DataOptions | None = None,
-                     evals: EvalOptions | None = None, load: LoadOptions | None = None,
+                     train: TrainConfig = TRAIN, data_options: DataOptions = DataOptions(),
+                     evals: EvalOptions = EvalOptions(), load: LoadOptions = LoadOptions(),
                      arch: str | None = None, tokenizer: str | None = None,
                      overwrite: bool = False, callbacks: stage.Callbacks | None = None,
-                     save: SaveOptions | None = None) -> dict[str, Any]:
+                     save: SaveOptions = SaveOptions()) -> dict[str, Any]:
     """Train on `data` (`PATH[:WEIGHT]` specs) from `init` (a checkpoint directory, or a size
     preset with `arch` and `tokenizer`) and write the result to `out`; returns the summary.
 
-    `train.lr` None means `PRESET_LR` from a preset, `FINETUNE_LR` from a checkpoint; no budget
-    means `TRAIN_STEPS` steps. The model is written in the checkpoint's dtype and sharding
-    unless `save` says otherwise (fp32, one file, from a preset).
+    `train.lr` None means `default_lr` (PRESET_LR from a preset, FINETUNE_LR from a
+    checkpoint); no budget means `TRAIN_STEPS` steps. The model is written in the checkpoint's
+    dtype and sharding unless `save` says otherwise (fp32, one file, from a preset).
     """
-    from undo_cli.checkpoint import save_layout
-    from undo_cli.modelfactory import ARCHITECTURES, PRESETS
-    from undo_cli.runtime import require_optimizers
-
     started = time.time()
-    train = train or TrainConfig(lr=None)
-    data_options, evals = data_options or DataOptions(), evals or EvalOptions()
-    load, save = load or LoadOptions(), save or SaveOptions()
-    save.validate()
     preset = init in PRESETS and not Path(init).exists()
     if not preset:
         if not Path(init).exists():
@@ -60,7 +63,7 @@ def train_checkpoint(out: str | Path, init: str, data: list[str], *,
     elif arch is not None and arch not in ARCHITECTURES:
         raise UsageError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
     if train.lr is None:
-        train = replace(train, lr=PRESET_LR if preset else FINETUNE_LR)
+        train = replace(train, lr=default_lr("train", preset=preset))
     if train.max_steps is None and train.max_tokens is None and train.max_flops is None:
         train = replace(train, max_steps=TRAIN_STEPS)
     config = train.for_output(out)
@@ -77,8 +80,6 @@ def train_checkpoint(out: str | Path, init: str, data: list[str], *,
     # Tokenizer and data first: a bad file fails before any model is built or loaded.
     tok, model, shape = _tokenizer(init, preset, tokenizer, load), None, None
     if preset:
-        from undo_cli.modelfactory import build_config, resolve_shape
-
         shape = resolve_shape(init)
         if data_options.max_length > shape.max_position:
             shape = replace(shape, max_position=data_options.max_length)
@@ -88,19 +89,14 @@ def train_checkpoint(out: str | Path, init: str, data: list[str], *,
                                                 length=data_options.max_length), config)
     if done is not None:
         return done
-    from undo_cli.data import build_stream
 
     streams = {"train": build_stream(tok, data, data_options.max_length, config.batch_size,
                                      config.seed, name="train", packing=data_options.packing)}
     sets = stage.load_eval_sets(evals, tok)
     stage.check_keep_best(config, sets)
     if preset:
-        from undo_cli.modelfactory import build_config, random_model
-
         model = random_model(build_config(arch or "llama", shape, tok), seed=config.seed)
     else:
-        from undo_cli.checkpoint import load_model
-
         model = load_model(init, allow_pickle=load.allow_pickle,
                            trust_remote_code=load.trust_remote_code,
                            base_model=load.base_model)
@@ -121,16 +117,11 @@ def train_checkpoint(out: str | Path, init: str, data: list[str], *,
 
 def _tokenizer(init: str, preset: bool, spec: str | None, load: LoadOptions):
     if preset:
-        from undo_cli.modelfactory import load_tokenizer_spec
-
         return load_tokenizer_spec(spec or "char")
-    from undo_cli.checkpoint import load_tokenizer
 
     return load_tokenizer(init, trust_remote_code=load.trust_remote_code,
                           base_model=load.base_model)
 
 
 def _lm_loss():
-    from undo_cli.engine import lm_loss
-
     return lm_loss("train")

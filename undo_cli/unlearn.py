@@ -31,7 +31,9 @@ from typing import Any
 import torch
 
 from undo_cli import losses, stage
-from undo_cli.data import model_inputs
+from undo_cli.checkpoint import load_model, load_tokenizer, save_layout
+from undo_cli.data import build_stream, model_inputs
+from undo_cli.engine import count_parameters
 from undo_cli.errors import UsageError
 from undo_cli.options import (
     DataOptions,
@@ -40,8 +42,10 @@ from undo_cli.options import (
     SaveOptions,
     TrainConfig,
     UnlearnOptions,
-    compile_pattern,
+    rates,
 )
+from undo_cli.options.defaults import RMU_STEPS, UNLEARN, UNLEARN_STEPS
+from undo_cli.options.rates import RMU_TINY_LR, UNLEARN_LR, UNLEARN_TINY_LR
 from undo_cli.runtime import require_optimizers
 
 Batch = dict[str, torch.Tensor]
@@ -51,8 +55,6 @@ MethodFn = Callable[[torch.nn.Module, dict[str, Batch], "UnlearnContext"],
 # RMU's layer of the WMDP paper (Li et al. 2024): layer 7 of Zephyr-7B. Smaller models use
 # a layer a little below their middle (see `default_rmu_layer`).
 RMU_PAPER_LAYER = 7
-# Models below this many parameters (test and toy models) get each method's `tiny_lr`.
-TINY_MODEL_PARAMS = 10_000_000
 
 
 @dataclass(frozen=True)
@@ -68,9 +70,9 @@ class Method:
     # any; the copy is made only when that stream is given.
     reference_stream: str | None = None
     steered: bool = False  # uses a layer (--layer) and a steering vector c * u (RMU)
-    lr: float = 5e-5  # default learning rate for models of TINY_MODEL_PARAMS or more
-    tiny_lr: float = 1e-3  # ... and for smaller ones
-    max_steps: int = 100  # default budget
+    lr: float = UNLEARN_LR  # default learning rate for models of TINY_MODEL_PARAMS or more
+    tiny_lr: float = UNLEARN_TINY_LR  # ... and for smaller ones (`options.rates.default_lr`)
+    max_steps: int = UNLEARN_STEPS  # default budget
     default_trainable: Callable[[torch.nn.Module, UnlearnOptions], str] | None = None
 
 
@@ -279,7 +281,7 @@ def _rmu_trainable(model: torch.nn.Module, options: UnlearnOptions) -> str:
 
 @register_method("rmu", formula="MSE(h_L(forget), c*u) + a * MSE(h_L(retain), h_L^frozen(retain))",
                  retain_weight=1200.0, reference_stream="retain", steered=True,
-                 tiny_lr=1e-2, max_steps=500,
+                 tiny_lr=RMU_TINY_LR, max_steps=RMU_STEPS,
                  default_trainable=_rmu_trainable)
 def rmu(model, batches, ctx):
     """RMU: L = MSE(h_L(forget), c*u) + a * MSE(h_L(retain), h_L^frozen(retain)).
@@ -405,21 +407,12 @@ class MethodSetup:
         return round(self.reference_parameters * sizes[name] / total) if total else 0
 
 
-def validate_options(method: Method, options: UnlearnOptions, *, has_retain: bool) -> None:
-    """Refuse option values that cannot work, before anything is loaded."""
+def check_retain(method: Method, *, has_retain: bool) -> None:
+    """Refuse retain data for a method without a retain term, before anything is loaded.
+    (The options' own values were checked when the `UnlearnOptions` was built.)"""
     if has_retain and not method.uses_retain:
         raise UsageError(f"method {method.name!r} has no retain term; drop --retain or use "
                          "'graddiff' (gradient ascent + retain)")
-    if options.retain_weight is not None and not options.retain_weight >= 0:
-        raise UsageError("--retain-weight must be >= 0")
-    if not options.beta > 0:
-        raise UsageError("--beta must be > 0")
-    if options.layer is not None and options.layer < 0:
-        raise UsageError("--layer must be >= 0")
-    if not (options.repnoise_alpha >= 0 and options.repnoise_beta >= 0):
-        raise UsageError("--repnoise-alpha and --repnoise-beta must be >= 0")
-    if options.trainable is not None:
-        compile_pattern("--trainable", options.trainable)
 
 
 def prepare_method(model: torch.nn.Module, method: str | Method, options: UnlearnOptions, *,
@@ -430,7 +423,7 @@ def prepare_method(model: torch.nn.Module, method: str | Method, options: Unlear
     training. The model's parameters are not touched: pass `setup.parameters` to `train`.
     """
     method = get_method(method) if isinstance(method, str) else method
-    validate_options(method, options, has_retain=has_retain)
+    check_retain(method, has_retain=has_retain)
     weight = options.retain_weight if options.retain_weight is not None else method.retain_weight
     hidden = {"forget"} if options.repnoise else set()
     layer = None
@@ -459,13 +452,13 @@ def prepare_method(model: torch.nn.Module, method: str | Method, options: Unlear
 
 
 def default_lr(method: Method, parameters: int) -> float:
-    """The method's learning rate for a model of `parameters` parameters.
-
-    5e-5 (the middle of the UNDO paper's 1e-5..8e-5 sweep on its 100M-parameter models) from
-    TINY_MODEL_PARAMS parameters up; below, toy models need more: 1e-3 (RMU, which trains only
-    a few matrices: 1e-2).
-    """
-    return method.lr if parameters >= TINY_MODEL_PARAMS else method.tiny_lr
+    """The method's learning rate for a model of `parameters` parameters, as
+    `undo_cli.options.rates.default_lr` decides it: UNLEARN_LR (the middle of the UNDO
+    paper's 1e-5..8e-5 sweep on its 100M-parameter models) from TINY_MODEL_PARAMS parameters
+    up; below, toy models need more: UNLEARN_TINY_LR (RMU, which trains only a few matrices:
+    RMU_TINY_LR)."""
+    return rates.default_lr("unlearn", parameters=parameters, lr=method.lr,
+                            tiny_lr=method.tiny_lr)
 
 
 # --------------------------------------------------------------------------------------------
@@ -480,16 +473,16 @@ def unlearn_checkpoint(
     method: str,
     forget_specs: Sequence[str],
     retain_specs: Sequence[str] = (),
-    options: UnlearnOptions | None = None,
-    train_config: TrainConfig | None = None,
+    options: UnlearnOptions = UnlearnOptions(),
+    train_config: TrainConfig = UNLEARN,
     *,
-    data_options: DataOptions | None = None,
-    evals: EvalOptions | None = None,
-    load: LoadOptions | None = None,
+    data_options: DataOptions = DataOptions(),
+    evals: EvalOptions = EvalOptions(),
+    load: LoadOptions = LoadOptions(),
     overwrite: bool = False,
     keep_state: bool = False,
     callbacks: stage.Callbacks | None = None,
-    save: SaveOptions | None = None,
+    save: SaveOptions = SaveOptions(),
 ) -> dict[str, Any]:
     """Unlearn `forget_specs` from checkpoint `src` with `method`; write the result to `dst`.
 
@@ -505,26 +498,19 @@ def unlearn_checkpoint(
     summary (also recorded in the manifest). The model is written in `src`'s dtype and
     sharding unless `save` says otherwise.
     """
-    from undo_cli.checkpoint import load_model, load_tokenizer, save_layout
-    from undo_cli.data import build_stream
 
     started = time.time()
-    options = options or UnlearnOptions()
-    data_options, evals = data_options or DataOptions(), evals or EvalOptions()
-    load, save = load or LoadOptions(), save or SaveOptions()
-    save.validate()
-    config = train_config or TrainConfig(lr=None, schedule="constant")
+    config = train_config
     chosen = get_method(method)
     forget_specs, retain_specs = list(forget_specs), list(retain_specs)
     if not forget_specs:
         raise UsageError("no forget data: give --forget FILE")
     options = replace(options, seed=config.seed)
-    validate_options(chosen, options, has_retain=bool(retain_specs))
+    check_retain(chosen, has_retain=bool(retain_specs))
     if config.max_steps is None and config.max_tokens is None and config.max_flops is None:
         config = replace(config, max_steps=chosen.max_steps)
     config = config.for_output(dst)
-    # lr None is chosen once the model (its size) is known.
-    replace(config, lr=1.0 if config.lr is None else config.lr).validate()
+    config.validate(lr_decided_later=True)  # lr None: chosen once the model's size is known
     require_optimizers([config.optimizer], config.device)
     info = stage.check_inputs(
         dst, [src], load, overwrite=overwrite,
@@ -547,8 +533,6 @@ def unlearn_checkpoint(
     model = load_model(src, allow_pickle=load.allow_pickle,
                        trust_remote_code=load.trust_remote_code, base_model=load.base_model)
     if config.lr is None:
-        from undo_cli.engine import count_parameters
-
         config = replace(config, lr=default_lr(chosen, count_parameters(model)))
     setup = prepare_method(model, chosen, options, has_retain=bool(retain_specs),
                            grad_accum=config.grad_accum)

@@ -647,6 +647,40 @@ CASES = [
      "lies inside the output"),
     ("init-tokenizer-inside-output", ["init", "{full}", "--tokenizer", "{full}/tokenizer.json",
                                       "--overwrite"], 2, "lies inside the output"),
+    # Issue 26 item 3: every path-typed option is a declared read, checked by the option
+    # generator: --overwrite never deletes an input inside OUT ({full}/base is a checkpoint).
+    ("perturb-base-model-inside-output", ["perturb", "{adapter}", "{full}", "--base-model",
+                                          "{full}/base", "--overwrite"], 2,
+     "--base-model {full}/base lies inside the output"),
+    ("train-base-model-inside-output", ["train", "{full}", "--init", "{adapter}", "--base-model",
+                                        "{full}/base", "--data", "{text}", "--overwrite", *FAST],
+     2, "--base-model {full}/base lies inside the output"),
+    ("unlearn-base-model-inside-output", ["unlearn", "{adapter}", "{full}", "--method", "ga",
+                                          "--forget", "{text}", "--base-model", "{full}/base",
+                                          "--overwrite", *FAST], 2,
+     "--base-model {full}/base lies inside the output"),
+    ("distill-base-model-inside-output", ["distill", "{full}", "--teacher", "{adapter}",
+                                          "--student", "random", "--data", "{text}",
+                                          "--base-model", "{full}/base", "--overwrite", *FAST],
+     2, "--base-model {full}/base lies inside the output"),
+    ("relearn-base-model-inside-output", ["relearn-attack", "{adapter}", "--data", "{pairs}",
+                                          "--eval", "forget={pairs}", "--steps", "1", "--lrs",
+                                          "1e-3", "--base-model", "{full}/base", "--out",
+                                          "{full}", "--overwrite"], 2,
+     "--base-model {full}/base lies inside the output"),
+    ("relearn-search-storage-inside-output", ["relearn-attack", "{ckpt}", "--data", "{pairs}",
+                                              "--eval", "forget={pairs}", "--steps", "1",
+                                              "--search", "1", "--search-storage",
+                                              "sqlite:///{full}/study.db", "--out", "{full}",
+                                              "--overwrite"], 2,
+     "--search-storage {full}/study.db lies inside the output"),
+    ("probe-data-inside-output", ["probe", "{ckpt}", "--data", "x={full}/pairs.jsonl", "--out",
+                                  "{full}", "--overwrite"], 2,
+     "--data {full}/pairs.jsonl lies inside the output"),
+    ("probe-base-model-inside-output", ["probe", "{adapter}", "--base-model", "{full}/base",
+                                        "--data", "x={pairs}", "--out", "{full}",
+                                        "--overwrite"], 2,
+     "--base-model {full}/base lies inside the output"),
     ("train-output-dangling-symlink", ["train", "{dangling}", "--init", "tiny", "--data",
                                        "{text}", *FAST], 2, "does not exist"),
     ("train-output-locked-by-another-run", ["train", "{locked}", "--init", "tiny", "--data",
@@ -782,7 +816,7 @@ def _snapshot(root: Path) -> dict[str, bytes | str | None]:
 def test_the_matrix_is_large_and_covers_every_command():
     commands = {argv[0] if argv[0] != "data" else "data arithmetic" for _, argv, _, _ in CASES}
     assert commands == {"init", "data arithmetic", "train", "unlearn", "perturb", "distill",
-                        "relearn-attack", "eval", "report", "probe"}
+                        "relearn-attack", "eval", "probe", "report"}
     assert len(CASES) >= 70
     assert len({case_id for case_id, *_ in CASES}) == len(CASES)
 
@@ -797,6 +831,8 @@ def test_bad_input(cli, inputs, tmp_path, case_id, argv, code, fragment):
     _write_jsonl(full / "data.jsonl", [{"text": t} for t in TEXT])  # inputs inside OUT
     _write_jsonl(full / "pairs.jsonl", PAIRS)
     (full / "tokenizer.json").write_text("{}")
+    shutil.copytree(inputs["ckpt"], full / "base")  # a base model inside OUT
+    (full / "study.db").write_bytes(b"")  # a search study inside OUT
     (work / "file.txt").write_text("a file\n")
     (work / "dangling").symlink_to(work / "nowhere")
     (work / "pairslink.jsonl").symlink_to(full / "pairs.jsonl")

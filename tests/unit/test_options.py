@@ -10,7 +10,6 @@ import pytest
 
 from undo_cli.errors import UsageError
 from undo_cli.options import (
-    COMMAND_DEFAULTS,
     COMMAND_HELP,
     AttackConfig,
     AttackMeasurement,
@@ -42,10 +41,18 @@ def test_every_option_has_help_and_a_flag(group):
     check(group())
 
 
-def test_command_defaults_and_help_name_real_fields():
-    names = {f.name for g in GROUPS for f in fields(g)}
-    for command, values in COMMAND_DEFAULTS.items():
-        assert set(values) <= names, command
+def test_command_help_names_real_fields():
+    from undo_cli.options.commands import (
+        EvalRunOptions,
+        InitOptions,
+        PerturbRunOptions,
+        ProbeOptions,
+        ReportOptions,
+    )
+    from undo_cli.options.groups import SaveOptions
+
+    names = {f.name for g in (*GROUPS, SaveOptions, InitOptions, EvalRunOptions, ProbeOptions,
+                              ReportOptions, PerturbRunOptions) for f in fields(g)}
     for command, values in COMMAND_HELP.items():
         assert set(values) <= names, command
 
@@ -145,3 +152,53 @@ def test_search_storage_is_checked_when_parsed(tmp_path):
         assert message in str(e.value)
     with pytest.raises(UsageError, match="does not exist"):  # the library checks it too
         AttackConfig(search=2, search_storage=f"sqlite:///{tmp_path / 'no' / 'x.db'}").validate()
+
+
+def test_a_group_parses_and_checks_itself_when_built():
+    """Parse, don't validate: structured text becomes a typed value once, when the group is
+    built (also from Python); an invalid group cannot exist."""
+    import json
+    import pickle
+    from dataclasses import replace
+
+    from undo_cli.options import SaveOptions
+    from undo_cli.options.text import ByteSize, LayerRange, Pattern
+
+    save = SaveOptions(max_shard_size="500MiB")
+    assert isinstance(save.max_shard_size, ByteSize) and save.max_shard_size.bytes == 500 * 2**20
+    noise = NoiseOptions(layers="4-6,1", include=["mlp", r"\.q_proj"])
+    assert isinstance(noise.layers, LayerRange) and noise.layers.layers == (1, 4, 5, 6)
+    assert all(isinstance(p, Pattern) for p in noise.include)
+    assert noise.include[1].regex.search("model.layers.0.self_attn.q_proj.weight")
+    # The text given is what undo.json records; copies keep the parsed values.
+    assert json.loads(json.dumps({"layers": noise.layers, "include": noise.include})) == {
+        "layers": "4-6,1", "include": ["mlp", r"\.q_proj"]}
+    assert replace(noise, alpha=0.3).layers.layers == (1, 4, 5, 6)
+    assert pickle.loads(pickle.dumps(save)).max_shard_size.bytes == 500 * 2**20
+    for build, flag in ((lambda: SaveOptions(max_shard_size="lots"), "--max-shard-size"),
+                        (lambda: NoiseOptions(layers="3-1"), "--layers"),
+                        (lambda: NoiseOptions(exclude=["("]), "--exclude"),
+                        (lambda: NoiseOptions(alpha=0.5, beta=None), "--alpha and --beta"),
+                        (lambda: DistillOptions(train_layers="x"), "--train-layers"),
+                        (lambda: DistillOptions(train_pattern="["), "--train"),
+                        (lambda: DistillOptions(hidden_layers="1"), "--hidden-layers needs"),
+                        (lambda: TrainConfig(lr=1e-3, min_lr=1e-2), "--min-lr"),
+                        (lambda: TrainConfig(batch_size=0), "--batch-size")):
+        with pytest.raises(UsageError, match=flag):
+            build()
+
+
+def test_declared_reads_find_the_files_an_option_names(tmp_path):
+    from undo_cli.options.paths import existing, named_paths, sqlite_path, weighted_paths
+
+    data, db = tmp_path / "d.jsonl", tmp_path / "s.db"
+    data.write_text("{}\n")
+    db.write_bytes(b"")
+    assert named_paths([f"forget={data}", "x=arithmetic:retain_eval"]) == [
+        str(data), "arithmetic:retain_eval"]
+    assert existing("--data", [f"{data}:0.5", str(data)], weighted_paths) == [
+        ("--data", data), ("--data", data)]
+    assert existing("--search-storage", f"sqlite:///{db}", sqlite_path) == [
+        ("--search-storage", db)]
+    assert existing("--search-storage", "postgresql://host/db", sqlite_path) == []
+    assert existing("--eval", ["x=" + "y" * 5000], named_paths) == []  # not a file: no error

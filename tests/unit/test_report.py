@@ -95,6 +95,12 @@ def test_report_cli_writes_markdown_and_figures(cli, tmp_path):
     assert undo["relative_robustness_auc"] == pytest.approx((0.25 - 0.5) / (0.1 - 0.5))
     for figure in ("relearn_curves.png", "pareto.png", "retain_vs_forget.png"):
         assert (out / figure).read_bytes()[:4] == b"\x89PNG"
+    # --quiet (one declaration, shared with every command): the same report, nothing said.
+    loud = cli("report", *dirs, "--out", tmp_path / "loud")
+    quiet = cli("report", *dirs, "--out", tmp_path / "quiet", "-q")
+    assert loud.exit_code == quiet.exit_code == 0, loud.stderr + quiet.stderr
+    assert "wrote" in loud.stderr and quiet.stderr == "" and quiet.stdout == ""
+    assert json.loads((tmp_path / "quiet" / "report.json").read_text())["rows"] == data["rows"]
 
 
 def test_report_refuses_bad_inputs(cli, tmp_path):

@@ -228,12 +228,15 @@ def test_steering_vector_is_a_seeded_scaled_unit_vector():
 def test_option_validation():
     ga = unlearn.get_method("ga")
     with pytest.raises(UsageError, match="no retain term"):
-        unlearn.validate_options(ga, unlearn.UnlearnOptions(), has_retain=True)
-    npo = unlearn.get_method("npo")
-    for bad in (dict(beta=0.0), dict(retain_weight=-1.0), dict(layer=-1),
-                dict(repnoise_beta=-1.0), dict(trainable="(")):
-        with pytest.raises(UsageError):
-            unlearn.validate_options(npo, unlearn.UnlearnOptions(**bad), has_retain=True)
+        unlearn.check_retain(ga, has_retain=True)
+    unlearn.check_retain(unlearn.get_method("npo"), has_retain=True)
+    # An invalid group cannot be built: each value is checked (and a pattern compiled) there.
+    for bad, flag in ((dict(beta=0.0), "--beta"), (dict(retain_weight=-1.0), "--retain-weight"),
+                      (dict(layer=-1), "--layer"), (dict(repnoise_beta=-1.0), "--repnoise-beta"),
+                      (dict(trainable="("), "--trainable")):
+        with pytest.raises(UsageError, match=flag):
+            unlearn.UnlearnOptions(**bad)
+    assert unlearn.UnlearnOptions(trainable="mlp").trainable.regex.search("x.mlp.y")
 
 
 def test_repnoise_adds_its_term(small):
@@ -397,10 +400,10 @@ def test_nan_guard_fires_and_leaves_no_output(toy, tmp_path):
 def test_bad_arguments_fail_before_any_work(toy, tmp_path):
     with pytest.raises(UsageError, match="no retain term"):
         unlearn.unlearn_checkpoint(toy["model"], tmp_path / "o", "ga", [str(toy["forget"])],
-                                   [str(toy["retain"])], None, _config())
+                                   [str(toy["retain"])], unlearn.UnlearnOptions(), _config())
     with pytest.raises(UsageError, match="no forget data"):
-        unlearn.unlearn_checkpoint(toy["model"], tmp_path / "o", "maxent", [], [], None,
-                                   _config())
+        unlearn.unlearn_checkpoint(toy["model"], tmp_path / "o", "maxent", [], [],
+                                   unlearn.UnlearnOptions(), _config())
     with pytest.raises(UsageError, match="unknown unlearning method"):
         unlearn.unlearn_checkpoint(toy["model"], tmp_path / "o", "bogus", [str(toy["forget"])])
     assert not (tmp_path / "o").exists()

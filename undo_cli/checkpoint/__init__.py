@@ -32,6 +32,7 @@ from undo_cli.checkpoint.manifest import (
 )
 from undo_cli.checkpoint.output import (
     Layout,
+    atomic_file,
     atomic_output,
     check_output_path,
     copy_support_files,
@@ -43,6 +44,7 @@ __all__ = [
     "MANIFEST_NAME",
     "CheckpointInfo",
     "Layout",
+    "atomic_file",
     "atomic_output",
     "build_manifest",
     "check_fits_memory",

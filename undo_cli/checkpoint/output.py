@@ -33,7 +33,8 @@ from undo_cli.checkpoint.lock import (
 )
 from undo_cli.checkpoint.swap import exchange, signals_deferred
 from undo_cli.errors import UndoError, UsageError
-from undo_cli.options import SaveOptions, parse_size
+from undo_cli.options import SaveOptions
+from undo_cli.options.paths import current_reads
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,13 @@ def _check_name(out: Path) -> None:
                          f"most {limit - SIBLING_BYTES} bytes here")
 
 
+def _check_reads(reads: Iterable[tuple[str, str | Path]], out: Path, resolved: Path) -> None:
+    for flag, path in reads:
+        if _is_within(_resolved(path), resolved):
+            raise UsageError(f"{flag} {path} lies inside the output {out}, which the run "
+                             "replaces: move it out of OUT or choose another OUT")
+
+
 def check_output_path(out: str | Path, *, inputs: Iterable[str | Path] = (),
                       reads: Iterable[tuple[str, str | Path]] = (),
                       overwrite: bool = False) -> Path:
@@ -105,7 +113,8 @@ def check_output_path(out: str | Path, *, inputs: Iterable[str | Path] = (),
 
     `inputs` are checkpoints (or results directories) the command reads: OUT may not lie in
     one, be one or contain one. `reads` are `(flag, path)` of every other path it reads or
-    writes besides OUT: none may lie inside OUT or be OUT.
+    writes besides OUT: none may lie inside OUT or be OUT; nor may any path-typed option the
+    running command declared (`undo_cli.options.paths`).
     """
     out = real_output(out)
     _check_name(out)
@@ -117,16 +126,16 @@ def check_output_path(out: str | Path, *, inputs: Iterable[str | Path] = (),
     if cwd is not None and out.exists() and _is_within(cwd, resolved):
         raise UsageError(f"output {out} is the working directory or holds it: the run "
                          "replaces OUT as a whole, so run it from outside OUT")
+    declared = current_reads()  # options first, so that the message names the flag
+    options = [(flag, path) for flag, path in declared if flag.startswith("-")]
+    _check_reads(options, out, resolved)
     for inp in inputs:
         inp_resolved = _resolved(inp)
         if _is_within(resolved, inp_resolved):
             raise UsageError(f"output {out} lies inside input {inp}: choose a path outside it")
         if _is_within(inp_resolved, resolved):
             raise UsageError(f"output {out} contains input {inp}: choose another output path")
-    for flag, path in reads:
-        if _is_within(_resolved(path), resolved):
-            raise UsageError(f"{flag} {path} lies inside the output {out}, which the run "
-                             "replaces: move it out of OUT or choose another OUT")
+    _check_reads([*reads, *(r for r in declared if r not in options)], out, resolved)
     if out.exists():
         if not out.is_dir():
             raise UsageError(f"output {out} exists and is not a directory")
@@ -234,6 +243,24 @@ def atomic_output(out: str | Path, *, inputs: Iterable[str | Path] = (),
             raise
 
 
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary file beside `path` that replaces `path` only if the block completes
+    (one file's `atomic_output`: an interrupted or failed write leaves `path` as it was)."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as e:
+        if is_disk_full(e):
+            raise UndoError(f"no space left on the device while writing {path}; nothing was "
+                            "written") from e
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 _DISK_FULL_TEXT = ("no space left on device", "disk quota exceeded", "(os error 28)",
                    "(os error 122)")
 
@@ -324,7 +351,7 @@ def save_layout(save: SaveOptions | None, source=None) -> Layout:
     stored = source.stored_dtype() if source is not None else None
     dtype = save.save_dtype if save.save_dtype != "auto" else stored or "float32"
     if save.max_shard_size is not None:
-        return Layout(dtype, parse_size(save.max_shard_size, "--max-shard-size"))
+        return Layout(dtype, save.max_shard_size.bytes)  # parsed when `save` was built
     largest = source.largest_shard_bytes() if source is not None else None
     if largest is None:
         return Layout(dtype, ONE_FILE)

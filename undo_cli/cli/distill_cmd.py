@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from undo_cli.cli import app
+from undo_cli.cli.app import app
 from undo_cli.cli.common import info
 from undo_cli.cli.options import with_options
 from undo_cli.cli.progress import run_stage
@@ -20,30 +20,23 @@ from undo_cli.options import (
     SaveOptions,
     TrainConfig,
 )
+from undo_cli.options.defaults import DISTILL, DISTILL_NOISE
+from undo_cli.options.inputs import DistillInputs
 
 
 @app.command("distill")
-@with_options("distill", train=TrainConfig, data_options=DataOptions, evals=EvalOptions,
-              distill=DistillOptions, noise=NoiseOptions, load=LoadOptions, save=SaveOptions,
-              output=OutputOptions, exclude=("sam_rho",))
+@with_options("distill", inputs=DistillInputs, train=TrainConfig, data_options=DataOptions,
+              evals=EvalOptions, distill=DistillOptions, noise=NoiseOptions, load=LoadOptions,
+              save=SaveOptions, output=OutputOptions, exclude=("sam_rho",))
 def distill_command(
     out: Path = typer.Argument(..., metavar="OUT", help="Output checkpoint directory."),
-    teacher: Path = typer.Option(..., "--teacher", metavar="CKPT",
-                                 help="The (unlearned) teacher checkpoint."),
-    student: str = typer.Option(
-        "", "--student", metavar="CKPT|random|teacher",
-        help="The student's initial weights: a checkpoint (normally `undo perturb` of the "
-        "teacher), `random` (fresh init with the teacher's config: Unlearn-and-Distill), or "
-        "`teacher` with --alpha/--beta (noised in memory, identical to `undo perturb`)."),
-    data: list[str] = typer.Option(
-        ..., "--data", metavar="PATH[:WEIGHT]",
-        help="Distillation data (retain / pretraining-like text), repeatable with weights."),
     *,
-    train: TrainConfig,
+    inputs: DistillInputs,
+    train: TrainConfig = DISTILL,
     data_options: DataOptions,
     evals: EvalOptions,
     distill: DistillOptions,
-    noise: NoiseOptions,
+    noise: NoiseOptions = DISTILL_NOISE,
     load: LoadOptions,
     save: SaveOptions,
     output: OutputOptions,
@@ -66,9 +59,9 @@ def distill_command(
     from undo_cli.distill import distill_checkpoint
 
     summary = run_stage(output, "distill", lambda callbacks: distill_checkpoint(
-        teacher, student, out, data=list(data), options=distill, noise=noise, train=train,
-        data_options=data_options, evals=evals, load=load, overwrite=output.overwrite,
-        callbacks=callbacks, save=save))
+        inputs.teacher, inputs.student, out, data=list(inputs.data), options=distill,
+        noise=noise, train=train, data_options=data_options, evals=evals, load=load,
+        overwrite=output.overwrite, callbacks=callbacks, save=save))
     if summary is not None:
         kd = summary["kd_loss"]
         info(f"wrote {out}: {summary['steps']} steps, {summary['tokens']:,} tokens, "

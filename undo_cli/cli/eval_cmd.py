@@ -15,19 +15,13 @@ from typing import Any
 
 import typer
 
-from undo_cli.cli import app
+from undo_cli.cli.app import app
 from undo_cli.cli.common import emit_json, err_console, info, show_output
 from undo_cli.cli.options import with_options
 from undo_cli.errors import UsageError
 from undo_cli.jsontext import is_finite_number
-from undo_cli.options import (
-    EvalOptions,
-    GateOptions,
-    LoadOptions,
-    OutputOptions,
-    check_number,
-    check_seed,
-)
+from undo_cli.options import EvalOptions, GateOptions, LoadOptions, OutputOptions
+from undo_cli.options.commands import EvalRunOptions
 from undo_cli.records import parse_named_specs
 from undo_cli.stats import is_uncertainty
 
@@ -35,11 +29,6 @@ from undo_cli.stats import is_uncertainty
 _LABELS = {"loss": "loss", "ppl": "ppl", "accuracy": "acc", "accuracy_norm": "acc_norm",
            "tokens": "tokens", "n": "n"}
 _HIDDEN = ("tokens",)  # in --json only
-
-
-def parse_tasks(value: str | None) -> list[str]:
-    """`wmdp_bio,mmlu` -> ["wmdp_bio", "mmlu"]."""
-    return [t.strip() for t in (value or "").split(",") if t.strip()]
 
 
 def _format(key: str, value: Any) -> str:
@@ -127,122 +116,44 @@ def _samples_file(path: Path | None, checkpoints: list[Path],
     return path
 
 
-def _write_samples(path: Path, records: list[dict[str, Any]], *, talk: bool = True) -> None:
-    """The records as JSON Lines, written aside and renamed into place."""
-    import os
-
-    from undo_cli.jsontext import to_json
-
-    tmp = path.with_name(f".{path.name}.undo-tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(to_json(record) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    if talk:
-        info(f"wrote {len(records):,} samples to {path}")
-
-
 @app.command("eval")
-@with_options("eval", load=LoadOptions, gates=GateOptions, output=OutputOptions,
-              exclude=("json", "overwrite"))
+@with_options("eval", outputs=("log_samples",), aliases={"eval": ("--data",)},
+              evals=EvalOptions, run=EvalRunOptions, load=LoadOptions, gates=GateOptions,
+              output=OutputOptions, exclude=("eval_batch_size", "overwrite"))
 def eval_command(
     checkpoints: list[Path] = typer.Argument(..., metavar="CKPT...",
                                              help="Checkpoint directories to evaluate."),
-    data: list[str] = typer.Option(
-        None, "--data", metavar="NAME=PATH",
-        help="A data set to evaluate on (repeatable). The record shape decides the metrics: "
-        "text -> loss, ppl; prompt + completion/answer -> loss, greedy exact-match accuracy; "
-        "question + choices + answer -> multiple-choice accuracy, accuracy_norm. PATH may "
-        "also name a built-in set such as arithmetic:retain_eval."),
-    json_out: bool = typer.Option(False, "--json",
-                                  help="Print one JSON object on stdout and nothing else."),
-    batch_size: int = typer.Option(None, "--batch-size", min=1,
-                                   help="Sequences per batch (default: adapts to length)."),
-    max_new_tokens: int = typer.Option(EvalOptions().max_new_tokens, "--max-new-tokens", min=1,
-                                       help="Greedy tokens generated per prompt when "
-                                       "measuring accuracy."),
-    max_length: int = typer.Option(
-        None, "--max-length", min=2,
-        help="Window in tokens (default: the model's maximum length, at most 4096); longer "
-        "text is scored in consecutive windows."),
-    limit: int = typer.Option(None, "--limit", min=1,
-                              help="Evaluate a seeded random sample of N records per set."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the --limit sample."),
-    choice_format: str = typer.Option(
-        "qa", "--choice-format",
-        help="Multiple-choice prompt, each exactly lm-evaluation-harness's: qa ('Question: "
-        "Q\\nAnswer:' + ' CHOICE', its ARC layout), letters (its MMLU/WMDP layout: lettered "
-        "choices, scores ' A', ' B', ...) or raw (question and choice as given)."),
-    target_delimiter: str = typer.Option(
-        None, "--target-delimiter", metavar="TEXT",
-        help="Text between prompt and answer, or question and choice (lm-eval's "
-        "target_delimiter). Default: none for prompt/answer records (their text is prompt + "
-        "answer, as training reads it), ' ' for qa and letters, none for raw."),
-    until: list[str] = typer.Option(
-        [], "--until", metavar="TEXT",
-        help="Stop strings of greedy generation (repeatable; lm-eval's until): the answer is "
-        "cut at the first one. Default: a newline. \\n and \\t are read as newline and tab. "
-        "EOS always stops. A prompt ending in whitespace is generated from without it (the "
-        "tokens training reads); lm-eval's generate_until keeps it, which on a BPE model "
-        "can cost all accuracy (docs/benchmarks.md)."),
-    log_samples: Path = typer.Option(
-        None, "--log-samples", metavar="FILE",
-        help="Write one JSON line per scored item to FILE (checkpoint, set, prompt, choices or "
-        "target, log-likelihoods or generated text, correct or not), as lm-eval's "
-        "--log_samples; lm-eval tasks' items as lm-eval records them."),
-    lm_eval_tasks: str = typer.Option(
-        None, "--lm-eval-tasks", metavar="TASKS",
-        help="Comma-separated lm-evaluation-harness tasks (e.g. wmdp_bio,mmlu), or YAML files "
-        "of tasks, run when lm_eval is installed; their scores are merged into the results "
-        "(names checked before any model is loaded)."),
-    lm_eval_include_path: list[Path] = typer.Option(
-        [], "--lm-eval-include-path", metavar="DIR",
-        help="A directory of lm-eval task YAML files (repeatable), so that --lm-eval-tasks "
-        "finds your own tasks by name (lm-eval's --include_path); a task with a local data "
-        "set (dataset_path: json, data_files) needs no network."),
-    device: str = typer.Option(None, help="cpu, cuda, cuda:1, ... (default: CUDA if any)."),
-    reference: Path = typer.Option(
-        None, "--reference", metavar="CKPT",
-        help="A reference model (e.g. the teacher before unlearning) evaluated on the same "
-        "sets: its metrics are shown and usable in --fail-if as teacher.SET.METRIC."),
     *,
+    evals: EvalOptions,
+    run: EvalRunOptions,
     load: LoadOptions,
     gates: GateOptions,
     output: OutputOptions,
 ) -> None:
     """Evaluate checkpoints on data files: loss/perplexity, exact match, multiple choice."""
-    from undo_cli.cli import debug_enabled
-    from undo_cli.evaluate import CHOICE_FORMATS, LM_EVAL_HINT
-    from undo_cli.evaluation import evaluate_and_gate, lm_eval_available
+    from undo_cli.cli.app import debug_enabled
+    from undo_cli.evaluate import LM_EVAL_HINT
+    from undo_cli.evaluation import evaluate_and_gate, lm_eval_available, write_samples
     from undo_cli.gates import describe_gate, parse_gates, raise_failed_gates
     from undo_cli.records import read_eval_data
 
     start = time.time()
     talk = show_output(output.quiet)  # --quiet: errors only (and --json's document)
-    for flag, value, low in (("--batch-size", batch_size, 1), ("--limit", limit, 1),
-                             ("--max-new-tokens", max_new_tokens, 1),
-                             ("--max-length", max_length, 2)):
-        check_number(flag, value, minimum=low)
-    check_seed("--seed", seed)
     parse_gates(gates.fail_if)  # malformed: exit 2 before anything else
-    specs = parse_named_specs(data or [], "--data")
-    tasks = parse_tasks(lm_eval_tasks)
+    specs = parse_named_specs(evals.eval, "--eval")
+    tasks = run.tasks
     if not specs and not tasks:
-        raise UsageError("nothing to evaluate: give --data NAME=PATH (or --lm-eval-tasks)")
-    if choice_format not in CHOICE_FORMATS:
-        raise UsageError(f"--choice-format {choice_format!r}: choose one of "
-                         f"{', '.join(CHOICE_FORMATS)}")
+        raise UsageError("nothing to evaluate: give --eval NAME=PATH (or --data NAME=PATH, "
+                         "or --lm-eval-tasks)")
     if tasks and not lm_eval_available():
         raise UsageError(LM_EVAL_HINT)
-    if lm_eval_include_path and not tasks:
+    if run.lm_eval_include_path and not tasks:
         raise UsageError("--lm-eval-include-path needs --lm-eval-tasks")
-    samples_file = _samples_file(log_samples, [*checkpoints, *([reference] if reference else [])],
-                                 specs)
+    reference = run.reference
+    samples_file = _samples_file(run.log_samples,
+                                 [*checkpoints, *([reference] if reference else [])], specs)
     # Read and validate every data file (and every gate's names) before any model is loaded.
-    sets = [read_eval_data(name, path, limit=limit, seed=seed) for name, path in specs]
+    sets = [read_eval_data(name, path, limit=run.limit, seed=run.seed) for name, path in specs]
 
     def on_start(ckpt: str) -> None:
         extra = " (reference)" if reference is not None and ckpt == str(reference) else ""
@@ -256,18 +167,21 @@ def eval_command(
 
     payload = evaluate_and_gate(
         checkpoints, sets, reference=reference, fail_if=gates.fail_if, tasks=tasks,
-        include_path=lm_eval_include_path, on_start=on_start, batch_size=batch_size,
-        max_new_tokens=max_new_tokens, max_length=max_length, choice_format=choice_format,
-        device=device, limit=limit, seed=seed, allow_pickle=load.allow_pickle,
-        trust_remote_code=load.trust_remote_code, base_model=load.base_model,
-        until=until or None, target_delimiter=target_delimiter,
+        include_path=run.lm_eval_include_path, on_start=on_start, batch_size=run.batch_size,
+        max_new_tokens=evals.max_new_tokens, max_length=run.max_length,
+        choice_format=evals.choice_format, device=run.device, limit=run.limit, seed=run.seed,
+        allow_pickle=load.allow_pickle, trust_remote_code=load.trust_remote_code,
+        base_model=load.base_model, until=evals.until or None,
+        target_delimiter=run.target_delimiter,
         on_samples=on_samples if samples_file is not None else None,
         quiet_lm_eval=not debug_enabled())
     if samples_file is not None:
-        _write_samples(samples_file, logged, talk=talk)
+        write_samples(samples_file, logged)
+        if talk:
+            info(f"wrote {len(logged):,} samples to {samples_file}")
     problem = payload.pop("error", None)
     listed = payload.get("reference", {}).pop("listed", True)
-    if json_out:
+    if output.json:
         emit_json(payload)
     elif talk:
         rows = list(payload["results"])

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import typer
 
-from undo_cli.cli import app
+from undo_cli.cli.app import app
 from undo_cli.cli.common import emit_json, info, show_output
 from undo_cli.cli.options import with_options
 from undo_cli.console import ProgressDisplay
-from undo_cli.options import NOISE, NoiseOptions, OutputOptions
+from undo_cli.options import LoadOptions, NoiseOptions, OutputOptions, SaveOptions
+from undo_cli.options.commands import PerturbRunOptions
 
 PERTURB_HELP = (
     "Shrink every weight and add Xavier noise: the Noise step of UNDO (arXiv 2506.06278)."
@@ -33,27 +34,19 @@ PERTURB_HELP = (
 
 
 @app.command("perturb", help=PERTURB_HELP)
-@with_options("perturb", settings=NoiseOptions, output=OutputOptions)
+@with_options("perturb", settings=NoiseOptions, run=PerturbRunOptions, save=SaveOptions,
+              load=LoadOptions, output=OutputOptions,
+              exclude=("save_dtype", "allow_pickle", "trust_remote_code"))
 def perturb_command(
     src: Path = typer.Argument(..., metavar="IN", help="Input checkpoint directory "
                                "(safetensors, single file or sharded), or a PEFT adapter: "
                                "merged into its base (--base-model) in memory, then noised."),
     out: Path = typer.Argument(..., metavar="OUT", help="Output checkpoint directory."),
-    seed: int = typer.Option(0, "--seed", rich_help_panel=NOISE,
-                             help="Noise seed; the same seed gives byte-identical weights."),
-    max_shard_size: str = typer.Option(
-        None, "--max-shard-size", metavar="SIZE", help="Re-shard the output into files of at "
-        "most SIZE (e.g. 2GB, 500MB); default: shard like the input."),
-    base_model: Path = typer.Option(
-        None, "--base-model", metavar="DIR",
-        help="With an adapter as IN: its base model's local directory, instead of the hub "
-        "name its adapter_config.json gives."),
-    allow_nonfinite: bool = typer.Option(
-        False, "--allow-nonfinite", rich_help_panel=NOISE,
-        help="Write NaN or infinite weights (copied from IN, or from noise that overflows a "
-        "narrow dtype) instead of refusing them."),
     *,
     settings: NoiseOptions,
+    run: PerturbRunOptions,
+    save: SaveOptions,
+    load: LoadOptions,
     output: OutputOptions,
 ) -> None:
     """`undo perturb IN OUT --alpha A --beta B` (see PERTURB_HELP)."""
@@ -61,16 +54,9 @@ def perturb_command(
 
     # numpy's OpenBLAS would start a spinning thread per core; perturb uses no BLAS.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    from undo_cli.checkpoint.safetensors_io import parse_size
-    from undo_cli.layers import parse_layer_range
-    from undo_cli.perturb import make_options, perturb_checkpoint
+    from undo_cli.perturb import perturb_checkpoint
 
-    # Check every argument before any work.
-    s = settings
-    make_options(s.alpha, s.beta, seed, s.noise, s.include or None, s.exclude or None)
-    parse_layer_range(s.layers)
-    if max_shard_size is not None:
-        parse_size(max_shard_size)
+    s = settings  # checked and parsed when built; perturb_checkpoint checks the rest first
     display = ProgressDisplay(show_output(output.quiet), transient=True, bytes_=True)
 
     def progress(done: int, total: int) -> None:
@@ -80,10 +66,10 @@ def perturb_command(
 
     try:
         summary = perturb_checkpoint(
-            src, out, s.alpha, s.beta, seed, s.noise, include=s.include or None,
-            exclude=s.exclude or None, layers=s.layers, max_shard_size=max_shard_size,
-            overwrite=output.overwrite, allow_nonfinite=allow_nonfinite, progress=progress,
-            base_model=base_model)
+            src, out, s.alpha, s.beta, run.seed, s.noise, include=s.include or None,
+            exclude=s.exclude or None, layers=s.layers, max_shard_size=save.max_shard_size,
+            overwrite=output.overwrite, allow_nonfinite=run.allow_nonfinite,
+            progress=progress, base_model=load.base_model)
     finally:
         display.close()
     if output.json:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from undo_cli.cli import app
+from undo_cli.cli.app import app
 from undo_cli.errors import UsageError
 
 PLANNED = ("train", "unlearn", "distill", "relearn-attack")

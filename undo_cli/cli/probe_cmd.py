@@ -8,11 +8,12 @@ from typing import Any
 
 import typer
 
-from undo_cli.cli import app
+from undo_cli.cli.app import app
 from undo_cli.cli.common import emit_json, err_console, info, show_output
 from undo_cli.cli.options import with_options
-from undo_cli.errors import UsageError
-from undo_cli.options import LoadOptions, OutputOptions, check_number, check_seed
+from undo_cli.options import LoadOptions, OutputOptions
+from undo_cli.options.commands import ProbeOptions
+from undo_cli.options.inputs import ProbeInputs
 
 
 def render(results: list[dict[str, Any]]) -> None:
@@ -35,23 +36,15 @@ def render(results: list[dict[str, Any]]) -> None:
 
 
 @app.command("probe")
-@with_options("probe", load=LoadOptions, output=OutputOptions)
+@with_options("probe", inputs=ProbeInputs, probe=ProbeOptions, load=LoadOptions,
+              output=OutputOptions)
 def probe_command(
     checkpoints: list[Path] = typer.Argument(..., metavar="CKPT...",
                                              help="Checkpoints to probe (e.g. base, unlearned, "
                                              "UNDO and oracle: one table)."),
-    data: list[str] = typer.Option(
-        ..., "--data", metavar="NAME=PATH",
-        help="Prompt/answer or multiple-choice records (repeatable); the label is the "
-        "answer's first token or the correct choice."),
-    out: Path = typer.Option(None, "--out", metavar="DIR",
-                             help="Also write probe.json, probe.png and undo.json into DIR."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the train/held-out split."),
-    train_share: float = typer.Option(0.6, "--train-share",
-                                      help="Share of the records the probes are fitted on; "
-                                      "they are scored on the rest."),
-    device: str = typer.Option(None, help="cpu, cuda or cuda:N (default: CUDA if any)."),
     *,
+    inputs: ProbeInputs,
+    probe: ProbeOptions,
     load: LoadOptions,
     output: OutputOptions,
 ) -> None:
@@ -63,48 +56,26 @@ def probe_command(
     on the rest, against the majority-class baseline. Unlearning that only suppresses outputs
     leaves such probes well above the baseline.
     """
-    from undo_cli.probe import probe_checkpoints
+    from undo_cli.checkpoint import check_output_path
+    from undo_cli.probe import probe_checkpoints, write_probe
     from undo_cli.records import parse_named_specs, read_eval_data
 
-    check_seed("--seed", seed)
-    check_number("--train-share", train_share, above=0.0)
-    if not train_share < 1.0:
-        raise UsageError(f"--train-share must be below 1 (got {train_share:g})")
     started = time.time()
     talk = show_output(output.quiet)
-    sets = [read_eval_data(name, path) for name, path in parse_named_specs(data, "--data")]
+    out = probe.out
+    sets = [read_eval_data(name, path) for name, path in parse_named_specs(inputs.data, "--data")]
     if out is not None:
-        from undo_cli.checkpoint import check_output_path
-
         check_output_path(out, inputs=list(checkpoints), overwrite=output.overwrite)
     results = probe_checkpoints(
-        checkpoints, sets, seed=seed, train_share=train_share, allow_pickle=load.allow_pickle,
-        trust_remote_code=load.trust_remote_code, base_model=load.base_model, device=device,
+        checkpoints, sets, seed=probe.seed, train_share=probe.train_share,
+        allow_pickle=load.allow_pickle, trust_remote_code=load.trust_remote_code,
+        base_model=load.base_model, device=probe.device,
         on_start=(lambda c: info(f"probing {c}")) if talk else None)
-    payload = {"results": results, "seed": seed, "train_share": train_share}
+    payload = {"results": results, "seed": probe.seed, "train_share": probe.train_share}
     if out is not None:
-        _write(out, payload, checkpoints, overwrite=output.overwrite, started=started)
+        write_probe(out, payload, checkpoints, overwrite=output.overwrite, started=started)
     if output.json:
         emit_json(payload)
     elif talk:
         render(results)
         info(f"done in {time.time() - started:.1f}s" + (f"; wrote {out}" if out else ""))
-
-
-def _write(out: Path, payload: dict, checkpoints: list[Path], *, overwrite: bool,
-           started: float) -> None:
-    from undo_cli.checkpoint import atomic_output, build_manifest, write_manifest
-    from undo_cli.jsontext import to_json
-    from undo_cli.plots import matplotlib_available, plot_probes
-
-    with atomic_output(out, inputs=list(checkpoints), overwrite=overwrite) as tmp:
-        (Path(tmp) / "probe.json").write_text(to_json(payload, indent=2) + "\n")
-        if matplotlib_available():
-            plot_probes(payload["results"], Path(tmp) / "probe.png")
-        write_manifest(tmp, build_manifest(
-            "probe", arguments={"checkpoints": [str(c) for c in checkpoints],
-                                "seed": payload["seed"], "train_share": payload["train_share"]},
-            parents={f"checkpoint{i}": c for i, c in enumerate(checkpoints)},
-            wall_time_s=time.time() - started,
-            metrics={r["checkpoint"]: {n: p["best_accuracy"] for n, p in r["probes"].items()}
-                     for r in payload["results"]}))

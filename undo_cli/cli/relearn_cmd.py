@@ -4,19 +4,18 @@ and report the worst case for the defender (see `undo_cli.relearn`)."""
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from undo_cli.cli import app
+from undo_cli.cli.app import app
 from undo_cli.cli.common import emit_json, err_console, info, is_main_rank, show_output
 from undo_cli.cli.options import with_options
 from undo_cli.console import ProgressDisplay
 from undo_cli.errors import UsageError
 from undo_cli.options import (
-    ATTACK,
     AttackConfig,
     AttackMeasurement,
     DataOptions,
@@ -27,7 +26,8 @@ from undo_cli.options import (
     SaveOptions,
     TrainConfig,
 )
-from undo_cli.records import parse_named_specs
+from undo_cli.options.defaults import ATTACK_TRAIN
+from undo_cli.options.inputs import AttackInputs
 
 _LABELS = {"accuracy": "acc", "accuracy_norm": "acc_norm"}
 
@@ -190,7 +190,7 @@ _HELP = (
 
 
 @app.command("relearn-attack", help=_HELP)
-@with_options("relearn-attack", attack=AttackConfig, train=TrainConfig,
+@with_options("relearn-attack", inputs=AttackInputs, attack=AttackConfig, train=TrainConfig,
               data_options=DataOptions, evals=EvalOptions, measurement=AttackMeasurement,
               gates=GateOptions, load=LoadOptions, save=SaveOptions, output=OutputOptions,
               exclude=("lr", "optimizer", "max_steps", "max_tokens", "max_flops", "save_every",
@@ -199,19 +199,10 @@ _HELP = (
 def relearn_command(
     checkpoint: Path = typer.Argument(
         None, metavar="CKPT", help="The model to attack (not needed with --compare)."),
-    out: Path = typer.Option(..., "--out", metavar="RESULTS_DIR",
-                             help="Results directory: results.json, relearn.png, undo.json."),
-    data: list[str] = typer.Option(
-        [], "--data", metavar="PATH[:WEIGHT]", rich_help_panel=ATTACK,
-        help="Attack (forget-domain) training data, repeatable with mixing weights. Without "
-        "it, only the attacks without it run (--quantize, --prune magnitude, --benign-data)."),
-    compare: list[str] = typer.Option(
-        [], "--compare", metavar="[LABEL=]RESULTS_DIR",
-        help="Only plot: the worst-case curves of these attack results (repeatable; e.g. "
-        "base, unlearned, UNDO, oracle) into --out/compare.png. No CKPT then."),
     *,
+    inputs: AttackInputs,
     attack: AttackConfig,
-    train: TrainConfig,
+    train: TrainConfig = ATTACK_TRAIN,
     data_options: DataOptions,
     evals: EvalOptions,
     measurement: AttackMeasurement,
@@ -221,11 +212,12 @@ def relearn_command(
     output: OutputOptions,
 ) -> None:
     """`undo relearn-attack CKPT --data F --eval NAME=PATH --out DIR` (see the help text)."""
+    out, data, compare = inputs.out, inputs.data, inputs.compare
     if compare:
         if checkpoint is not None or data or evals.eval:
             raise UsageError("--compare only plots earlier results: give no CKPT, --data or "
                              "--eval with it")
-        from undo_cli.cli import refuse_launch
+        from undo_cli.cli.app import refuse_launch
 
         refuse_launch("undo relearn-attack --compare")
         from undo_cli.relearn import compare_results
@@ -245,22 +237,14 @@ def relearn_command(
     from undo_cli.relearn import relearn_checkpoint
 
     parse_gates(gates.fail_if)  # malformed expressions fail before anything else
-    attack.train = train
+    attack = replace(attack, train=train)
     started = time.time()
     talk = show_output(output.quiet)  # one process reports under a launcher
     progress = _progress(enabled=talk)
     results = relearn_checkpoint(
         checkpoint, out, data=list(data), config=attack, evals=evals,
         data_options=data_options, measurement=measurement, gates=gates, load=load,
-        overwrite=output.overwrite, raise_on_gate=False,
-        arguments={"checkpoint": str(checkpoint), "data": list(data),
-                   "eval": [list(e) for e in parse_named_specs(evals.eval)],
-                   "choice_format": evals.choice_format,
-                   "attack": {k: v for k, v in asdict(attack).items() if k != "train"},
-                   "train": train.manifest(), "measurement": asdict(measurement),
-                   "fail_if": list(gates.fail_if), "max_length": data_options.max_length,
-                   "packing": data_options.packing, "out": str(out)},
-        progress=progress, save=save)
+        overwrite=output.overwrite, raise_on_gate=False, progress=progress, save=save)
     if not is_main_rank():
         return
     if results.get("dry_run"):

@@ -2,50 +2,30 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import typer
 
-from undo_cli.cli import app
-from undo_cli.cli.common import emit_json, err_console, info
-from undo_cli.stats import BOOTSTRAP_SAMPLES
+from undo_cli.cli.app import app
+from undo_cli.cli.common import emit_json, err_console, info, show_output
+from undo_cli.cli.options import with_options
+from undo_cli.options import OutputOptions
+from undo_cli.options.commands import ReportOptions
+from undo_cli.options.inputs import ReportOutput
+from undo_cli.options.paths import named_paths
 
 
 @app.command("report")
+@with_options("report", reads={"results": named_paths}, where=ReportOutput,
+              report=ReportOptions, output=OutputOptions)
 def report_command(
     results: list[str] = typer.Argument(
         ..., metavar="[LABEL=]RESULTS_DIR...",
         help="Results directories of `undo relearn-attack`, optionally labelled (default "
         "label: the directory name). Several directories under one label (repeat the label, "
         "or give a quoted glob: 'undo=attacks/undo-s*') are pooled as seeds of that model."),
-    out: Path = typer.Option(..., "--out", metavar="REPORT_DIR",
-                             help="Where report.md, report.json and the PNG figures go."),
-    oracle: str = typer.Option("oracle", help="Label of the data-filtering oracle (gold "
-                               "standard of robustness)."),
-    unlearned: str = typer.Option("unlearned", help="Label of the unlearned-only model "
-                                  "(robustness 0)."),
-    base: str = typer.Option("base", help="Label of the base model whose training compute "
-                             "the others share (its chain is not counted as their compute)."),
-    retain_metric: str = typer.Option(
-        None, metavar="SET.METRIC",
-        help="Retain metric of the table (default: the forget metric's kind on another set)."),
-    bootstrap_samples: int = typer.Option(
-        BOOTSTRAP_SAMPLES, "--bootstrap-samples", min=100,
-        help="Resamples of the 95% intervals (seeds, and items within seeds)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap (the same seed gives "
-                             "the same intervals)."),
-    max_retain_drop: float = typer.Option(
-        0.1, "--max-retain-drop", metavar="D", min=0,
-        help="The attack matrix's utility limit: an evaluation whose retain metric is more "
-        "than D worse than the model's own before the attack does not count (verdicts are "
-        "shown with and without it)."),
-    fail_if: list[str] = typer.Option(
-        None, "--fail-if", metavar="EXPR",
-        help="Exit 3 (after writing) when EXPR holds, on any cell of the attack matrix: "
-        "matrix.FAMILY.MODEL.worst, .difference, .collapsed, .verdict == \"recovered\" "
-        "(or teaches, level, below oracle), .verdict_no_limit == ..."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty REPORT_DIR."),
-    json_out: bool = typer.Option(False, "--json", help="Print report.json on stdout."),
+    *,
+    where: ReportOutput,
+    report: ReportOptions,
+    output: OutputOptions,
 ) -> None:
     """Compare attacked models: relative robustness with 95% intervals, compute, curves.
 
@@ -58,27 +38,27 @@ def report_command(
     """
     from rich.table import Table
 
-    from undo_cli.options import check_number, check_seed
     from undo_cli.report import parse_specs, with_interval, write_report
 
-    check_number("--bootstrap-samples", bootstrap_samples, maximum=10**7)
-    check_seed("--seed", seed)
+    talk = show_output(output.quiet)
+    out = where.out
     labels = list(parse_specs(results))
-    roles = {"oracle": oracle if oracle in labels else "",
-             "unlearned": unlearned if unlearned in labels else "",
-             "base": base if base in labels else ""}
-    check_number("--max-retain-drop", max_retain_drop, minimum=0)
-    report = write_report(results, out, roles=roles, retain_metric=retain_metric,
-                          overwrite=overwrite, samples=bootstrap_samples, seed=seed,
-                          max_retain_drop=max_retain_drop, fail_if=fail_if or [])
-    if json_out:
-        emit_json(report)
+    roles = {role: label if label in labels else "" for role, label in
+             (("oracle", report.oracle), ("unlearned", report.unlearned), ("base", report.base))}
+    summary = write_report(results, out, roles=roles, retain_metric=report.retain_metric,
+                           overwrite=output.overwrite, samples=report.bootstrap_samples,
+                           seed=report.seed, max_retain_drop=report.max_retain_drop,
+                           fail_if=report.fail_if)
+    if output.json:
+        emit_json(summary)
         return
-    table = Table(title=f"undo report: {report['forget_metric']} (95% intervals)")
-    for column in ("model", "seeds", report["retain_metric"] or "retain", "forget before",
+    if not talk:
+        return
+    table = Table(title=f"undo report: {summary['forget_metric']} (95% intervals)")
+    for column in ("model", "seeds", summary["retain_metric"] or "retain", "forget before",
                    "forget after", "rel. compute", "rel. robustness", "rel. robustness (AUC)"):
         table.add_column(column)
-    for r in report["rows"]:
+    for r in summary["rows"]:
         table.add_row(r["model"], str(r["seeds"]), with_interval(r, "retain"),
                       with_interval(r, "forget_before"), with_interval(r, "forget_after"),
                       with_interval(r, "relative_compute", pct=True),

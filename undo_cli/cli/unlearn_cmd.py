@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from undo_cli.cli import app
+from undo_cli.cli.app import app
 from undo_cli.cli.common import info, lazy_help
 from undo_cli.cli.options import with_options
 from undo_cli.cli.progress import run_stage
@@ -20,6 +20,8 @@ from undo_cli.options import (
     TrainConfig,
     UnlearnOptions,
 )
+from undo_cli.options.defaults import UNLEARN
+from undo_cli.options.inputs import UnlearnInputs
 
 _SUMMARY = ("Suppress a capability: train IN to forget the --forget data while keeping the "
             "--retain data, and write the result to OUT (the Unlearn step of UNDO, "
@@ -30,7 +32,14 @@ _SUMMARY = ("Suppress a capability: train IN to forget the --forget data while k
 
 
 def _help() -> str:
-    from undo_cli.unlearn import METHODS, TINY_MODEL_PARAMS
+    from undo_cli.options.defaults import RMU_STEPS, UNLEARN_STEPS, rate_text
+    from undo_cli.options.rates import (
+        RMU_TINY_LR,
+        TINY_MODEL_PARAMS,
+        UNLEARN_LR,
+        UNLEARN_TINY_LR,
+    )
+    from undo_cli.unlearn import METHODS
 
     # One paragraph per method (typer keeps paragraphs apart, not single lines).
     lines = "\n\n".join(f"  {m.name}: L = {m.formula}" for m in METHODS.values())
@@ -49,9 +58,10 @@ def _help() -> str:
         "\n\n"
         "Defaults follow the papers: retain weight 1 (RMU 1200), NPO beta 0.1, RMU c 6.5 at "
         "layer min(7, layers/2 - 1) training the MLP down-projections of layers L-2..L, "
-        "RepNoise alpha 1 and beta 0.001, a constant learning rate for 100 steps (RMU 500). "
-        f"--lr defaults to 5e-5 for models of {TINY_MODEL_PARAMS // 1_000_000}M+ parameters and "
-        "to 1e-3 (RMU 1e-2) for smaller, toy models."
+        f"RepNoise alpha 1 and beta 0.001, a constant learning rate for {UNLEARN_STEPS} steps "
+        f"(RMU {RMU_STEPS}). --lr defaults to {rate_text(UNLEARN_LR)} for models of "
+        f"{TINY_MODEL_PARAMS // 1_000_000}M+ parameters and to {rate_text(UNLEARN_TINY_LR)} "
+        f"(RMU {rate_text(RMU_TINY_LR)}) for smaller, toy models."
         "\n\n"
         "OUT gets the model, its tokenizer, train_log.jsonl and undo.json; a failed or "
         "diverged run writes nothing (see --keep-last-finite)."
@@ -66,8 +76,8 @@ def _method_help() -> str:
 
 @app.command("unlearn", cls=lazy_help(_help, options={"method": _method_help}),
              short_help=_SUMMARY)
-@with_options("unlearn", train=TrainConfig, data_options=DataOptions, evals=EvalOptions,
-              method_options=UnlearnOptions, load=LoadOptions, save=SaveOptions,
+@with_options("unlearn", inputs=UnlearnInputs, train=TrainConfig, data_options=DataOptions,
+              evals=EvalOptions, method_options=UnlearnOptions, load=LoadOptions, save=SaveOptions,
               output=OutputOptions)
 def unlearn_command(
     src: Path = typer.Argument(..., metavar="IN", help="Input checkpoint directory."),
@@ -75,16 +85,9 @@ def unlearn_command(
     method: str = typer.Option(
         ..., "--method", metavar="NAME", rich_help_panel=METHOD,
         help="Unlearning method (formulas above)."),  # the full help: _method_help
-    forget: list[str] = typer.Option(
-        ..., "--forget", metavar="PATH[:WEIGHT]", rich_help_panel=METHOD,
-        help="Data to forget, repeatable with mixing weights ({\"text\"} records are packed "
-        "into --max-length rows; {\"prompt\", \"completion\"} records count the completion "
-        "only)."),
-    retain: list[str] = typer.Option(
-        [], "--retain", metavar="PATH[:WEIGHT]", rich_help_panel=METHOD,
-        help="Data to keep, repeatable (not used by ga; without it no retain term)."),
     *,
-    train: TrainConfig,
+    inputs: UnlearnInputs,
+    train: TrainConfig = UNLEARN,
     data_options: DataOptions,
     evals: EvalOptions,
     method_options: UnlearnOptions,
@@ -97,8 +100,9 @@ def unlearn_command(
 
     get_method(method)
     summary = run_stage(output, f"unlearn ({method})", lambda callbacks: unlearn_checkpoint(
-        src, out, method, forget, retain, method_options, train, data_options=data_options,
-        evals=evals, load=load, overwrite=output.overwrite, callbacks=callbacks, save=save))
+        src, out, method, inputs.forget, inputs.retain, method_options, train,
+        data_options=data_options, evals=evals, load=load, overwrite=output.overwrite,
+        callbacks=callbacks, save=save))
     if summary is not None:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in summary["final"].items()
                           if k not in ("grad_norm", "tokens_per_s"))

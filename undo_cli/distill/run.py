@@ -4,6 +4,7 @@ engine."""
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -11,10 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from undo_cli import stage
+from undo_cli.checkpoint import fingerprint, load_model, load_tokenizer, save_layout
+from undo_cli.data import build_stream, fit_packing
 from undo_cli.distill.loss import kd_loss_fn
 from undo_cli.distill.teachers import TeacherCache, TeacherSwitch
+from undo_cli.engine import training_device
 from undo_cli.errors import UsageError
-from undo_cli.layers import parse_layer_range
+from undo_cli.evaluate import expected_metrics
+from undo_cli.gates import StopCondition
+from undo_cli.modelfactory import random_model
 from undo_cli.options import (
     DISTILL_EVAL_EVERY,
     DISTILL_STOP_WHEN_CAP,
@@ -26,8 +32,10 @@ from undo_cli.options import (
     NoiseOptions,
     SaveOptions,
     TrainConfig,
-    compile_pattern,
 )
+from undo_cli.options.defaults import DISTILL, DISTILL_NOISE
+from undo_cli.options.text import layer_numbers
+from undo_cli.perturb import noise_selection, perturb_model_
 from undo_cli.runtime import require_optimizers
 
 RANDOM_STUDENT_SEED_OFFSET = 7919
@@ -35,18 +43,13 @@ LISTED_NAMES = 50  # tensor names listed in the manifest per category (then only
 
 
 def build_student(spec: str, teacher, noise: NoiseOptions, noise_seed: int, seed: int, *,
-                  load: LoadOptions | None = None, only: Sequence[str] | None = None):
+                  load: LoadOptions = LoadOptions(), only: Sequence[str] | None = None):
     """The model to train: a checkpoint, `random` (fresh init with the teacher's config), or,
     with `--alpha/--beta`, the teacher noised in memory exactly as `undo perturb` would (with
     the same --layers / --include / --exclude selection; `only`, if given, limits the noise to
     exactly those tensor names). Tensors outside the selection keep the teacher's values."""
-    import copy
 
-    from undo_cli.checkpoint import load_model
-    from undo_cli.modelfactory import random_model
-    from undo_cli.perturb import perturb_model_
 
-    load = load or LoadOptions()
     if noise.alpha is not None:
         if spec not in ("teacher", ""):
             raise UsageError("--alpha/--beta noise the teacher in memory: give --student "
@@ -104,7 +107,7 @@ def hidden_layer_list(options: DistillOptions, student, teachers: Sequence[Any]
             raise UsageError(f"--hidden-loss-weight compares hidden states layer by layer: "
                              f"student and teacher need the same number of layers and hidden "
                              f"size (student {shape}, teacher {_shape(teacher)})")
-    layers = parse_layer_range(options.hidden_layers, "--hidden-layers")
+    layers = layer_numbers(options.hidden_layers)
     if layers is None:
         return list(range(shape[0]))
     if layers[-1] >= shape[0]:
@@ -116,15 +119,12 @@ def hidden_layer_list(options: DistillOptions, student, teachers: Sequence[Any]
 @dataclass
 class _Plan:
     """What trains and what is noised, decided on the teacher before the student exists."""
-
     trained: list[str] | None  # names of the trained parameters (None: all)
     noise_only: list[str] | None  # the noise limited to these names (the trained ones)
     noise: dict[str, Any] | None  # the manifest's record of the in-memory noise
 
 
 def _plan(teacher, options: DistillOptions, noise: NoiseOptions) -> _Plan:
-    from undo_cli.perturb import noise_selection
-
     trained = None
     if options.train_pattern is not None or options.train_layers is not None:
         trained = [n for n, _ in stage.select_parameters(
@@ -140,17 +140,6 @@ def _plan(teacher, options: DistillOptions, noise: NoiseOptions) -> _Plan:
             record[f"{key}_count"] = len(record[key])
             record[key] = record[key][:LISTED_NAMES]
     return _Plan(trained=trained, noise_only=only, noise=record)
-
-
-def _validate(options: DistillOptions, noise: NoiseOptions) -> None:
-    """Every check that needs no model, before any work."""
-    options.validate()
-    noise.validate()
-    parse_layer_range(options.train_layers, "--train-layers")
-    parse_layer_range(options.hidden_layers, "--hidden-layers")
-    parse_layer_range(noise.layers, "--layers")
-    if options.train_pattern is not None:
-        compile_pattern("--train", options.train_pattern)
 
 
 def _memory_plan(infos: list, student_is_dir: bool, options: DistillOptions,
@@ -171,12 +160,12 @@ def _memory_plan(infos: list, student_is_dir: bool, options: DistillOptions,
 
 
 def distill_checkpoint(teacher_path: str | Path, student: str, out: str | Path, *,
-                       data: Sequence[str], options: DistillOptions | None = None,
-                       noise: NoiseOptions | None = None, train: TrainConfig | None = None,
-                       data_options: DataOptions | None = None,
-                       evals: EvalOptions | None = None, load: LoadOptions | None = None,
+                       data: Sequence[str], options: DistillOptions = DistillOptions(),
+                       noise: NoiseOptions = DISTILL_NOISE, train: TrainConfig = DISTILL,
+                       data_options: DataOptions = DataOptions(),
+                       evals: EvalOptions = EvalOptions(), load: LoadOptions = LoadOptions(),
                        overwrite: bool = False, callbacks: stage.Callbacks | None = None,
-                       save: SaveOptions | None = None) -> dict[str, Any]:
+                       save: SaveOptions = SaveOptions()) -> dict[str, Any]:
     """Distil `teacher_path` into `student` (a checkpoint, `random`, or `teacher` noised in
     memory with `noise`, as `undo perturb` with seed `options.perturb_seed`) on `data` and
     write the result to `out`; returns the summary printed by `undo distill`.
@@ -192,22 +181,9 @@ def distill_checkpoint(teacher_path: str | Path, student: str, out: str | Path, 
     unless `noise` selects tensors itself); `hidden_loss_weight` adds the hidden-state term;
     `second_teacher` gives the targets of a `second_teacher_fraction` of the micro-batches.
     """
-    from undo_cli.checkpoint import fingerprint, load_model, load_tokenizer, save_layout
-    from undo_cli.data import build_stream, fit_packing
-    from undo_cli.engine import training_device
-    from undo_cli.evaluate import expected_metrics
-    from undo_cli.gates import StopCondition
-
     started = time.time()
     teacher_path = Path(teacher_path)
-    options, data_options = options or DistillOptions(), data_options or DataOptions()
-    evals, load = evals or EvalOptions(), load or LoadOptions()
-    save = save or SaveOptions()
-    save.validate()
-    noise = noise or NoiseOptions(alpha=None, beta=None)
-    train = train or TrainConfig(lr=1e-3)
     student = student or ("teacher" if noise.alpha is not None else "")
-    _validate(options, noise)
     budget = train.max_steps or train.max_tokens or train.max_flops
     if budget is None:
         train = replace(train, max_steps=DISTILL_STOP_WHEN_CAP if options.stop_when
@@ -338,7 +314,7 @@ def distill_checkpoint(teacher_path: str | Path, student: str, out: str | Path, 
     selection = {
         "trained": None if plan.trained is None else {
             "pattern": options.train_pattern,
-            "layers": list(parse_layer_range(options.train_layers) or []) or None,
+            "layers": list(layer_numbers(options.train_layers) or []) or None,
             "names": plan.trained[:LISTED_NAMES], "count": len(plan.trained)},
         "noise": plan.noise,
         "hidden_loss": None if hidden_layers is None else {

@@ -11,6 +11,8 @@ from fractions import Fraction
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from undo_cli.distill.loss import SECOND_TEACHER_KEY, final_hidden, output_logits
 from undo_cli.errors import UsageError
@@ -77,9 +79,6 @@ class TeacherCache:
         return self.directory / f"mb-{index:08d}-r{self.rank}of{self.world}.safetensors"
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        from safetensors import safe_open
-        from safetensors.torch import save_file
-
         index = self.stream.position
         file = self._file(index)
         if file.is_file():

@@ -35,7 +35,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType, broadcast_object_list
 
+from undo_cli.data import fit_packing, model_inputs
 from undo_cli.engine.memory import prepare_model
 from undo_cli.engine.processes import (
     all_finite,
@@ -57,8 +59,9 @@ from undo_cli.engine.state import (
 from undo_cli.engine.state_files import check_files, restore
 from undo_cli.errors import UndoError, UsageError
 from undo_cli.jsontext import to_json
-from undo_cli.losses import IGNORE_INDEX
+from undo_cli.losses import IGNORE_INDEX, token_cross_entropy
 from undo_cli.options import TrainConfig
+from undo_cli.runtime import seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +75,6 @@ OnLog = Callable[[dict[str, Any]], None]  # every entry of the training log, as 
 
 def lm_loss(stream: str = "train") -> LossFn:
     """The plain language-model loss: mean cross-entropy on `stream`'s labelled tokens."""
-    from undo_cli.data import model_inputs
-    from undo_cli.losses import token_cross_entropy
 
     def loss_fn(model: torch.nn.Module, batches: dict[str, Batch]):
         batch = batches[stream]
@@ -343,7 +344,6 @@ class _Trainer:
         config, accelerator = self.config, self.accelerator
         if not is_distributed():
             self.model.to(self.device)
-        from undo_cli.data import fit_packing
 
         fit_packing(self.streams, [self.model])
         self.model.train()
@@ -397,8 +397,6 @@ class _Trainer:
         key = resume_key(config, self.streams, self.world)
         state_dir = Path(config.state_dir) if config.state_dir is not None else None
         if state_dir is not None and (config.resume or config.save_every):
-            from accelerate.utils import DistributedType
-
             if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
                 raise UsageError("--save-every / --resume are not available under DeepSpeed "
                                  "(its state is pickled); use DDP or FSDP")
@@ -424,8 +422,6 @@ class _Trainer:
                     stream.load_state_dict(run.streams[name])
             self.resumed_from = run.step
         else:
-            from undo_cli.runtime import seed_everything
-
             seed_everything(config.seed)
             run.config = key
             if state_dir is not None and self.main and config.save_every:
@@ -472,8 +468,6 @@ class _Trainer:
             return entry, None
         reason = self.should_stop(run.step, metrics)
         if self.world > 1:
-            from accelerate.utils import broadcast_object_list
-
             box = [reason]
             broadcast_object_list(box, from_process=0)
             reason = box[0]

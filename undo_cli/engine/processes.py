@@ -7,8 +7,13 @@ import logging
 import os
 
 import torch
+from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from transformers import AutoModelForCausalLM
 
 from undo_cli.errors import UndoError
+from undo_cli.runtime import pick_device
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +35,6 @@ def fsdp_requested() -> bool:
 
 def process_state():
     """accelerate's process state; on a machine without CUDA, processes talk over gloo."""
-    from accelerate import PartialState
 
     cpu = not torch.cuda.is_available()
     state = PartialState(cpu=cpu)
@@ -50,7 +54,6 @@ def is_main_process() -> bool:
 def training_device(device: str | None = None) -> torch.device:
     """The device `train` uses: the launcher's (one GPU per process) under a multi-process
     launch, else `device` (None: CUDA if present)."""
-    from undo_cli.runtime import pick_device
 
     return process_state().device if is_distributed() else pick_device(device)
 
@@ -64,10 +67,7 @@ def wait_for_everyone() -> None:
 def make_accelerator(device_name: str | None):
     """`(accelerator, device)` for a run on `device_name` (None: CUDA if present), or on the
     launcher's devices under a multi-process launch."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, PartialState
 
-    from undo_cli.runtime import pick_device
 
     # accelerate logs notes such as "Removed shared tensor ... while saving" (tied weights).
     logging.getLogger("accelerate").setLevel(logging.ERROR)
@@ -92,8 +92,6 @@ def _fsdp_on_cpu(accelerator) -> None:
     the plugin and silently runs DDP. torch's FSDP2 (`fully_shard`) works on a CPU device mesh
     over gloo, so do here what accelerate does on GPUs: keep the plugin and mark the (shared)
     state FSDP. This is what lets the FSDP path run in the CPU tests (tests/e2e/test_fsdp.py)."""
-    from accelerate.state import AcceleratorState, PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     if accelerator.distributed_type != DistributedType.MULTI_CPU or not fsdp_requested():
         return
@@ -127,7 +125,6 @@ def gather_full_model(accelerator, prepared, model):
     """Under FSDP or DeepSpeed ZeRO-3 every process holds a shard of the weights: gather them
     (all processes take part) into a plain copy of the model on the main process, which is
     what the commands save. Without sharding, `model` itself."""
-    from accelerate.utils import DistributedType
 
     kind = accelerator.distributed_type
     zero3 = kind == DistributedType.DEEPSPEED and (
@@ -137,7 +134,6 @@ def gather_full_model(accelerator, prepared, model):
     state = accelerator.get_state_dict(prepared)  # full, on the main process
     if not accelerator.is_main_process:
         return model
-    from transformers import AutoModelForCausalLM
 
     full = AutoModelForCausalLM.from_config(model.config)
     missing, _ = full.load_state_dict(state, strict=False)

@@ -33,7 +33,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
+from undo_cli.checkpoint.manifest import fingerprint_data
 from undo_cli.checkpoint.output import follow_umask
 from undo_cli.errors import UsageError
 
@@ -101,8 +103,6 @@ def remove_state_dir(directory: Path) -> None:
 
 def file_hashes(directory: Path) -> dict[str, str]:
     """{name: fingerprint} of the rank files in `directory` (recorded in complete.json)."""
-    from undo_cli.checkpoint import fingerprint_data
-
     return {p.name: fingerprint_data(p) for p in sorted(directory.iterdir())
             if RANK_FILE.match(p.name)}
 
@@ -188,7 +188,6 @@ def save_rank(directory: Path, rank: int, *, model: torch.nn.Module, optimizer,
               run: dict[str, Any], with_weights: bool) -> None:
     """Write process `rank`'s part of the state: the model and optimizer (`with_weights`),
     the run's state and the random generators."""
-    from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
     doc: dict[str, Any] = {"run": _encode(run, tensors, "run"),
@@ -252,10 +251,6 @@ def saved_step(directory: Path) -> int:
 def read_rank(directory: Path, rank: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Process `rank`'s JSON document and tensors, each file checked against the fingerprint
     complete.json records (`UsageError` naming the file if it differs or is unreadable)."""
-    from safetensors.torch import load_file
-
-    from undo_cli.checkpoint import fingerprint_data
-
     recorded = _json_object(directory / COMPLETE).get("files")
     if not isinstance(recorded, dict):
         raise _refuse(directory / COMPLETE, "it records no fingerprints of the rank files "

@@ -6,6 +6,7 @@ from undo_cli.evaluation.checkpoints import (
     OnSamples,
     evaluate_and_gate,
     evaluate_checkpoints,
+    write_samples,
 )
 from undo_cli.evaluation.harness import (
     ResolvedTasks,
@@ -21,4 +22,4 @@ from undo_cli.evaluation.harness import (
 
 __all__ = ["OnSamples", "ResolvedTasks", "evaluate_and_gate", "evaluate_checkpoints",
            "gate_name", "lm_eval_available", "lm_eval_metrics", "metric_name",
-           "quiet_lm_eval", "resolve_tasks", "run_lm_eval", "run_tasks"]
+           "quiet_lm_eval", "resolve_tasks", "run_lm_eval", "run_tasks", "write_samples"]

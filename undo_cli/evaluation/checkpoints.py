@@ -14,15 +14,27 @@ from typing import Any
 
 import torch
 
+import undo_cli.checkpoint as checkpoint_io  # load_model looked up when called (tests replace it)
+from undo_cli.checkpoint import atomic_file, inspect_checkpoint, load_tokenizer
 from undo_cli.errors import UndoError, UsageError
 from undo_cli.evaluate import (
     DEFAULT_MAX_NEW_TOKENS,
     evaluate_model,
+    expected_metrics,
     flatten_metrics,
     tokenize_eval_data,
 )
 from undo_cli.evaluation.harness import ResolvedTasks, resolve_tasks, run_tasks
+from undo_cli.gates import (
+    REFERENCE_PREFIXES,
+    check_eval_gate_names,
+    check_gates,
+    eval_gate_values,
+    parse_gates,
+)
+from undo_cli.jsontext import to_json
 from undo_cli.records import EvalData
+from undo_cli.runtime import pick_device
 
 # What `--log-samples` gets: (checkpoint, set or task, its per-item records).
 OnSamples = Callable[[str, str, list], None]
@@ -49,8 +61,6 @@ def evaluate_checkpoints(checkpoints: Sequence[str | Path], data: Sequence[EvalD
     loaded (`UsageError`); a checkpoint that fails to load raises `UndoError`.
     `on_samples(checkpoint, set, records)` gets every item's record (`--log-samples`).
     """
-    from undo_cli.checkpoint import inspect_checkpoint, load_model, load_tokenizer
-    from undo_cli.runtime import pick_device
 
     for ckpt in checkpoints:
         inspect_checkpoint(ckpt, allow_pickle=allow_pickle, base_model=base_model)
@@ -61,7 +71,7 @@ def evaluate_checkpoints(checkpoints: Sequence[str | Path], data: Sequence[EvalD
     for ckpt in checkpoints:
         if on_start is not None:
             on_start(str(ckpt))
-        model = load_model(ckpt, device=target, allow_pickle=allow_pickle,
+        model = checkpoint_io.load_model(ckpt, device=target, allow_pickle=allow_pickle,
                            trust_remote_code=trust_remote_code, base_model=base_model)
         tokenizer = load_tokenizer(ckpt, trust_remote_code=trust_remote_code,
                                    base_model=base_model)
@@ -111,14 +121,6 @@ def evaluate_and_gate(checkpoints: Sequence[str | Path], data: Sequence[EvalData
     returned in `error` (the caller shows the results, then fails); failed gates are records
     with `failed: true` (raise with `undo_cli.gates.raise_failed_gates`).
     """
-    from undo_cli.evaluate import expected_metrics
-    from undo_cli.gates import (
-        REFERENCE_PREFIXES,
-        check_eval_gate_names,
-        check_gates,
-        eval_gate_values,
-        parse_gates,
-    )
 
     gates = parse_gates(fail_if)
     names = [d.name for d in data]
@@ -168,3 +170,11 @@ def evaluate_and_gate(checkpoints: Sequence[str | Path], data: Sequence[EvalData
     if gates:
         payload["gates"] = records
     return payload
+
+
+def write_samples(path: str | Path, records: Sequence[dict[str, Any]]) -> None:
+    """`--log-samples FILE`: the records as JSON Lines, written through `atomic_file` (an
+    interrupted write leaves FILE as it was)."""
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(to_json(record) + "\n")

@@ -4,17 +4,24 @@ Every setting a command takes is a field of one of these groups, declared with `
 its default, its help text, its flag, its help panel and the values it accepts. The command
 line is generated from the fields (`undo_cli.cli.options.with_options`, as mergekit builds its
 click options from `MergeOptions`), and the library takes the same objects, so a new setting
-is one field here plus the code that uses it. `check()` validates a group at parse time with
-a message naming the flag (finite numbers, ranges, choices); a group's `validate()` adds the
-checks that involve several fields.
+is one field here plus the code that uses it.
 
-Defaults that differ by command (learning rates, step budgets) are decided once, in
-`COMMAND_DEFAULTS` (`defaults.py`); the ones that depend on the model or the method are decided
-where that knowledge lives (`undo_cli.unlearn`'s method registry) and shown by `--help`.
+Parse, don't validate: a group settles itself when it is built (`__post_init__` ->
+`settle`): structured text becomes typed values through the fields' `parse` hooks (byte
+sizes, layer ranges, regular expressions: `text.py`), then `check` validates every value with a
+message naming the flag (finite numbers, ranges, choices), then the group's checks across
+fields run. An invalid group cannot exist, so nothing below the command line checks it again.
 
-Modules: `base.py` (`option`, `check`), `groups.py` (the shared groups), `attack.py` (the
-relearning attack), `storage.py` (`--search-storage`, checked when parsed), `defaults.py`
-(per-command defaults and help).
+Defaults that differ by command are group instances in `defaults.py` (`TRAIN`, `UNLEARN`,
+`DISTILL`, ...), the stage functions' own parameter defaults, which the command line reads
+from the command's signature; every default learning rate is decided by `rates.default_lr`.
+Every path-typed option is one of the command's declared reads (`paths.py`).
+
+Modules: `base.py` (`option`, `settle`, `check`), `text.py` (typed text), `paths.py` (declared
+reads), `rates.py` (learning rates), `groups.py` (the shared groups), `attack.py` (the
+relearning attack), `storage.py` (`--search-storage`, checked when parsed), `commands.py`
+(init, data language, eval, probe, report, perturb), `defaults.py` (per-command defaults and
+help).
 
 Groups: `TrainConfig` (the engine: optimizer, schedule, budgets, state), `DataOptions` (how
 training data becomes rows), `EvalOptions` (the evaluation every command that measures
@@ -57,13 +64,19 @@ from undo_cli.options.base import (
     flag_of,
     option,
     parse_size,
+    seed_option,
+    settle,
 )
 from undo_cli.options.defaults import (
-    COMMAND_DEFAULTS,
+    ATTACK_TRAIN,
     COMMAND_HELP,
+    DISTILL,
     DISTILL_EVAL_EVERY,
+    DISTILL_NOISE,
     DISTILL_STOP_WHEN_CAP,
+    TRAIN,
     TRAIN_STEPS,
+    UNLEARN,
 )
 from undo_cli.options.groups import (
     BNB_OPTIMIZERS,
@@ -91,7 +104,8 @@ from undo_cli.options.groups import (
 )
 
 __all__ = [
-    "ATTACK", "ATTACK_EVAL_EVERY", "ATTACK_SCHEDULES", "COMMAND_DEFAULTS", "COMMAND_HELP", "DATA",
+    "ATTACK", "ATTACK_EVAL_EVERY", "ATTACK_SCHEDULES", "ATTACK_TRAIN", "COMMAND_HELP", "DISTILL",
+    "DISTILL_NOISE", "TRAIN", "UNLEARN", "DATA",
     "DEFAULT_LRS", "DEFAULT_MAX_LENGTH", "DEFAULT_PACKING", "DISTILLATION", "DISTILL_EVAL_EVERY",
     "DISTILL_STOP_WHEN_CAP", "EVALUATION", "IN_OUT", "MEASUREMENT", "METHOD", "NOISE", "NOISES",
     "BNB_OPTIMIZERS", "OPTIMIZERS", "PACKING_MODES", "PAPER_LRS", "RESUME_KEYS", "SAVE_DTYPES",
@@ -102,4 +116,5 @@ __all__ = [
     "EvalOptions", "GateOptions", "LoadOptions", "NoiseOptions", "OutputOptions",
     "RunSpec", "SaveOptions", "TrainConfig", "UnlearnOptions", "check", "check_number",
     "check_seed", "compile_pattern", "flag_of", "option", "parse_lrs", "parse_size",
+    "seed_option", "settle",
 ]

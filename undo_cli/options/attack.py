@@ -7,8 +7,9 @@ import math
 from dataclasses import dataclass, replace
 
 from undo_cli.errors import UsageError
-from undo_cli.options.base import ATTACK, IN_OUT, MEASUREMENT, check, option
+from undo_cli.options.base import ATTACK, IN_OUT, MEASUREMENT, option, settle
 from undo_cli.options.groups import OPTIMIZERS, TrainConfig
+from undo_cli.options.paths import sqlite_path
 from undo_cli.options.storage import parse_search_storage
 
 
@@ -191,7 +192,8 @@ class AttackConfig:
                                         "sqlite:///attack.db) so that an interrupted search "
                                         "resumes: finished trials are reused, the study runs "
                                         "until it has --search trials.", metavar="URL",
-                                        panel=ATTACK, parse=parse_search_storage)
+                                        panel=ATTACK, parse=parse_search_storage,
+                                        reads=sqlite_path)
     lora: bool = option(False, "Attack with a LoRA adapter instead of full finetuning.",
                         panel=ATTACK)
     lora_rank: int = option(128, "LoRA rank (clipped to the narrowest wrapped layer of a tiny "
@@ -264,6 +266,9 @@ class AttackConfig:
     train: TrainConfig = option(help="Every run's engine settings.", cli=False,
                                 factory=lambda: TrainConfig(schedule="constant", max_steps=1))
 
+    def __post_init__(self) -> None:
+        settle(self)
+
     @property
     def mode(self) -> str:
         """"full" or "lora" finetuning, "none" without it."""
@@ -304,8 +309,9 @@ class AttackConfig:
                 for seed in self.seed_list()]
 
     def validate(self) -> None:
-        """`UsageError` (named as the command-line options) for impossible settings."""
-        check(self)
+        """`UsageError` (named as the command-line options) for an attack that cannot run
+        (once the library has set `finetune` and `train`; each value was checked when the
+        group was built)."""
         if self.quantize is not None or self.group_size is not None:
             if self.quantize is None:
                 raise UsageError("--group-size needs --quantize")
@@ -390,3 +396,6 @@ class AttackMeasurement:
                                "evaluation (prompt, choices or target, log-likelihoods or "
                                "generated text, correct or not), as lm-evaluation-harness's "
                                "--log_samples.", panel=IN_OUT)
+
+    def __post_init__(self) -> None:
+        settle(self)

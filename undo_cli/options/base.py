@@ -4,11 +4,13 @@ accepted values), `flag_of`, and `check` (parse-time validation naming the flag)
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import field, fields
 from typing import Any
 
 from undo_cli.errors import UsageError
+from undo_cli.options.text import compile_pattern, size_in_bytes  # noqa: F401 - re-exported
+
+parse_size = size_in_bytes  # the name the library has used
 
 TRAINING = "Training"
 DATA = "Data"
@@ -27,17 +29,22 @@ def option(default: Any = None, help: str = "", *, flag: str | None = None,  # n
            short: str | None = None, metavar: str | None = None, panel: str | None = None,
            cli: bool = True, minimum: float | None = None, above: float | None = None,
            maximum: float | None = None, choices: tuple[str, ...] | None = None,
-           factory: Any = None, parse: Any = None) -> Any:
+           factory: Any = None, parse: Any = None, reads: Any = None,
+           required: bool = False) -> Any:
     """A dataclass field with what the command line and `check` need.
 
     `flag` defaults to `--field-name`; `minimum`/`maximum` bound a number (inclusive),
     `above` from below (exclusive); every float must be finite; `choices` lists the accepted
     strings. `cli=False` keeps the field out of the command line (set by the library);
-    `parse` turns the text given on the command line into the field's value.
+    `parse` turns the text given on the command line into the field's value. A `Path` field
+    is one of the command's reads (`undo_cli.options.paths`); text naming files declares how
+    to find them with `reads=` (`named_paths`, `weighted_paths`, `sqlite_path`). `required`
+    options must be given on the command line.
     """
     metadata = {"help": help, "flag": flag, "short": short, "metavar": metavar,
                 "panel": panel, "cli": cli, "minimum": minimum, "above": above,
-                "maximum": maximum, "choices": choices, "parse": parse}
+                "maximum": maximum, "choices": choices, "parse": parse,
+                "reads": reads, "required": required}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -51,6 +58,12 @@ def flag_of(f) -> str:
 SEED_MAX = 2**63 - 1  # seeds are 0 .. 2**63 - 1 (torch takes 64 bits; JSON keeps them exact)
 INT_MAX = 2**63 - 1
 MAX_RECORDS = 10_000_000  # records a synthetic generator builds in memory (--train-size ...)
+
+
+def seed_option(help: str, *, panel: str | None = None) -> Any:  # noqa: A002
+    """The one declaration of a seed (`--seed` of every command, `--perturb-seed`): 0 ..
+    2**63 - 1, default 0, checked as every field is."""
+    return option(0, help, panel=panel, minimum=0, maximum=SEED_MAX)
 
 
 def check_number(flag: str, value: Any, *, minimum: float | None = None,
@@ -72,44 +85,26 @@ def check_number(flag: str, value: Any, *, minimum: float | None = None,
         raise UsageError(f"{flag} must be at most {maximum:g} (got {value:g})")
 
 
-def parse_size(text: str | int, flag: str | None = None) -> int:
-    """`"2GB"` -> 2_000_000_000, `"500MiB"` -> 524_288_000, `"1234"` -> 1234 (bytes);
-    `UsageError` (naming `flag` if given) for anything else or a size below one byte."""
-    where = f"{flag} " if flag else ""
-    if isinstance(text, int):
-        size = text
-    else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", text.upper())
-        if not m:
-            raise UsageError(f"{where}cannot read size {text!r}: expected e.g. 2GB, 500MB, "
-                             "1GiB or a number of bytes")
-        number, unit = float(m.group(1)), m.group(2)
-        unit = unit if unit.endswith("B") or not unit else unit + "B"
-        base = 1024 if "I" in unit else 1000
-        power = {"": 0, "B": 0, "KB": 1, "MB": 2, "GB": 3, "TB": 4,
-                 "KIB": 1, "MIB": 2, "GIB": 3, "TIB": 4}.get(unit)
-        if power is None:
-            raise UsageError(f"{where}cannot read size {text!r}: unknown unit {unit}")
-        size = int(number * base**power)
-    if size < 1:
-        raise UsageError(f"{where}size {text!r} must be positive")
-    return size
-
-
-def compile_pattern(flag: str, pattern: str) -> re.Pattern:
-    """`pattern` compiled, or a `UsageError` naming `flag` for an invalid regular expression."""
-    try:
-        return re.compile(pattern)
-    except re.error as e:
-        raise UsageError(f"{flag} {pattern!r} is not a valid regular expression ({e})") from e
-
-
 def check_seed(flag: str, value: int) -> None:
     """`UsageError` naming `flag` for a seed outside 0 .. 2**63 - 1."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise UsageError(f"{flag} must be an integer (got {value!r})")
     if not 0 <= value <= SEED_MAX:
         raise UsageError(f"{flag} must lie in 0 .. 2**63 - 1 (got {value})")
+
+
+def settle(group: Any) -> None:
+    """Make a group final where it is built (its `__post_init__`): plain text in a field with
+    a `parse` hook becomes the hook's typed value, then `check` validates every field. A
+    group that exists is valid; nothing downstream parses or checks it again."""
+    for f in fields(group):
+        parse = f.metadata.get("parse")
+        value = getattr(group, f.name)
+        plain = type(value) is str or (isinstance(value, (list, tuple))
+                                      and any(type(v) is str for v in value))
+        if parse is not None and plain:
+            object.__setattr__(group, f.name, parse(value))
+    check(group)
 
 
 def check(group: Any) -> None:

@@ -15,14 +15,16 @@ from undo_cli.options.base import (
     MEASUREMENT,
     METHOD,
     NOISE,
-    SEED_MAX,
     SELECTION,
     TRACKING,
     TRAINING,
-    check,
     option,
-    parse_size,
+    seed_option,
+    settle,
 )
+from undo_cli.options.paths import named_paths
+from undo_cli.options.rates import FINETUNE_LR
+from undo_cli.options.text import byte_size, layer_range, pattern
 
 SCHEDULES = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adamw", "adam", "sgd", "sgd-nesterov", "adagrad", "adamw8bit", "paged_adamw8bit",
@@ -64,7 +66,7 @@ class TrainConfig:
                             "per matrix), adamw8bit or paged_adamw8bit (8-bit AdamW state; "
                             "CUDA and pip install 'undo-cli[bnb]').", panel=TRAINING,
                             choices=OPTIMIZERS)
-    lr: float | None = option(1e-4, "Peak learning rate.", panel=TRAINING, above=0)
+    lr: float | None = option(FINETUNE_LR, "Peak learning rate.", panel=TRAINING, above=0)
     min_lr: float = option(0.0, "Floor the linear/cosine decay ends at.", panel=TRAINING,
                            minimum=0)
     schedule: str = option("cosine", "Learning-rate schedule after warmup: constant, linear "
@@ -86,8 +88,8 @@ class TrainConfig:
                                     "processes) were trained on.", panel=TRAINING, minimum=1)
     max_flops: float | None = option(None, "Stop once the FLOPs spent (trained model and "
                                      "frozen models) reach this.", panel=TRAINING, above=0)
-    seed: int = option(0, "Seed of data order, sampling and dropout (a CPU run is repeatable "
-                       "bit for bit).", panel=TRAINING, minimum=0, maximum=SEED_MAX)
+    seed: int = seed_option("Seed of data order, sampling and dropout (a CPU run is repeatable "
+                            "bit for bit).", panel=TRAINING)
     log_every: int = option(10, "Log (train_log.jsonl, progress) every N steps.",
                             panel=TRAINING, minimum=1)
     eval_every: int | None = option(None, "Evaluate every N steps (and at the end).",
@@ -144,15 +146,20 @@ class TrainConfig:
     log_path: Path | None = option(None, "The JSONL training log.", cli=False)
     eval_at_start: bool = option(False, "Also evaluate before the first step.", cli=False)
 
-    def validate(self) -> None:
-        """`UsageError` (named as the command-line options) for impossible settings."""
-        check(self)
-        if self.lr is None:
-            raise UsageError("--lr is not set")
-        if self.min_lr > self.lr:
+    def __post_init__(self) -> None:
+        settle(self)
+        if self.lr is not None and self.min_lr > self.lr:
             raise UsageError(f"--min-lr must lie between 0 and --lr (got {self.min_lr:g})")
         if not all(0 <= b < 1 for b in self.betas):
             raise UsageError("AdamW betas must lie in [0, 1)")
+
+    def validate(self, *, lr_decided_later: bool = False) -> None:
+        """`UsageError` (named as the command-line options) unless the run is complete: a
+        learning rate (unless the stage decides it from the model, `lr_decided_later`), a
+        budget, a state directory where one is needed. (Each value was checked when the group
+        was built.)"""
+        if self.lr is None and not lr_decided_later:
+            raise UsageError("--lr is not set")
         if self.max_steps is None and self.max_tokens is None and self.max_flops is None:
             raise UsageError("no training budget: give --max-steps or --max-tokens")
         if self.save_every is not None and self.state_dir is None:
@@ -189,6 +196,9 @@ RESUME_KEYS = ("optimizer", "lr", "min_lr", "schedule", "warmup_steps", "weight_
 class DataOptions:
     """How training data becomes rows (`undo_cli.data`)."""
 
+    def __post_init__(self) -> None:
+        settle(self)
+
     max_length: int | None = option(None, "Row length in tokens: text is packed into rows of "
                                     "this many tokens; the longest prompt + completion "
                                     f"allowed. Default: {DEFAULT_MAX_LENGTH}, or the model's "
@@ -207,9 +217,13 @@ class DataOptions:
 class EvalOptions:
     """The evaluation of every command that measures while it works."""
 
+    def __post_init__(self) -> None:
+        settle(self)
+
     eval: list[str] = option(help="Held-out data evaluated every --eval-every steps and at "
                              "the end (metrics NAME.loss, NAME.accuracy, ...; repeatable).",
-                             metavar="NAME=PATH", panel=EVALUATION, factory=list)
+                             metavar="NAME=PATH", panel=EVALUATION, factory=list,
+                             reads=named_paths)
     eval_batch_size: int | None = option(None, "Batch size of evaluation (default: "
                                          "automatic).", panel=EVALUATION, minimum=1)
     max_new_tokens: int = option(32, "Greedy tokens generated per prompt when measuring "
@@ -228,6 +242,9 @@ class EvalOptions:
 @dataclass
 class LoadOptions:
     """How checkpoints are read."""
+
+    def __post_init__(self) -> None:
+        settle(self)
 
     allow_pickle: bool = option(False, "Allow loading pickled (.bin) weights.", panel=IN_OUT)
     trust_remote_code: bool = option(False, "Allow a checkpoint's custom code.", panel=IN_OUT)
@@ -249,17 +266,19 @@ class SaveOptions:
     max_shard_size: str | None = option(None, "Split the written weights into files of at most "
                                         "SIZE (e.g. 2GB, 500MB). Default: shard like the input "
                                         "checkpoint (one file for a new model).",
-                                        metavar="SIZE", panel=IN_OUT)
+                                        metavar="SIZE", panel=IN_OUT,
+                                        parse=byte_size("--max-shard-size"))
 
-    def validate(self) -> None:
-        check(self)
-        if self.max_shard_size is not None:
-            parse_size(self.max_shard_size, "--max-shard-size")
+    def __post_init__(self) -> None:
+        settle(self)
 
 
 @dataclass
 class OutputOptions:
     """What a command prints and whether it may replace its output."""
+
+    def __post_init__(self) -> None:
+        settle(self)
 
     json: bool = option(False, "Print a JSON summary on stdout.", panel=IN_OUT)
     overwrite: bool = option(False, "Replace a non-empty OUT.", panel=IN_OUT)
@@ -284,7 +303,8 @@ class UnlearnOptions:
                                    panel=METHOD, minimum=0)
     trainable: str | None = option(None, "Train only parameters whose name matches "
                                    "(re.search). Default: all; rmu: the MLP down-projections "
-                                   "of layers L-2..L.", metavar="REGEX", panel=METHOD)
+                                   "of layers L-2..L.", metavar="REGEX", panel=METHOD,
+                                   parse=pattern("--trainable"))
     repnoise: bool = option(False, "Add RepNoise: pull forget activations (every layer) "
                             "toward Gaussian noise (MMD) and ascend the forget loss.",
                             panel=METHOD)
@@ -294,6 +314,9 @@ class UnlearnOptions:
                                   panel=METHOD, minimum=0)
     seed: int = option(0, "Seeds RMU's random direction u (the run's --seed).", cli=False)
 
+    def __post_init__(self) -> None:
+        settle(self)
+
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
@@ -302,8 +325,8 @@ class UnlearnOptions:
 class DistillOptions:
     """What `undo distill` adds to the training settings."""
 
-    perturb_seed: int = option(0, "Seed of the in-memory noise (as undo perturb --seed).",
-                               panel=NOISE, minimum=0, maximum=SEED_MAX)
+    perturb_seed: int = seed_option("Seed of the in-memory noise (as undo perturb --seed).",
+                                    panel=NOISE)
     temperature: float = option(1.0, "Softmax temperature of both models; the loss is "
                                 "T^2 * KL.", panel=DISTILLATION, above=0)
     ce_weight: float = option(0.0, "Weight of the hard-label CE mixed into the loss "
@@ -328,11 +351,13 @@ class DistillOptions:
                                        "(re.search), e.g. mlp (the paper's "
                                        "layer_types_to_train); the others are frozen, out of "
                                        "the optimizer. With --train-layers: both must hold.",
-                                       flag="--train", metavar="REGEX", panel=SELECTION)
+                                       flag="--train", metavar="REGEX", panel=SELECTION,
+                                       parse=pattern("--train"))
     train_layers: str | None = option(None, "Train only the parameters of these decoder "
                                       "layers, e.g. 10-15 or 0,2,4-6 (0-based; the paper's "
                                       "layers_to_train); embeddings, final norm, head frozen.",
-                                      metavar="RANGE", panel=SELECTION)
+                                      metavar="RANGE", panel=SELECTION,
+                                      parse=layer_range("--train-layers"))
     hidden_loss_weight: float = option(0.0, "Add W * the mean squared difference of the "
                                        "student's and the teacher's residual states, over the "
                                        "--hidden-layers and the distilled positions (the "
@@ -341,7 +366,8 @@ class DistillOptions:
     hidden_layers: str | None = option(None, "Decoder layers the hidden-state term compares, "
                                        "e.g. 10-15 (default: all; the last layer's state is "
                                        "after the final norm, as transformers returns it).",
-                                       metavar="RANGE", panel=DISTILLATION)
+                                       metavar="RANGE", panel=DISTILLATION,
+                                       parse=layer_range("--hidden-layers"))
     second_teacher: Path | None = option(None, "A second teacher (e.g. the model before "
                                          "unlearning; same tokenizer) giving the targets of "
                                          "some micro-batches (the paper's base_teacher with "
@@ -355,9 +381,9 @@ class DistillOptions:
         "them and the same seed picks the same ones.", metavar="P", panel=DISTILLATION,
         above=0, maximum=1)
 
-    def validate(self) -> None:
-        """`UsageError` for impossible combinations (checked before any work)."""
-        check(self)
+    def __post_init__(self) -> None:
+        """`UsageError` for impossible combinations: such a group cannot exist."""
+        settle(self)
         if (self.second_teacher is None) != (self.second_teacher_fraction is None):
             raise UsageError("--second-teacher and --second-teacher-fraction go together")
         clash = ("--second-teacher" if self.second_teacher is not None else
@@ -377,6 +403,9 @@ class GateOptions:
                                 "holds (repeatable). Numbers, names, + - * /, comparisons, "
                                 "and/or/not.", metavar="EXPR", panel=MEASUREMENT,
                                 factory=list)
+
+    def __post_init__(self) -> None:
+        settle(self)
 
 
 @dataclass
@@ -400,10 +429,13 @@ class NoiseOptions:
                                 "10-15 or 0,2,4-6 (0-based; llama/gemma2/qwen2/mistral/phi3 "
                                 "model.layers.N., gpt2 transformer.h.N., gpt_neox "
                                 "gpt_neox.layers.N.); --include/--exclude "
-                                "apply on top.", metavar="RANGE", panel=NOISE)
+                                "apply on top.", metavar="RANGE", panel=NOISE,
+                                parse=layer_range("--layers"))
 
-    def validate(self) -> None:
-        check(self)
+    def __post_init__(self) -> None:
+        settle(self)
+        self.include = pattern("--include")(self.include)
+        self.exclude = pattern("--exclude")(self.exclude)
         if (self.alpha is None) != (self.beta is None):
             raise UsageError("--alpha and --beta go together: give both to noise the teacher "
                              "in memory (--student teacher), or neither")

@@ -6,17 +6,38 @@ docs/relearn-results.md), and `compare_results` (`--compare`: several results in
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+import undo_cli.checkpoint as checkpoint_io  # looked up when called: tests replace them
+import undo_cli.engine as engine
+import undo_cli.plots as plots
+from undo_cli import stage
+from undo_cli.checkpoint import (
+    atomic_output,
+    build_manifest,
+    fingerprint,
+    load_tokenizer,
+    save_layout,
+    save_model,
+    write_manifest,
+)
+from undo_cli.data import build_stream
+from undo_cli.engine import (
+    fsdp_requested,
+    is_main_process,
+    training_device,
+    world_size,
+)
 from undo_cli.errors import UsageError
-from undo_cli.evaluate import tokenize_eval_data
+from undo_cli.evaluate import expected_metrics, tokenize_eval_data
 from undo_cli.gates import (
     attack_gate_names,
     attack_gate_values,
@@ -35,12 +56,16 @@ from undo_cli.options import (
     SaveOptions,
 )
 from undo_cli.options.storage import sqlite_path
+from undo_cli.perturb import perturb_model_
+from undo_cli.plots import plot_attack, plot_compare, require_matplotlib
 from undo_cli.records import (
     EvalData,
     check_attack_results,
     parse_named_specs,
+    parse_weighted_spec,
     read_eval_data,
     read_json_file,
+    read_records,
 )
 from undo_cli.relearn.runner import (
     SCHEMA_VERSION,
@@ -49,7 +74,14 @@ from undo_cli.relearn.runner import (
     lora_target_list,
     run_attack,
 )
+from undo_cli.relearn.static import (
+    demonstrations,
+    direction_attack,
+    few_shot_attack,
+    sample_prompts,
+)
 from undo_cli.relearn.worst_case import final_metrics, metric_direction, resolve_forget_metric
+from undo_cli.runtime import require_optimizers
 
 RESULTS_NAME = "results.json"
 PLOT_NAME = "relearn.png"
@@ -60,12 +92,24 @@ MODELS_DIR = "models"
 STAGE = "relearn-attack"
 
 
+def attack_arguments(checkpoint: str | Path, out: str | Path, data: Sequence[str],
+                     config: AttackConfig, evals: EvalOptions, data_options: DataOptions,
+                     measurement: AttackMeasurement, gates: GateOptions) -> dict[str, Any]:
+    """Every setting of an attack as `undo.json` records it (`arguments`)."""
+    return {"checkpoint": str(checkpoint), "data": list(data),
+            "eval": [list(e) for e in parse_named_specs(evals.eval)],
+            "choice_format": evals.choice_format,
+            "attack": {k: v for k, v in asdict(config).items() if k != "train"},
+            "train": config.train.manifest(), "measurement": asdict(measurement),
+            "fail_if": list(gates.fail_if), "max_length": data_options.max_length,
+            "packing": data_options.packing, "out": str(out)}
+
+
 def describe_attack(config: AttackConfig, data: Sequence[str], data_options: DataOptions,
-                    measurement: AttackMeasurement | None = None,
+                    measurement: AttackMeasurement = AttackMeasurement(),
                     lora_rank: int | None = None) -> dict[str, Any]:
     """The `attack` entry of results.json: every setting of the adversary's space."""
     t = config.train
-    measurement = measurement or AttackMeasurement()
     quant = quantize_settings(config)
     static = {"few_shot": config.few_shot, "ablate_direction": config.ablate_direction,
               "max_retain_drop": measurement.max_retain_drop,
@@ -192,15 +236,15 @@ def relearn_checkpoint(
     data: Sequence[str],
     config: AttackConfig,
     evals: EvalOptions,
-    data_options: DataOptions | None = None,
-    measurement: AttackMeasurement | None = None,
-    gates: GateOptions | None = None,
-    load: LoadOptions | None = None,
+    data_options: DataOptions = DataOptions(),
+    measurement: AttackMeasurement = AttackMeasurement(),
+    gates: GateOptions = GateOptions(),
+    load: LoadOptions = LoadOptions(),
     overwrite: bool = False,
     raise_on_gate: bool = True,
     arguments: dict[str, Any] | None = None,
     progress: AttackProgress | None = None,
-    save: SaveOptions | None = None,
+    save: SaveOptions = SaveOptions(),
 ) -> dict[str, Any]:
     """Attack checkpoint `checkpoint` and write `out/results.json`, `out/undo.json` and (with
     matplotlib) `out/relearn.png`, atomically; returns the results.
@@ -214,33 +258,13 @@ def relearn_checkpoint(
     after writing (with `raise_on_gate`; else see `results["gates"]` and
     `raise_failed_gates`).
     """
-    import logging
 
-    from undo_cli import stage
-    from undo_cli.checkpoint import (
-        atomic_output,
-        build_manifest,
-        fingerprint,
-        load_model,
-        load_tokenizer,
-        save_layout,
-    )
-    from undo_cli.engine import (
-        fsdp_requested,
-        is_main_process,
-        training_device,
-        wait_for_everyone,
-        world_size,
-    )
-    from undo_cli.evaluate import expected_metrics
-    from undo_cli.runtime import require_optimizers
 
     started = time.time()
     log = logging.getLogger(__name__)
-    data_options, measurement = data_options or DataOptions(), measurement or AttackMeasurement()
-    gates_given, load = gates or GateOptions(), load or LoadOptions()
-    save = save or SaveOptions()
-    save.validate()
+    gates_given = gates
+    arguments = arguments or attack_arguments(checkpoint, out, data, config, evals, data_options,
+                                              measurement, gates_given)
     if fsdp_requested():
         raise UsageError("relearn-attack runs data-parallel (DDP) only, not under FSDP: launch "
                          "it with examples/accelerate/ddp.yaml")
@@ -300,16 +324,12 @@ def relearn_checkpoint(
         expr.check_names(attack_gate_names(available, measurement.threshold))
     make_stream = benign_stream = None
     if data and (config.finetune or config.embedding_attack or config.prune is not None):
-        from undo_cli.data import build_stream
-
         def make_stream(seed: int, batch_size: int):
             return build_stream(tokenizer, list(data), data_options.max_length, batch_size,
                                 seed, name="attack", packing=data_options.packing)
 
         make_stream(config.train.seed, config.batch_size_list()[0])  # bad data: fail now
     if config.benign_data:
-        from undo_cli.data import build_stream
-
         def benign_stream(seed: int, batch_size: int):
             return build_stream(tokenizer, list(config.benign_data), data_options.max_length,
                                 batch_size, seed, name="benign", packing=data_options.packing)
@@ -317,19 +337,15 @@ def relearn_checkpoint(
         benign_stream(config.train.seed, config.batch_size_list()[0])  # bad data: fail now
     static_attacks = _static_attacks(config, data, raw, tokenizer, evals, retain_metric)
     plot = not measurement.no_plot
-    if plot:
-        from undo_cli.plots import matplotlib_available
+    if plot and not plots.matplotlib_available():
+        log.info("note: matplotlib is not installed, so no relearn.png is drawn "
+                 "(pip install 'undo-cli[plot]'); results.json is written as usual")
+        plot = False
 
-        if not matplotlib_available():
-            log.info("note: matplotlib is not installed, so no relearn.png is drawn "
-                     "(pip install 'undo-cli[plot]'); results.json is written as usual")
-            plot = False
-
-    model = load_model(checkpoint, device=training_device(config.train.device),
+    model = checkpoint_io.load_model(checkpoint, device=training_device(config.train.device),
                        allow_pickle=load.allow_pickle, trust_remote_code=load.trust_remote_code,
                        base_model=load.base_model)
     if config.shrink_perturb is not None:  # before the step-0 evaluation: part of the attack
-        from undo_cli.perturb import perturb_model_
 
         perturb_model_(model, config.shrink_perturb, config.shrink_perturb_beta,
                        seed=config.train.seed)
@@ -351,7 +367,7 @@ def relearn_checkpoint(
             saver = _model_saver(
                 Path(tmp) / MODELS_DIR, tokenizer, checkpoint, layout=save_layout(save, info),
                 base_manifest=build_manifest(
-                    STAGE, arguments=arguments or {"checkpoint": checkpoint, "data": list(data)},
+                    STAGE, arguments=arguments,
                     parents=stage.with_bases({"input": checkpoint}, [info]),
                     seed=config.train.seed, extra={"saved_model": True}))
         study = None
@@ -396,9 +412,7 @@ def relearn_checkpoint(
             write_samples(Path(tmp) / SAMPLES_NAME, logged)
         if main:
             _write_outputs(Path(tmp), results, plot=plot, manifest=build_manifest(
-                STAGE, arguments=arguments or {"checkpoint": checkpoint, "data": list(data),
-                                               "eval": [list(e) for e in eval_specs],
-                                               "attack": results["attack"]},
+                STAGE, arguments=arguments,
                 parents=stage.with_bases({"input": checkpoint}, [info]),
                 seed=config.train.seed, wall_time_s=time.time() - started,
                 compute={**results["compute"], "runs": len(results["runs"]),
@@ -406,7 +420,7 @@ def relearn_checkpoint(
                 metrics={"forget_metric": forget_metric, **results["summary"],
                          "worst": final_metrics(results)},
                 extra={"relearn": {"results": RESULTS_NAME, "timing": results["timing"]}}))
-    wait_for_everyone()
+    engine.wait_for_everyone()
     if gate_list and raise_on_gate:
         raise_failed_gates(results["gates"])
     return results
@@ -457,14 +471,6 @@ def _static_attacks(config: AttackConfig, data: Sequence[str], raw: list[EvalDat
     """The attacks without finetuning that `config` asks for, with their data read now."""
     if not (config.few_shot or config.ablate_direction):
         return []
-    from undo_cli import stage
-    from undo_cli.records import parse_weighted_spec, read_records
-    from undo_cli.relearn.static import (
-        demonstrations,
-        direction_attack,
-        few_shot_attack,
-        sample_prompts,
-    )
 
     records = [r.data for spec in data for r in read_records(parse_weighted_spec(spec)[0])]
     pool = demonstrations(records)
@@ -506,7 +512,6 @@ def _model_saver(root: Path, tokenizer, checkpoint: str | Path, *, layout=None,
     """An `on_model` hook writing each attacked model under `root`, with an `undo.json` of
     its own (`base_manifest` plus the run: configuration, seed, steps, compute, final
     metrics); full models in `layout`'s dtype and shards."""
-    from undo_cli.checkpoint import save_model, write_manifest
 
     def save(run: dict[str, Any], model: torch.nn.Module) -> None:
         name = re.sub(r"[^A-Za-z0-9.=-]+", "-", run.get("config") or "original").strip("-")
@@ -559,12 +564,9 @@ def write_samples(path: Path, records: Sequence[dict[str, Any]]) -> None:
 def _write_outputs(directory: Path, results: dict[str, Any], *, plot: bool,
                    manifest: dict[str, Any]) -> None:
     """results.json, relearn.png (with `plot`) and undo.json into `directory`."""
-    from undo_cli.checkpoint import write_manifest
 
     (directory / RESULTS_NAME).write_text(to_json(results, indent=2) + "\n")
     if plot:
-        from undo_cli.plots import plot_attack
-
         plot_attack(results, directory / PLOT_NAME)
     write_manifest(directory, manifest)
 
@@ -607,8 +609,6 @@ def compare_results(specs: Sequence[str], out: str | Path, *, overwrite: bool = 
 
     All results must use the same forget metric. `UsageError` without matplotlib.
     """
-    from undo_cli.checkpoint import atomic_output, build_manifest, write_manifest
-    from undo_cli.plots import plot_compare, require_matplotlib
 
     started = time.time()
     if not specs:

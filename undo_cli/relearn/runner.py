@@ -28,19 +28,26 @@ from typing import Any
 
 import torch
 
+from undo_cli.engine import lm_loss, train
 from undo_cli.engine.processes import all_finite
 from undo_cli.errors import UsageError
 from undo_cli.jsontext import jsonable
 from undo_cli.options import AttackConfig, EvalOptions, RunSpec
+from undo_cli.quantize import quantizable_layers, quantize_model_with, scheme_bits
+from undo_cli.relearn.bands import Evaluation, item_values, point_items, worst_case_band
 from undo_cli.relearn.families import planned_runs
+from undo_cli.relearn.search import search_runs
 from undo_cli.relearn.worst_case import (
     apply_retain_rule,
     attackable_metrics,
+    config_key,
     metric_direction,
     per_config_table,
     summarize,
     worst_case_curve,
 )
+from undo_cli.runtime import seed_everything
+from undo_cli.stage import Measure
 
 SCHEMA_VERSION = 1
 
@@ -85,7 +92,6 @@ ModelHook = Callable[[dict[str, Any], torch.nn.Module], None]
 
 def _lora_rank(model: torch.nn.Module, rank: int, targets: str | list[str]) -> int:
     """`rank`, clipped to the narrowest dimension of the layers LoRA will wrap."""
-    from undo_cli.quantize import quantizable_layers
 
     names = targets if isinstance(targets, list) else None
     widths = []
@@ -98,6 +104,7 @@ def _lora_rank(model: torch.nn.Module, rank: int, targets: str | list[str]) -> i
 
 
 def _attach_lora(model: torch.nn.Module, config: AttackConfig, rank: int) -> torch.nn.Module:
+    # peft only here: importing it prints a kernels notice, and only LoRA attacks need it.
     from peft import LoraConfig, get_peft_model
 
     try:
@@ -116,7 +123,7 @@ StaticAttack = Callable[[torch.nn.Module, Callable[[torch.nn.Module], dict[str, 
 def run_attack(model: torch.nn.Module, tokenizer, eval_sets: Sequence[Any],
                config: AttackConfig, *, forget_metric: str,
                make_stream: Callable[[int, int], Any] | None = None,
-               threshold: float | None = None, evals: EvalOptions | None = None,
+               threshold: float | None = None, evals: EvalOptions = EvalOptions(),
                progress: AttackProgress | None = None, on_model: ModelHook | None = None,
                static_attacks: Sequence[StaticAttack] = (),
                retain_rule: tuple[str, float] | None = None,
@@ -140,7 +147,6 @@ def run_attack(model: torch.nn.Module, tokenizer, eval_sets: Sequence[Any],
     `undo_cli.relearn.families` that `config` asks for (pruning, QLoRA, finetuning on
     `benign_stream`'s data, the soft prompt) run last, each as runs of their own.
     """
-    from undo_cli.stage import Measure
 
     config.validate()
     if (config.finetune or config.embedding_attack or (config.prune or ("",))[0] == "wanda"
@@ -151,7 +157,7 @@ def run_attack(model: torch.nn.Module, tokenizer, eval_sets: Sequence[Any],
     direction = metric_direction(forget_metric)
     progress = progress or AttackProgress()
     started = time.perf_counter()
-    measure = Measure(tokenizer, eval_sets, evals or EvalOptions(), log_samples=log_samples)
+    measure = Measure(tokenizer, eval_sets, evals, log_samples=log_samples)
     was_training = model.training
     model.eval()
     initial = measure(model)
@@ -186,8 +192,6 @@ def run_attack(model: torch.nn.Module, tokenizer, eval_sets: Sequence[Any],
     runs: list[dict[str, Any]] = []
     try:
         if config.finetune and config.search:
-            from undo_cli.relearn.search import search_runs
-
             progress.start(config.search + planned_runs(config, 1), config.steps)
             search_rank = lora_rank or _lora_rank(model, config.lora_rank,
                                                   lora_target_list(config.lora_targets))
@@ -345,8 +349,6 @@ def _band(runs: list[dict[str, Any]], worst: list[dict[str, Any]], metric: str,
     """The worst case's bootstrap band (`undo_cli.relearn.bands`), written into its points
     (`lower`, `upper`, and the per-item values `undo report` resamples); None without
     per-item results (e.g. only trials of an earlier session of a resumed search)."""
-    from undo_cli.relearn.bands import Evaluation, item_values, point_items, worst_case_band
-    from undo_cli.relearn.worst_case import config_key
 
     evaluations = []
     for run in runs:
@@ -407,15 +409,12 @@ def _finetune_run(original: torch.nn.Module, spec: RunSpec, config: AttackConfig
     `steps` replaces `config.steps`; with `frozen_ok` only the parameters `original` leaves
     trainable train (the soft prompt). The run's `cost` holds the attacker's tokens and
     FLOPs (the engine's accounting) at every evaluation."""
-    from undo_cli.engine import lm_loss, train
 
     t0 = time.perf_counter()
     eval_time = 0.0
     steps = steps or config.steps
     model = copy.deepcopy(original)
     if spec.lora_rank:
-        from undo_cli.runtime import seed_everything
-
         seed_everything(spec.seed)  # the adapter's random init: from the run's seed alone
         model = _attach_lora(model, config, spec.lora_rank)
     elif not frozen_ok:
@@ -505,7 +504,6 @@ def _quantized_run(model: torch.nn.Module, source: dict[str, Any], config: Attac
                    ) -> tuple[dict[str, Any], torch.nn.Module]:
     """Quantise `model` in place (a LoRA model is merged first) and evaluate it at the step
     its source run ended; a diverged source run is not quantised."""
-    from undo_cli.quantize import quantize_model_with, scheme_bits
 
     t0 = time.perf_counter()
     settings = {"bits": scheme_bits(config.quantize), "group_size": config.group_size}

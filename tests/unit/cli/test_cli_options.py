@@ -6,17 +6,28 @@ import typer
 from typer.testing import CliRunner
 
 from undo_cli.cli.options import with_options
-from undo_cli.options import AttackConfig, DataOptions, OutputOptions, TrainConfig
+from undo_cli.options import (
+    ATTACK_TRAIN,
+    DISTILL,
+    DISTILL_NOISE,
+    TRAIN,
+    UNLEARN,
+    AttackConfig,
+    DataOptions,
+    OutputOptions,
+    TrainConfig,
+)
+from undo_cli.options.rates import default_lr
 
 
-def make_app(command: str, **kwargs):
+def make_app(command: str, train_default: TrainConfig = TrainConfig(), **kwargs):
     app = typer.Typer()
     seen: dict = {}
 
     @app.command()
     @with_options(command, **kwargs)
-    def run(name: str = typer.Argument("x"), *, train: TrainConfig, data: DataOptions,
-            output: OutputOptions) -> None:
+    def run(name: str = typer.Argument("x"), *, train: TrainConfig = train_default,
+            data: DataOptions, output: OutputOptions) -> None:
         seen.update(name=name, train=train, data=data, output=output)
 
     return app, seen
@@ -27,7 +38,8 @@ def invoke(app, *args: str):
 
 
 def test_fields_become_options_and_groups_arrive_checked():
-    app, seen = make_app("train", train=TrainConfig, data=DataOptions, output=OutputOptions)
+    app, seen = make_app("train", TRAIN, train=TrainConfig, data=DataOptions,
+                         output=OutputOptions)
     r = invoke(app, "y", "--lr", "3e-3", "--max-length", "64", "--packing", "concat",
                "--batch-size", "2", "--json", "-q")
     assert r.exit_code == 0, r.output
@@ -35,13 +47,45 @@ def test_fields_become_options_and_groups_arrive_checked():
     assert seen["train"].lr == 3e-3 and seen["train"].batch_size == 2
     assert seen["data"] == DataOptions(max_length=64, packing="concat")
     assert seen["output"].json and seen["output"].quiet and not seen["output"].overwrite
-    # The command's defaults apply (train: --lr decided later, from the preset or checkpoint).
+    # The command's defaults apply (train: --lr decided later, from the preset or checkpoint):
+    # the group the function declares as its default, the same the stage function takes.
     r = invoke(app)
     assert seen["train"].lr is None and seen["train"].schedule == "cosine"
+    assert seen["train"] == TRAIN
+
+
+def test_every_command_defaults_to_its_stage_functions_own_defaults():
+    """The command line reads a command's defaults from its signature; each is the very group
+    instance the stage function takes as its own parameter default."""
+    import inspect
+
+    from undo_cli.cli import distill_cmd, relearn_cmd, train_cmd, unlearn_cmd
+    from undo_cli.distill import distill_checkpoint
+    from undo_cli.training import train_checkpoint
+    from undo_cli.unlearn import unlearn_checkpoint
+
+    def default(func, name):
+        return inspect.signature(inspect.unwrap(func)).parameters[name].default
+
+    cli_default = {cmd: inspect.signature(func.__wrapped_command__).parameters
+                   for cmd, func in (("train", train_cmd.train_command),
+                                     ("unlearn", unlearn_cmd.unlearn_command),
+                                     ("distill", distill_cmd.distill_command),
+                                     ("relearn", relearn_cmd.relearn_command))}
+    assert cli_default["train"]["train"].default is default(train_checkpoint, "train")
+    assert cli_default["unlearn"]["train"].default is default(unlearn_checkpoint,
+                                                              "train_config")
+    assert cli_default["distill"]["train"].default is default(distill_checkpoint, "train")
+    assert cli_default["distill"]["noise"].default is default(distill_checkpoint, "noise")
+    assert cli_default["relearn"]["train"].default is ATTACK_TRAIN
+    # and what each decides: lr by the model (None), the budgets, the schedules.
+    assert (TRAIN.lr, UNLEARN.lr, UNLEARN.schedule) == (None, None, "constant")
+    assert DISTILL.lr == default_lr("distill") and DISTILL_NOISE.alpha is None
+    assert ATTACK_TRAIN.schedule == "constant" and ATTACK_TRAIN.eval_every == 25
 
 
 def test_excluded_fields_are_not_offered_and_keep_the_command_default():
-    app, seen = make_app("relearn-attack", train=TrainConfig, data=DataOptions,
+    app, seen = make_app("relearn-attack", ATTACK_TRAIN, train=TrainConfig, data=DataOptions,
                          output=OutputOptions, exclude=("lr", "max_steps"))
     r = invoke(app, "--lr", "1e-3")
     assert r.exit_code != 0 and "No such option" in r.output

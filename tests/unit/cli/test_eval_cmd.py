@@ -152,3 +152,14 @@ def test_lm_eval_tasks_without_lm_eval_say_how_to_install(cli, tiny_llama):
     result = cli("eval", tiny_llama, "--lm-eval-tasks", "wmdp_bio,mmlu")
     assert result.exit_code == 2
     assert "pip install 'lm_eval[hf]'" in result.stderr
+
+
+def test_eval_takes_eval_like_the_training_commands_and_data_as_its_alias(cli, tiny_llama,
+                                                                          files):
+    by_eval = cli("eval", tiny_llama, "--eval", f"lm={files['text']}", "--json")
+    by_data = cli("eval", tiny_llama, "--data", f"lm={files['text']}", "--json")
+    assert by_eval.exit_code == 0 and by_data.exit_code == 0, by_eval.output + by_data.output
+    assert json.loads(by_eval.stdout) == json.loads(by_data.stdout)
+    assert set(json.loads(by_eval.stdout)["results"][0]["metrics"]) == {"lm"}
+    shown = cli("eval", "--help").stdout
+    assert "--eval" in shown and "--data is an alias" in shown

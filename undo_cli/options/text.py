@@ -1,0 +1,127 @@
+"""Structured option text parsed once, when a group is built (parse, don't validate).
+
+Each typed value is the text the user gave (a `str`, so that `undo.json` and `--json` record it
+exactly as before) carrying what it means: `ByteSize.bytes`, `LayerRange.layers`,
+`Pattern.regex`. The `option(parse=...)` hooks below turn plain text into them, name the flag
+in the error, and return an already typed value as it is (building a group twice, as
+`dataclasses.replace` does, parses nothing again).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from undo_cli.errors import UsageError
+
+
+class ByteSize(str):
+    """`--max-shard-size` text (`2GB`, `500MiB`, `1234`) with its number of bytes."""
+
+    bytes: int
+
+
+class LayerRange(str):
+    """Decoder-layer text (`10-15`, `0,2,4-6`, `all`) with its 0-based layers (`None`: all)."""
+
+    layers: tuple[int, ...] | None
+
+
+class Pattern(str):
+    """A regular expression as given, with its compiled `regex` (`re.search` on names)."""
+
+    regex: re.Pattern
+
+
+def size_in_bytes(text: str | int, flag: str | None = None) -> int:
+    """`"2GB"` -> 2_000_000_000, `"500MiB"` -> 524_288_000, `"1234"` -> 1234 (bytes);
+    `UsageError` (naming `flag` if given) for anything else or a size below one byte."""
+    if isinstance(text, ByteSize):
+        return text.bytes
+    where = f"{flag} " if flag else ""
+    if isinstance(text, int):
+        size = text
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", text.upper())
+        if not m:
+            raise UsageError(f"{where}cannot read size {text!r}: expected e.g. 2GB, 500MB, "
+                             "1GiB or a number of bytes")
+        number, unit = float(m.group(1)), m.group(2)
+        unit = unit if unit.endswith("B") or not unit else unit + "B"
+        base = 1024 if "I" in unit else 1000
+        power = {"": 0, "B": 0, "KB": 1, "MB": 2, "GB": 3, "TB": 4,
+                 "KIB": 1, "MIB": 2, "GIB": 3, "TIB": 4}.get(unit)
+        if power is None:
+            raise UsageError(f"{where}cannot read size {text!r}: unknown unit {unit}")
+        size = int(number * base**power)
+    if size < 1:
+        raise UsageError(f"{where}size {text!r} must be positive")
+    return size
+
+
+def layer_numbers(text: str | None, flag: str = "--layers") -> tuple[int, ...] | None:
+    """`"10-15"` -> (10, ..., 15); `"0,2,4-5"` -> (0, 2, 4, 5); `"all"`, "" or None -> None
+    (every layer). `UsageError` naming `flag` for anything else (negative numbers, a range
+    whose end is below its start)."""
+    if isinstance(text, LayerRange):
+        return text.layers
+    if text is None or not str(text).strip() or str(text).strip().lower() == "all":
+        return None
+    chosen: set[int] = set()
+    for part in (p.strip() for p in str(text).split(",")):
+        if not part:
+            continue
+        m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
+        if m is None:
+            raise UsageError(f"{flag} {text!r}: expected layer numbers and ranges such as "
+                             "10-15 or 0,2,4-6 (0-based), or all")
+        first = int(m.group(1))
+        last = int(m.group(2)) if m.group(2) is not None else first
+        if last < first:
+            raise UsageError(f"{flag} {text!r}: the range {part} ends before it starts")
+        chosen.update(range(first, last + 1))
+    if not chosen:
+        raise UsageError(f"{flag} {text!r} selects no layer")
+    return tuple(sorted(chosen))
+
+
+def compile_pattern(flag: str, pattern: str) -> re.Pattern:
+    """`pattern` compiled, or a `UsageError` naming `flag` for an invalid regular expression."""
+    if isinstance(pattern, Pattern):
+        return pattern.regex
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise UsageError(f"{flag} {pattern!r} is not a valid regular expression ({e})") from e
+
+
+def _typed(kind: type, attribute: str, meaning: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """A `parse` hook: text -> `kind(text)` carrying `attribute` = `meaning(text)`; a value
+    already of `kind` is returned as it is."""
+    def parse(text: Any) -> Any:
+        if isinstance(text, kind):
+            return text
+        value = kind(text)
+        setattr(value, attribute, meaning(text))
+        return value
+    return parse
+
+
+def byte_size(flag: str) -> Callable[[Any], ByteSize]:
+    """The `parse` hook of a size option."""
+    return _typed(ByteSize, "bytes", lambda text: size_in_bytes(text, flag))
+
+
+def layer_range(flag: str) -> Callable[[Any], LayerRange]:
+    """The `parse` hook of a layer-range option."""
+    return _typed(LayerRange, "layers", lambda text: layer_numbers(text, flag))
+
+
+def pattern(flag: str) -> Callable[[Any], Any]:
+    """The `parse` hook of a regular-expression option (one, or a list of them)."""
+    one = _typed(Pattern, "regex", lambda text: compile_pattern(flag, text))
+
+    def parse(value: Any) -> Any:
+        return [one(v) for v in value] if isinstance(value, (list, tuple)) else one(value)
+    return parse
