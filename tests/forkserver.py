@@ -24,6 +24,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 # What the commands import lazily, imported once in the server (a missing optional one is
@@ -123,8 +124,10 @@ def _threads_from_environment() -> None:
     import torch
 
     count = os.environ.get("OMP_NUM_THREADS", "").strip()
-    torch.set_num_threads(int(count) if count.isdigit() and int(count) > 0
-                          else len(os.sched_getaffinity(0)))
+    if count.isdigit() and int(count) > 0:
+        torch.set_num_threads(int(count))
+    elif hasattr(os, "sched_getaffinity"):
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
 
 
 def client(path: str, argv: list[str]) -> int:
@@ -159,6 +162,10 @@ class UndoServer:
     server.command`."""
 
     def __init__(self, directory: Path):
+        # A socket's path has at most 104-108 bytes: a short directory where the given one is
+        # long (macOS's temporary directories).
+        if len(str(directory)) > 80 and Path("/tmp").is_dir():
+            directory = tempfile.mkdtemp(prefix="undo-", dir="/tmp")
         self.socket = Path(directory) / "undo.sock"
         self.argv = [sys.executable, str(Path(__file__).resolve()), "client", str(self.socket)]
         self.command = " ".join(self.argv)  # what a script's `$UNDO "$@"` splits
