@@ -32,6 +32,8 @@ from pathlib import Path
 WARM = ("torch", "transformers", "safetensors.torch", "accelerate", "numpy",
         "transformers.models.llama.modeling_llama", "transformers.models.gpt2.modeling_gpt2",
         "transformers.models.qwen2.modeling_qwen2", "transformers.models.gemma2.modeling_gemma2",
+        "transformers.models.mistral.modeling_mistral", "transformers.models.phi3.modeling_phi3",
+        "transformers.models.gpt_neox.modeling_gpt_neox",
         "undo_cli.cli", "undo_cli.training", "undo_cli.unlearn", "undo_cli.distill",
         "undo_cli.relearn", "undo_cli.evaluation", "undo_cli.report", "undo_cli.probe",
         "undo_cli.perturb", "undo_cli.synthetic_files", "undo_cli.synthetic_mc",

@@ -1,6 +1,7 @@
 """The real-scale recipes (examples/deep_ignorance.sh, zephyr_wmdp.sh,
 attack_open_unlearning.sh) in their offline SMOKE=1 mode on tiny stand-ins, the estimates
-script, and the FSDP + CPU offload launcher config."""
+script, and the FSDP + CPU offload launcher config. The scripts' `undo` commands run through
+the warm `undo_server` fixture (tests/forkserver.py), as the pipeline smokes do."""
 
 from __future__ import annotations
 
@@ -15,10 +16,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _smoke(script: str, out: Path) -> subprocess.CompletedProcess:
+def _smoke(script: str, out: Path, server) -> subprocess.CompletedProcess:
     env = {**os.environ, "SMOKE": "1", "OUT": str(out), "OMP_NUM_THREADS": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.pop("UNDO", None)
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "UNDO": server.command}
     done = subprocess.run(["bash", str(ROOT / "examples" / script)], cwd=out.parent, env=env,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -29,9 +30,9 @@ def _results(path: Path) -> dict:
     return json.loads((path / "results.json").read_text())
 
 
-def test_deep_ignorance_smoke(tmp_path):
+def test_deep_ignorance_smoke(tmp_path, undo_server):
     out = tmp_path / "di"
-    _smoke("deep_ignorance.sh", out)
+    _smoke("deep_ignorance.sh", out, undo_server)
     assert json.loads((out / "unfiltered" / "config.json").read_text())["model_type"] == \
         "gpt_neox"
     manifest = json.loads((out / "undo" / "undo.json").read_text())
@@ -46,9 +47,9 @@ def test_deep_ignorance_smoke(tmp_path):
     assert {r["model"] for r in report["rows"]} == {"oracle", "unlearned", "undo"}
 
 
-def test_zephyr_wmdp_smoke(tmp_path):
+def test_zephyr_wmdp_smoke(tmp_path, undo_server):
     out = tmp_path / "zw"
-    done = _smoke("zephyr_wmdp.sh", out)
+    done = _smoke("zephyr_wmdp.sh", out, undo_server)
     assert "activations" in done.stderr and "fits in the" in done.stderr  # undo plan
     manifest = json.loads((out / "unlearned" / "undo.json").read_text())
     assert manifest["arguments"]["method"] == "rmu"
@@ -58,9 +59,9 @@ def test_zephyr_wmdp_smoke(tmp_path):
     assert (out / "attacks" / "report" / "report.md").exists()
 
 
-def test_attack_open_unlearning_smoke(tmp_path):
+def test_attack_open_unlearning_smoke(tmp_path, undo_server):
     out = tmp_path / "ou"
-    _smoke("attack_open_unlearning.sh", out)
+    _smoke("attack_open_unlearning.sh", out, undo_server)
     full = _results(out / "attacks" / "unlearned-full")
     kinds = {r.get("attack") for r in full["runs"]}
     assert {"ablate-direction", "few-shot"} <= kinds

@@ -275,3 +275,16 @@ def test_resume_refuses_a_state_that_is_not_what_was_saved(tok, files, tmp_path,
         train(model, lm_loss(), streams(tok, files), replace(cfg, resume=True))
     assert f"{saved / file}" in str(e.value) and message in str(e.value), str(e.value)
     assert_identical(weights(model), before)  # refused before anything was loaded
+
+
+def test_a_state_saved_before_bf16_weights_existed_resumes_as_fp32(tmp_path):
+    """States written before `--bf16-weights` have no such key: read as False (so a resume
+    with the default settings is not refused), and True still differs."""
+    from undo_cli.engine.state import resume_key, saved_key
+    from undo_cli.engine.state_files import COMPLETE
+
+    key = resume_key(config(), {"train": None}, 1)
+    old = {k: v for k, v in key.items() if k != "bf16_weights"}
+    (tmp_path / COMPLETE).write_text(json.dumps({"config": old}))
+    assert saved_key(tmp_path) == json.loads(json.dumps(key))
+    assert resume_key(config(bf16_weights=True), {"train": None}, 1)["bf16_weights"] is True

@@ -6,7 +6,8 @@
     gradients   P_trained * w               (FSDP: / n)
     optimizer   P_trained * s               s: adamw/adam 2w, sgd/adagrad w, 8-bit AdamW 2,
                                             adafactor (rows + cols) * w per matrix, w per vector
-    frozen      P_frozen * w_frozen         teachers and reference models (forward only)
+    frozen      P_frozen * w                teachers, reference models, the attack's kept
+                                            original (forward only, replicated under FSDP)
     activations N * a * (L * A_layer + A_head)   per micro-batch: N = streams * batch * length
                                             tokens, a = 2 in bf16 else 4 bytes, A_layer the
                                             floats autograd keeps per token and decoder layer
@@ -18,7 +19,9 @@
 P is counted from the config (`count_parameters`: exact for the architectures `undo init`
 offers, a lower bound for others); `check_fits_memory` (the refusal of a model that cannot
 load) uses the same count and weight bytes. The total is compared with the memory of the device
-the run would use.
+the run would use. Checked on a CPU (docs/benchmarks.md, "memory": within 3-7% of measured
+peaks); not modelled: FSDP's CPU offload (the first three lines then live in host RAM), QLoRA's
+4-bit base, allocator fragmentation.
 """
 
 from __future__ import annotations

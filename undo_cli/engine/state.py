@@ -77,6 +77,7 @@ def saved_key(state: Path) -> dict:
     config = data.get("config") if isinstance(data, dict) else None
     if not isinstance(config, dict):
         raise UsageError(f"{state / COMPLETE}: not a training state's completion record")
+    config.setdefault("bf16_weights", False)  # a state saved before --bf16-weights existed
     return config
 
 
