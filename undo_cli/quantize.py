@@ -23,6 +23,7 @@ usually do; embeddings, norms and biases are not quantised.
 from __future__ import annotations
 
 import copy
+import types
 from typing import Any
 
 import torch
@@ -179,6 +180,25 @@ def _quiet_import(module: str):
             q.setLevel(level)
 
 
+def _quanto_python_unpack() -> None:
+    """Let optimum-quanto unpack its 4-bit codes with its own Python implementation
+    (`optimum.quanto.library.unpack`, exact bit operations) instead of compiling its C++
+    extension on first use: minutes of a C++ build (with ninja), for the same integers."""
+    try:
+        from optimum.quanto.library.extensions import cpp
+    except ImportError:  # pragma: no cover - another quanto layout: its own path then
+        return
+    ext = getattr(cpp, "ext", None)
+    if ext is None or getattr(ext, "_lib", "missing") is not None:
+        return
+    python_impl = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+
+    def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+        return torch.ops.quanto.unpack.default.redispatch(python_impl, packed, bits)
+
+    ext._lib = types.SimpleNamespace(unpack=unpack)
+
+
 def check_library(scheme: str) -> None:
     """`UsageError` (before any model loads) when the library of `scheme` is missing."""
     _quiet_import("bitsandbytes.functional" if SCHEMES[scheme][0] == "bitsandbytes"
@@ -213,6 +233,7 @@ def library_dequantize(weight: torch.Tensor, scheme: str) -> torch.Tensor:
     quanto = _quiet_import("optimum.quanto")
     from optimum.quanto.tensor.optimizers import MaxOptimizer
 
+    _quanto_python_unpack()
     cols = w.shape[1]
     group = QUANTO_GROUP if cols % QUANTO_GROUP == 0 else cols
     wf = w.float().contiguous()

@@ -31,7 +31,6 @@ from typing import Any
 
 import torch
 
-from undo_cli.matrix import family_of  # noqa: F401  (a run's family, for callers)
 from undo_cli.options import AttackConfig, RunSpec
 
 
