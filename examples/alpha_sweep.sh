@@ -9,6 +9,8 @@
 # students therefore counts no teacher forward: it is what the sweep really spent).
 # SMOKE=1 for a seconds-long version.
 set -euo pipefail
+# shellcheck source=examples/lib.sh
+source "$(dirname "$0")/lib.sh"  # usable_cores, undo (UNDO=...), stage
 
 OUT="${OUT:-runs/arithmetic}"
 ALPHAS="${ALPHAS:-0.2 0.4 0.6 0.8}"
@@ -26,7 +28,6 @@ if [ "${SMOKE:-0}" = 1 ]; then
   ALPHAS="0.2 0.8" DISTILL_MAX_STEPS=4 ATTACK_STEPS=2 ATTACK_LRS=1e-3 EVAL_EVERY=2 BATCH=4
   ATTACK_BATCH=4 LENGTH=32
 fi
-undo() { if [ -n "${UNDO:-}" ]; then $UNDO "$@"; else command undo "$@"; fi; }
 D="$OUT/data"
 S="$OUT/sweep"
 for part in data/retain_train.jsonl unlearned attacks/base attacks/unlearned attacks/oracle; do

@@ -26,6 +26,8 @@
 # thread they train in turn. OpenMP threads wait passively (OMP_WAIT_POLICY=PASSIVE, which the
 # CLI sets unless you set it): spinning threads collapse once anything else runs.
 set -euo pipefail
+# shellcheck source=examples/lib.sh
+source "$(dirname "$0")/lib.sh"  # usable_cores, undo (UNDO=...), stage
 
 OUT="${OUT:-runs/arithmetic}"
 SEED="${SEED:-0}"
@@ -47,15 +49,6 @@ LENGTH="${LENGTH:-64}"
 ATTACK_BATCH="${ATTACK_BATCH:-16}"
 STAGES="${STAGES:-all}"                    # all, or "prepare" (up to unlearn) / "undo" (from perturb)
 DATA_ARGS="${DATA_ARGS:-}"                 # extra options of `undo data arithmetic`
-usable_cores() {  # CPU affinity (nproc), capped by a cgroup v2 CPU quota if there is one
-  local n quota period
-  n=$(nproc)
-  if [ -r /sys/fs/cgroup/cpu.max ] && read -r quota period < /sys/fs/cgroup/cpu.max \
-     && [ "$quota" != max ]; then
-    quota=$(( (quota + period - 1) / period )); [ "$quota" -lt "$n" ] && n=$quota
-  fi
-  echo "$n"
-}
 THREADS="${THREADS:-${OMP_NUM_THREADS:-$(usable_cores)}}"  # threads of every command
 LOG_EVERY="${LOG_EVERY:-100}"              # progress line every N steps when not on a terminal
 QUIET="${QUIET:-0}"                        # 1: only the stage lines
@@ -63,23 +56,14 @@ if [ "${SMOKE:-0}" = 1 ]; then
   BASE_STEPS=10 UNLEARN_STEPS=3 DISTILL_MAX_STEPS=4 ATTACK_STEPS=2 ATTACK_LRS=1e-3 EVAL_EVERY=2
   BATCH=4 ATTACK_BATCH=4 LENGTH=32 PRESET=tiny DATA_ARGS="--train-size 200 --eval-size 8"
 fi
-undo() { if [ -n "${UNDO:-}" ]; then $UNDO "$@"; else command undo "$@"; fi; }
 D="$OUT/data"
 EVALS=(--eval "retain=$D/retain_eval_equation.jsonl" --eval "forget=$D/forget_eval_equation.jsonl")
 QUIET_ARG=(); [ "$QUIET" = 1 ] && QUIET_ARG=(--quiet)
 COMMON=(--batch-size "$BATCH" --max-length "$LENGTH" --overwrite --log-every "$LOG_EVERY"
         "${QUIET_ARG[@]}")
 TRAIN=("${COMMON[@]}" --seed "$SEED")
-STARTED=$SECONDS
-STAGE_NO=0
 [ "$STAGES" = undo ] && STAGE_COUNT=0 || STAGE_COUNT=4
 [ "$STAGES" != prepare ] && STAGE_COUNT=$(( STAGE_COUNT + 2 * SEEDS + 1 ))
-stage() {  # a numbered progress line per stage, with the wall time so far
-  STAGE_NO=$((STAGE_NO + 1))
-  local t=$((SECONDS - STARTED))
-  printf '== [%d/%d] %s  (%dm%02ds so far)\n' "$STAGE_NO" "$STAGE_COUNT" "$1" $((t / 60)) \
-    $((t % 60)) >&2
-}
 
 DISTILL_FILES=(--data "$D/retain_train.jsonl")
 [ "$DISTILL_DATA" = all ] && DISTILL_FILES+=(--data "$D/forget_train.jsonl")

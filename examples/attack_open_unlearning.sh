@@ -32,6 +32,8 @@
 # SMOKE=1: seconds-long offline version on tiny random Llama stand-ins (tests/e2e/
 # test_recipes.py). Its numbers mean nothing.
 set -euo pipefail
+# shellcheck source=examples/lib.sh
+source "$(dirname "$0")/lib.sh"  # usable_cores, undo (UNDO=...), stage
 
 OUT="${OUT:-runs/attack_open_unlearning}"
 SEED="${SEED:-0}"
@@ -54,7 +56,6 @@ QUANTIZE="${QUANTIZE:-4}"
 MEMORY="${MEMORY:---bf16}"             # 7-8B on 80 GB: --bf16-weights --gradient-checkpointing
 OPTIMIZERS="${OPTIMIZERS:-adamw}"      # ... --optimizers adafactor (or adamw8bit)
 PLAN="${PLAN:-1}"
-undo() { if [ -n "${UNDO:-}" ]; then $UNDO "$@"; else command undo "$@"; fi; }
 
 if [ "${SMOKE:-0}" = 1 ]; then
   D="$OUT/data"

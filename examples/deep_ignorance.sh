@@ -36,6 +36,8 @@
 # SMOKE=1: seconds-long offline version on tiny random GPT-NeoX stand-ins (2 layers, 32 wide)
 # and `undo data facts` files; what tests/e2e/test_recipes.py runs. Its numbers mean nothing.
 set -euo pipefail
+# shellcheck source=examples/lib.sh
+source "$(dirname "$0")/lib.sh"  # usable_cores, undo (UNDO=...), stage
 
 OUT="${OUT:-runs/deep_ignorance}"
 SEED="${SEED:-0}"
@@ -64,7 +66,6 @@ MEMORY="${MEMORY:---bf16 --bf16-weights --gradient-checkpointing}"
 OPTIMIZER="${OPTIMIZER:-adafactor}"    # or adamw8bit (CUDA, pip install 'undo-cli[bnb]')
 PLAN="${PLAN:-1}"                      # print `undo plan` before each training command
 CHOICE_FORMAT="${CHOICE_FORMAT:-letters}"
-undo() { if [ -n "${UNDO:-}" ]; then $UNDO "$@"; else command undo "$@"; fi; }
 
 if [ "${SMOKE:-0}" = 1 ]; then
   D="$OUT/data"

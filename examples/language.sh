@@ -26,6 +26,8 @@
 # models; the report pools each label's seeds with 95% intervals. THREADS, LOG_EVERY and QUIET
 # as in examples/arithmetic.sh.
 set -euo pipefail
+# shellcheck source=examples/lib.sh
+source "$(dirname "$0")/lib.sh"  # usable_cores, undo (UNDO=...), stage
 
 OUT="${OUT:-runs/language}"
 SEED="${SEED:-0}"
@@ -59,15 +61,6 @@ ATTACK_BATCH="${ATTACK_BATCH:-8}"
 ATTACK_EVAL_LIMIT="${ATTACK_EVAL_LIMIT:-32}"  # documents per eval set during attacks
 LENGTH="${LENGTH:-128}"
 DATA_ARGS="${DATA_ARGS:-}"                  # extra options of `undo data language`
-usable_cores() {  # CPU affinity (nproc), capped by a cgroup v2 CPU quota if there is one
-  local n quota period
-  n=$(nproc)
-  if [ -r /sys/fs/cgroup/cpu.max ] && read -r quota period < /sys/fs/cgroup/cpu.max \
-     && [ "$quota" != max ]; then
-    quota=$(( (quota + period - 1) / period )); [ "$quota" -lt "$n" ] && n=$quota
-  fi
-  echo "$n"
-}
 THREADS="${THREADS:-${OMP_NUM_THREADS:-$(usable_cores)}}"
 LOG_EVERY="${LOG_EVERY:-100}"
 QUIET="${QUIET:-0}"
@@ -76,23 +69,14 @@ if [ "${SMOKE:-0}" = 1 ]; then
   DISTILL_EVAL_EVERY=2 ATTACK_STEPS=2 UNLEARN_BATCH=4 ATTACK_LRS=1e-3 EVAL_EVERY=2 BATCH=4 ATTACK_BATCH=4
   LENGTH=32 VOCAB=300 MAX_CHARS=4000 LAYERS=1 HIDDEN=32
 fi
-undo() { if [ -n "${UNDO:-}" ]; then $UNDO "$@"; else command undo "$@"; fi; }
 D="$OUT/data"
 EVALS=(--eval "retain=$D/retain_eval.jsonl" --eval "forget=$D/forget_eval.jsonl")
 QUIET_ARG=(); [ "$QUIET" = 1 ] && QUIET_ARG=(--quiet)
 COMMON=(--batch-size "$BATCH" --max-length "$LENGTH" --overwrite --log-every "$LOG_EVERY"
         "${QUIET_ARG[@]}")
-STARTED=$SECONDS
-STAGE_NO=0
 n_alphas=$(wc -w <<< "$ALPHAS")
 n_extra=$(wc -w <<< "$SEED_ALPHAS")
 STAGE_COUNT=$(( 5 + n_alphas + (SEEDS - 1) * n_extra + 1 + (SEEDS - 1) + 1 ))
-stage() {  # a numbered progress line per stage, with the wall time so far
-  STAGE_NO=$((STAGE_NO + 1))
-  local t=$((SECONDS - STARTED))
-  printf '== [%d/%d] %s  (%dm%02ds so far)\n' "$STAGE_NO" "$STAGE_COUNT" "$1" $((t / 60)) \
-    $((t % 60)) >&2
-}
 
 stage "data"
 CORPORA=()

@@ -22,6 +22,8 @@
 # and MMLU's files; the corpora: {"text"} records.) SMOKE=1 runs a seconds-long version with
 # tiny budgets (what the test suite runs).
 set -euo pipefail
+# shellcheck source=examples/lib.sh
+source "$(dirname "$0")/lib.sh"  # usable_cores, undo (UNDO=...), stage
 
 MODEL="${MODEL:-}"                          # a real base model; empty: train a toy one
 d() { if [ -n "$MODEL" ]; then echo "$2"; else echo "$1"; fi; }  # d TOY REAL
@@ -79,7 +81,6 @@ if [ "${SMOKE:-0}" = 1 ]; then
   HIDDEN_LOSS_WEIGHT="${SMOKE_HIDDEN:-1}" SECOND_TEACHER_FRACTION="${SMOKE_SECOND:-0.5}"
   ATTACK_MODELS="${SMOKE_ATTACK_MODELS:-unlearned undo}"
 fi
-undo() { if [ -n "${UNDO:-}" ]; then $UNDO "$@"; else command undo "$@"; fi; }
 
 D="$OUT/data"
 synthetic=0

@@ -30,6 +30,8 @@
 # SMOKE=1: seconds-long offline version on a tiny random Mistral stand-in (2 layers, 32 wide)
 # and `undo data facts` files (tests/e2e/test_recipes.py). Its numbers mean nothing.
 set -euo pipefail
+# shellcheck source=examples/lib.sh
+source "$(dirname "$0")/lib.sh"  # usable_cores, undo (UNDO=...), stage
 
 OUT="${OUT:-runs/zephyr_wmdp}"
 SEED="${SEED:-0}"
@@ -57,7 +59,6 @@ OPTIMIZER="${OPTIMIZER:-adafactor}"    # or adamw8bit (CUDA, pip install 'undo-c
 MEMORY="${MEMORY:---bf16 --bf16-weights --gradient-checkpointing}"
 PLAN="${PLAN:-1}"
 CHOICE_FORMAT="${CHOICE_FORMAT:-letters}"
-undo() { if [ -n "${UNDO:-}" ]; then $UNDO "$@"; else command undo "$@"; fi; }
 
 if [ "${SMOKE:-0}" = 1 ]; then
   D="$OUT/data"

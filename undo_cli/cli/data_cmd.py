@@ -58,14 +58,9 @@ def arithmetic_command(
 
     show_output(output.quiet)
     paths = generate_arithmetic(out, overwrite=output.overwrite, task=task)
-    summary = _summary(out, "arithmetic", task.seed, paths)
-    counts = summary["records"]
-    if output.json:
-        emit_json(summary)
-    else:
-        info(f"wrote {out}: retain {counts['retain_train']} train / {counts['retain_eval']} "
-             f"eval records, forget {counts['forget_train']} train / "
-             f"{counts['forget_eval']} eval records")
+    _report(out, "arithmetic", task.seed, paths, output,
+            "retain {retain_train} train / {retain_eval} eval records, forget {forget_train} "
+            "train / {forget_eval} eval records")
 
 
 @data_app.command(
@@ -97,14 +92,9 @@ def facts_command(
 
     show_output(output.quiet)
     paths = generate_facts(out, overwrite=output.overwrite, task=task)
-    summary = _summary(out, "facts", task.seed, paths)
-    counts = summary["records"]
-    if output.json:
-        emit_json(summary)
-    else:
-        info(f"wrote {out}: forget (hazard) {counts['forget_corpus']} corpus records / "
-             f"{counts['forget_mc']} questions, retain (general) {counts['retain_corpus']} "
-             f"corpus records / {counts['retain_mc']} questions")
+    _report(out, "facts", task.seed, paths, output,
+            "forget (hazard) {forget_corpus} corpus records / {forget_mc} questions, retain "
+            "(general) {retain_corpus} corpus records / {retain_mc} questions")
 
 
 @data_app.command(
@@ -140,14 +130,19 @@ def language_command(
 
     show_output(output.quiet)
     paths = generate_language(out, task, overwrite=output.overwrite)
-    summary = _summary(out, "language", task.seed, paths)
-    counts = summary["records"]
+    _report(out, "language", task.seed, paths, output,
+            "retain {retain_train} train / {retain_eval} eval documents, forget {forget_train} "
+            "train / {forget_eval} eval documents")
+
+
+def _report(out: Path, task: str, seed: int, paths: dict[str, Path], output: OutputOptions,
+            counted: str) -> None:
+    """The `--json` summary, or one line: `wrote OUT: ` + `counted` filled with the counts."""
+    summary = _summary(out, task, seed, paths)
     if output.json:
         emit_json(summary)
     else:
-        info(f"wrote {out}: retain {counts['retain_train']} train / {counts['retain_eval']} "
-             f"eval documents, forget {counts['forget_train']} train / "
-             f"{counts['forget_eval']} eval documents")
+        info(f"wrote {out}: " + counted.format(**summary["records"]))
 
 
 def _summary(out: Path, task: str, seed: int, paths: dict[str, Path]) -> dict:
