@@ -212,6 +212,7 @@ def test_train_under_fsdp_shards_and_matches_one_process(launch, files, tmp_path
     assert moved > 100 * TOLERANCE  # it did train
 
 
+@pytest.mark.slow  # 2 minutes of three launches; resume: test_kill_resume, FSDP: the tests above
 def test_fsdp_resume_from_a_sharded_state_equals_the_uninterrupted_run(launch, files,
                                                                         tmp_path):
     from safetensors.torch import load_file

@@ -391,6 +391,7 @@ def test_the_shipped_accelerate_configs_load():
 
     expected = {"ddp.yaml": (DistributedType.MULTI_GPU, 1),
                 "fsdp.yaml": (DistributedType.FSDP, 1),
+                "fsdp_offload.yaml": (DistributedType.FSDP, 1),
                 "multinode.yaml": (DistributedType.MULTI_GPU, 2)}
     assert sorted(p.name for p in EXAMPLES.glob("*.yaml")) == sorted(expected)
     for name, (kind, machines) in expected.items():
