@@ -41,7 +41,8 @@ from undo_cli.modelfactory import (  # noqa: E402
     random_model,
     resolve_shape,
 )
-from undo_cli.relearn import AttackConfig, parse_lrs, run_attack  # noqa: E402
+from undo_cli.options import AttackConfig, parse_lrs  # noqa: E402
+from undo_cli.relearn import run_attack  # noqa: E402
 from undo_cli.runtime import pick_device, quiet_libraries  # noqa: E402
 from undo_cli.synthetic import ALPHABET, arithmetic_records, write_arithmetic  # noqa: E402
 
@@ -86,14 +87,18 @@ def main() -> None:
 
     sets = [load_eval_set("forget", paths["forget_eval_equation"], tok),
             load_eval_set("retain", paths["retain_eval_equation"], tok)]
-    config = AttackConfig(lrs=parse_lrs(args.lrs), steps=args.steps, eval_every=args.eval_every,
+    config = AttackConfig(lrs=parse_lrs(args.lrs), steps=args.steps,
                           train=TrainConfig(schedule="constant", max_steps=1,
+                                            eval_every=args.eval_every,
                                             batch_size=args.batch_size, device=str(device)))
-    streams = {0: build_stream(tok, [str(paths["forget_train"])], args.max_length,
-                               args.batch_size, 0, name="attack")}
+
+    def make_stream(seed: int, batch_size: int):
+        return build_stream(tok, [str(paths["forget_train"])], args.max_length, batch_size,
+                            seed, name="attack")
+
     attacked = []
     results = run_attack(model, tok, sets, config, forget_metric="forget.accuracy",
-                         streams=streams, on_model=lambda run, m: attacked.append(m))
+                         make_stream=make_stream, on_model=lambda run, m: attacked.append(m))
     timing = results["timing"]
     last = attacked[-1]
     batched_s = timed_eval(last, tok, sets, None)
