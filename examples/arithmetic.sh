@@ -27,7 +27,7 @@
 # CLI sets unless you set it): spinning threads collapse once anything else runs.
 set -euo pipefail
 # shellcheck source=examples/lib.sh
-source "$(dirname "$0")/lib.sh"  # usable_cores, undo (UNDO=...), stage
+source "$(dirname "$0")/lib.sh"  # usable_cores, undo (UNDO=...), stage, finish_report
 
 OUT="${OUT:-runs/arithmetic}"
 SEED="${SEED:-0}"
@@ -129,7 +129,4 @@ for ((k = 0; k < SEEDS; k++)); do
   done
 done
 
-stage "report"
-undo report "${REPORT[@]}" --out "$OUT/report" --overwrite
-t=$((SECONDS - STARTED))
-echo "report: $OUT/report/report.md (demo wall time $((t / 60))m$((t % 60))s)" >&2
+finish_report "${REPORT[@]}"

@@ -28,7 +28,7 @@
 # as in examples/arithmetic.sh.
 set -euo pipefail
 # shellcheck source=examples/lib.sh
-source "$(dirname "$0")/lib.sh"  # usable_cores, undo (UNDO=...), stage
+source "$(dirname "$0")/lib.sh"  # usable_cores, undo (UNDO=...), stage, finish_report
 
 OUT="${OUT:-runs/language}"
 SEED="${SEED:-0}"
@@ -153,7 +153,4 @@ for ((k = 0; k < SEEDS; k++)); do
   done
 done
 
-stage "report"
-undo report "${REPORT[@]}" --out "$OUT/report" --overwrite
-t=$((SECONDS - STARTED))
-echo "report: $OUT/report/report.md (demo wall time $((t / 60))m$((t % 60))s)" >&2
+finish_report "${REPORT[@]}"

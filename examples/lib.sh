@@ -22,3 +22,10 @@ stage() {  # a numbered progress line per stage, with the wall time so far
   printf '== [%d/%d] %s  (%dm%02ds so far)\n' "$STAGE_NO" "$STAGE_COUNT" "$1" $((t / 60)) \
     $((t % 60)) >&2
 }
+
+finish_report() {  # finish_report LABEL=RESULTS...: the report into $OUT/report, and the wall time
+  stage "report"
+  undo report "$@" --out "$OUT/report" --overwrite
+  local t=$((SECONDS - STARTED))
+  echo "report: $OUT/report/report.md (demo wall time $((t / 60))m$((t % 60))s)" >&2
+}

@@ -117,6 +117,13 @@ def quantize_model(model: torch.nn.Module, bits: int,
     """Quantise (and dequantise) the linear layers of `model` in place; returns a summary:
     layers, parameters quantised, bits, group size, largest absolute weight change."""
     check_settings(bits, group_size)
+    return {"bits": bits, "group_size": group_size,
+            **_replace_weights(model, lambda m: quantize_dequantize(m, bits, group_size))}
+
+
+def _replace_weights(model: torch.nn.Module, rounded) -> dict[str, Any]:
+    """Replace the weight matrix of every linear layer of `model` by `rounded(matrix)` (in
+    place); the layers, parameters replaced and largest absolute change."""
     layers = quantizable_layers(model)
     if not layers:
         raise UsageError("the model has no linear layers to quantise")
@@ -125,12 +132,11 @@ def quantize_model(model: torch.nn.Module, bits: int,
         for _, module, transposed in layers:
             w = module.weight
             matrix = w.t() if transposed else w
-            new = quantize_dequantize(matrix, bits, group_size)
+            new = rounded(matrix)
             largest = max(largest, float((new.float() - matrix.float()).abs().max()))
             matrix.copy_(new)
             changed += w.numel()
-    return {"bits": bits, "group_size": group_size, "layers": len(layers),
-            "parameters": changed, "max_abs_change": largest}
+    return {"layers": len(layers), "parameters": changed, "max_abs_change": largest}
 
 
 def quantized_copy(model: torch.nn.Module, bits: int,
@@ -250,21 +256,9 @@ def quantize_model_with(model: torch.nn.Module, quantize: int | str,
     if not isinstance(quantize, str):
         out = quantize_model(model, int(quantize), group_size)
         return {**out, "scheme": f"rtn{int(quantize)}", "library": "undo (round-to-nearest)"}
-    layers = quantizable_layers(model)
-    if not layers:
-        raise UsageError("the model has no linear layers to quantise")
-    changed, largest = 0, 0.0
-    with torch.no_grad():
-        for _, module, transposed in layers:
-            w = module.weight
-            matrix = w.t() if transposed else w
-            new = library_dequantize(matrix, quantize)
-            largest = max(largest, float((new.float() - matrix.float()).abs().max()))
-            matrix.copy_(new)
-            changed += w.numel()
     library, bits = SCHEMES[quantize]
     return {"bits": bits, "group_size": None, "scheme": quantize, "library": library,
-            "layers": len(layers), "parameters": changed, "max_abs_change": largest}
+            **_replace_weights(model, lambda m: library_dequantize(m, quantize))}
 
 
 __all__ = ["BITS", "SCHEMES", "library_dequantize", "parse_quantize", "quantize_model_with",
