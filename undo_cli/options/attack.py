@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from undo_cli.errors import UsageError
 from undo_cli.options.base import ATTACK, IN_OUT, MEASUREMENT, option, settle
 from undo_cli.options.groups import OPTIMIZERS, TrainConfig
-from undo_cli.options.paths import sqlite_path
+from undo_cli.options.paths import sqlite_path, weighted_paths
 from undo_cli.options.storage import parse_search_storage
 
 
@@ -235,7 +235,7 @@ class AttackConfig:
     benign_data: list[str] | None = option(
         None, "Also finetune on data with no forget content (any --data format; the "
         "out-of-domain relearning attack), every configuration of the grid, as runs of their "
-        "own.", metavar="FILE", panel=ATTACK,
+        "own.", metavar="FILE", panel=ATTACK, reads=weighted_paths,
         parse=lambda text: parse_list(str, "--benign-data")(text))
     group_size: int | None = option(None, "With --quantize: one scale per G input weights "
                                     "(default: per output channel).", metavar="G",
