@@ -255,20 +255,36 @@ def select_parameters(model, pattern: str | None = None, layers: str | None = No
     return chosen
 
 
-def meta_trainable(model_config: dict[str, Any], select: Callable[[Any], Any]) -> int | None:
-    """The parameters `select(model)` picks ((name, parameter) pairs), counted on the model of
-    `model_config` built on the meta device (no memory, no weights); None if it cannot be
-    built so (a checkpoint's custom code)."""
+def meta_model(model_config: dict[str, Any]) -> Any:
+    """The model of `model_config` built on the meta device (no memory, no weights), for
+    decisions taken before any weight loads; None if it cannot be built so (custom code)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
         config = AutoConfig.for_model(**model_config)
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+            return AutoModelForCausalLM.from_config(config)
     except (ValueError, KeyError, TypeError):
         return None
-    return sum(p.numel() for _, p in select(model))
+
+
+def meta_trainable(model_config: dict[str, Any], select: Callable[[Any], Any]) -> int | None:
+    """The parameters `select(model)` picks ((name, parameter) pairs), counted on the meta
+    model of `model_config`; None if it cannot be built."""
+    model = meta_model(model_config)
+    return None if model is None else sum(p.numel() for _, p in select(model))
+
+
+def model_parameters(model_config: dict[str, Any]) -> int | None:
+    """The distinct parameters of the model of `model_config` (tied weights once), counted on
+    its meta model, else estimated from the config (`estimate_parameters`)."""
+    from undo_cli.checkpoint.inspection import estimate_parameters
+
+    model = meta_model(model_config)
+    if model is None:
+        return estimate_parameters(model_config)
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
 def memory_plan(model_config: dict[str, Any], config: TrainConfig, *, length: int,
@@ -316,6 +332,88 @@ def plan_outcome(plan: Any, config: TrainConfig) -> dict[str, Any] | None:
     return None
 
 
+def check_stage(out: str | Path, inputs: Sequence[str | Path], config: TrainConfig,
+                data_options: DataOptions, load: LoadOptions, *, overwrite: bool = False,
+                reads: Paths = (), writes: Paths = (), optimizers: Sequence[str] | None = None,
+                lr_decided_later: bool = False) -> tuple[TrainConfig, list[Any], DataOptions]:
+    """The prologue every stage shares, before any work: the run made complete for `out`
+    (its state directory; `validate`), its optimizers available, the inputs and OUT checked
+    (`check_inputs`, with `--state-dir` and `--logging-dir` among the writes) and the row
+    length decided against the first input (`fit_length`). Returns (config, the inputs'
+    `CheckpointInfo`, data_options)."""
+    from undo_cli.runtime import require_optimizers
+
+    config = config.for_output(out)
+    config.validate(lr_decided_later=lr_decided_later)
+    require_optimizers(optimizers or [config.optimizer], config.device)
+    infos = check_inputs(out, inputs, load, overwrite=overwrite, reads=reads,
+                         writes=[*writes, ("--state-dir", config.state_dir),
+                                 ("--logging-dir", config.logging_dir)])
+    return config, infos, fit_length(data_options, infos[0].config if infos else None)
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """Every decision of a training stage, made before any work and then final: the complete
+    run (`config`: learning rate, budget, state directory), the row length, the memory plan,
+    what undo.json will say (`arguments`, `parents`) and how OUT is written. A stage's
+    `plan_*` function builds it from the options and the inputs' configs alone (no weight is
+    loaded); `run_stage` runs it."""
+
+    stage: str  # "train", "unlearn", "distill"
+    out: Path
+    inputs: tuple[str | Path, ...]  # the input checkpoints (read, never changed)
+    infos: tuple[Any, ...]  # their `CheckpointInfo`
+    config: TrainConfig  # complete
+    data_options: DataOptions  # max_length decided
+    evals: EvalOptions
+    load: LoadOptions
+    memory: Any  # `checkpoint.plan.MemoryPlan` or None without the model's sizes
+    arguments: dict[str, Any]  # undo.json's `arguments`, as decided
+    parents: dict[str, Any]  # undo.json's `parents` (adapters' bases included)
+    layout: Any  # the output's dtype and shards (`checkpoint.save_layout`)
+    source: str | Path | None  # the checkpoint whose support files OUT carries
+    overwrite: bool = False
+    keep_state: bool = False
+    started: float = field(default_factory=time.time)
+
+
+@dataclass
+class Job:
+    """What a stage trains, built by its `prepare(tokenizer, sets)` once its plan holds: the
+    model, its loss and data streams, and what the stage adds to undo.json and the summary."""
+
+    model: Any
+    loss_fn: Callable
+    streams: dict[str, Any]
+    parameters: Any = None  # the trained parameters (None: all)
+    frozen_forward_params: int = 0
+    should_stop: Callable | None = None
+    compute: Callable[[dict], dict] | None = None  # amends the compute record
+    extra: dict[str, Any] = field(default_factory=dict)  # undo.json's extra keys
+    summary: Callable[[Written], dict[str, Any]] | None = None  # the summary's own keys
+
+
+def run_stage(plan: StagePlan, tokenizer: Callable[[], Any],
+              prepare: Callable[[Any, list[Any]], Job], *,
+              callbacks: Callbacks | None = None) -> dict[str, Any]:
+    """Run `plan`: with --dry-run its memory plan is the whole answer; else the tokenizer
+    (`tokenizer()`), the eval sets (read and checked before any model loads), the stage's
+    `prepare(tokenizer, sets)` (data streams first, then the models), training and OUT
+    written atomically; returns the summary (`--json`)."""
+    done = plan_outcome(plan.memory, plan.config)
+    if done is not None:
+        return done
+    tok = tokenizer()
+    sets = load_eval_sets(plan.evals, tok)
+    check_keep_best(plan.config, sets)
+    job = prepare(tok, sets)
+    written = train_and_write(plan, job, tok, evaluate=evaluation_hook(tok, sets, plan.evals),
+                              callbacks=callbacks)
+    own = job.summary(written) if job.summary is not None else {}
+    return summary(plan.out, written.result, plan.started, **own)
+
+
 def arguments(train_config: TrainConfig, data_options: DataOptions, eval_options: EvalOptions,
               /, **own: Any) -> dict[str, Any]:
     """The `arguments` of a trained output's `undo.json`: the stage's own, the data layout,
@@ -361,57 +459,55 @@ class Written:
     compute: dict[str, Any] = field(default_factory=dict)
 
 
-def train_and_write(stage: str, out: str | Path, *, model, tokenizer, loss_fn, streams: dict,
-                    config: TrainConfig, inputs: Sequence[str | Path], source: Any,
-                    parents: dict[str, Any], arguments: dict[str, Any], overwrite: bool,
-                    started: float, evaluate=None, should_stop=None, parameters=None,
-                    frozen_forward_params: int = 0, callbacks: Callbacks | None = None,
-                    compute: Callable[[dict], dict] | None = None,
-                    extra: dict[str, Any] | None = None, keep_state: bool = False,
-                    layout: Any = None) -> Written:
-    """Train `model` with the engine and write it as `stage`'s output `out`, atomically.
+def train_and_write(plan: StagePlan, job: Job, tokenizer, *, evaluate=None,
+                    callbacks: Callbacks | None = None) -> Written:
+    """Train `job` with the engine and write it as `plan`'s output, atomically.
 
-    `out` gets the model (in `layout`'s dtype and shards, `undo_cli.checkpoint.save_layout`),
-    `tokenizer`, `source`'s support files, `train_log.jsonl` and
-    `undo.json` (arguments, parents, seed, compute, final metrics, the data streams, `extra`);
+    OUT gets the model (in the plan's layout, `undo_cli.checkpoint.save_layout`), `tokenizer`,
+    the source's support files, `train_log.jsonl` and `undo.json` (the plan's arguments and
+    parents, seed, compute, final metrics, the data streams, the job's extra keys); the job's
     `compute(dict)` may amend the compute record (e.g. a teacher cache's FLOPs). Under a
     multi-process launch every process trains and only the main one writes. The training
-    state of `config.state_dir` is removed after success (unless `keep_state`).
+    state of the plan's state directory is removed after success (unless `keep_state`).
     """
     from undo_cli.checkpoint import build_manifest, save_model, write_manifest
     from undo_cli.engine import train, training_output
 
     callbacks = callbacks or Callbacks()
-    with training_output(out, config, inputs=inputs, overwrite=overwrite,
-                         keep_state=keep_state) as (tmp, run_config):
+    config, extra = plan.config, dict(job.extra)
+    with training_output(plan.out, config, inputs=list(plan.inputs), overwrite=plan.overwrite,
+                         keep_state=plan.keep_state) as (tmp, run_config):
         trackers = None if tmp is None else open_run_trackers(
-            config, out, tmp, {"stage": stage, "arguments": arguments, "parents": parents,
-                               "seed": config.seed})
+            config, plan.out, tmp, {"stage": plan.stage, "arguments": plan.arguments,
+                                    "parents": plan.parents, "seed": config.seed})
         try:
-            result = train(model, loss_fn, streams, run_config, parameters=parameters,
-                           frozen_forward_params=frozen_forward_params, evaluate=evaluate,
-                           should_stop=should_stop, on_step=callbacks.on_step,
+            result = train(job.model, job.loss_fn, job.streams, run_config,
+                           parameters=job.parameters,
+                           frozen_forward_params=job.frozen_forward_params, evaluate=evaluate,
+                           should_stop=job.should_stop, on_step=callbacks.on_step,
                            on_log=reporting(callbacks.on_log, trackers))
         finally:
             if trackers is not None:
                 trackers.close()
         if result.best is not None:
-            extra = {**(extra or {}), "keep_best": result.best}
+            extra["keep_best"] = result.best
             if tmp is not None:
                 log.info("note: --keep-best: writing the weights of step %d (%s = %.6g)",
                          result.best["step"], result.best["metric"], result.best["value"])
         record = result.compute()
-        if compute is not None:
-            record = compute(record)
+        if job.compute is not None:
+            record = job.compute(record)
         if tmp is not None:
-            save_model(result.model, tokenizer, tmp, source=source, layout=layout)
+            save_model(result.model, tokenizer, tmp, source=plan.source, layout=plan.layout)
             write_manifest(tmp, build_manifest(
-                stage, arguments=arguments, parents=parents, seed=config.seed,
-                wall_time_s=time.time() - started, compute=record,
+                plan.stage, arguments=plan.arguments, parents=plan.parents, seed=config.seed,
+                wall_time_s=time.time() - plan.started, compute=record,
                 metrics={"train": result.loss, **result.final_metrics()},
                 extra={"parameters": result.parameters,
-                       "data": {k: s.describe() for k, s in streams.items()
-                                if hasattr(s, "describe")}, **(extra or {})}))
+                       "data": {k: s.describe() for k, s in job.streams.items()
+                                if hasattr(s, "describe")},
+                       "memory_plan": plan.memory.as_dict() if plan.memory else None,
+                       **extra}))
     return Written(result=result, compute=record)
 
 

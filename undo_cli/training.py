@@ -20,6 +20,7 @@ from undo_cli.errors import UsageError
 from undo_cli.modelfactory import (
     ARCHITECTURES,
     PRESETS,
+    ModelShape,
     build_config,
     load_tokenizer_spec,
     random_model,
@@ -35,22 +36,15 @@ from undo_cli.options import (
 )
 from undo_cli.options.defaults import TRAIN
 from undo_cli.options.rates import default_lr
-from undo_cli.runtime import require_optimizers
 
 
-def train_checkpoint(out: str | Path, init: str, data: list[str], *,
-                     train: TrainConfig = TRAIN, data_options: DataOptions = DataOptions(),
-                     evals: EvalOptions = EvalOptions(), load: LoadOptions = LoadOptions(),
-                     arch: str | None = None, tokenizer: str | None = None,
-                     overwrite: bool = False, callbacks: stage.Callbacks | None = None,
-                     save: SaveOptions = SaveOptions()) -> dict[str, Any]:
-    """Train on `data` (`PATH[:WEIGHT]` specs) from `init` (a checkpoint directory, or a size
-    preset with `arch` and `tokenizer`) and write the result to `out`; returns the summary.
-
-    `train.lr` None means `default_lr` (PRESET_LR from a preset, FINETUNE_LR from a
-    checkpoint); no budget means `TRAIN_STEPS` steps. The model is written in the checkpoint's
-    dtype and sharding unless `save` says otherwise (fp32, one file, from a preset).
-    """
+def plan_train(out: str | Path, init: str, data: list[str], *, train: TrainConfig = TRAIN,
+               data_options: DataOptions = DataOptions(), evals: EvalOptions = EvalOptions(),
+               load: LoadOptions = LoadOptions(), arch: str | None = None,
+               tokenizer: str | None = None, overwrite: bool = False,
+               save: SaveOptions = SaveOptions()) -> stage.StagePlan:
+    """The plan of `train_checkpoint` (every decision, before any work; nothing loaded but a
+    preset's tokenizer, whose vocabulary sizes the new model)."""
     started = time.time()
     preset = init in PRESETS and not Path(init).exists()
     if not preset:
@@ -66,62 +60,71 @@ def train_checkpoint(out: str | Path, init: str, data: list[str], *,
         train = replace(train, lr=default_lr("train", preset=preset))
     if train.max_steps is None and train.max_tokens is None and train.max_flops is None:
         train = replace(train, max_steps=TRAIN_STEPS)
-    config = train.for_output(out)
-    config.validate()
-    require_optimizers([config.optimizer], config.device)
     inputs = [] if preset else [init]
-    infos = stage.check_inputs(
-        out, inputs, load, overwrite=overwrite,
+    config, infos, data_options = stage.check_stage(
+        out, inputs, train, data_options, load, overwrite=overwrite,
         reads=[*stage.data_paths("--data", data), *stage.eval_paths(evals),
-               ("--tokenizer", tokenizer if preset and tokenizer else None)],
-        writes=[("--state-dir", config.state_dir), ("--logging-dir", config.logging_dir)])
-    data_options = stage.fit_length(data_options, infos[0].config if infos else None)
-
-    # Tokenizer and data first: a bad file fails before any model is built or loaded.
-    tok, model, shape = _tokenizer(init, preset, tokenizer, load), None, None
+               ("--tokenizer", tokenizer if preset and tokenizer else None)])
+    shape = None
     if preset:
         shape = resolve_shape(init)
         if data_options.max_length > shape.max_position:
             shape = replace(shape, max_position=data_options.max_length)
-    model_config = (build_config(arch or "llama", shape, tok).to_dict() if preset
-                    else infos[0].config)
-    done = stage.plan_outcome(stage.memory_plan(model_config, config,
-                                                length=data_options.max_length), config)
-    if done is not None:
-        return done
-
-    streams = {"train": build_stream(tok, data, data_options.max_length, config.batch_size,
-                                     config.seed, name="train", packing=data_options.packing)}
-    sets = stage.load_eval_sets(evals, tok)
-    stage.check_keep_best(config, sets)
-    if preset:
-        model = random_model(build_config(arch or "llama", shape, tok), seed=config.seed)
+        model_config = build_config(arch or "llama", shape,
+                                    load_tokenizer_spec(tokenizer or "char")).to_dict()
     else:
-        model = load_model(init, allow_pickle=load.allow_pickle,
-                           trust_remote_code=load.trust_remote_code,
-                           base_model=load.base_model)
+        model_config = infos[0].config
     arguments = stage.arguments(
         config, data_options, evals, init=init, data=list(data),
         preset=init if preset else None, arch=(arch or "llama") if preset else None,
         tokenizer=(tokenizer or "char") if preset else None,
         shape=asdict(shape) if shape else None)
-    written = stage.train_and_write(
-        "train", out, model=model, tokenizer=tok, loss_fn=_lm_loss(), streams=streams,
-        config=config, inputs=inputs, source=None if preset else init,
+    return stage.StagePlan(
+        "train", Path(out), tuple(inputs), tuple(infos), config, data_options, evals, load,
+        memory=stage.memory_plan(model_config, config, length=data_options.max_length),
+        arguments=arguments,
         parents=stage.with_bases({} if preset else {"init": init}, infos),
-        arguments=arguments, overwrite=overwrite,
-        started=started, evaluate=stage.evaluation_hook(tok, sets, evals),
-        callbacks=callbacks, layout=save_layout(save, infos[0] if infos else None))
-    return stage.summary(out, written.result, started, init=init)
+        layout=save_layout(save, infos[0] if infos else None),
+        source=None if preset else init, overwrite=overwrite, started=started)
 
 
-def _tokenizer(init: str, preset: bool, spec: str | None, load: LoadOptions):
-    if preset:
-        return load_tokenizer_spec(spec or "char")
+def train_checkpoint(out: str | Path, init: str, data: list[str], *,
+                     train: TrainConfig = TRAIN, data_options: DataOptions = DataOptions(),
+                     evals: EvalOptions = EvalOptions(), load: LoadOptions = LoadOptions(),
+                     arch: str | None = None, tokenizer: str | None = None,
+                     overwrite: bool = False, callbacks: stage.Callbacks | None = None,
+                     save: SaveOptions = SaveOptions()) -> dict[str, Any]:
+    """Train on `data` (`PATH[:WEIGHT]` specs) from `init` (a checkpoint directory, or a size
+    preset with `arch` and `tokenizer`) and write the result to `out`; returns the summary.
 
-    return load_tokenizer(init, trust_remote_code=load.trust_remote_code,
-                          base_model=load.base_model)
+    `train.lr` None means `default_lr` (PRESET_LR from a preset, FINETUNE_LR from a
+    checkpoint); no budget means `TRAIN_STEPS` steps. The model is written in the checkpoint's
+    dtype and sharding unless `save` says otherwise (fp32, one file, from a preset).
+    """
+    plan = plan_train(out, init, data, train=train, data_options=data_options, evals=evals,
+                      load=load, arch=arch, tokenizer=tokenizer, overwrite=overwrite, save=save)
+    config, length = plan.config, plan.data_options.max_length
+    preset = not plan.inputs
 
+    def tokenizer_of_run():
+        if preset:
+            return load_tokenizer_spec(tokenizer or "char")
+        return load_tokenizer(init, trust_remote_code=load.trust_remote_code,
+                              base_model=load.base_model)
 
-def _lm_loss():
-    return lm_loss("train")
+    def prepare(tok, sets) -> stage.Job:  # noqa: ARG001 - the runner measures the sets
+        # Data first: a bad file fails before any model is built or loaded.
+        streams = {"train": build_stream(tok, data, length, config.batch_size, config.seed,
+                                         name="train", packing=plan.data_options.packing)}
+        if preset:
+            shape = ModelShape(**plan.arguments["shape"])
+            model = random_model(build_config(plan.arguments["arch"], shape, tok),
+                                 seed=config.seed)
+        else:
+            model = load_model(init, allow_pickle=load.allow_pickle,
+                               trust_remote_code=load.trust_remote_code,
+                               base_model=load.base_model)
+        return stage.Job(model, lm_loss("train"), streams,
+                         summary=lambda written: {"init": init})
+
+    return stage.run_stage(plan, tokenizer_of_run, prepare, callbacks=callbacks)

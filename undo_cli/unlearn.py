@@ -33,7 +33,6 @@ import torch
 from undo_cli import losses, stage
 from undo_cli.checkpoint import load_model, load_tokenizer, save_layout
 from undo_cli.data import build_stream, model_inputs
-from undo_cli.engine import count_parameters
 from undo_cli.errors import UsageError
 from undo_cli.options import (
     DataOptions,
@@ -46,7 +45,6 @@ from undo_cli.options import (
 )
 from undo_cli.options.defaults import RMU_STEPS, UNLEARN, UNLEARN_STEPS
 from undo_cli.options.rates import RMU_TINY_LR, UNLEARN_LR, UNLEARN_TINY_LR
-from undo_cli.runtime import require_optimizers
 
 Batch = dict[str, torch.Tensor]
 MethodFn = Callable[[torch.nn.Module, dict[str, Batch], "UnlearnContext"],
@@ -233,28 +231,6 @@ def npo(model, batches, ctx):
     loss = losses.npo_loss(logp, ref_logp, ctx.options.beta, valid)
     terms = {"forget_npo": loss.detach(), "forget_ce": _forget_ce_for_logs(logits, batch)}
     return loss + _retain_ce(model, batches, ctx, terms), terms
-
-
-def _plan(method: Method, options: UnlearnOptions, model_config: dict, config: TrainConfig,
-          length: int, *, has_retain: bool):
-    """The memory plan of an unlearning run: its trainable parameters counted on a meta-device
-    model, a frozen reference copy when the method keeps one, one micro-batch per stream."""
-    from undo_cli.checkpoint.inspection import estimate_parameters
-
-    def select(model):
-        if method.steered:
-            _steered_layer(model, options)
-        pattern = options.trainable
-        if pattern is None and method.default_trainable is not None:
-            pattern = method.default_trainable(model, options)
-        return stage.select_parameters(model, pattern)
-
-    reference = method.reference_stream == "forget" or (method.reference_stream == "retain"
-                                                         and has_retain)
-    return stage.memory_plan(
-        model_config, config, length=length, streams=2 if has_retain else 1,
-        trainable=stage.meta_trainable(model_config, select),
-        frozen_parameters=(estimate_parameters(model_config) or 0) if reference else 0)
 
 
 def _steered_layer(model: torch.nn.Module, options: UnlearnOptions) -> int:
@@ -467,6 +443,77 @@ def default_lr(method: Method, parameters: int) -> float:
 
 
 
+def plan_unlearn(
+    src: str | Path,
+    dst: str | Path,
+    method: str,
+    forget_specs: Sequence[str],
+    retain_specs: Sequence[str] = (),
+    options: UnlearnOptions = UnlearnOptions(),
+    train_config: TrainConfig = UNLEARN,
+    *,
+    data_options: DataOptions = DataOptions(),
+    evals: EvalOptions = EvalOptions(),
+    load: LoadOptions = LoadOptions(),
+    overwrite: bool = False,
+    keep_state: bool = False,
+    save: SaveOptions = SaveOptions(),
+) -> stage.StagePlan:
+    """The plan of `unlearn_checkpoint`, decided on the input's config before any weight
+    loads: the method's budget, the learning rate by the model's size (counted on its meta
+    model), RMU's layer, the trained parameters, the retain weight and the memory plan."""
+    started = time.time()
+    chosen = get_method(method)
+    forget_specs, retain_specs = list(forget_specs), list(retain_specs)
+    if not forget_specs:
+        raise UsageError("no forget data: give --forget FILE")
+    has_retain = bool(retain_specs)
+    options = replace(options, seed=train_config.seed)
+    check_retain(chosen, has_retain=has_retain)
+    if (train_config.max_steps is None and train_config.max_tokens is None
+            and train_config.max_flops is None):
+        train_config = replace(train_config, max_steps=chosen.max_steps)
+    config, infos, data_options = stage.check_stage(
+        dst, [src], train_config, data_options, load, overwrite=overwrite,
+        reads=[*stage.data_paths("--forget", forget_specs),
+               *stage.data_paths("--retain", retain_specs), *stage.eval_paths(evals)],
+        lr_decided_later=True)
+    model_config = infos[0].config
+    meta = stage.meta_model(model_config)
+    decided = options  # with RMU's layer and the trained parameters decided on the model
+    if meta is not None:  # else (custom code) `prepare_method` decides them on the model
+        layer = _steered_layer(meta, options) if chosen.steered else options.layer
+        trainable = options.trainable
+        if trainable is None and chosen.default_trainable is not None:
+            trainable = chosen.default_trainable(meta, options)
+        decided = replace(options, layer=layer, trainable=trainable)
+        select_parameters(meta, decided.trainable)  # a selection matching nothing fails now
+    if config.lr is None:
+        parameters = stage.model_parameters(model_config)
+        if parameters is None:
+            raise UsageError("the model's config does not give its size, from which the "
+                             "learning rate is chosen: give --lr")
+        config = replace(config, lr=default_lr(chosen, parameters))
+    weight = options.retain_weight if options.retain_weight is not None else chosen.retain_weight
+    reference = chosen.reference_stream == "forget" or (chosen.reference_stream == "retain"
+                                                        and has_retain)
+    memory = stage.memory_plan(
+        model_config, config, length=data_options.max_length, streams=2 if has_retain else 1,
+        trainable=None if meta is None else sum(
+            p.numel() for _, p in select_parameters(meta, decided.trainable)),
+        frozen_parameters=(stage.model_parameters(model_config) or 0) if reference else 0)
+    arguments = stage.arguments(
+        config, data_options, evals, method=chosen.name, formula=chosen.formula,
+        forget=forget_specs, retain=retain_specs, options=options.as_dict(),
+        retain_weight=weight, layer=decided.layer if chosen.steered else None,
+        trainable=None if decided.trainable is None else str(decided.trainable))
+    return stage.StagePlan(
+        "unlearn", Path(dst), (src,), tuple(infos), config, data_options, evals, load,
+        memory=memory, arguments=arguments, parents=stage.with_bases({"input": src}, infos),
+        layout=save_layout(save, infos[0]), source=src, overwrite=overwrite,
+        keep_state=keep_state, started=started)
+
+
 def unlearn_checkpoint(
     src: str | Path,
     dst: str | Path,
@@ -498,57 +545,33 @@ def unlearn_checkpoint(
     summary (also recorded in the manifest). The model is written in `src`'s dtype and
     sharding unless `save` says otherwise.
     """
-
-    started = time.time()
-    config = train_config
+    plan = plan_unlearn(src, dst, method, forget_specs, retain_specs, options, train_config,
+                        data_options=data_options, evals=evals, load=load, overwrite=overwrite,
+                        keep_state=keep_state, save=save)
+    config, args = plan.config, plan.arguments
     chosen = get_method(method)
-    forget_specs, retain_specs = list(forget_specs), list(retain_specs)
-    if not forget_specs:
-        raise UsageError("no forget data: give --forget FILE")
-    options = replace(options, seed=config.seed)
-    check_retain(chosen, has_retain=bool(retain_specs))
-    if config.max_steps is None and config.max_tokens is None and config.max_flops is None:
-        config = replace(config, max_steps=chosen.max_steps)
-    config = config.for_output(dst)
-    config.validate(lr_decided_later=True)  # lr None: chosen once the model's size is known
-    require_optimizers([config.optimizer], config.device)
-    info = stage.check_inputs(
-        dst, [src], load, overwrite=overwrite,
-        reads=[*stage.data_paths("--forget", forget_specs),
-               *stage.data_paths("--retain", retain_specs), *stage.eval_paths(evals)],
-        writes=[("--state-dir", config.state_dir), ("--logging-dir", config.logging_dir)])[0]
-    data_options = stage.fit_length(data_options, info.config)
-    done = stage.plan_outcome(_plan(chosen, options, info.config, config, data_options.max_length,
-                                    has_retain=bool(retain_specs)), config)
-    if done is not None:
-        return done
+    options = replace(options, seed=config.seed, layer=args["layer"],
+                      trainable=args["trainable"])
 
-    tokenizer = load_tokenizer(src, trust_remote_code=load.trust_remote_code,
-                               base_model=load.base_model)
-    streams = {name: build_stream(tokenizer, specs, data_options.max_length, config.batch_size,
-                                  config.seed, name=name, packing=data_options.packing)
-               for name, specs in (("forget", forget_specs), ("retain", retain_specs)) if specs}
-    sets = stage.load_eval_sets(evals, tokenizer)
-    stage.check_keep_best(config, sets)
-    model = load_model(src, allow_pickle=load.allow_pickle,
-                       trust_remote_code=load.trust_remote_code, base_model=load.base_model)
-    if config.lr is None:
-        config = replace(config, lr=default_lr(chosen, count_parameters(model)))
-    setup = prepare_method(model, chosen, options, has_retain=bool(retain_specs),
-                           grad_accum=config.grad_accum)
-    arguments = stage.arguments(
-        config, data_options, evals, method=chosen.name, formula=chosen.formula,
-        forget=forget_specs, retain=retain_specs, options=options.as_dict(),
-        retain_weight=setup.context.retain_weight, layer=setup.context.layer,
-        trainable=setup.trainable_pattern)
-    written = stage.train_and_write(
-        "unlearn", dst, model=model, tokenizer=tokenizer, loss_fn=setup.loss_fn,
-        streams=streams, config=config, inputs=[src], source=src,
-        parents=stage.with_bases({"input": src}, [info]),
-        arguments=arguments, overwrite=overwrite, started=started,
-        evaluate=stage.evaluation_hook(tokenizer, sets, evals), parameters=setup.parameters,
-        frozen_forward_params=setup.frozen_forward_params(streams), callbacks=callbacks,
-        keep_state=keep_state, layout=save_layout(save, info),
-        extra={"unlearn": {"trainable_parameters": setup.trainable_names[:50],
-                           "trainable_count": len(setup.trainable_names)}})
-    return stage.summary(dst, written.result, started, method=chosen.name, lr=config.lr)
+    def tokenizer():
+        return load_tokenizer(src, trust_remote_code=load.trust_remote_code,
+                              base_model=load.base_model)
+
+    def prepare(tok, sets) -> stage.Job:  # noqa: ARG001 - the runner measures the sets
+        streams = {name: build_stream(tok, specs, plan.data_options.max_length,
+                                      config.batch_size, config.seed, name=name,
+                                      packing=plan.data_options.packing)
+                   for name, specs in (("forget", args["forget"]), ("retain", args["retain"]))
+                   if specs}
+        model = load_model(src, allow_pickle=load.allow_pickle,
+                           trust_remote_code=load.trust_remote_code, base_model=load.base_model)
+        setup = prepare_method(model, chosen, options, has_retain=bool(args["retain"]),
+                               grad_accum=config.grad_accum)
+        return stage.Job(
+            model, setup.loss_fn, streams, parameters=setup.parameters,
+            frozen_forward_params=setup.frozen_forward_params(streams),
+            extra={"unlearn": {"trainable_parameters": setup.trainable_names[:50],
+                               "trainable_count": len(setup.trainable_names)}},
+            summary=lambda written: {"method": chosen.name, "lr": config.lr})
+
+    return stage.run_stage(plan, tokenizer, prepare, callbacks=callbacks)

@@ -27,6 +27,7 @@ from undo_cli.distill.run import (
     check_compatible,
     distill_checkpoint,
     hidden_layer_list,
+    plan_distill,
 )
 from undo_cli.distill.teachers import CACHE_INFO, TeacherCache, TeacherSwitch
 
@@ -34,5 +35,5 @@ __all__ = [
     "CACHE_INFO", "RANDOM_STUDENT_SEED_OFFSET", "SECOND_TEACHER_KEY", "TeacherCache",
     "TeacherSwitch", "build_student", "check_compatible", "chunked_distill_loss",
     "distill_checkpoint", "final_hidden", "hidden_layer_list", "hidden_term", "kd_loss_fn",
-    "output_logits", "student_hidden_states", "teacher_states",
+    "output_logits", "plan_distill", "student_hidden_states", "teacher_states",
 ]

@@ -36,7 +36,6 @@ from undo_cli.options import (
 from undo_cli.options.defaults import DISTILL, DISTILL_NOISE
 from undo_cli.options.text import layer_numbers
 from undo_cli.perturb import noise_selection, perturb_model_
-from undo_cli.runtime import require_optimizers
 
 RANDOM_STUDENT_SEED_OFFSET = 7919
 LISTED_NAMES = 50  # tensor names listed in the manifest per category (then only counted)
@@ -116,15 +115,17 @@ def hidden_layer_list(options: DistillOptions, student, teachers: Sequence[Any]
     return list(layers)
 
 
-@dataclass
-class _Plan:
-    """What trains and what is noised, decided on the teacher before the student exists."""
+@dataclass(frozen=True)
+class Selection:
+    """What trains and what is noised, decided on the teacher's meta model before any weight
+    loads (undo.json's `distill` record)."""
     trained: list[str] | None  # names of the trained parameters (None: all)
     noise_only: list[str] | None  # the noise limited to these names (the trained ones)
     noise: dict[str, Any] | None  # the manifest's record of the in-memory noise
 
 
-def _plan(teacher, options: DistillOptions, noise: NoiseOptions) -> _Plan:
+def select(teacher, options: DistillOptions, noise: NoiseOptions) -> Selection:
+    """The `Selection` of a distillation on `teacher` (a model, on the meta device or not)."""
     trained = None
     if options.train_pattern is not None or options.train_layers is not None:
         trained = [n for n, _ in stage.select_parameters(
@@ -139,24 +140,66 @@ def _plan(teacher, options: DistillOptions, noise: NoiseOptions) -> _Plan:
         for key in ("noised", "shrunk"):
             record[f"{key}_count"] = len(record[key])
             record[key] = record[key][:LISTED_NAMES]
-    return _Plan(trained=trained, noise_only=only, noise=record)
+    return Selection(trained=trained, noise_only=only, noise=record)
 
 
-def _memory_plan(infos: list, student_is_dir: bool, options: DistillOptions,
-                 config: TrainConfig, length: int):
-    """The memory plan of a distillation: the student's trained parameters (--train,
-    --train-layers, counted on a meta-device model), the teachers frozen."""
+def plan_distill(teacher_path: str | Path, student: str, out: str | Path, *,
+                 data: Sequence[str], options: DistillOptions = DistillOptions(),
+                 noise: NoiseOptions = DISTILL_NOISE, train: TrainConfig = DISTILL,
+                 data_options: DataOptions = DataOptions(), evals: EvalOptions = EvalOptions(),
+                 load: LoadOptions = LoadOptions(), overwrite: bool = False,
+                 save: SaveOptions = SaveOptions()) -> tuple[stage.StagePlan, Selection | None]:
+    """The plan of `distill_checkpoint`, before any weight loads: the budget (a cap and an
+    evaluation interval under --stop-when alone), the student, what trains and is noised
+    (on the teacher's meta model; None where it cannot be built, then decided on the loaded
+    teacher), the memory plan (the student's trained parameters, the teachers frozen)."""
     from undo_cli.checkpoint.inspection import estimate_parameters
 
-    student = infos[1].config if student_is_dir else infos[0].config
-    teachers = [infos[0]] + ([infos[-1]] if options.second_teacher is not None else [])
+    started = time.time()
+    teacher_path = Path(teacher_path)
+    student = student or ("teacher" if noise.alpha is not None else "")
+    if train.max_steps is None and train.max_tokens is None and train.max_flops is None:
+        train = replace(train, max_steps=DISTILL_STOP_WHEN_CAP if options.stop_when
+                        else TRAIN_STEPS)
+    if options.stop_when and train.eval_every is None:
+        train = replace(train, eval_every=DISTILL_EVAL_EVERY)
+    if options.stop_when and not evals.eval:
+        raise UsageError("--stop-when needs --eval sets to measure")
+    if student in ("teacher", "") and noise.alpha is None:
+        build_student(student, None, noise, 0, train.seed)  # the clear error, before work
+    student_is_dir = student not in ("random", "teacher", "")
+    second_path = Path(options.second_teacher) if options.second_teacher is not None else None
+    inputs = ([teacher_path] + ([Path(student)] if student_is_dir else [])
+              + ([second_path] if second_path is not None else []))
+    config, infos, data_options = stage.check_stage(
+        out, inputs, train, data_options, load, overwrite=overwrite,
+        reads=[*stage.data_paths("--data", data), *stage.eval_paths(evals)],
+        writes=[("--cache-teacher", options.cache_teacher)])
+    if student_is_dir:
+        stage.check_length(data_options.max_length, infos[1].config)
+    meta = stage.meta_model(infos[0].config)
+    selection = None if meta is None else select(meta, options, noise)
+    student_config = infos[1].config if student_is_dir else infos[0].config
+    teachers = [infos[0]] + ([infos[-1]] if second_path is not None else [])
     trainable = None
     if options.train_pattern is not None or options.train_layers is not None:
-        trainable = stage.meta_trainable(student, lambda model: stage.select_parameters(
+        trainable = stage.meta_trainable(student_config, lambda model: stage.select_parameters(
             model, options.train_pattern, options.train_layers, pattern_flag="--train"))
-    return stage.memory_plan(
-        student, config, length=length, trainable=trainable,
+    memory = stage.memory_plan(
+        student_config, config, length=data_options.max_length, trainable=trainable,
         frozen_parameters=sum(estimate_parameters(t.config) or 0 for t in teachers))
+    parents = {"teacher": teacher_path,
+               **({"student": Path(student)} if student_is_dir else {}),
+               **({"second_teacher": second_path} if second_path is not None else {})}
+    arguments = stage.arguments(config, data_options, evals, teacher=teacher_path,
+                                student=student, data=list(data), settings=asdict(options),
+                                noise=asdict(noise))
+    plan = stage.StagePlan(
+        "distill", Path(out), tuple(inputs), tuple(infos), config, data_options, evals, load,
+        memory=memory, arguments=arguments, parents=stage.with_bases(parents, infos),
+        layout=save_layout(save, infos[1] if student_is_dir else infos[0]),
+        source=teacher_path, overwrite=overwrite, started=started)
+    return plan, selection
 
 
 def distill_checkpoint(teacher_path: str | Path, student: str, out: str | Path, *,
@@ -181,157 +224,130 @@ def distill_checkpoint(teacher_path: str | Path, student: str, out: str | Path, 
     unless `noise` selects tensors itself); `hidden_loss_weight` adds the hidden-state term;
     `second_teacher` gives the targets of a `second_teacher_fraction` of the micro-batches.
     """
-    started = time.time()
-    teacher_path = Path(teacher_path)
-    student = student or ("teacher" if noise.alpha is not None else "")
-    budget = train.max_steps or train.max_tokens or train.max_flops
-    if budget is None:
-        train = replace(train, max_steps=DISTILL_STOP_WHEN_CAP if options.stop_when
-                        else TRAIN_STEPS)
-    if options.stop_when and train.eval_every is None:
-        train = replace(train, eval_every=DISTILL_EVAL_EVERY)
-    config = train.for_output(out)
-    config.validate()
-    require_optimizers([config.optimizer], config.device)
     stop = StopCondition(options.stop_when) if options.stop_when else None
-    if stop is not None and not evals.eval:
-        raise UsageError("--stop-when needs --eval sets to measure")
-    if student in ("teacher", "") and noise.alpha is None:
-        build_student(student, None, noise, 0, config.seed)  # the clear error, before work
-    student_is_dir = student not in ("random", "teacher", "")
+    plan, selection = plan_distill(teacher_path, student, out, data=data, options=options,
+                                   noise=noise, train=train, data_options=data_options,
+                                   evals=evals, load=load, overwrite=overwrite, save=save)
+    config, length = plan.config, plan.data_options.max_length
+    teacher_path, student = plan.inputs[0], plan.arguments["student"]
+    student_is_dir = "student" in plan.parents
     second_path = Path(options.second_teacher) if options.second_teacher is not None else None
-    inputs = ([teacher_path] + ([Path(student)] if student_is_dir else [])
-              + ([second_path] if second_path is not None else []))
-    infos = stage.check_inputs(
-        out, inputs, load, overwrite=overwrite,
-        reads=[*stage.data_paths("--data", data), *stage.eval_paths(evals)],
-        writes=[("--state-dir", config.state_dir), ("--cache-teacher", options.cache_teacher),
-                ("--logging-dir", config.logging_dir)])
-    data_options = stage.fit_length(data_options, infos[0].config)
-    if student_is_dir:
-        stage.check_length(data_options.max_length, infos[1].config)
-    done = stage.plan_outcome(_memory_plan(infos, student_is_dir, options, config,
-                                           data_options.max_length), config)
-    if done is not None:
-        return done
 
     def tokenizer(path):
         return load_tokenizer(path, trust_remote_code=load.trust_remote_code,
                               base_model=load.base_model)
 
-    tok = tokenizer(teacher_path)
-    student_tok = tokenizer(student) if student_is_dir else None
-    second_tok = tokenizer(second_path) if second_path is not None else None
-    stream = build_stream(tok, data, data_options.max_length, config.batch_size, config.seed,
-                          name="train", packing=data_options.packing)
-    sets = stage.load_eval_sets(evals, tok)
-    stage.check_keep_best(config, sets)
-    if stop is not None:  # before any model is loaded
-        stop.check_names(set(expected_metrics(sets)))
+    def prepare(tok, sets) -> stage.Job:
+        nonlocal selection
+        student_tok = tokenizer(student) if student_is_dir else None
+        second_tok = tokenizer(second_path) if second_path is not None else None
+        stream = build_stream(tok, data, length, config.batch_size, config.seed,
+                              name="train", packing=plan.data_options.packing)
+        if stop is not None:  # before any model is loaded
+            stop.check_names(set(expected_metrics(sets)))
+        device = training_device(config.device)
 
-    device = training_device(config.device)
+        def frozen_model(path: Path):
+            model = load_model(path, allow_pickle=load.allow_pickle,
+                               trust_remote_code=load.trust_remote_code,
+                               base_model=load.base_model).to(device).eval()
+            return model.requires_grad_(False)
 
-    def frozen_model(path: Path):
-        model = load_model(path, allow_pickle=load.allow_pickle,
-                           trust_remote_code=load.trust_remote_code,
-                           base_model=load.base_model).to(device).eval()
-        return model.requires_grad_(False)
+        teacher = frozen_model(teacher_path)
+        if selection is None:  # the teacher's meta model could not be built (custom code)
+            selection = select(teacher, options, noise)
+        model = build_student(student, teacher, noise, options.perturb_seed, config.seed,
+                              load=load, only=selection.noise_only)
+        check_compatible(teacher, model, tok, student_tok)
+        second = None
+        if second_path is not None:
+            second = frozen_model(second_path)
+            check_compatible(teacher, second, tok, second_tok,
+                             what="teacher and second teacher")
+        hidden_layers = hidden_layer_list(options, model, [t for t in (teacher, second) if t])
+        parameters = None
+        if selection.trained is not None:  # the same names on the student (checked)
+            named = dict(model.named_parameters())
+            missing = [n for n in selection.trained if n not in named]
+            if missing:
+                raise UsageError(f"the student has no parameter {missing[0]} selected by "
+                                 "--train/--train-layers on the teacher: give a student of "
+                                 "the teacher's architecture")
+            parameters = [named[n] for n in selection.trained]
 
-    teacher = frozen_model(teacher_path)
-    plan = _plan(teacher, options, noise)
-    model = build_student(student, teacher, noise, options.perturb_seed, config.seed, load=load,
-                          only=plan.noise_only)
-    check_compatible(teacher, model, tok, student_tok)
-    second = None
-    if second_path is not None:
-        second = frozen_model(second_path)
-        check_compatible(teacher, second, tok, second_tok, what="teacher and second teacher")
-    hidden_layers = hidden_layer_list(options, model, [t for t in (teacher, second) if t])
-    parameters = None
-    if plan.trained is not None:  # the same names on the student (checked: it has them)
-        named = dict(model.named_parameters())
-        missing = [n for n in plan.trained if n not in named]
-        if missing:
-            raise UsageError(f"the student has no parameter {missing[0]} selected by --train/"
-                             "--train-layers on the teacher: give a student of the teacher's "
-                             "architecture")
-        parameters = [named[n] for n in plan.trained]
+        teacher_metrics = stage.measure(tok, sets, evals)(teacher) if sets else {}
+        streams: dict = {"train": stream}
+        fit_packing(streams, [m for m in (teacher, model, second) if m is not None])
+        frozen = _size(teacher)
+        frozen_rate = frozen
+        cache = switch = None
+        if options.cache_teacher is not None:
+            key = {"teacher": fingerprint(teacher_path), "data": list(data),
+                   "seed": config.seed, "batch_size": config.batch_size, "max_length": length,
+                   "packing": "documents-padded" if stream.padded_documents
+                   else plan.data_options.packing}
+            cache = TeacherCache(stream, teacher, options.cache_teacher, key,
+                                 k=options.cache_topk, temperature=options.temperature,
+                                 device=device)
+            streams = {"train": cache}
+            frozen_rate = 0
+        if second is not None:
+            switch = TeacherSwitch(stream, options.second_teacher_fraction, config.seed)
+            streams = {"train": switch}
+            p = options.second_teacher_fraction
+            frozen_rate = round((1 - p) * frozen + p * _size(second))  # exact: `amend`
+        loss_fn = kd_loss_fn(teacher, temperature=options.temperature,
+                             ce_weight=options.ce_weight, chunk_size=options.kd_chunk_size,
+                             hidden_weight=options.hidden_loss_weight,
+                             hidden_layers=hidden_layers, second_teacher=second)
+        should_stop = None
+        if stop is not None:
+            def should_stop(step, metrics):  # noqa: ARG001
+                return (f"stop_when: {stop.text}" if stop.holds(metrics, teacher_metrics)
+                        else None)
 
-    measure = stage.measure(tok, sets, evals)
-    teacher_metrics = measure(teacher) if sets else {}
-    streams: dict = {"train": stream}
-    fit_packing(streams, [m for m in (teacher, model, second) if m is not None])
+        def amend(compute: dict) -> dict:
+            if cache is not None:  # the teacher ran only on batches missing from the cache
+                compute["flops_frozen"] = 2.0 * frozen * cache.teacher_tokens
+                compute["teacher_cache"] = {"dir": str(options.cache_teacher),
+                                            "hits": cache.hits,
+                                            "teacher_tokens": cache.teacher_tokens}
+            if switch is not None:  # each teacher ran on its own micro-batches
+                compute["flops_frozen"] = 2.0 * (frozen * switch.tokens[0]
+                                                 + _size(second) * switch.tokens[1])
+                compute["second_teacher"] = switch.describe_use()
+            compute["flops"] = compute["flops_trained"] + compute["flops_frozen"]
+            compute["flops_student"] = compute["flops_trained"]
+            compute["flops_teacher"] = compute["flops_frozen"]
+            return compute
 
-    def size(m) -> int:
-        return sum(p.numel() for p in {id(p): p for p in m.parameters()}.values())
+        record = {
+            "trained": None if selection.trained is None else {
+                "pattern": options.train_pattern,
+                "layers": list(layer_numbers(options.train_layers) or []) or None,
+                "names": selection.trained[:LISTED_NAMES], "count": len(selection.trained)},
+            "noise": selection.noise,
+            "hidden_loss": None if hidden_layers is None else {
+                "weight": options.hidden_loss_weight, "layers": hidden_layers},
+        }
 
-    frozen = size(teacher)
-    frozen_rate = frozen
-    cache = switch = None
-    if options.cache_teacher is not None:
-        key = {"teacher": fingerprint(teacher_path), "data": list(data), "seed": config.seed,
-               "batch_size": config.batch_size, "max_length": data_options.max_length,
-               "packing": "documents-padded" if stream.padded_documents
-               else data_options.packing}
-        cache = TeacherCache(stream, teacher, options.cache_teacher, key, k=options.cache_topk,
-                             temperature=options.temperature, device=device)
-        streams = {"train": cache}
-        frozen_rate = 0
-    if second is not None:
-        switch = TeacherSwitch(stream, options.second_teacher_fraction, config.seed)
-        streams = {"train": switch}
-        p = options.second_teacher_fraction
-        frozen_rate = round((1 - p) * frozen + p * size(second))  # exact counts: `amend`
-    loss_fn = kd_loss_fn(teacher, temperature=options.temperature,
-                         ce_weight=options.ce_weight, chunk_size=options.kd_chunk_size,
-                         hidden_weight=options.hidden_loss_weight, hidden_layers=hidden_layers,
-                         second_teacher=second)
-    should_stop = None
-    if stop is not None:
-        def should_stop(step, metrics):  # noqa: ARG001
-            return f"stop_when: {stop.text}" if stop.holds(metrics, teacher_metrics) else None
+        def summary(written: stage.Written) -> dict[str, Any]:
+            compute = written.compute
+            return {"teacher": str(teacher_path), "student": student,
+                    "flops_student": compute["flops_student"],
+                    "flops_teacher": compute["flops_teacher"],
+                    "kd_loss": written.result.loss.get("kd_loss"),
+                    "teacher_metrics": teacher_metrics,
+                    **({"second_teacher": compute["second_teacher"]} if switch else {})}
 
-    def amend(compute: dict) -> dict:
-        if cache is not None:  # the teacher ran only on batches missing from the cache
-            compute["flops_frozen"] = 2.0 * frozen * cache.teacher_tokens
-            compute["teacher_cache"] = {"dir": str(options.cache_teacher), "hits": cache.hits,
-                                        "teacher_tokens": cache.teacher_tokens}
-        if switch is not None:  # each teacher ran on its own micro-batches
-            compute["flops_frozen"] = 2.0 * (frozen * switch.tokens[0]
-                                             + size(second) * switch.tokens[1])
-            compute["second_teacher"] = switch.describe_use()
-        compute["flops"] = compute["flops_trained"] + compute["flops_frozen"]
-        compute["flops_student"] = compute["flops_trained"]
-        compute["flops_teacher"] = compute["flops_frozen"]
-        return compute
+        return stage.Job(model, loss_fn, streams, parameters=parameters,
+                         frozen_forward_params=frozen_rate, should_stop=should_stop,
+                         compute=amend, summary=summary,
+                         extra={"teacher_metrics": teacher_metrics, "distill": record})
 
-    parents = {"teacher": teacher_path,
-               **({"student": Path(student)} if student_is_dir else {}),
-               **({"second_teacher": second_path} if second_path is not None else {})}
-    arguments = stage.arguments(config, data_options, evals, teacher=teacher_path,
-                                student=student, data=list(data), settings=asdict(options),
-                                noise=asdict(noise))
-    selection = {
-        "trained": None if plan.trained is None else {
-            "pattern": options.train_pattern,
-            "layers": list(layer_numbers(options.train_layers) or []) or None,
-            "names": plan.trained[:LISTED_NAMES], "count": len(plan.trained)},
-        "noise": plan.noise,
-        "hidden_loss": None if hidden_layers is None else {
-            "weight": options.hidden_loss_weight, "layers": hidden_layers},
-    }
-    written = stage.train_and_write(
-        "distill", out, model=model, tokenizer=tok, loss_fn=loss_fn, streams=streams,
-        config=config, inputs=inputs, source=teacher_path,
-        parents=stage.with_bases(parents, infos), arguments=arguments, overwrite=overwrite,
-        started=started,
-        evaluate=stage.evaluation_hook(tok, sets, evals), should_stop=should_stop,
-        parameters=parameters, frozen_forward_params=frozen_rate, callbacks=callbacks,
-        compute=amend, extra={"teacher_metrics": teacher_metrics, "distill": selection},
-        layout=save_layout(save, infos[1] if student_is_dir else infos[0]))
-    result, compute = written.result, written.compute
-    return stage.summary(out, result, started, teacher=str(teacher_path), student=student,
-                         flops_student=compute["flops_student"],
-                         flops_teacher=compute["flops_teacher"],
-                         kd_loss=result.loss.get("kd_loss"), teacher_metrics=teacher_metrics,
-                         **({"second_teacher": compute["second_teacher"]} if switch else {}))
+    return stage.run_stage(plan, lambda: tokenizer(teacher_path), prepare, callbacks=callbacks)
+
+
+def _size(model) -> int:
+    """Distinct parameters of `model` (tied weights once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
