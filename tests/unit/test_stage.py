@@ -64,8 +64,8 @@ def test_plans_are_complete_and_frozen_before_any_weight_loads(tiny_llama, tmp_p
     from undo_cli.distill import plan_distill
     from undo_cli.engine import count_parameters
     from undo_cli.options import NoiseOptions, TrainConfig
-    from undo_cli.unlearn import get_method, plan_unlearn
     from undo_cli.unlearn import default_lr as unlearn_lr
+    from undo_cli.unlearn import get_method, plan_unlearn
 
     data = write_jsonl(tmp_path / "d.jsonl", [{"text": "1+1=2"}] * 4)
     loaded = count_parameters(load_model(tiny_llama))

@@ -11,19 +11,22 @@ grid (seeds averaged first).
 
 - `worst_case.py`: the statistics of the worst case (pure functions, no torch);
 - `runner.py`: `run_attack`, the grid on a model in memory (full, LoRA, quantisation);
+- `plan.py`: `plan_attack`, every decision of an attack before any weight loads (a frozen
+  `AttackPlan`), and the records results.json and undo.json keep of it;
 - `results.py`: `relearn_checkpoint` (a checkpoint in, a results directory out; results.json's
   schema is docs/relearn-results.md) and `compare_results` (`--compare`).
 """
 
+from undo_cli.relearn.plan import AttackPlan, describe_attack, plan_attack
 from undo_cli.relearn.results import (
     RESULTS_NAME,
     compare_results,
     default_label,
-    describe_attack,
     gate_values,
     load_results,
     parse_compare_spec,
     relearn_checkpoint,
+    run_attack_plan,
 )
 from undo_cli.relearn.runner import SCHEMA_VERSION, AttackProgress, run_attack
 from undo_cli.relearn.worst_case import (
@@ -38,9 +41,9 @@ from undo_cli.relearn.worst_case import (
 )
 
 __all__ = [
-    "RESULTS_NAME", "SCHEMA_VERSION", "AttackProgress", "area_under_curve", "compare_results",
-    "default_label", "describe_attack", "final_metrics", "gate_values", "group_means",
-    "load_results", "metric_direction", "parse_compare_spec", "per_config_table",
-    "relearn_checkpoint", "resolve_forget_metric", "run_attack", "summarize",
-    "worst_case_curve",
+    "AttackPlan", "AttackProgress", "RESULTS_NAME", "SCHEMA_VERSION", "area_under_curve",
+    "compare_results", "default_label", "describe_attack", "final_metrics", "gate_values",
+    "group_means", "load_results", "metric_direction", "parse_compare_spec", "per_config_table",
+    "plan_attack", "relearn_checkpoint", "resolve_forget_metric", "run_attack",
+    "run_attack_plan", "summarize", "worst_case_curve",
 ]

@@ -10,7 +10,6 @@ import logging
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,18 +30,15 @@ from undo_cli.checkpoint import (
 )
 from undo_cli.data import build_stream
 from undo_cli.engine import (
-    fsdp_requested,
     is_main_process,
     training_device,
     world_size,
 )
 from undo_cli.errors import UsageError
-from undo_cli.evaluate import expected_metrics, tokenize_eval_data
+from undo_cli.evaluate import tokenize_eval_data
 from undo_cli.gates import (
-    attack_gate_names,
     attack_gate_values,
     check_gates,
-    parse_gates,
     raise_failed_gates,
 )
 from undo_cli.jsontext import jsonable, to_json
@@ -55,23 +51,20 @@ from undo_cli.options import (
     LoadOptions,
     SaveOptions,
 )
-from undo_cli.options.storage import sqlite_path
 from undo_cli.perturb import perturb_model_
 from undo_cli.plots import plot_attack, plot_compare, require_matplotlib
 from undo_cli.records import (
     EvalData,
     check_attack_results,
-    parse_named_specs,
     parse_weighted_spec,
-    read_eval_data,
     read_json_file,
     read_records,
 )
+from undo_cli.relearn.plan import AttackPlan, describe_attack, plan_attack, search_key
 from undo_cli.relearn.runner import (
     SCHEMA_VERSION,
     AttackProgress,
     ModelHook,
-    lora_target_list,
     run_attack,
 )
 from undo_cli.relearn.static import (
@@ -80,8 +73,7 @@ from undo_cli.relearn.static import (
     few_shot_attack,
     sample_prompts,
 )
-from undo_cli.relearn.worst_case import final_metrics, metric_direction, resolve_forget_metric
-from undo_cli.runtime import require_optimizers
+from undo_cli.relearn.worst_case import final_metrics
 
 RESULTS_NAME = "results.json"
 PLOT_NAME = "relearn.png"
@@ -92,141 +84,10 @@ MODELS_DIR = "models"
 STAGE = "relearn-attack"
 
 
-def attack_arguments(checkpoint: str | Path, out: str | Path, data: Sequence[str],
-                     config: AttackConfig, evals: EvalOptions, data_options: DataOptions,
-                     measurement: AttackMeasurement, gates: GateOptions) -> dict[str, Any]:
-    """Every setting of an attack as `undo.json` records it (`arguments`)."""
-    return {"checkpoint": str(checkpoint), "data": list(data),
-            "eval": [list(e) for e in parse_named_specs(evals.eval)],
-            "choice_format": evals.choice_format,
-            "attack": {k: v for k, v in asdict(config).items() if k != "train"},
-            "train": config.train.manifest(), "measurement": asdict(measurement),
-            "fail_if": list(gates.fail_if), "max_length": data_options.max_length,
-            "packing": data_options.packing, "out": str(out)}
-
-
-def describe_attack(config: AttackConfig, data: Sequence[str], data_options: DataOptions,
-                    measurement: AttackMeasurement = AttackMeasurement(),
-                    lora_rank: int | None = None) -> dict[str, Any]:
-    """The `attack` entry of results.json: every setting of the adversary's space."""
-    t = config.train
-    quant = quantize_settings(config)
-    static = {"few_shot": config.few_shot, "ablate_direction": config.ablate_direction,
-              "max_retain_drop": measurement.max_retain_drop,
-              "retain_metric": measurement.retain_metric if measurement.max_retain_drop
-              is not None or config.ablate_direction else None}
-    shrink = shrink_perturb_settings(config)
-    static.update(family_settings(config))
-    if not config.finetune:
-        return {"mode": "none", "lrs": [], "steps": 0, "batch_size": t.batch_size,
-                "eval_every": config.eval_every, "seeds": config.seed_list(),
-                "data": [str(d) for d in data], "max_length": data_options.max_length,
-                "lora": None, "quantize": quant, "search": None, "shrink_perturb": shrink,
-                **static}
-    lora = None
-    if config.lora or config.search:
-        lora = {"rank": lora_rank or config.lora_rank, "rank_requested": config.lora_rank,
-                "alpha": config.alpha_for(lora_rank or config.lora_rank),
-                "alpha_requested": config.lora_alpha,
-                "targets": lora_target_list(config.lora_targets),
-                "dropout": config.lora_dropout}
-    lrs: Any = config.lr_grid(config.optimizers[0])
-    if len(config.optimizers) > 1 and not config.lrs:
-        lrs = {opt: config.lr_grid(opt) for opt in config.optimizers}
-    search = None
-    if config.search:
-        search = {"trials": config.search, "sampler": "TPE", "pruner": "median",
-                  "seed": t.seed, "storage": config.search_storage}
-    return {"mode": config.mode, "lrs": lrs, "optimizers": list(config.optimizers),
-            "schedules": config.schedule_list(), "batch_sizes": config.batch_size_list(),
-            "steps": config.steps, "batch_size": t.batch_size, "eval_every": config.eval_every,
-            "seeds": config.seed_list(), "data": [str(d) for d in data],
-            "max_length": data_options.max_length, "packing": data_options.packing,
-            "schedule": t.schedule, "warmup_steps": t.warmup_steps, "min_lr": t.min_lr,
-            "weight_decay": t.weight_decay, "grad_accum": t.grad_accum,
-            "max_grad_norm": t.max_grad_norm, "bf16": t.bf16, "bf16_weights": t.bf16_weights,
-            "gradient_checkpointing": t.gradient_checkpointing, "lora": lora, "quantize": quant,
-            "search": search, "shrink_perturb": shrink, **static}
-
-
-def search_key(digest: str, attack: dict[str, Any], data: Sequence[str],
-               eval_specs: Sequence[tuple[str, str]], forget_metric: str, evals: EvalOptions,
-               measurement: AttackMeasurement) -> dict[str, Any]:
-    """Everything that defines a search's trials, by which `--search-storage` keys its study
-    (another attack never reuses them): the checkpoint's fingerprint, the attack's settings
-    (results.json's `attack`, but the number of trials and the storage), the content of
-    every data and eval file, and how the sets are measured."""
-    from undo_cli.checkpoint import fingerprint_data
-    from undo_cli.records import parse_weighted_spec
-
-    settings = {k: v for k, v in attack.items() if k != "data"}
-    settings["search"] = {k: v for k, v in (attack.get("search") or {}).items()
-                          if k not in ("trials", "storage")}
-    data_specs = [parse_weighted_spec(spec) for spec in data]
-    return {"checkpoint": digest, "attack": settings,
-            "data": [[fingerprint_data(path), weight] for path, weight in data_specs],
-            "eval": [[name, fingerprint_data(path)] for name, path in eval_specs],
-            "forget_metric": forget_metric, "eval_limit": measurement.eval_limit,
-            "choice_format": evals.choice_format, "max_new_tokens": evals.max_new_tokens,
-            "until": list(evals.until or [])}
-
-
-def _retain_metric(measurement: AttackMeasurement, available: Sequence[str]) -> str:
-    """--retain-metric, checked, or retain.accuracy / retain.loss when a set named retain
-    gives one."""
-    metric = measurement.retain_metric
-    if metric is None:
-        metric = next((m for m in ("retain.accuracy", "retain.accuracy_norm", "retain.loss")
-                       if m in available), None)
-        if metric is None:
-            raise UsageError("--max-retain-drop and --ablate-direction need the retain "
-                             "utility: give --retain-metric SET.METRIC (or an --eval set "
-                             "named retain)")
-    if metric not in available:
-        raise UsageError(f"--retain-metric {metric!r} is not a metric of the eval sets; "
-                         f"available: {', '.join(available)}")
-    metric_direction(metric)
-    return metric
-
-
 def _prompts_of(data: EvalData, tokenizer) -> list[list[int]]:
     """Token ids of what a set's items start from: prompts, questions or texts."""
     texts = [item if data.shape == "text" else item[0] for item in data.items]
     return [tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
-
-
-def quantize_settings(config: AttackConfig) -> dict[str, Any] | None:
-    """The `attack.quantize` entry: bits and group size (RTN), or the library scheme."""
-    if config.quantize is None:
-        return None
-    if isinstance(config.quantize, str):
-        from undo_cli.options.attack import QUANTIZE_SCHEMES
-
-        assert config.quantize in QUANTIZE_SCHEMES
-        library = "optimum-quanto" if config.quantize == "int4" else "bitsandbytes"
-        return {"bits": 8 if config.quantize == "int8" else 4, "group_size": None,
-                "scheme": config.quantize, "library": library, "qlora": config.qlora}
-    return {"bits": config.quantize, "group_size": config.group_size}
-
-
-def family_settings(config: AttackConfig) -> dict[str, Any]:
-    """The `attack` entries of the families of `undo_cli.relearn.families`."""
-    prune = ({"method": config.prune[0], "sparsity": config.prune[1]}
-             if config.prune is not None else None)
-    embedding = ({"steps": config.embedding_attack, "prompt_tokens": config.prompt_tokens,
-                  "lr": config.prompt_lr, "optimizer": "adamw"}
-                 if config.embedding_attack else None)
-    return {"prune": prune, "embedding_attack": embedding,
-            "benign_data": list(config.benign_data) if config.benign_data else None}
-
-
-def shrink_perturb_settings(config: AttackConfig) -> dict[str, Any] | None:
-    """The `attack.shrink_perturb` entry of results.json: what noised the model before the
-    attack (None without --shrink-perturb)."""
-    if config.shrink_perturb is None:
-        return None
-    return {"alpha": config.shrink_perturb, "beta": config.shrink_perturb_beta,
-            "seed": config.train.seed, "noise": "xavier-uniform"}
 
 
 def relearn_checkpoint(
@@ -258,70 +119,31 @@ def relearn_checkpoint(
     after writing (with `raise_on_gate`; else see `results["gates"]` and
     `raise_failed_gates`).
     """
-
-
-    started = time.time()
-    log = logging.getLogger(__name__)
-    gates_given = gates
-    arguments = arguments or attack_arguments(checkpoint, out, data, config, evals, data_options,
-                                              measurement, gates_given)
-    if fsdp_requested():
-        raise UsageError("relearn-attack runs data-parallel (DDP) only, not under FSDP: launch "
-                         "it with examples/accelerate/ddp.yaml")
-    config.finetune = bool(data) and not config.no_finetune
-    config.validate()
-    if config.finetune:
-        require_optimizers(config.optimizers, config.train.device)
-    if not evals.eval:
-        raise UsageError("nothing to measure: give --eval NAME=PATH (e.g. the forget and "
-                         "retain eval sets)")
-    if (config.few_shot or config.ablate_direction) and not data:
-        raise UsageError("--few-shot and --ablate-direction take their forget-domain text "
-                         "from --data: give --data PATH")
-    if config.embedding_attack and not data:
-        raise UsageError("--embedding-attack optimises its soft prompt on --data: give "
-                         "--data PATH")
-    if config.prune is not None and config.prune[0] == "wanda" and not data:
-        raise UsageError("--prune wanda:S takes its activation norms from --data: give "
-                         "--data PATH")
-    if isinstance(config.quantize, str):
-        from undo_cli.quantize import check_library
-
-        check_library(config.quantize)
-    eval_specs = parse_named_specs(evals.eval)
-    gate_list = parse_gates(gates_given.fail_if)
-    storage = sqlite_path(config.search_storage) if config.search else None
-    info = stage.check_inputs(
-        out, [checkpoint], load, overwrite=overwrite,
-        reads=[*stage.data_paths("--data", data), *stage.eval_paths(evals),
-               *stage.data_paths("--benign-data", config.benign_data or [])],
-        writes=[("--logging-dir", config.train.logging_dir),
-                *([("--search-storage", storage)] if storage is not None else [])])[0]
-    data_options = stage.fit_length(data_options, info.config)
-    if config.finetune or config.train.dry_run:
-        from undo_cli.checkpoint.inspection import estimate_parameters
-
-        done = stage.plan_outcome(stage.memory_plan(  # the attacked copy beside the original
-            info.config, config.train, length=data_options.max_length,
-            batch_size=max(config.batch_size_list()), optimizers=config.optimizers,
-            lora_rank=config.lora_rank if config.lora else None,
-            frozen_parameters=estimate_parameters(info.config) or 0), config.train)
+    plan = plan_attack(checkpoint, out, data=data, config=config, evals=evals,
+                       data_options=data_options, measurement=measurement, gates=gates,
+                       load=load, overwrite=overwrite, arguments=arguments,
+                       started=time.time())
+    if plan.config.finetune or plan.config.train.dry_run:
+        done = stage.plan_outcome(plan.memory, plan.config.train)
         if done is not None:
             return done
+    return run_attack_plan(plan, progress=progress, save=save, raise_on_gate=raise_on_gate)
 
+
+def run_attack_plan(plan: AttackPlan, *, progress: AttackProgress | None = None,
+                    save: SaveOptions = SaveOptions(),
+                    raise_on_gate: bool = True) -> dict[str, Any]:
+    """Run an `AttackPlan` (`relearn_checkpoint` after its plan): load the tokenizer and the
+    model, run every attack, write OUT atomically; returns the results."""
+    log = logging.getLogger(__name__)
+    checkpoint, out, config, data = plan.checkpoint, plan.out, plan.config, list(plan.data)
+    evals, data_options, measurement = plan.evals, plan.data_options, plan.measurement
+    info, eval_specs, gate_list, arguments = plan.info, plan.eval_specs, plan.gates, plan.arguments
+    forget_metric, retain_metric, started = plan.forget_metric, plan.retain_metric, plan.started
+    load, overwrite, raw = plan.load, plan.overwrite, list(plan.raw)
     tokenizer = load_tokenizer(checkpoint, trust_remote_code=load.trust_remote_code,
                                base_model=load.base_model)
-    raw = [read_eval_data(name, path, limit=measurement.eval_limit, seed=config.train.seed)
-           for name, path in eval_specs]
     sets = [tokenize_eval_data(d, tokenizer, choice_format=evals.choice_format) for d in raw]
-    available = expected_metrics(sets)
-    forget_metric = resolve_forget_metric(measurement.forget_metric, available)
-    retain_metric = None
-    if measurement.max_retain_drop is not None or config.ablate_direction:
-        retain_metric = _retain_metric(measurement, available)
-        measurement = replace(measurement, retain_metric=retain_metric)
-    for expr in gate_list:
-        expr.check_names(attack_gate_names(available, measurement.threshold))
     make_stream = benign_stream = None
     if data and (config.finetune or config.embedding_attack or config.prune is not None):
         def make_stream(seed: int, batch_size: int):
