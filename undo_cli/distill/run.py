@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -276,26 +276,14 @@ def distill_checkpoint(teacher_path: str | Path, student: str, out: str | Path, 
             parameters = [named[n] for n in selection.trained]
 
         teacher_metrics = stage.measure(tok, sets, evals)(teacher) if sets else {}
-        streams: dict = {"train": stream}
+        streams, frozen_rate, amend = _teacher_sources(
+            stream, teacher, second, options, device, seed=config.seed,
+            cache_key=lambda: {
+                "teacher": fingerprint(teacher_path), "data": list(data), "seed": config.seed,
+                "batch_size": config.batch_size, "max_length": length,
+                "packing": "documents-padded" if stream.padded_documents
+                else plan.data_options.packing})
         fit_packing(streams, [m for m in (teacher, model, second) if m is not None])
-        frozen = _size(teacher)
-        frozen_rate = frozen
-        cache = switch = None
-        if options.cache_teacher is not None:
-            key = {"teacher": fingerprint(teacher_path), "data": list(data),
-                   "seed": config.seed, "batch_size": config.batch_size, "max_length": length,
-                   "packing": "documents-padded" if stream.padded_documents
-                   else plan.data_options.packing}
-            cache = TeacherCache(stream, teacher, options.cache_teacher, key,
-                                 k=options.cache_topk, temperature=options.temperature,
-                                 device=device)
-            streams = {"train": cache}
-            frozen_rate = 0
-        if second is not None:
-            switch = TeacherSwitch(stream, options.second_teacher_fraction, config.seed)
-            streams = {"train": switch}
-            p = options.second_teacher_fraction
-            frozen_rate = round((1 - p) * frozen + p * _size(second))  # exact: `amend`
         loss_fn = kd_loss_fn(teacher, temperature=options.temperature,
                              ce_weight=options.ce_weight, chunk_size=options.kd_chunk_size,
                              hidden_weight=options.hidden_loss_weight,
@@ -305,21 +293,6 @@ def distill_checkpoint(teacher_path: str | Path, student: str, out: str | Path, 
             def should_stop(step, metrics):  # noqa: ARG001
                 return (f"stop_when: {stop.text}" if stop.holds(metrics, teacher_metrics)
                         else None)
-
-        def amend(compute: dict) -> dict:
-            if cache is not None:  # the teacher ran only on batches missing from the cache
-                compute["flops_frozen"] = 2.0 * frozen * cache.teacher_tokens
-                compute["teacher_cache"] = {"dir": str(options.cache_teacher),
-                                            "hits": cache.hits,
-                                            "teacher_tokens": cache.teacher_tokens}
-            if switch is not None:  # each teacher ran on its own micro-batches
-                compute["flops_frozen"] = 2.0 * (frozen * switch.tokens[0]
-                                                 + _size(second) * switch.tokens[1])
-                compute["second_teacher"] = switch.describe_use()
-            compute["flops"] = compute["flops_trained"] + compute["flops_frozen"]
-            compute["flops_student"] = compute["flops_trained"]
-            compute["flops_teacher"] = compute["flops_frozen"]
-            return compute
 
         record = {
             "trained": None if selection.trained is None else {
@@ -338,7 +311,8 @@ def distill_checkpoint(teacher_path: str | Path, student: str, out: str | Path, 
                     "flops_teacher": compute["flops_teacher"],
                     "kd_loss": written.result.loss.get("kd_loss"),
                     "teacher_metrics": teacher_metrics,
-                    **({"second_teacher": compute["second_teacher"]} if switch else {})}
+                    **({"second_teacher": compute["second_teacher"]}
+                       if "second_teacher" in compute else {})}
 
         return stage.Job(model, loss_fn, streams, parameters=parameters,
                          frozen_forward_params=frozen_rate, should_stop=should_stop,
@@ -346,6 +320,44 @@ def distill_checkpoint(teacher_path: str | Path, student: str, out: str | Path, 
                          extra={"teacher_metrics": teacher_metrics, "distill": record})
 
     return stage.run_stage(plan, lambda: tokenizer(teacher_path), prepare, callbacks=callbacks)
+
+
+def _teacher_sources(stream, teacher, second, options: DistillOptions, device, *, seed: int,
+                     cache_key: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any], int, Any]:
+    """Where the targets come from: the teacher on every micro-batch, its `--cache-teacher`
+    (the teacher runs only on batches missing from the cache, keyed by `cache_key()`), a second
+    teacher on a share of them. Returns (the streams, the frozen parameters the engine
+    charges per token, `amend(compute)`: the compute record with the teachers' real FLOPs)."""
+    frozen = _size(teacher)
+    streams: dict[str, Any] = {"train": stream}
+    frozen_rate = frozen
+    cache = switch = None
+    if options.cache_teacher is not None:
+        cache = TeacherCache(stream, teacher, options.cache_teacher, cache_key(),
+                             k=options.cache_topk, temperature=options.temperature,
+                             device=device)
+        streams, frozen_rate = {"train": cache}, 0
+    if second is not None:
+        switch = TeacherSwitch(stream, options.second_teacher_fraction, seed)
+        streams = {"train": switch}
+        p = options.second_teacher_fraction
+        frozen_rate = round((1 - p) * frozen + p * _size(second))  # exact: `amend`
+
+    def amend(compute: dict) -> dict:
+        if cache is not None:
+            compute["flops_frozen"] = 2.0 * frozen * cache.teacher_tokens
+            compute["teacher_cache"] = {"dir": str(options.cache_teacher), "hits": cache.hits,
+                                        "teacher_tokens": cache.teacher_tokens}
+        if switch is not None:  # each teacher ran on its own micro-batches
+            compute["flops_frozen"] = 2.0 * (frozen * switch.tokens[0]
+                                             + _size(second) * switch.tokens[1])
+            compute["second_teacher"] = switch.describe_use()
+        compute["flops"] = compute["flops_trained"] + compute["flops_frozen"]
+        compute["flops_student"] = compute["flops_trained"]
+        compute["flops_teacher"] = compute["flops_frozen"]
+        return compute
+
+    return streams, frozen_rate, amend
 
 
 def _size(model) -> int:
