@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from undo_cli.matrix import attack_matrix, compute_to_reach, gate_values, rewrite_string_tests
+from undo_cli.gates import matrix_gate_values, rewrite_string_tests
+from undo_cli.matrix import attack_matrix, compute_to_reach
 from undo_cli.report import build_report, render_markdown
 
 SE = 0.01  # every evaluation's standard error: small, so that the verdicts are clear-cut
@@ -120,7 +121,7 @@ def test_attacker_compute_to_half_the_base_recovery():
 def test_fail_if_names_and_verdict_strings():
     m = attack_matrix(_models(), oracle="oracle", retain_metric="retain.accuracy",
                       samples=500)
-    values = gate_values(m)
+    values = matrix_gate_values(m)
     assert values["matrix.finetune.above.verdict_is_recovered"] == 1.0
     assert values["matrix.prune.above.verdict_is_teaches"] == 1.0
     assert values["matrix.finetune.collapsed.collapsed"] == 1.0

@@ -19,7 +19,6 @@ from undo_cli.distill.teachers import TeacherCache, TeacherSwitch
 from undo_cli.engine import training_device
 from undo_cli.errors import UsageError
 from undo_cli.evaluate import expected_metrics
-from undo_cli.gates import StopCondition
 from undo_cli.modelfactory import random_model
 from undo_cli.options import (
     DISTILL_EVAL_EVERY,
@@ -193,7 +192,7 @@ def distill_checkpoint(teacher_path: str | Path, student: str, out: str | Path, 
     config = train.for_output(out)
     config.validate()
     require_optimizers([config.optimizer], config.device)
-    stop = StopCondition(options.stop_when) if options.stop_when else None
+    stop = options.stop_when.condition if options.stop_when else None
     if stop is not None and not evals.eval:
         raise UsageError("--stop-when needs --eval sets to measure")
     if student in ("teacher", "") and noise.alpha is None:

@@ -42,7 +42,6 @@ from undo_cli.gates import (
     attack_gate_names,
     attack_gate_values,
     check_gates,
-    parse_gates,
     raise_failed_gates,
 )
 from undo_cli.jsontext import jsonable, to_json
@@ -289,7 +288,7 @@ def relearn_checkpoint(
 
         check_library(config.quantize)
     eval_specs = parse_named_specs(evals.eval)
-    gate_list = parse_gates(gates_given.fail_if)
+    gate_list = [condition.expr for condition in gates_given.fail_if]
     storage = sqlite_path(config.search_storage) if config.search else None
     info = stage.check_inputs(
         out, [checkpoint], load, overwrite=overwrite,
