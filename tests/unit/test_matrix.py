@@ -165,6 +165,16 @@ def test_report_writes_the_matrix_and_gates_on_a_cell(cli, tmp_path):
     assert not (tmp_path / "r3").exists()
 
 
+def test_report_refuses_a_malformed_gate_before_reading_anything(cli, tmp_path):
+    for gate, message in (("matrix.finetune.x.verdict == 'won'", "a verdict is one of"),
+                          ("matrix.finetune.x.worst >", "cannot parse --fail-if")):
+        r = cli("report", f"x={tmp_path / 'nowhere'}", "--out", tmp_path / "r", "--fail-if",
+                gate)
+        assert r.exit_code == 2, r.output
+        (line,) = r.stderr.strip().splitlines()
+        assert "--fail-if" in line and message in line and "nowhere" not in line
+
+
 def test_attacker_cost_pools_seeds_by_configuration_and_step():
     def seed(value_at_5: float) -> dict:
         return _results(0.0, [_run("finetune", "ft", [(0, 0.0, 0.9, 0),
