@@ -35,10 +35,10 @@ from undo_cli.options.paths import declared_reads, existing, plain_paths
 
 def _cli_type(f, hint: Any) -> Any:
     """The type typer parses a field as: text for fields with a `parse` hook (`str`, or
-    `list[str]` for a repeatable one), else the field's own."""
+    `list[str]` for a `repeatable` one), else the field's own."""
     if not f.metadata.get("parse"):
         return hint
-    return list[str] if typing.get_origin(hint) is list else str
+    return list[str] if f.metadata.get("repeatable") else str
 
 
 def _is_path(hint: Any) -> bool:

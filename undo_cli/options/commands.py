@@ -160,7 +160,7 @@ class ReportOptions:
                                       "cell of the attack matrix: matrix.FAMILY.MODEL.worst, "
                                       ".difference, .collapsed, .verdict == \"recovered\" (or "
                                       "teaches, level, below oracle), .verdict_no_limit == "
-                                      "...", metavar="EXPR", factory=list,
+                                      "...", metavar="EXPR", factory=list, repeatable=True,
                                       parse=conditions("--fail-if", rewrite_string_tests))
 
     def __post_init__(self) -> None:

@@ -415,7 +415,7 @@ class GateOptions:
                                       "EXPR holds (repeatable). Numbers, names, + - * /, "
                                       "comparisons, and/or/not.", metavar="EXPR",
                                       panel=MEASUREMENT, factory=list,
-                                      parse=conditions("--fail-if"))
+                                      parse=conditions("--fail-if"), repeatable=True)
 
     def __post_init__(self) -> None:
         settle(self)
@@ -435,10 +435,11 @@ class NoiseOptions:
                         "xavier-normal.", panel=NOISE, choices=NOISES)
     include: list[str] = option(help="Perturb only tensors whose name matches (repeatable; "
                                 "others are copied unchanged).", metavar="REGEX", panel=NOISE,
-                                factory=list, parse=pattern("--include"))
+                                factory=list, parse=pattern("--include"),
+                                repeatable=True)
     exclude: list[str] = option(help="Copy tensors whose name matches unchanged "
                                 "(repeatable).", metavar="REGEX", panel=NOISE, factory=list,
-                                parse=pattern("--exclude"))
+                                parse=pattern("--exclude"), repeatable=True)
     layers: str | None = option(None, "Perturb only the tensors of these decoder layers, e.g. "
                                 "10-15 or 0,2,4-6 (0-based; llama/gemma2/qwen2/mistral/phi3 "
                                 "model.layers.N., gpt2 transformer.h.N., gpt_neox "
