@@ -1,6 +1,8 @@
 """The attack matrix of `undo report`: per model and attack family, the worst-case forget
 metric, the oracle-controlled verdict (with and without the utility limit) and the attacker's
 cost. Pure numbers on results.json dicts (numpy only); `report.py` pools and writes them.
+The names `undo report --fail-if` reads from it are `undo_cli.gates.namespaces`'s
+(`matrix_gate_values`).
 
 Families (`family_of`): finetune, quantize (quantised twins, quantised originals, QLoRA),
 prune (alone and before finetuning), benign (out-of-domain finetuning), embedding (soft
@@ -35,7 +37,6 @@ prompts), few-shot, ablate-direction.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -50,7 +51,6 @@ FAMILY_OF_ATTACK = {"finetune": "finetune", "few-shot": "few-shot",
                     "ablate-direction": "ablate-direction", "quantize": "quantize",
                     "prune": "prune", "prune+finetune": "prune", "qlora": "quantize",
                     "benign-finetune": "benign", "embedding": "embedding"}
-VERDICTS = ("recovered", "teaches", "level", "below oracle", "oracle")
 
 
 def family_of(run: dict[str, Any]) -> str:
@@ -322,51 +322,3 @@ def compute_to_reach(models: dict[str, list[dict[str, Any]]], *, base: str | Non
             entry["upper"] = high if math.isfinite(high) else None  # None: not reached
         out[label] = entry
     return out
-
-
-def gate_values(matrix: dict[str, Any]) -> dict[str, Any]:
-    """The names `undo report --fail-if` reads: `matrix.FAMILY.MODEL.worst`,
-    `.worst_no_limit`, `.difference`, `.recovered`, `.collapsed` (1 or 0) and
-    `.verdict_is_VERDICT` / `.verdict_no_limit_is_VERDICT` (1 or 0), which
-    `verdict == "VERDICT"` is rewritten to (`rewrite_string_tests`). Family and model names
-    become letters, digits and `_` (`ablate-direction` -> `ablate_direction`)."""
-    values: dict[str, Any] = {}
-    for family, row in matrix["cells"].items():
-        for model, cell in row.items():
-            head = f"matrix.{_name(family)}.{_name(model)}"
-            values[f"{head}.worst"] = cell.get("worst")
-            values[f"{head}.worst_no_limit"] = cell.get("worst_no_limit")
-            for kind in ("verdict", "verdict_no_limit"):
-                for verdict in (*VERDICTS, "none"):
-                    values[f"{head}.{kind}_is_{_name(verdict)}"] = float(
-                        (cell.get(kind) or "none") == verdict)
-            values[f"{head}.recovered"] = float(cell.get("verdict") == "recovered")
-            values[f"{head}.collapsed"] = float(bool(cell.get("collapsed")))
-            if cell.get("difference") is not None:
-                values[f"{head}.difference"] = cell["difference"]
-    return values
-
-
-_STRING_TEST = re.compile(r"""([A-Za-z][A-Za-z0-9_.]*\.verdict(?:_no_limit)?)\s*(==|!=)\s*"""
-                          r"""(["'])([^"']*)\3""")
-
-
-def rewrite_string_tests(text: str) -> str:
-    """`matrix.prune.undo.verdict == "recovered"` -> `matrix.prune.undo.verdict_is_recovered
-    == 1` (the gate language compares numbers; a verdict is one of `VERDICTS`)."""
-    from undo_cli.errors import UsageError
-
-    def replace(m: re.Match) -> str:
-        verdict = m.group(4).strip()
-        if verdict not in (*VERDICTS, "none"):
-            raise UsageError(f"--fail-if {text!r}: a verdict is one of "
-                             f"{', '.join(repr(v) for v in VERDICTS)} (got {verdict!r})")
-        return f"{m.group(1)}_is_{_name(verdict)} {m.group(2)} 1"
-
-    return _STRING_TEST.sub(replace, text)
-
-
-def _name(text: str) -> str:
-    """A gate-name segment: letters, digits and `_` (`ablate-direction` -> `ablate_direction`)."""
-    out = "".join(c if c.isalnum() or c == "_" else "_" for c in str(text))
-    return out if out and out[0].isalpha() else f"m_{out}"

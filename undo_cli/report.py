@@ -40,6 +40,7 @@ from __future__ import annotations
 import glob
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,9 @@ from typing import Any
 import numpy as np
 
 from undo_cli.errors import UsageError
+from undo_cli.gates import check_gates, matrix_gate_values, raise_failed_gates
 from undo_cli.jsontext import to_json
+from undo_cli.options.text import Condition
 from undo_cli.records import check_attack_results, check_manifest, read_json_file
 from undo_cli.stats import (
     BOOTSTRAP_SAMPLES,
@@ -545,26 +548,24 @@ def render_markdown(report: dict[str, Any]) -> str:
 def write_report(specs: list[str], out: str | Path, *, roles: dict[str, str] | None = None,
                  retain_metric: str | None = None, overwrite: bool = False,
                  samples: int = BOOTSTRAP_SAMPLES, seed: int = 0, max_retain_drop: float = 0.1,
-                 fail_if: list[str] | None = None) -> dict[str, Any]:
+                 fail_if: Sequence[Condition] = ()) -> dict[str, Any]:
     """Build the report and write `report.md`, `report.json` and the figures into `out`.
-    `fail_if` gates (on `matrix.FAMILY.MODEL.worst|verdict|...`, `undo_cli.matrix`) are
-    checked after writing (`GateFailed`)."""
+    `fail_if` gates (`ReportOptions.fail_if`, parsed when the group was built; on
+    `matrix.FAMILY.MODEL.worst|verdict|...`, `undo_cli.gates.matrix_gate_values`) are checked
+    after writing (`GateFailed`)."""
     from undo_cli.checkpoint import atomic_output, build_manifest, write_manifest
-    from undo_cli.gates import check_gates, parse_gates, raise_failed_gates
-    from undo_cli.matrix import gate_values, rewrite_string_tests
     from undo_cli.plots import plot_matrix_figures, plot_report
 
-    given = list(fail_if or [])
-    gates = parse_gates([rewrite_string_tests(g) for g in given])
+    gates = [condition.expr for condition in fail_if]
     report = build_report(specs, roles=roles, retain_metric=retain_metric, samples=samples,
                           seed=seed, max_retain_drop=max_retain_drop)
-    values = gate_values(report["matrix"])
+    values = matrix_gate_values(report["matrix"])
     for expr in gates:
         expr.check_names(set(values))
     if gates:
         report["gates"] = check_gates(gates, values)
-        for record, text in zip(report["gates"], given):
-            record["expression"] = text
+        for record, text in zip(report["gates"], fail_if):
+            record["expression"] = str(text)  # as given, not as rewritten
     # REPORT_DIR may not lie inside, or (with --overwrite) replace, a results directory.
     inputs = [Path(d) for row in report["rows"] for d in row["results_dirs"]]
     with atomic_output(out, inputs=inputs, overwrite=overwrite) as tmp:
@@ -574,7 +575,7 @@ def write_report(specs: list[str], out: str | Path, *, roles: dict[str, str] | N
         figures += plot_matrix_figures(report, tmp)
         write_manifest(tmp, build_manifest("report", arguments={
             "results": specs, "roles": report["roles"], "bootstrap_samples": samples,
-            "seed": seed, "max_retain_drop": max_retain_drop, "fail_if": list(fail_if or [])}))
+            "seed": seed, "max_retain_drop": max_retain_drop, "fail_if": list(fail_if)}))
     report["figures"] = figures
     if gates:
         raise_failed_gates(report["gates"])

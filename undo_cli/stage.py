@@ -156,14 +156,13 @@ def load_eval_sets(evals: EvalOptions, tokenizer, *, limit: int | None = None,
 
 
 def check_keep_best(config: TrainConfig, sets: Sequence[Any]) -> None:
-    """`--keep-best` checked before any model loads: its syntax, eval sets to measure it on,
-    and metric names that the sets produce."""
+    """`--keep-best` (parsed when `config` was built) checked before any model loads: eval
+    sets to measure it on, and metric names that the sets produce."""
     if not config.keep_best:
         return
     from undo_cli.evaluate import expected_metrics
-    from undo_cli.gates import parse_objective
 
-    objective = parse_objective(config.keep_best)
+    objective = config.keep_best.objective
     if not sets:
         raise UsageError("--keep-best needs --eval sets to measure (and --eval-every N to "
                          "measure during the run)")

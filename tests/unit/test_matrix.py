@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from undo_cli.matrix import attack_matrix, compute_to_reach, gate_values, rewrite_string_tests
+from undo_cli.gates import matrix_gate_values, rewrite_string_tests
+from undo_cli.matrix import attack_matrix, compute_to_reach
 from undo_cli.report import build_report, render_markdown
 
 SE = 0.01  # every evaluation's standard error: small, so that the verdicts are clear-cut
@@ -120,7 +121,7 @@ def test_attacker_compute_to_half_the_base_recovery():
 def test_fail_if_names_and_verdict_strings():
     m = attack_matrix(_models(), oracle="oracle", retain_metric="retain.accuracy",
                       samples=500)
-    values = gate_values(m)
+    values = matrix_gate_values(m)
     assert values["matrix.finetune.above.verdict_is_recovered"] == 1.0
     assert values["matrix.prune.above.verdict_is_teaches"] == 1.0
     assert values["matrix.finetune.collapsed.collapsed"] == 1.0
@@ -162,6 +163,16 @@ def test_report_writes_the_matrix_and_gates_on_a_cell(cli, tmp_path):
               "matrix.finetune.nobody.worst > 0")
     assert bad.exit_code == 2 and "matrix.finetune.nobody.worst" in bad.output
     assert not (tmp_path / "r3").exists()
+
+
+def test_report_refuses_a_malformed_gate_before_reading_anything(cli, tmp_path):
+    for gate, message in (("matrix.finetune.x.verdict == 'won'", "a verdict is one of"),
+                          ("matrix.finetune.x.worst >", "cannot parse --fail-if")):
+        r = cli("report", f"x={tmp_path / 'nowhere'}", "--out", tmp_path / "r", "--fail-if",
+                gate)
+        assert r.exit_code == 2, r.output
+        (line,) = r.stderr.strip().splitlines()
+        assert "--fail-if" in line and message in line and "nowhere" not in line
 
 
 def test_attacker_cost_pools_seeds_by_configuration_and_step():

@@ -188,6 +188,57 @@ def test_a_group_parses_and_checks_itself_when_built():
             build()
 
 
+def test_gate_expressions_parse_once_when_the_group_is_built():
+    """--fail-if, --keep-best and --stop-when become typed values (the text given, carrying
+    the parsed expression) when their group is built; a malformed one cannot be built, and
+    nothing parses the text again."""
+    import json
+    import pickle
+    from dataclasses import replace
+
+    from undo_cli.options.commands import ReportOptions
+    from undo_cli.options.text import Condition, KeepBest, StopWhen
+
+    gates = GateOptions(fail_if=["a.x > 0.5", "b < a.x * 2"])
+    assert all(isinstance(c, Condition) for c in gates.fail_if)
+    assert [c.expr.evaluate({"a": {"x": 0.75}, "b": 1.0}) for c in gates.fail_if] == [True, True]
+    assert replace(gates).fail_if[1].expr is gates.fail_if[1].expr  # not parsed again
+    train = TrainConfig(keep_best="max r.accuracy - f.accuracy")
+    assert isinstance(train.keep_best, KeepBest) and train.keep_best.objective.maximize
+    assert not TrainConfig(keep_best="r.loss").keep_best.objective.maximize
+    assert replace(train, lr=1e-3).keep_best.objective is train.keep_best.objective
+    distill = DistillOptions(stop_when="retain.accuracy >= teacher - 0.05")
+    assert isinstance(distill.stop_when, StopWhen)
+    assert distill.stop_when.condition.holds({"retain.accuracy": 0.9}, {"retain.accuracy": 0.9})
+    assert distill.stop_when.condition.metrics_needed() == {"retain.accuracy"}
+    # undo report's verdict tests are rewritten for the language; the value stays as given
+    report = ReportOptions(fail_if=['matrix.prune.undo.verdict == "recovered"'])
+    assert report.fail_if == ['matrix.prune.undo.verdict == "recovered"']
+    assert report.fail_if[0].expr.evaluate({"matrix.prune.undo.verdict_is_recovered": 1.0})
+    # undo.json and --json record the text given; copies keep the parsed values
+    assert json.loads(json.dumps({"keep_best": train.keep_best, "fail_if": gates.fail_if,
+                                  "stop_when": distill.stop_when})) == {
+        "keep_best": "max r.accuracy - f.accuracy", "fail_if": ["a.x > 0.5", "b < a.x * 2"],
+        "stop_when": "retain.accuracy >= teacher - 0.05"}
+    assert json.loads(json.dumps(train.manifest()))["keep_best"] == "max r.accuracy - f.accuracy"
+    assert pickle.loads(pickle.dumps(train)).keep_best.objective.maximize
+    assert pickle.loads(pickle.dumps(gates)).fail_if[0].expr.evaluate({"a.x": 0.1}) is False
+    # empty text is off, as before
+    assert TrainConfig(keep_best="").keep_best == "" and not DistillOptions(stop_when="").stop_when
+    for build, message in (
+            (lambda: GateOptions(fail_if=["a.x > 1", "a.x >"]), "cannot parse --fail-if 'a.x >'"),
+            (lambda: GateOptions(fail_if=["a.x"]), "--fail-if 'a.x' is a number, not a"),
+            (lambda: ReportOptions(fail_if=["m.f.x.verdict == 'won'"]), "--fail-if .* verdict"),
+            (lambda: TrainConfig(keep_best="r.loss >"), "--keep-best"),
+            (lambda: TrainConfig(keep_best="r.accuracy - f.accuracy"), "--keep-best .* say"),
+            (lambda: TrainConfig(keep_best="r.loss < 1"), "--keep-best .* is a condition"),
+            (lambda: DistillOptions(stop_when="retain.accuracy >="), "--stop-when: cannot parse"),
+            (lambda: DistillOptions(stop_when="teacher > 1"), "--stop-when .* bare 'teacher'"),
+            (lambda: DistillOptions(stop_when="teacher.r.loss > 1"), "names no student metric")):
+        with pytest.raises(UsageError, match=message):
+            build()
+
+
 def test_declared_reads_find_the_files_an_option_names(tmp_path):
     from undo_cli.options.paths import existing, named_paths, sqlite_path, weighted_paths
 

@@ -134,12 +134,11 @@ def eval_command(
     from undo_cli.cli.app import debug_enabled
     from undo_cli.evaluate import LM_EVAL_HINT
     from undo_cli.evaluation import evaluate_and_gate, lm_eval_available, write_samples
-    from undo_cli.gates import describe_gate, parse_gates, raise_failed_gates
+    from undo_cli.gates import describe_gate, raise_failed_gates
     from undo_cli.records import read_eval_data
 
     start = time.time()
     talk = show_output(output.quiet)  # --quiet: errors only (and --json's document)
-    parse_gates(gates.fail_if)  # malformed: exit 2 before anything else
     specs = parse_named_specs(evals.eval, "--eval")
     tasks = run.tasks
     if not specs and not tasks:

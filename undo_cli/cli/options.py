@@ -34,10 +34,11 @@ from undo_cli.options.paths import declared_reads, existing, plain_paths
 
 
 def _cli_type(f, hint: Any) -> Any:
-    """The type typer parses a field as: `str` for fields with a `parse` hook, Optional when
-    the default is None."""
-    kind = str if f.metadata.get("parse") else hint
-    return kind
+    """The type typer parses a field as: text for fields with a `parse` hook (`str`, or
+    `list[str]` for a `repeatable` one), else the field's own."""
+    if not f.metadata.get("parse"):
+        return hint
+    return list[str] if f.metadata.get("repeatable") else str
 
 
 def _is_path(hint: Any) -> bool:

@@ -233,10 +233,8 @@ def relearn_command(
         raise UsageError("give the checkpoint to attack (CKPT), or --compare RESULTS_DIR ...")
     if not checkpoint.exists():
         raise UsageError(f"checkpoint {checkpoint} does not exist")
-    from undo_cli.gates import parse_gates
     from undo_cli.relearn import relearn_checkpoint
 
-    parse_gates(gates.fail_if)  # malformed expressions fail before anything else
     attack = replace(attack, train=train)
     started = time.time()
     talk = show_output(output.quiet)  # one process reports under a launcher

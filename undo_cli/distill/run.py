@@ -19,7 +19,6 @@ from undo_cli.distill.teachers import TeacherCache, TeacherSwitch
 from undo_cli.engine import training_device
 from undo_cli.errors import UsageError
 from undo_cli.evaluate import expected_metrics
-from undo_cli.gates import StopCondition
 from undo_cli.modelfactory import random_model
 from undo_cli.options import (
     DISTILL_EVAL_EVERY,
@@ -224,7 +223,7 @@ def distill_checkpoint(teacher_path: str | Path, student: str, out: str | Path, 
     unless `noise` selects tensors itself); `hidden_loss_weight` adds the hidden-state term;
     `second_teacher` gives the targets of a `second_teacher_fraction` of the micro-batches.
     """
-    stop = StopCondition(options.stop_when) if options.stop_when else None
+    stop = options.stop_when.condition if options.stop_when else None
     plan, selection = plan_distill(teacher_path, student, out, data=data, options=options,
                                    noise=noise, train=train, data_options=data_options,
                                    evals=evals, load=load, overwrite=overwrite, save=save)

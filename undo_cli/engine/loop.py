@@ -164,11 +164,7 @@ class _Trainer:
         self.started = time.perf_counter()
         self.model, self.loss_fn, self.streams, self.config = model, loss_fn, streams, config
         self.evaluate, self.should_stop = evaluate, should_stop
-        self.objective = None
-        if config.keep_best:
-            from undo_cli.gates import parse_objective
-
-            self.objective = parse_objective(config.keep_best)
+        self.objective = config.keep_best.objective if config.keep_best else None
         self.frozen_forward_params = frozen_forward_params
         self.accelerator, self.device = make_accelerator(config.device)
         self.main = self.accelerator.is_main_process

@@ -30,9 +30,9 @@ from undo_cli.gates import (
     check_eval_gate_names,
     check_gates,
     eval_gate_values,
-    parse_gates,
 )
 from undo_cli.jsontext import to_json
+from undo_cli.options.text import Condition
 from undo_cli.records import EvalData
 from undo_cli.runtime import pick_device
 
@@ -106,23 +106,24 @@ def _same_path(a: str | Path, b: str | Path) -> bool:
 
 
 def evaluate_and_gate(checkpoints: Sequence[str | Path], data: Sequence[EvalData], *,
-                      reference: str | Path | None = None, fail_if: Sequence[str] = (),
+                      reference: str | Path | None = None, fail_if: Sequence[Condition] = (),
                       tasks: Sequence[str] = (), include_path: Sequence[str | Path] = (),
                       on_start: Callable[[str], None] | None = None,
                       **options: Any) -> dict[str, Any]:
     """What `undo eval` prints: `{"results": [...], "reference": {...}?, "gates": [...]?}`.
 
     lm-eval `tasks` (looked up in lm-eval's registry and `include_path`) are resolved and
-    built first; gates are parsed and their names checked before any model is loaded
-    (`TASK.METRIC` names too, once the tasks are built); `reference` is
-    evaluated once on the same sets (not again if it is one of `checkpoints`); its metrics are
-    named `teacher.SET.METRIC` / `reference.SET.METRIC` in the gates. `options` go to
+    built first; the `fail_if` gates (`GateOptions.fail_if`: parsed when the group was built)
+    have their names checked before any model is loaded (`TASK.METRIC` names too, once the
+    tasks are built); `reference` is evaluated once on the same sets (not again if it is one
+    of `checkpoints`); its metrics are named `teacher.SET.METRIC` / `reference.SET.METRIC` in
+    the gates. `options` go to
     `evaluate_checkpoints`. A gate that reads a NaN metric raises after the results are
     returned in `error` (the caller shows the results, then fails); failed gates are records
     with `failed: true` (raise with `undo_cli.gates.raise_failed_gates`).
     """
 
-    gates = parse_gates(fail_if)
+    gates = [condition.expr for condition in fail_if]
     names = [d.name for d in data]
     if reference is not None:
         taken = sorted(set(names) & set(REFERENCE_PREFIXES))

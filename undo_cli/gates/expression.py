@@ -28,10 +28,11 @@ Evaluating looks names up in a mapping of metric values, either flat
 is a `UsageError` listing the known ones; a NaN value or a division by zero is an
 `UndoError`, so a gate never passes silently on a diverged metric.
 
-`--fail-if` gates (shared by every command that has them): `parse_gates` before any work,
-`check_gates` on the measured values (`[{"expression", "failed", "values"}]`, the JSON
-record of each gate), then `raise_failed_gates` (`GateFailed`, exit 3, one line naming each
-failed gate with its measured values) after the results are written.
+`--fail-if` gates (shared by every command that has them): `parse_gates` when the option group
+is built (`undo_cli.options.text.conditions`), `check_gates` on the measured values
+(`[{"expression", "failed", "values"}]`, the JSON record of each gate), then
+`raise_failed_gates` (`GateFailed`, exit 3, one line naming each failed gate with its measured
+values) after the results are written.
 """
 
 from __future__ import annotations

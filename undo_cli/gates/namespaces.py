@@ -8,11 +8,15 @@
   summary numbers `final`, `auc`, `steps_to_threshold` (with a threshold).
 - `undo distill --stop-when` (`StopCondition`): `SET.METRIC` of the student, `teacher.SET.METRIC`
   of the teacher, and bare `teacher`, the teacher's value of the one student metric named.
+- `undo report --fail-if`: `matrix.FAMILY.MODEL.worst`, `.difference`, `.collapsed`, ... of
+  the attack matrix (`matrix_gate_values`); `.verdict == "VERDICT"` is rewritten to a number
+  before parsing (`rewrite_string_tests`).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -169,3 +173,55 @@ class StopCondition:
             return bool(self.expr.evaluate(values))
         except UndoError:  # a NaN metric (diverging student) never satisfies the condition
             return False
+
+
+# ----------------------------------------------------------------------------- undo report
+
+VERDICTS = ("recovered", "teaches", "level", "below oracle", "oracle")  # undo_cli.matrix's
+
+
+def matrix_gate_values(matrix: Mapping[str, Any]) -> dict[str, Any]:
+    """The names `undo report --fail-if` reads: `matrix.FAMILY.MODEL.worst`,
+    `.worst_no_limit`, `.difference`, `.recovered`, `.collapsed` (1 or 0) and
+    `.verdict_is_VERDICT` / `.verdict_no_limit_is_VERDICT` (1 or 0), which
+    `verdict == "VERDICT"` is rewritten to (`rewrite_string_tests`). Family and model names
+    become letters, digits and `_` (`ablate-direction` -> `ablate_direction`)."""
+    values: dict[str, Any] = {}
+    for family, row in matrix["cells"].items():
+        for model, cell in row.items():
+            head = f"matrix.{_segment(family)}.{_segment(model)}"
+            values[f"{head}.worst"] = cell.get("worst")
+            values[f"{head}.worst_no_limit"] = cell.get("worst_no_limit")
+            for kind in ("verdict", "verdict_no_limit"):
+                for verdict in (*VERDICTS, "none"):
+                    values[f"{head}.{kind}_is_{_segment(verdict)}"] = float(
+                        (cell.get(kind) or "none") == verdict)
+            values[f"{head}.recovered"] = float(cell.get("verdict") == "recovered")
+            values[f"{head}.collapsed"] = float(bool(cell.get("collapsed")))
+            if cell.get("difference") is not None:
+                values[f"{head}.difference"] = cell["difference"]
+    return values
+
+
+_STRING_TEST = re.compile(r"""([A-Za-z][A-Za-z0-9_.]*\.verdict(?:_no_limit)?)\s*(==|!=)\s*"""
+                          r"""(["'])([^"']*)\3""")
+
+
+def rewrite_string_tests(text: str) -> str:
+    """`matrix.prune.undo.verdict == "recovered"` -> `matrix.prune.undo.verdict_is_recovered
+    == 1` (the gate language compares numbers; a verdict is one of `VERDICTS`)."""
+
+    def replace(m: re.Match) -> str:
+        verdict = m.group(4).strip()
+        if verdict not in (*VERDICTS, "none"):
+            raise UsageError(f"--fail-if {text!r}: a verdict is one of "
+                             f"{', '.join(repr(v) for v in VERDICTS)} (got {verdict!r})")
+        return f"{m.group(1)}_is_{_segment(verdict)} {m.group(2)} 1"
+
+    return _STRING_TEST.sub(replace, text)
+
+
+def _segment(text: str) -> str:
+    """A gate-name segment: letters, digits and `_` (`ablate-direction` -> `ablate_direction`)."""
+    out = "".join(c if c.isalnum() or c == "_" else "_" for c in str(text))
+    return out if out and out[0].isalpha() else f"m_{out}"

@@ -8,7 +8,8 @@ is one field here plus the code that uses it.
 
 Parse, don't validate: a group settles itself when it is built (`__post_init__` ->
 `settle`): structured text becomes typed values through the fields' `parse` hooks (byte
-sizes, layer ranges, regular expressions: `text.py`), then `check` validates every value with a
+sizes, layer ranges, regular expressions, gate expressions parsed by `undo_cli.gates`, one
+floor below: `text.py`), then `check` validates every value with a
 message naming the flag (finite numbers, ranges, choices), then the group's checks across
 fields run. An invalid group cannot exist, so nothing below the command line checks it again.
 

@@ -29,22 +29,24 @@ def option(default: Any = None, help: str = "", *, flag: str | None = None,  # n
            short: str | None = None, metavar: str | None = None, panel: str | None = None,
            cli: bool = True, minimum: float | None = None, above: float | None = None,
            maximum: float | None = None, choices: tuple[str, ...] | None = None,
-           factory: Any = None, parse: Any = None, reads: Any = None,
-           required: bool = False) -> Any:
+           factory: Any = None, parse: Any = None, repeatable: bool = False,
+           reads: Any = None, required: bool = False) -> Any:
     """A dataclass field with what the command line and `check` need.
 
     `flag` defaults to `--field-name`; `minimum`/`maximum` bound a number (inclusive),
     `above` from below (exclusive); every float must be finite; `choices` lists the accepted
     strings. `cli=False` keeps the field out of the command line (set by the library);
-    `parse` turns the text given on the command line into the field's value. A `Path` field
-    is one of the command's reads (`undo_cli.options.paths`); text naming files declares how
-    to find them with `reads=` (`named_paths`, `weighted_paths`, `sqlite_path`). `required`
-    options must be given on the command line.
+    `parse` turns the text given on the command line into the field's value: one text (e.g.
+    `1e-5,1e-4`), or for a `repeatable` list field the list of texts, one per use of the flag
+    (a list field without a hook is always repeatable). A `Path` field is one of the
+    command's reads (`undo_cli.options.paths`); text naming files declares how to find them
+    with `reads=` (`named_paths`, `weighted_paths`, `sqlite_path`). `required` options must be
+    given on the command line.
     """
     metadata = {"help": help, "flag": flag, "short": short, "metavar": metavar,
                 "panel": panel, "cli": cli, "minimum": minimum, "above": above,
                 "maximum": maximum, "choices": choices, "parse": parse,
-                "reads": reads, "required": required}
+                "repeatable": repeatable, "reads": reads, "required": required}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)

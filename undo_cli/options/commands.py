@@ -7,8 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from undo_cli.errors import UsageError
+from undo_cli.gates import rewrite_string_tests
 from undo_cli.options.base import NOISE, option, seed_option, settle
 from undo_cli.options.paths import plain_paths
+from undo_cli.options.text import Condition, conditions
 from undo_cli.stats import BOOTSTRAP_SAMPLES
 
 MAX_BOOTSTRAP_SAMPLES = 10**7
@@ -154,11 +156,12 @@ class ReportOptions:
                                     "whose retain metric is more than D worse than the model's "
                                     "own before the attack does not count (verdicts are shown "
                                     "with and without it).", metavar="D", minimum=0)
-    fail_if: list[str] = option(help="Exit 3 (after writing) when EXPR holds, on any cell of "
-                                "the attack matrix: matrix.FAMILY.MODEL.worst, .difference, "
-                                ".collapsed, .verdict == \"recovered\" (or teaches, level, "
-                                "below oracle), .verdict_no_limit == ...", metavar="EXPR",
-                                factory=list)
+    fail_if: list[Condition] = option(help="Exit 3 (after writing) when EXPR holds, on any "
+                                      "cell of the attack matrix: matrix.FAMILY.MODEL.worst, "
+                                      ".difference, .collapsed, .verdict == \"recovered\" (or "
+                                      "teaches, level, below oracle), .verdict_no_limit == "
+                                      "...", metavar="EXPR", factory=list, repeatable=True,
+                                      parse=conditions("--fail-if", rewrite_string_tests))
 
     def __post_init__(self) -> None:
         settle(self)

@@ -24,7 +24,17 @@ from undo_cli.options.base import (
 )
 from undo_cli.options.paths import named_paths
 from undo_cli.options.rates import FINETUNE_LR
-from undo_cli.options.text import byte_size, layer_range, pattern
+from undo_cli.options.text import (
+    Condition,
+    KeepBest,
+    StopWhen,
+    byte_size,
+    conditions,
+    keep_best,
+    layer_range,
+    pattern,
+    stop_when,
+)
 
 SCHEDULES = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adamw", "adam", "sgd", "sgd-nesterov", "adagrad", "adamw8bit", "paged_adamw8bit",
@@ -120,12 +130,13 @@ class TrainConfig:
                                           panel=TRAINING)
     device: str | None = option(None, "cpu, cuda or cuda:N (default: CUDA if available).",
                                 panel=TRAINING)
-    keep_best: str | None = option(None, "Write the weights of the best evaluation instead of "
-                                   "the last: a metric (\"retain.accuracy\" is maximised, "
-                                   "\"retain.loss\" minimised) or max/min of an expression, "
-                                   "e.g. \"max retain.accuracy - forget.accuracy\". undo.json "
-                                   "records its step and value.", metavar="METRIC",
-                                   panel=EVALUATION)
+    keep_best: KeepBest | None = option(None, "Write the weights of the best evaluation "
+                                        "instead of the last: a metric (\"retain.accuracy\" "
+                                        "is maximised, \"retain.loss\" minimised) or max/min "
+                                        "of an expression, e.g. \"max retain.accuracy - "
+                                        "forget.accuracy\". undo.json records its step and "
+                                        "value.", metavar="METRIC", panel=EVALUATION,
+                                        parse=keep_best)
     report_to: list[str] = option(help="Send loss, learning rate, throughput, every "
                                   "evaluation metric and the run's settings to an experiment "
                                   "tracker: tensorboard, wandb (offline), mlflow, trackio or "
@@ -334,12 +345,13 @@ class DistillOptions:
     kd_chunk_size: int = option(1024, "Positions per chunk of the KL computation: bounds peak "
                                 "memory with large vocabularies (the result is the same for "
                                 "any value).", panel=DISTILLATION, minimum=1)
-    stop_when: str | None = option(None, "Stop at the first evaluation where EXPR holds, "
-                                   "comparing student metrics with the teacher's, e.g. "
-                                   "\"retain.accuracy >= teacher - 0.05\" or \"retain.loss <= "
-                                   "teacher * 1.05\" (teacher = the teacher's value of the "
-                                   "same metric; or teacher.SET.METRIC).", metavar="EXPR",
-                                   panel=DISTILLATION)
+    stop_when: StopWhen | None = option(None, "Stop at the first evaluation where EXPR "
+                                        "holds, comparing student metrics with the teacher's, "
+                                        "e.g. \"retain.accuracy >= teacher - 0.05\" or "
+                                        "\"retain.loss <= teacher * 1.05\" (teacher = the "
+                                        "teacher's value of the same metric; or "
+                                        "teacher.SET.METRIC).", metavar="EXPR",
+                                        panel=DISTILLATION, parse=stop_when)
     cache_teacher: Path | None = option(None, "Store the teacher's top-k outputs for the data "
                                         "stream in DIR (or read them back), so an alpha sweep "
                                         "runs the teacher once.", metavar="DIR",
@@ -399,10 +411,11 @@ class DistillOptions:
 class GateOptions:
     """`--fail-if`: release gates on the measured numbers (`undo_cli.gates`)."""
 
-    fail_if: list[str] = option(help="Exit with code 3 (after writing the results) if EXPR "
-                                "holds (repeatable). Numbers, names, + - * /, comparisons, "
-                                "and/or/not.", metavar="EXPR", panel=MEASUREMENT,
-                                factory=list)
+    fail_if: list[Condition] = option(help="Exit with code 3 (after writing the results) if "
+                                      "EXPR holds (repeatable). Numbers, names, + - * /, "
+                                      "comparisons, and/or/not.", metavar="EXPR",
+                                      panel=MEASUREMENT, factory=list,
+                                      parse=conditions("--fail-if"), repeatable=True)
 
     def __post_init__(self) -> None:
         settle(self)
@@ -422,9 +435,11 @@ class NoiseOptions:
                         "xavier-normal.", panel=NOISE, choices=NOISES)
     include: list[str] = option(help="Perturb only tensors whose name matches (repeatable; "
                                 "others are copied unchanged).", metavar="REGEX", panel=NOISE,
-                                factory=list)
+                                factory=list, parse=pattern("--include"),
+                                repeatable=True)
     exclude: list[str] = option(help="Copy tensors whose name matches unchanged "
-                                "(repeatable).", metavar="REGEX", panel=NOISE, factory=list)
+                                "(repeatable).", metavar="REGEX", panel=NOISE, factory=list,
+                                parse=pattern("--exclude"), repeatable=True)
     layers: str | None = option(None, "Perturb only the tensors of these decoder layers, e.g. "
                                 "10-15 or 0,2,4-6 (0-based; llama/gemma2/qwen2/mistral/phi3 "
                                 "model.layers.N., gpt2 transformer.h.N., gpt_neox "
@@ -434,8 +449,6 @@ class NoiseOptions:
 
     def __post_init__(self) -> None:
         settle(self)
-        self.include = pattern("--include")(self.include)
-        self.exclude = pattern("--exclude")(self.exclude)
         if (self.alpha is None) != (self.beta is None):
             raise UsageError("--alpha and --beta go together: give both to noise the teacher "
                              "in memory (--student teacher), or neither")

@@ -2,9 +2,11 @@
 
 Each typed value is the text the user gave (a `str`, so that `undo.json` and `--json` record it
 exactly as before) carrying what it means: `ByteSize.bytes`, `LayerRange.layers`,
-`Pattern.regex`. The `option(parse=...)` hooks below turn plain text into them, name the flag
-in the error, and return an already typed value as it is (building a group twice, as
-`dataclasses.replace` does, parses nothing again).
+`Pattern.regex`, and for the gate language (`undo_cli.gates`) `Condition.expr` (`--fail-if`),
+`KeepBest.objective` (`--keep-best`), `StopWhen.condition` (`--stop-when`). The
+`option(parse=...)` hooks below turn plain text into them, name the flag in the error, and
+return an already typed value as it is (building a group twice, as `dataclasses.replace`
+does, parses nothing again).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from undo_cli.errors import UsageError
+from undo_cli.gates import Expr, Objective, StopCondition, parse_gates, parse_objective
 
 
 class ByteSize(str):
@@ -32,6 +35,24 @@ class Pattern(str):
     """A regular expression as given, with its compiled `regex` (`re.search` on names)."""
 
     regex: re.Pattern
+
+
+class Condition(str):
+    """A `--fail-if` condition as given, with its parsed `expr` (`undo_cli.gates.Expr`)."""
+
+    expr: Expr
+
+
+class KeepBest(str):
+    """`--keep-best` as given (`retain.accuracy`, `max r.acc - f.acc`), with its `objective`."""
+
+    objective: Objective
+
+
+class StopWhen(str):
+    """`--stop-when` as given, with its `condition` (`undo_cli.gates.StopCondition`)."""
+
+    condition: StopCondition
 
 
 def size_in_bytes(text: str | int, flag: str | None = None) -> int:
@@ -102,10 +123,15 @@ def _typed(kind: type, attribute: str, meaning: Callable[[Any], Any]) -> Callabl
     def parse(text: Any) -> Any:
         if isinstance(text, kind):
             return text
-        value = kind(text)
-        setattr(value, attribute, meaning(text))
-        return value
+        return _carrying(kind, text, attribute, meaning(text))
     return parse
+
+
+def _carrying(kind: type, text: Any, attribute: str, meaning: Any) -> Any:
+    """`kind(text)` (the text as given) with `attribute` = `meaning`."""
+    value = kind(text)
+    setattr(value, attribute, meaning)
+    return value
 
 
 def byte_size(flag: str) -> Callable[[Any], ByteSize]:
@@ -125,3 +151,24 @@ def pattern(flag: str) -> Callable[[Any], Any]:
     def parse(value: Any) -> Any:
         return [one(v) for v in value] if isinstance(value, (list, tuple)) else one(value)
     return parse
+
+
+def conditions(flag: str, rewrite: Callable[[str], str] = str) -> Callable[[Any], list]:
+    """The `parse` hook of a repeatable gate option (`--fail-if`): each text a `Condition`.
+    `rewrite` first turns what a command adds to the language into it (`undo report`'s
+    `verdict == "recovered"`); the `Condition` stays the text given."""
+    def parse(texts: Any) -> list[Condition]:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        exprs = parse_gates([rewrite(text) for text in texts], what=flag)
+        return [_carrying(Condition, text, "expr", expr) for text, expr in zip(texts, exprs)]
+    return parse
+
+
+def keep_best(text: Any) -> Any:
+    """The `parse` hook of `--keep-best` (empty text: off, as before)."""
+    return text if not text else _typed(KeepBest, "objective", parse_objective)(text)
+
+
+def stop_when(text: Any) -> Any:
+    """The `parse` hook of `--stop-when` (empty text: off, as before)."""
+    return text if not text else _typed(StopWhen, "condition", StopCondition)(text)

@@ -15,7 +15,7 @@ from undo_cli import stage
 from undo_cli.engine import fsdp_requested
 from undo_cli.errors import UsageError
 from undo_cli.evaluate import expected_metrics
-from undo_cli.gates import attack_gate_names, parse_gates
+from undo_cli.gates import attack_gate_names
 from undo_cli.options import (
     AttackConfig,
     AttackMeasurement,
@@ -100,7 +100,7 @@ def plan_attack(checkpoint: str | Path, out: str | Path, *, data: Sequence[str],
 
         check_library(config.quantize)
     eval_specs = tuple(parse_named_specs(evals.eval))
-    gate_list = tuple(parse_gates(gates.fail_if))
+    gate_list = tuple(condition.expr for condition in gates.fail_if)
     storage = sqlite_path(config.search_storage) if config.search else None
     info = stage.check_inputs(
         out, [checkpoint], load, overwrite=overwrite,

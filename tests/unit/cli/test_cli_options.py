@@ -14,6 +14,8 @@ from undo_cli.options import (
     UNLEARN,
     AttackConfig,
     DataOptions,
+    GateOptions,
+    NoiseOptions,
     OutputOptions,
     TrainConfig,
 )
@@ -118,6 +120,34 @@ def test_parse_hooks_and_list_fields():
     assert invoke(app).exit_code == 0
     assert seen["attack"].lrs is None  # each optimizer's own grid when --lrs is not given
     assert len(seen["attack"].lr_grid("adamw")) == 10
+
+
+def test_repeatable_options_with_a_parse_hook_take_each_use_as_one_text():
+    """--fail-if (repeatable) gets one expression per use, parsed when the group is built;
+    --optimizers (one comma-separated text) stays one text."""
+    import pytest
+
+    from undo_cli.errors import UsageError
+
+    app = typer.Typer()
+    seen = {}
+
+    @app.command()
+    @with_options("relearn-attack", attack=AttackConfig, gates=GateOptions, noise=NoiseOptions)
+    def run(*, attack: AttackConfig, gates: GateOptions, noise: NoiseOptions) -> None:
+        seen.update(attack=attack, gates=gates, noise=noise)
+
+    r = invoke(app, "--optimizers", "adamw,sgd", "--fail-if", "a.x > 1", "--fail-if",
+               "b < 2 * a.x", "--include", "mlp", "--include", "q_proj")
+    assert r.exit_code == 0, r.output
+    assert seen["attack"].optimizers == ["adamw", "sgd"]
+    assert seen["gates"].fail_if == ["a.x > 1", "b < 2 * a.x"]
+    assert [c.expr.names() for c in seen["gates"].fail_if] == [{"a.x"}, {"a.x", "b"}]
+    assert [p.regex.pattern for p in seen["noise"].include] == ["mlp", "q_proj"]
+    assert invoke(app).exit_code == 0
+    assert seen["gates"].fail_if == [] and seen["noise"].include == []
+    with pytest.raises(UsageError, match="cannot parse --fail-if 'a.x >'"):
+        invoke(app, "--fail-if", "a.x > 1", "--fail-if", "a.x >")
 
 
 def _numeric_options():
