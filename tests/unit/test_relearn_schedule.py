@@ -95,20 +95,31 @@ def setup(tmp_path_factory):
             "sets": [load_eval_set("forget", data, tok, limit=8)]}
 
 
-@pytest.mark.parametrize("schedule", ["log", "linear"])
-def test_the_runs_are_evaluated_on_the_schedule(setup, schedule):
+STEPS = 30
+
+
+@pytest.fixture(scope="module")
+def attacks(setup):
+    """The same attack (2 learning rates, 30 steps, --eval-every 1) on either schedule."""
     import torch
 
     torch.set_num_threads(1)
-    steps = 30
-    config = AttackConfig(lrs=[1e-3, 1e-2], steps=steps, eval_schedule=schedule,
-                          train=TrainConfig(schedule="constant", max_steps=1, batch_size=2,
-                                            eval_every=1))
-    res = run_attack(setup["model"], setup["tok"], setup["sets"], config,
-                     forget_metric="forget.loss",
-                     make_stream=lambda seed, bs: build_stream(
-                         setup["tok"], [str(setup["data"])], 16, bs, seed, name="attack"))
-    expected = [0, *evaluation_steps(steps, 1, schedule)]
+    out = {}
+    for schedule in ("log", "linear"):
+        config = AttackConfig(lrs=[1e-3, 1e-2], steps=STEPS, eval_schedule=schedule,
+                              train=TrainConfig(schedule="constant", max_steps=1,
+                                                batch_size=2, eval_every=1))
+        out[schedule] = run_attack(
+            setup["model"], setup["tok"], setup["sets"], config, forget_metric="forget.loss",
+            make_stream=lambda seed, bs: build_stream(setup["tok"], [str(setup["data"])], 16,
+                                                      bs, seed, name="attack"))
+    return out
+
+
+@pytest.mark.parametrize("schedule", ["log", "linear"])
+def test_the_runs_are_evaluated_on_the_schedule(attacks, schedule):
+    res = attacks[schedule]
+    expected = [0, *evaluation_steps(STEPS, 1, schedule)]
     assert len(expected) == (26 if schedule == "log" else 31)
     for run in res["runs"]:
         assert [e["step"] for e in run["curve"]] == expected
@@ -118,8 +129,24 @@ def test_the_runs_are_evaluated_on_the_schedule(setup, schedule):
     assert res["timing"]["evaluations"] == 1 + 2 * (len(expected) - 1)
     pts = [(e["step"], e["value"]) for e in res["worst_case"]]
     area = sum((b[0] - a[0]) * (a[1] + b[1]) / 2 for a, b in zip(pts, pts[1:]))
-    assert res["summary"]["auc"] == pytest.approx(area / steps)
+    assert res["summary"]["auc"] == pytest.approx(area / STEPS)
     assert res["summary"]["final"] == pts[-1][1]
+
+
+def test_the_schedule_changes_only_where_runs_are_measured(attacks):
+    """Evaluating less often does not change training: every point of the log schedule is
+    the linear schedule's point at that step, bit for bit (so the final value is the same,
+    and the AUC is the trapezoid over a subset of the same curve)."""
+    log, linear = attacks["log"], attacks["linear"]
+    for run_log, run_linear in zip(log["runs"], linear["runs"]):
+        at = {e["step"]: e for e in run_linear["curve"]}
+        assert run_log["curve"] == [at[e["step"]] for e in run_log["curve"]]
+        assert run_log["tokens"] == run_linear["tokens"]
+        assert run_log["train_loss"] == run_linear["train_loss"]
+    assert log["summary"]["final"] == linear["summary"]["final"]
+    subset = [(e["step"], e["value"]) for e in linear["worst_case"]
+              if e["step"] in {0, *evaluation_steps(STEPS, 1)}]
+    assert log["summary"]["auc"] == pytest.approx(area_under_curve(subset), rel=1e-12)
 
 
 def test_results_json_records_the_schedule(setup, tmp_path):
