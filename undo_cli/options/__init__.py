@@ -36,12 +36,15 @@ from undo_cli.options.attack import (
     ATTACK_EVAL_EVERY,
     ATTACK_SCHEDULES,
     DEFAULT_LRS,
+    EVAL_SCHEDULES,
+    LINEAR_EVALUATIONS,
     PAPER_LRS,
     SEARCH_BATCH_SIZES,
     SEARCH_LORA_RANKS,
     AttackConfig,
     AttackMeasurement,
     RunSpec,
+    evaluation_steps,
     parse_lrs,
 )
 from undo_cli.options.base import (
@@ -106,7 +109,7 @@ from undo_cli.options.groups import (
 
 __all__ = [
     "ATTACK", "ATTACK_EVAL_EVERY", "ATTACK_SCHEDULES", "ATTACK_TRAIN", "COMMAND_HELP", "DISTILL",
-    "DISTILL_NOISE", "TRAIN", "UNLEARN", "DATA",
+    "DISTILL_NOISE", "TRAIN", "UNLEARN", "DATA", "EVAL_SCHEDULES", "LINEAR_EVALUATIONS",
     "DEFAULT_LRS", "DEFAULT_MAX_LENGTH", "DEFAULT_PACKING", "DISTILLATION", "DISTILL_EVAL_EVERY",
     "DISTILL_STOP_WHEN_CAP", "EVALUATION", "IN_OUT", "MEASUREMENT", "METHOD", "NOISE", "NOISES",
     "BNB_OPTIMIZERS", "OPTIMIZERS", "PACKING_MODES", "PAPER_LRS", "RESUME_KEYS", "SAVE_DTYPES",
@@ -116,6 +119,6 @@ __all__ = [
     "TRAIN_STEPS", "AttackConfig", "AttackMeasurement", "DataOptions", "DistillOptions",
     "EvalOptions", "GateOptions", "LoadOptions", "NoiseOptions", "OutputOptions",
     "RunSpec", "SaveOptions", "TrainConfig", "UnlearnOptions", "check", "check_number",
-    "check_seed", "compile_pattern", "flag_of", "option", "parse_lrs", "parse_size",
-    "seed_option", "settle",
+    "check_seed", "compile_pattern", "evaluation_steps", "flag_of", "option", "parse_lrs",
+    "parse_size", "seed_option", "settle",
 ]

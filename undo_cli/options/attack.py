@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, replace
 
 from undo_cli.errors import UsageError
-from undo_cli.options.base import ATTACK, IN_OUT, MEASUREMENT, option, settle
+from undo_cli.options.base import ATTACK, EVALUATION, IN_OUT, MEASUREMENT, option, settle
 from undo_cli.options.groups import OPTIMIZERS, TrainConfig
 from undo_cli.options.paths import sqlite_path, weighted_paths
 from undo_cli.options.storage import parse_search_storage
@@ -30,6 +30,8 @@ DEFAULT_LRS: dict[str, tuple[float, ...]] = {
 ATTACK_SCHEDULES = ("constant", "cosine", "warmup-cosine", "linear")
 WARMUP_SHARE = 0.1  # warmup-cosine: linear warmup over this share of the steps, then cosine
 ATTACK_EVAL_EVERY = 25
+EVAL_SCHEDULES = ("log", "linear")  # --eval-schedule
+LINEAR_EVALUATIONS = 20  # --eval-schedule log: evaluations at the first gap before it doubles
 SEARCH_BATCH_SIZES = (4, 16, 64)  # --search without --batch-sizes
 SEARCH_LORA_RANKS = (8, 32, 128)  # --search over LoRA ranks (clipped for tiny models)
 QUANTIZE_SCHEMES = ("nf4", "int8", "int4")  # library quantisers (undo_cli.quantize.SCHEMES)
@@ -118,6 +120,35 @@ def parse_lrs(text: str | list[float] | tuple[float, ...] | None) -> list[float]
     return values
 
 
+def evaluation_steps(steps: int, every: int, schedule: str = "log") -> list[int]:
+    """The steps after step 0 at which a run of `steps` optimizer steps is evaluated, in
+    order; the last is always `steps`.
+
+    `linear`: every `every` steps. `log`: the same for the first `LINEAR_EVALUATIONS`
+    evaluations (through step 20 x `every`, so a shorter run is evaluated as by `linear`),
+    then the gap doubles each time the step doubles (every 2 x `every` steps through step
+    40 x `every`, every 4 x `every` through 80 x `every`, ...): 10 more evaluations per doubling
+    of the run, so their number grows with the logarithm of `steps`, and the gap stays between
+    5% and 10% of the step reached. Every step but the last is a multiple of `every`, where
+    the engine calls the evaluation hook.
+    """
+    if schedule not in EVAL_SCHEDULES:
+        raise UsageError(f"--eval-schedule must be one of {', '.join(EVAL_SCHEDULES)} "
+                         f"(got {schedule!r})")
+    if steps < 1 or every < 1:
+        raise UsageError(f"--steps and --eval-every must be at least 1 (got {steps}, {every})")
+    points: list[int] = []
+    step, gap = 0, every
+    while True:
+        if schedule == "log" and step >= LINEAR_EVALUATIONS * gap:
+            gap *= 2
+        step += gap
+        if step >= steps:
+            break
+        points.append(step)
+    return [*points, steps]
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """One finetuning run of an attack: its configuration and seed."""
@@ -179,6 +210,16 @@ class AttackConfig:
                                            parse=lambda text: parse_list(
                                                int, "--batch-sizes")(text))
     steps: int = option(500, "Optimizer steps of every run.", panel=ATTACK, minimum=1)
+    eval_schedule: str = option(
+        "log", "When each run is evaluated (besides step 0 and its last step). log: every "
+        f"--eval-every N steps for the first {LINEAR_EVALUATIONS} evaluations (through step "
+        f"{LINEAR_EVALUATIONS} x N: shorter runs are evaluated as by linear), then the gap "
+        "doubles each time the step doubles (every 2N steps through step 40N, 4N through 80N, "
+        "...): 10 more evaluations per doubling of --steps (at N 25: 40 evaluations for "
+        "--steps 2000, 63 for 10000), so long runs stay cheap; the AUC is the trapezoid over "
+        "the uneven steps and the last step is always evaluated. linear: every N steps "
+        "throughout (the only schedule before).", metavar="log|linear", panel=EVALUATION,
+        choices=EVAL_SCHEDULES)
     seeds: int = option(1, "Seeds per configuration (averaged before the worst case).",
                         metavar="N", panel=ATTACK, minimum=1)
     search: int | None = option(None, "Instead of the full grid, an Optuna study (TPE sampler "
@@ -276,8 +317,14 @@ class AttackConfig:
 
     @property
     def eval_every(self) -> int:
-        """Steps between evaluations of every run (the template's, else the default)."""
+        """Steps between evaluations of every run (the template's, else the default): the
+        first gap of `eval_schedule`."""
         return self.train.eval_every or ATTACK_EVAL_EVERY
+
+    def eval_steps(self, steps: int | None = None) -> list[int]:
+        """The steps after 0 at which a run of `steps` (default `self.steps`) steps is
+        evaluated (`evaluation_steps`)."""
+        return evaluation_steps(steps or self.steps, self.eval_every, self.eval_schedule)
 
     def seed_list(self) -> list[int]:
         return [self.train.seed + i for i in range(self.seeds)]

@@ -6,7 +6,7 @@ signature (`undo_cli.cli.options.with_options`), and `--help` shows them with th
 
 from __future__ import annotations
 
-from undo_cli.options.attack import ATTACK_EVAL_EVERY
+from undo_cli.options.attack import ATTACK_EVAL_EVERY, LINEAR_EVALUATIONS
 from undo_cli.options.groups import NoiseOptions, TrainConfig
 from undo_cli.options.rates import (
     DISTILL_LR,
@@ -122,9 +122,12 @@ COMMAND_HELP: dict[str, dict[str, str]] = {
                    "\"worst.forget.accuracy > 0.25\" (repeatable). Names: worst.SET.METRIC "
                    "(at the end of the worst case), initial.SET.METRIC, final, auc, "
                    "steps_to_threshold. Numbers, + - * /, comparisons, and/or/not.",
-        "eval": "Eval sets measured at step 0, every --eval-every steps and at the end "
+        "eval": "Eval sets measured at step 0, on the --eval-schedule and at the last step "
                 "(metrics NAME.loss, NAME.accuracy, ...; repeatable).",
-        "eval_every": "Evaluate every N steps (and at step 0 and the last step).",
+        "eval_every": "Evaluate every N steps (and at step 0 and the last step); with "
+                      f"--eval-schedule log (the default) only for the first "
+                      f"{LINEAR_EVALUATIONS} evaluations, the gap then doubling each time the "
+                      "step doubles.",
         "seed": "First seed: runs use seeds SEED .. SEED+N-1 (--seeds N) for data order.",
         "batch_size": "Examples per attack step and per process (N processes under a launcher "
                       "train on N times this).",

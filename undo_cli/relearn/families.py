@@ -137,7 +137,8 @@ def benign_family(ctx: FamilyContext) -> Iterator[tuple[dict[str, Any], Any]]:
 
 def embedding_family(ctx: FamilyContext) -> Iterator[tuple[dict[str, Any], Any]]:
     """`--embedding-attack STEPS`: one soft prompt per seed, AdamW at `--prompt-lr`, batch
-    size `--batch-size`, evaluated every `eval_every` steps with the prompt in front."""
+    size `--batch-size`, evaluated with the prompt in front on the schedule of
+    `AttackConfig.eval_steps(STEPS)`."""
     from undo_cli.relearn.soft_prompt import PrefixedStream, attach_soft_prompt, prefix_eval_set
     from undo_cli.stage import Measure
 

@@ -157,7 +157,8 @@ def describe_attack(config: AttackConfig, data: Sequence[str], data_options: Dat
     static.update(family_settings(config))
     if not config.finetune:
         return {"mode": "none", "lrs": [], "steps": 0, "batch_size": t.batch_size,
-                "eval_every": config.eval_every, "seeds": config.seed_list(),
+                "eval_every": config.eval_every, "eval_schedule": config.eval_schedule,
+                "seeds": config.seed_list(),
                 "data": [str(d) for d in data], "max_length": data_options.max_length,
                 "lora": None, "quantize": quant, "search": None, "shrink_perturb": shrink,
                 **static}
@@ -178,9 +179,10 @@ def describe_attack(config: AttackConfig, data: Sequence[str], data_options: Dat
     return {"mode": config.mode, "lrs": lrs, "optimizers": list(config.optimizers),
             "schedules": config.schedule_list(), "batch_sizes": config.batch_size_list(),
             "steps": config.steps, "batch_size": t.batch_size, "eval_every": config.eval_every,
-            "seeds": config.seed_list(), "data": [str(d) for d in data],
-            "max_length": data_options.max_length, "packing": data_options.packing,
-            "schedule": t.schedule, "warmup_steps": t.warmup_steps, "min_lr": t.min_lr,
+            "eval_schedule": config.eval_schedule, "seeds": config.seed_list(),
+            "data": [str(d) for d in data], "max_length": data_options.max_length,
+            "packing": data_options.packing, "schedule": t.schedule,
+            "warmup_steps": t.warmup_steps, "min_lr": t.min_lr,
             "weight_decay": t.weight_decay, "grad_accum": t.grad_accum,
             "max_grad_norm": t.max_grad_norm, "bf16": t.bf16, "bf16_weights": t.bf16_weights,
             "gradient_checkpointing": t.gradient_checkpointing, "lora": lora, "quantize": quant,

@@ -1,7 +1,9 @@
 """Running a relearning attack on a model in memory: every run of the grid (learning rate x
 seed) finetunes a fresh copy of the same original weights on the attack data (full-parameter
-AdamW, or a peft LoRA adapter), evaluating every `eval_every` steps; quantisation (RTN) runs
-on top. The statistics of the worst case are `worst_case.py`'s; writing them is `results.py`'s.
+AdamW, or a peft LoRA adapter), evaluated at the steps of `AttackConfig.eval_steps` (every
+`eval_every` steps, the gap doubling as the step doubles beyond 20 evaluations under the
+default `eval_schedule` "log"); quantisation (RTN) runs on top. The statistics of the worst
+case are `worst_case.py`'s; writing them is `results.py`'s.
 
 - Every run starts from the same in-memory original weights (a `copy.deepcopy` of the model
   loaded once): nothing is reloaded and nothing leaks from one run into the next. The step-0
@@ -420,8 +422,7 @@ def _finetune_run(original: torch.nn.Module, spec: RunSpec, config: AttackConfig
     elif not frozen_ok:
         model.requires_grad_(True)
     stream.load_state_dict({"position": 0})
-    schedule = set(range(config.eval_every, steps + 1, config.eval_every))
-    schedule.add(steps)
+    schedule = set(config.eval_steps(steps))  # the engine calls `evaluate` at a superset
     tokens_at: dict[int, int] = {0: 0}
     cost_steps: list[int] = []
     recorded: dict[int, dict[str, float]] = {}
