@@ -514,23 +514,12 @@ def plan_unlearn(
         keep_state=keep_state, started=started)
 
 
-def unlearn_checkpoint(
-    src: str | Path,
-    dst: str | Path,
-    method: str,
-    forget_specs: Sequence[str],
-    retain_specs: Sequence[str] = (),
-    options: UnlearnOptions = UnlearnOptions(),
-    train_config: TrainConfig = UNLEARN,
-    *,
-    data_options: DataOptions = DataOptions(),
-    evals: EvalOptions = EvalOptions(),
-    load: LoadOptions = LoadOptions(),
-    overwrite: bool = False,
-    keep_state: bool = False,
-    callbacks: stage.Callbacks | None = None,
-    save: SaveOptions = SaveOptions(),
-) -> dict[str, Any]:
+def unlearn_checkpoint(src: str | Path, dst: str | Path, method: str,
+                       forget_specs: Sequence[str], retain_specs: Sequence[str] = (),
+                       options: UnlearnOptions = UnlearnOptions(),
+                       train_config: TrainConfig = UNLEARN, *,
+                       callbacks: stage.Callbacks | None = None, **settings: Any
+                       ) -> dict[str, Any]:
     """Unlearn `forget_specs` from checkpoint `src` with `method`; write the result to `dst`.
 
     `train_config.lr = None` picks `default_lr` for the model's size; no budget (max steps,
@@ -543,11 +532,12 @@ def unlearn_checkpoint(
     failed or diverged run leaves nothing. The training state in `train_config.state_dir`
     (for `--resume`) is deleted once the output is written, unless `keep_state`. Returns a
     summary (also recorded in the manifest). The model is written in `src`'s dtype and
-    sharding unless `save` says otherwise.
+    sharding unless `save` says otherwise. `settings` are `plan_unlearn`'s keywords
+    (`data_options`, `evals`, `load`, `overwrite`, `keep_state`, `save`).
     """
     plan = plan_unlearn(src, dst, method, forget_specs, retain_specs, options, train_config,
-                        data_options=data_options, evals=evals, load=load, overwrite=overwrite,
-                        keep_state=keep_state, save=save)
+                        **settings)
+    load = plan.load
     config, args = plan.config, plan.arguments
     chosen = get_method(method)
     options = replace(options, seed=config.seed, layer=args["layer"],

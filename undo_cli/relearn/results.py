@@ -44,11 +44,7 @@ from undo_cli.gates import (
 from undo_cli.jsontext import jsonable, to_json
 from undo_cli.options import (
     AttackConfig,
-    AttackMeasurement,
-    DataOptions,
     EvalOptions,
-    GateOptions,
-    LoadOptions,
     SaveOptions,
 )
 from undo_cli.perturb import perturb_model_
@@ -90,23 +86,10 @@ def _prompts_of(data: EvalData, tokenizer) -> list[list[int]]:
     return [tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
 
 
-def relearn_checkpoint(
-    checkpoint: str | Path,
-    out: str | Path,
-    *,
-    data: Sequence[str],
-    config: AttackConfig,
-    evals: EvalOptions,
-    data_options: DataOptions = DataOptions(),
-    measurement: AttackMeasurement = AttackMeasurement(),
-    gates: GateOptions = GateOptions(),
-    load: LoadOptions = LoadOptions(),
-    overwrite: bool = False,
-    raise_on_gate: bool = True,
-    arguments: dict[str, Any] | None = None,
-    progress: AttackProgress | None = None,
-    save: SaveOptions = SaveOptions(),
-) -> dict[str, Any]:
+def relearn_checkpoint(checkpoint: str | Path, out: str | Path, *,
+                       progress: AttackProgress | None = None,
+                       save: SaveOptions = SaveOptions(), raise_on_gate: bool = True,
+                       **settings: Any) -> dict[str, Any]:
     """Attack checkpoint `checkpoint` and write `out/results.json`, `out/undo.json` and (with
     matplotlib) `out/relearn.png`, atomically; returns the results.
 
@@ -117,12 +100,10 @@ def relearn_checkpoint(
     run as an adapter directory on top of `checkpoint`; a full model in `checkpoint`'s dtype
     and sharding unless `save` says otherwise). A gate that holds raises `GateFailed` (exit 3)
     after writing (with `raise_on_gate`; else see `results["gates"]` and
-    `raise_failed_gates`).
+    `raise_failed_gates`). `settings` are `plan_attack`'s keywords (`data`, `config`,
+    `evals`, `data_options`, `measurement`, `gates`, `load`, `overwrite`, `arguments`).
     """
-    plan = plan_attack(checkpoint, out, data=data, config=config, evals=evals,
-                       data_options=data_options, measurement=measurement, gates=gates,
-                       load=load, overwrite=overwrite, arguments=arguments,
-                       started=time.time())
+    plan = plan_attack(checkpoint, out, started=time.time(), **settings)
     if plan.config.finetune or plan.config.train.dry_run:
         done = stage.plan_outcome(plan.memory, plan.config.train)
         if done is not None:
