@@ -4,7 +4,7 @@
 #   ./dev.sh language    create .venv if needed, then run the paper's language setting
 #                        (examples/language.sh: English retain, Korean forget, alpha sweep)
 #   ./dev.sh test [ARGS] create .venv if needed, then lint (ruff, import layers) and run the
-#                        default test suite
+#                        default test suite in two processes (UNDO_TEST_WORKERS=N for N, 0: one)
 #   ./dev.sh setup       only create/refresh .venv
 # torch's CPU build is installed first (requirements/cpu-constraints.txt pins it), so pip never
 # pulls the multi-GB CUDA build. Set UNDO_TORCH_SPEC (e.g. "torch") to install another build.
@@ -48,7 +48,10 @@ case "$cmd" in
     setup
     "$VENV/bin/ruff" check undo_cli tests benchmarks
     "$VENV/bin/lint-imports" --no-cache
-    exec "$VENV/bin/python" -m pytest "$@" ;;
+    # Two pytest-xdist workers (UNDO_TEST_WORKERS; 0 runs in this process, e.g. for --pdb), each
+    # given whole test files, so that a file's fixtures are built once; ARGS come after and win.
+    exec "$VENV/bin/python" -m pytest -n "${UNDO_TEST_WORKERS:-2}" --dist loadfile \
+      --no-loadscope-reorder "$@" ;;
   *)
     sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
     [ "$cmd" = help ] || exit 2 ;;

@@ -9,6 +9,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Idle OpenMP threads sleep (as `undo` sets it): spinning ones slow everything else that runs.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
@@ -16,7 +18,9 @@ from typer.testing import CliRunner  # noqa: E402
 from undo_cli.runtime import quiet_libraries  # noqa: E402
 
 quiet_libraries()
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One intra-op thread per pytest-xdist worker (`./dev.sh test` runs one per core: the tests'
+# models are tiny, and a second thread per worker would only oversubscribe the cores).
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 
 # A small alphabet keeps vocabularies (and so test models) tiny.
 TEST_ALPHABET = "0123456789+-*/= abcdefghijklmnopqrstuvwxyz.?\n"

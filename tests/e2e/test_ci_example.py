@@ -1,5 +1,7 @@
 """examples/ci/: release_gate.sh on a tiny random model, once passing and once failing (exit 3,
-results still written); the GitHub Actions workflow is checked as a file, never run."""
+results still written); the GitHub Actions workflow is checked as a file, never run. The
+passing and failing runs call the warm `undo` of tests/forkserver.py (`UNDO`, which the script
+takes); the run stopped by a malformed gate calls `undo` on PATH, as CI does."""
 
 from __future__ import annotations
 
@@ -28,8 +30,9 @@ def setup(tmp_path_factory) -> dict[str, Path]:
     return {"root": root, "model": model, "data": root / "data"}
 
 
-def run_gate(setup: dict[str, Path], name: str, *args: str, **settings: str):
-    """Run the script as CI would: `undo` found on PATH (this interpreter's environment)."""
+def run_gate(setup: dict[str, Path], name: str, *args: str, server=None, **settings: str):
+    """Run the script as CI would: `undo` found on PATH (this interpreter's environment), or
+    with `server` its warm `undo` (each command a process of its own, without the imports)."""
     artifacts = setup["root"] / name
     env = {**os.environ,
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -40,15 +43,18 @@ def run_gate(setup: dict[str, Path], name: str, *args: str, **settings: str):
            "ATTACK_ARGS": "--max-length 64 --batch-size 4 --max-new-tokens 3 --no-plot",
            **settings}
     env.pop("UNDO", None)
+    if server is not None:
+        env["UNDO"] = server.command
     result = subprocess.run(["bash", str(SCRIPT), *args], cwd=setup["root"], env=env,
                             capture_output=True, text=True, timeout=600)
     assert "Traceback" not in result.stderr
     return result, artifacts
 
 
-def test_release_gate_passes(setup):
+def test_release_gate_passes(setup, undo_server):
     model = str(setup["model"])
     r, artifacts = run_gate(setup, "pass", model, model,  # the model as its own reference
+                            server=undo_server,
                             MAX_FORGET_ACCURACY="0.5", MIN_RETAIN_ACCURACY="0",
                             MAX_RETAIN_DROP="0.03", MAX_RELEARNED_ACCURACY="1")
     assert r.returncode == 0, r.stderr
@@ -66,9 +72,9 @@ def test_release_gate_passes(setup):
     assert (artifacts / "relearn" / "undo.json").exists()
 
 
-def test_release_gate_fails_with_exit_3_and_keeps_the_results(setup):
+def test_release_gate_fails_with_exit_3_and_keeps_the_results(setup, undo_server):
     model = str(setup["model"])
-    r, artifacts = run_gate(setup, "fail", model,
+    r, artifacts = run_gate(setup, "fail", model, server=undo_server,
                             MIN_RETAIN_ACCURACY="0.5",  # a random model gets 0
                             MAX_RELEARNED_ACCURACY="-1")  # a bound no model meets
     assert r.returncode == 3, r.stderr

@@ -16,7 +16,7 @@ a small runner around `undo` (`RUNNER`) with two test hooks:
 Checked, on a tiny Llama (hidden 32, 2 layers), 4 AdamW steps, `--batch-size` 2 x 2 processes
 against one process with `--batch-size` 4 (TOLERANCE as in tests/e2e/test_multiprocess.py):
 
-All in the default suite (about 40 s):
+All in the default suite (about 25 s on 2 cores):
 
 - `train` with `--save-every 2` (a sharded state is written and removed): every trained
   parameter is a DTensor whose local shards partition it, the AdamW state is sharded too;
@@ -126,16 +126,18 @@ def files(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture()
-def launch(files):
+def launch(files, undo_server):
     """Start `undo ARGS` under `accelerate launch` with the shipped FSDP config, 2 processes,
-    in a session of its own; at teardown the launcher and its workers are killed."""
+    in a session of its own; at teardown the launcher and its workers are killed. Each
+    process runs `RUNNER` in the warm `undo` of tests/forkserver.py (forked from a process
+    that imported torch once; tests/e2e/test_multiprocess.py launches fresh interpreters)."""
     started: list[subprocess.Popen] = []
 
     def start(*args, **env: str) -> subprocess.Popen:
         argv = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                 str(EXAMPLES / "fsdp.yaml"), "--num_processes", "2", "--num_machines", "1",
-                "--main_process_port", str(_free_port()), str(files["runner"]),
-                *(str(a) for a in args)]
+                "--main_process_port", str(_free_port()), *undo_server.script[1:],
+                str(files["runner"]), *(str(a) for a in args)]
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env={**_env(), **env}, start_new_session=True)
         started.append(proc)

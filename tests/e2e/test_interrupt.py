@@ -149,6 +149,17 @@ def _sigint_to_this_thread() -> None:
     raise AssertionError("SIGINT sent to this thread did not interrupt it")
 
 
+@pytest.fixture()
+def python_sigint_handler():
+    """Python's own SIGINT handler (KeyboardInterrupt) while the test runs, whatever the test
+    process inherited: a process started in the background by a non-interactive shell (`cmd &`,
+    nohup, some CI runners) begins with SIGINT ignored, and Python then leaves it ignored, so
+    the signal these tests send would never arrive."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def test_sigint_while_training_in_a_subprocess(inputs, tmp_path):
     _check(_run("train", "training", signal.SIGINT, tmp_path, inputs, seed=1), "training")
 
@@ -161,7 +172,8 @@ def test_every_moment_in_a_subprocess(inputs, tmp_path, name, moment, sig):
 
 @pytest.mark.parametrize("name,moment", [(n, m) for n, m, _ in CASES],
                          ids=[f"{n}-{m}" for n, m, _ in CASES])
-def test_every_moment_in_process(cli, inputs, tmp_path, monkeypatch, name, moment):
+def test_every_moment_in_process(cli, inputs, tmp_path, monkeypatch, name, moment,
+                                 python_sigint_handler):
     """The same moments, the signal sent by the command to itself (SIGINT: Python's own
     handler raises KeyboardInterrupt where the command is)."""
     import undo_cli.checkpoint.output as output
@@ -197,7 +209,8 @@ def test_every_moment_in_process(cli, inputs, tmp_path, monkeypatch, name, momen
 
 
 def test_a_late_interrupt_of_a_gated_attack_is_not_a_success(cli, inputs, tmp_path,
-                                                             monkeypatch):
+                                                             monkeypatch,
+                                                             python_sigint_handler):
     """relearn-attack checks its --fail-if gates after writing RESULTS_DIR: interrupted
     between the two, it exits 130 (the gates were not checked), its output complete."""
     import undo_cli.engine as engine

@@ -17,9 +17,10 @@ Llama (hidden 32) trained for `STEPS` steps with `--save-every 2`:
 After every kill OUT does not exist (only a hidden `.OUT.undo-tmp-*` sibling may), and every
 saved state `OUT.undo-state/step-*` is complete. The finished OUT equals the reference
 (`torch.equal` on every tensor), resumed from the last state saved before kill 3, and nothing
-is left beside it. The three commands run side by side (threads driving subprocesses); the
-runs that are not killed (the reference, the last `--resume`) go through the warm `undo` of
-tests/forkserver.py, each in a process of its own.
+is left beside it. The three commands run side by side (threads driving subprocesses), every
+run through the warm `undo` of tests/forkserver.py, each in a process of its own (forked from
+one that imported torch once): the runs that are killed run `RUNNER` there, and the kill is
+a SIGKILL to that process.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -47,10 +47,15 @@ COMMON = ["--max-length", "32", "--batch-size", "2", "--max-steps", str(STEPS), 
           "2", "--log-every", "4", "--seed", "1", "--device", "cpu", "-q", "--json"]
 
 # Runs `undo` with a hook: when UNDO_TEST_MARKER is set, the output's weights are written,
-# then the marker file appears and the process waits (to be killed) before undo.json.
+# then the marker file appears and the process waits (to be killed) before undo.json. It
+# writes its process id to UNDO_TEST_PID first (the process to kill).
 RUNNER = """
 import os, sys, time
 import undo_cli.checkpoint as checkpoint
+pid_file = os.environ["UNDO_TEST_PID"]
+with open(pid_file + ".tmp", "w") as f:
+    f.write(str(os.getpid()))
+os.replace(pid_file + ".tmp", pid_file)
 marker = os.environ.get("UNDO_TEST_MARKER")
 if marker:
     real_save_model = checkpoint.save_model
@@ -67,16 +72,21 @@ main()
 def _env(**extra: str) -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false", **extra)
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "UNDO_TEST_MARKER"):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "UNDO_TEST_MARKER", "UNDO_TEST_PID"):
         if name not in extra:
             env.pop(name, None)
     return env
 
 
-def _start(args: list, **env: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", RUNNER, *map(str, args)],
+def _start(args: list, server, pid_file: Path, **env: str) -> subprocess.Popen:
+    """`RUNNER ARGS` (the file runner.py beside `pid_file`) in a process of the warm `undo`;
+    `pid_file` gets that process's id."""
+    pid_file.unlink(missing_ok=True)
+    proc = subprocess.Popen([*server.script, pid_file.parent / "runner.py", *map(str, args)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=_env(**env))
+                            env=_env(UNDO_TEST_PID=str(pid_file), **env))
+    proc.pid_file = pid_file
+    return proc
 
 
 def _finish(args: list, server) -> dict:
@@ -99,9 +109,10 @@ def _wait_for(proc: subprocess.Popen, condition, timeout: float = 120.0) -> None
 
 
 def _kill(proc: subprocess.Popen) -> None:
-    os.kill(proc.pid, signal.SIGKILL)
+    """kill -9 the command's process; its client then exits 137 (killed, nothing reported)."""
+    os.kill(int(proc.pid_file.read_text()), signal.SIGKILL)
     proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+    assert proc.returncode == 128 + signal.SIGKILL, proc.stderr.read()[-2000:]
     proc.stdout.close()
     proc.stderr.close()
 
@@ -185,8 +196,9 @@ def _kill_and_resume(name: str, files: dict[str, Path], root: Path, rng: random.
     k = rng.randrange(4, STEPS - 2, 2)
     jitter = rng.uniform(0.0, 0.005 if mid_save else 0.04)
     seen: list[str] = []
-    proc = _start(args)
-    _wait_for(proc, lambda: _reached(out, k, mid_save, seen))
+    pid_file = root / f"pid-{name}"
+    proc = _start(args, server, pid_file)
+    _wait_for(proc, lambda: pid_file.is_file() and _reached(out, k, mid_save, seen))
     time.sleep(jitter)
     _kill(proc)
     _assert_no_output(out)
@@ -199,7 +211,7 @@ def _kill_and_resume(name: str, files: dict[str, Path], root: Path, rng: random.
 
     # Kill 2: while the resumed run writes its output (weights written, undo.json not yet).
     marker = root / f"marker-{name}-writing"
-    proc = _start([*args, "--resume"], UNDO_TEST_MARKER=str(marker))
+    proc = _start([*args, "--resume"], server, pid_file, UNDO_TEST_MARKER=str(marker))
     _wait_for(proc, marker.is_file)
     temporaries = [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.undo-tmp")]
     assert len(temporaries) == 1 and (temporaries[0] / "model.safetensors").is_file()
@@ -217,6 +229,7 @@ def _kill_and_resume(name: str, files: dict[str, Path], root: Path, rng: random.
 @pytest.fixture(scope="module")
 def scenarios(files, tmp_path_factory, undo_server) -> dict:
     root = tmp_path_factory.mktemp("kill-runs")
+    (root / "runner.py").write_text(RUNNER)
     rng = random.Random(SEED)
     seeds = {name: rng.randrange(2**31) for name in ("train", "unlearn", "distill")}
     with ThreadPoolExecutor(max_workers=3) as pool:

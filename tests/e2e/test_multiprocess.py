@@ -5,7 +5,10 @@ Each multi-process run starts a real launcher in a subprocess (train and relearn
 torchrun underneath; unlearn and distill: `python -m torch.distributed.run
 --nproc_per_node 2`) on a tiny Llama (hidden 32) with packed text (every example has the
 same number of labelled tokens, so the mean of the two processes' mean losses is the mean
-over the global batch). The four runs start together. Per command it checks that
+over the global batch). The four runs start together. `train`'s processes are fresh
+interpreters (`-m undo_cli`, as users launch it); the others' are forked from the warm `undo`
+of tests/forkserver.py (the launcher's own processes, environment and process group, without
+the imports: about 5 s of CPU each). Per command it checks that
 
 - the weights match a single-process run with the same global batch (`--batch-size` 2 per
   process x 2 processes vs `--batch-size` 4): max |difference| below `TOLERANCE` (measured:
@@ -62,18 +65,26 @@ def _env() -> dict[str, str]:
     return env
 
 
-def accelerate_launch(*args: str) -> list[str]:
+def _undo(server) -> list[str]:
+    """What a launcher runs for `undo`: `-m undo_cli` (a fresh interpreter per process), or
+    with the warm `undo` of tests/forkserver.py (`server`) its client, whose command runs in
+    a process forked from one that imported torch once (the launcher, the processes, their
+    environment and their process group are the same; only the imports are skipped)."""
+    return ["-m", "undo_cli"] if server is None else server.argv[1:]
+
+
+def accelerate_launch(*args: str, server=None) -> list[str]:
     """`accelerate launch` with the shipped DDP config, 2 processes. On a machine without CUDA
     a MULTI_GPU config (or `--multi_gpu`) is what starts them: it is torchrun underneath, and
     undo then talks over gloo. (`--cpu`, or `--num_processes 2` alone, starts one process.)"""
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
             str(EXAMPLES / "ddp.yaml"), "--num_processes", "2", "--main_process_port",
-            str(_free_port()), "-m", "undo_cli", *args]
+            str(_free_port()), *_undo(server), *args]
 
 
-def torchrun(*args: str) -> list[str]:
+def torchrun(*args: str, server=None) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-            "--master_port", str(_free_port()), "-m", "undo_cli", *args]
+            "--master_port", str(_free_port()), *_undo(server), *args]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -123,16 +134,19 @@ def _arguments(files: dict[str, Path]) -> dict[str, tuple[str, list, list]]:
 
 
 @pytest.fixture(scope="module")
-def launched(files, tmp_path_factory):
-    """The 2-process runs, started together (their start-ups overlap)."""
+def launched(files, tmp_path_factory, undo_server):
+    """The 2-process runs, started together (their start-ups overlap). `train` runs as users
+    run it (`accelerate launch ... -m undo_cli`, each process a fresh interpreter); the other
+    commands' processes are the warm `undo`'s (`_undo`)."""
     root = tmp_path_factory.mktemp("mp-runs")
     runs = {}
     for command, (launcher, before, after) in _arguments(files).items():
         out = root / command
         wrap = accelerate_launch if launcher == "accelerate" else torchrun
         extra = ["--json"] if command == "train" else []
+        server = None if command == "train" else undo_server
         argv = [str(a) for a in wrap(command, *before, out, *after, "--batch-size", "2",
-                                     *extra)]
+                                     *extra, server=server)]
         # A session of its own, so that teardown can stop the launcher and its workers.
         runs[command] = (subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                           text=True, env=_env(), start_new_session=True), out)
@@ -273,7 +287,7 @@ dist.destroy_process_group()
 """
 
 
-def test_evaluation_is_split_among_processes(files, tmp_path):
+def test_evaluation_is_split_among_processes(files, tmp_path, undo_server):
     """Under a launch every process scores and generates for its half of the requests and
     all gather the results: the metrics and the generated answers equal one process's (the
     order of the gathered answers and choice scores matters, so a mix-up would show)."""
@@ -295,8 +309,8 @@ def test_evaluation_is_split_among_processes(files, tmp_path):
         paths[-1].write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "runner.py").write_text(EVAL_RUNNER)
     argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-            "--master_port", str(_free_port()), str(tmp_path / "runner.py"), files["ckpt"],
-            tmp_path, *paths]
+            "--master_port", str(_free_port()), *undo_server.script[1:],
+            tmp_path / "runner.py", files["ckpt"], tmp_path, *paths]
     proc = subprocess.run([str(a) for a in argv], capture_output=True, text=True, env=_env(),
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
