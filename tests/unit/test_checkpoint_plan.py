@@ -121,11 +121,16 @@ def test_plan_and_dry_run_print_the_plan_and_write_nothing(cli, tiny_llama, text
                  ("distill", out, "--teacher", tiny_llama, "--student", "teacher", "--alpha",
                   "0.5", "--beta", "0.1", "--data", text, "--train-layers", "1"),
                  ("relearn-attack", tiny_llama, "--data", text, "--eval", f"f={text}",
-                  "--lora", "--lora-rank", "4", "--out", out)):
+                  "--forget-metric", "f.loss", "--lora", "--lora-rank", "4", "--out", out)):
         ran = cli(*args, "--dry-run")
         assert ran.exit_code == 0, ran.output
         assert "activations" in ran.stderr and "fits in the" in ran.stderr
         assert not out.exists()
+    # The plan is the whole decision: a dry run refuses what the run would refuse.
+    ran = cli("relearn-attack", tiny_llama, "--data", text, "--eval", f"f={text}", "--lora",
+              "--out", out, "--dry-run")
+    assert ran.exit_code == 2 and "give --forget-metric SET.METRIC" in ran.stderr
+    assert not out.exists()
 
 
 def test_the_plan_and_the_load_refusal_use_the_same_numbers(cli, tiny_llama, text, tmp_path,
