@@ -71,8 +71,7 @@ def test_tensors_outside_the_selection_are_unchanged_after_in_memory_noise(
                 and before[n].any()}  # (shrinking a tensor of zeros, e.g. a bias, keeps it)
     assert changed == expected
     assert all(torch.equal(before[n], after[n]) for n in before if n not in changed)
-    selection = noise_selection(teacher, noise.alpha, noise.beta, include=noise.include,
-                                exclude=noise.exclude, layers=noise.layers)
+    selection = noise_selection(teacher, noise)
     assert {n for n in selection["noised"] + selection["shrunk"] if before[n].any()} == expected
     # The teacher itself is untouched.
     assert all(torch.equal(before[n], v) for n, v in teacher.state_dict().items())

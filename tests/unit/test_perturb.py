@@ -22,6 +22,7 @@ from safetensors import safe_open
 from undo_cli.checkpoint import read_manifest
 from undo_cli.checkpoint.safetensors_io import INDEX_NAME, CheckpointReader, save_tensors
 from undo_cli.errors import DataError, UsageError
+from undo_cli.options import NoiseOptions, SaveOptions
 from undo_cli.perturb import (
     fan_in_and_fan_out,
     noise_scale,
@@ -101,7 +102,7 @@ def test_formula_holds_for_every_tensor(wide_llama, tmp_path, noise):
     the right bound and variance for every 2-D tensor; 1-D tensors are exactly shrunk."""
     alpha, beta = 0.6, 0.1
     out = tmp_path / "out"
-    perturb_checkpoint(wide_llama, out, alpha, beta, seed=3, noise=noise)
+    perturb_checkpoint(wide_llama, out, NoiseOptions(alpha=alpha, beta=beta, noise=noise), seed=3)
     before, after = load_weights(wide_llama), load_weights(out)
     assert set(before) == set(after)
     pooled = []
@@ -138,8 +139,8 @@ def test_formula_exactly_reproduced_from_pure_noise(tiny_llama, tmp_path):
     (1 - alpha) * w + (alpha * beta) * N, rounded once to the tensor's dtype."""
     pure = tmp_path / "pure"
     mixed = tmp_path / "mixed"
-    perturb_checkpoint(tiny_llama, pure, 1.0, 1.0, seed=5)
-    perturb_checkpoint(tiny_llama, mixed, 0.3, 0.7, seed=5)
+    perturb_checkpoint(tiny_llama, pure, NoiseOptions(alpha=1.0, beta=1.0), seed=5)
+    perturb_checkpoint(tiny_llama, mixed, NoiseOptions(alpha=0.3, beta=0.7), seed=5)
     w, n, o = load_weights(tiny_llama), load_weights(pure), load_weights(mixed)
     for name in w:
         if w[name].ndim == 1:
@@ -152,7 +153,7 @@ def test_formula_exactly_reproduced_from_pure_noise(tiny_llama, tmp_path):
 def test_alpha_zero_is_a_byte_identical_copy(tiny_llama, tiny_gpt2, tmp_path):
     for src in (tiny_llama, tiny_gpt2):
         out = tmp_path / src.name
-        summary = perturb_checkpoint(src, out, 0.0, 0.1)
+        summary = perturb_checkpoint(src, out, NoiseOptions(alpha=0.0, beta=0.1))
         assert summary["noised"] == summary["shrunk"] == 0
         assert weight_bytes(out) == weight_bytes(src)
 
@@ -160,8 +161,8 @@ def test_alpha_zero_is_a_byte_identical_copy(tiny_llama, tiny_gpt2, tmp_path):
 def test_alpha_one_beta_one_is_a_fresh_xavier_init(tiny_llama, tmp_path):
     """The output no longer depends on the input weights at all."""
     other = make_checkpoint(tmp_path / "other", seed=123)
-    perturb_checkpoint(tiny_llama, tmp_path / "a", 1.0, 1.0, seed=9)
-    perturb_checkpoint(other, tmp_path / "b", 1.0, 1.0, seed=9)
+    perturb_checkpoint(tiny_llama, tmp_path / "a", NoiseOptions(alpha=1.0, beta=1.0), seed=9)
+    perturb_checkpoint(other, tmp_path / "b", NoiseOptions(alpha=1.0, beta=1.0), seed=9)
     a, b, w = load_weights(tmp_path / "a"), load_weights(tmp_path / "b"), load_weights(other)
     for name in a:
         assert torch.equal(a[name], b[name]), name
@@ -175,8 +176,8 @@ def test_bf16_checkpoint_keeps_dtype_noise_in_fp32(tiny_llama, tmp_path):
     weights = load_weights(tiny_llama)
     bf16 = resave(tiny_llama, tmp_path / "bf16",
                   {k: v.to(torch.bfloat16) for k, v in weights.items()})
-    perturb_checkpoint(bf16, tmp_path / "out", 0.6, 0.1, seed=1)
-    perturb_checkpoint(tiny_llama, tmp_path / "noise", 1.0, 1.0, seed=1)
+    perturb_checkpoint(bf16, tmp_path / "out", NoiseOptions(), seed=1)
+    perturb_checkpoint(tiny_llama, tmp_path / "noise", NoiseOptions(alpha=1.0, beta=1.0), seed=1)
     out, noise = load_weights(tmp_path / "out"), load_weights(tmp_path / "noise")
     for name, w in weights.items():
         w16 = w.to(torch.bfloat16)
@@ -193,7 +194,7 @@ def test_non_float_tensors_are_copied(tiny_llama, tmp_path):
     weights["model.position_ids"] = torch.arange(12, dtype=torch.int64).reshape(3, 4)
     weights["model.mask"] = torch.tensor([[True, False], [False, True]])
     src = resave(tiny_llama, tmp_path / "src", weights)
-    summary = perturb_checkpoint(src, tmp_path / "out", 0.5, 0.5)
+    summary = perturb_checkpoint(src, tmp_path / "out", NoiseOptions(alpha=0.5, beta=0.5))
     out = load_weights(tmp_path / "out")
     assert torch.equal(out["model.position_ids"], weights["model.position_ids"])
     assert torch.equal(out["model.mask"], weights["model.mask"])
@@ -202,12 +203,14 @@ def test_non_float_tensors_are_copied(tiny_llama, tmp_path):
 
 def test_include_and_exclude(tiny_llama, tmp_path):
     w = load_weights(tiny_llama)
-    perturb_checkpoint(tiny_llama, tmp_path / "ex", 0.5, 0.1, exclude=["norm", "embed"])
+    perturb_checkpoint(tiny_llama, tmp_path / "ex",
+                       NoiseOptions(alpha=0.5, beta=0.1, exclude=["norm", "embed"]))
     ex = load_weights(tmp_path / "ex")
     for name in w:
         unchanged = "norm" in name or "embed" in name
         assert torch.equal(ex[name], w[name]) == unchanged, name
-    summary = perturb_checkpoint(tiny_llama, tmp_path / "in", 0.5, 0.1, include=r"\.mlp\.")
+    summary = perturb_checkpoint(tiny_llama, tmp_path / "in",
+                                 NoiseOptions(alpha=0.5, beta=0.1, include=r"\.mlp\."))
     inc = load_weights(tmp_path / "in")
     for name in w:
         assert torch.equal(inc[name], w[name]) == (".mlp." not in name), name
@@ -234,7 +237,8 @@ def test_layers_noise_only_those_decoder_layers(ckpt, layers, inside, request, t
     pattern = manifest["arguments"]["layer_pattern"]
     assert [n for n in w if re.search(pattern, n)] == [n for n in w if n.startswith(inside)]
     # --include narrows the layers further.
-    perturb_checkpoint(src, tmp_path / "narrow", 0.5, 0.1, layers=layers, include="mlp")
+    perturb_checkpoint(src, tmp_path / "narrow",
+                       NoiseOptions(alpha=0.5, beta=0.1, layers=layers, include="mlp"))
     narrow = load_weights(tmp_path / "narrow")
     for name in w:
         moved = not torch.equal(narrow[name], w[name])
@@ -257,14 +261,14 @@ def test_tied_gpt2_stays_tied_and_is_noised(tiny_gpt2, tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "out"
-    perturb_checkpoint(tiny_gpt2, out, 0.6, 0.1)
+    perturb_checkpoint(tiny_gpt2, out, NoiseOptions())
     original = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.lm_head.weight is model.transformer.wte.weight
     assert not torch.equal(model.transformer.wte.weight, original.transformer.wte.weight)
     # noised exactly once, as the embedding
     expected = perturb_tensor("transformer.wte.weight", original.transformer.wte.weight,
-                              0.6, 0.1)
+                              NoiseOptions())
     assert torch.equal(model.lm_head.weight, expected)
 
 
@@ -275,18 +279,18 @@ def test_checkpoint_storing_both_tied_names(tiny_gpt2, tmp_path):
     wte = weights["transformer.wte.weight"]
     both = resave(tiny_gpt2, tmp_path / "both", {**weights, "lm_head.weight": wte.clone()},
                   max_shard_size=4000)
-    summary = perturb_checkpoint(both, tmp_path / "out", 0.6, 0.1, seed=4)
+    summary = perturb_checkpoint(both, tmp_path / "out", NoiseOptions(), seed=4)
     assert summary["tied_copies"] == 1
     assert summary["tied_weights"] == {"lm_head.weight": "transformer.wte.weight"}
     out = load_weights(tmp_path / "out")
     assert torch.equal(out["lm_head.weight"], out["transformer.wte.weight"])
-    perturb_checkpoint(tiny_gpt2, tmp_path / "single", 0.6, 0.1, seed=4)
+    perturb_checkpoint(tiny_gpt2, tmp_path / "single", NoiseOptions(), seed=4)
     assert torch.equal(out["transformer.wte.weight"],
                        load_weights(tmp_path / "single")["transformer.wte.weight"])
 
 
 def test_untied_llama_head_gets_its_own_noise(tiny_llama, tmp_path):
-    perturb_checkpoint(tiny_llama, tmp_path / "out", 1.0, 1.0)
+    perturb_checkpoint(tiny_llama, tmp_path / "out", NoiseOptions(alpha=1.0, beta=1.0))
     out = load_weights(tmp_path / "out")
     assert not torch.equal(out["lm_head.weight"], out["model.embed_tokens.weight"])
 
@@ -298,14 +302,14 @@ def test_untied_llama_head_gets_its_own_noise(tiny_llama, tmp_path):
 def test_sharded_input_is_sharded_alike(tiny_llama, tmp_path):
     sharded = resave(tiny_llama, tmp_path / "sharded", load_weights(tiny_llama),
                      max_shard_size=20_000)
-    summary = perturb_checkpoint(sharded, tmp_path / "out", 0.6, 0.1, seed=2)
+    summary = perturb_checkpoint(sharded, tmp_path / "out", NoiseOptions(), seed=2)
     assert len(summary["files"]) > 1
     assert sorted(summary["files"]) == sorted(
         p.name for p in sharded.glob("*.safetensors"))
     index = json.loads((tmp_path / "out" / INDEX_NAME).read_text())
     assert index["weight_map"] == json.loads((sharded / INDEX_NAME).read_text())["weight_map"]
     # same values as from the single-file input: noise depends on (seed, name) only
-    perturb_checkpoint(tiny_llama, tmp_path / "single", 0.6, 0.1, seed=2)
+    perturb_checkpoint(tiny_llama, tmp_path / "single", NoiseOptions(), seed=2)
     a, b = load_weights(tmp_path / "out"), load_weights(tmp_path / "single")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -313,21 +317,25 @@ def test_sharded_input_is_sharded_alike(tiny_llama, tmp_path):
 def test_max_shard_size_output_independent_of_input_sharding(tiny_llama, tmp_path):
     sharded = resave(tiny_llama, tmp_path / "sharded", load_weights(tiny_llama),
                      max_shard_size=7_000)
-    perturb_checkpoint(tiny_llama, tmp_path / "a", 0.6, 0.1, max_shard_size="30KB")
-    perturb_checkpoint(sharded, tmp_path / "b", 0.6, 0.1, max_shard_size=30_000)
+    perturb_checkpoint(tiny_llama, tmp_path / "a", NoiseOptions(),
+                       save=SaveOptions(max_shard_size="30KB"))
+    perturb_checkpoint(sharded, tmp_path / "b", NoiseOptions(),
+                       save=SaveOptions(max_shard_size="30000"))
     a = weight_bytes(tmp_path / "a")
     assert len([n for n in a if n.endswith(".safetensors")]) == 4
     assert INDEX_NAME in a
     assert a == weight_bytes(tmp_path / "b")
     # one shard: a plain model.safetensors, no index
-    perturb_checkpoint(sharded, tmp_path / "c", 0.6, 0.1, max_shard_size="1GB")
+    perturb_checkpoint(sharded, tmp_path / "c", NoiseOptions(),
+                       save=SaveOptions(max_shard_size="1GB"))
     assert list(weight_bytes(tmp_path / "c")) == ["model.safetensors"]
 
 
 def test_sharded_output_loads_with_from_pretrained(tiny_llama, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    perturb_checkpoint(tiny_llama, tmp_path / "out", 0.6, 0.1, max_shard_size="20KB")
+    perturb_checkpoint(tiny_llama, tmp_path / "out", NoiseOptions(),
+                       save=SaveOptions(max_shard_size="20KB"))
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     out = load_weights(tmp_path / "out")
     for name, p in model.state_dict().items():
@@ -335,9 +343,9 @@ def test_sharded_output_loads_with_from_pretrained(tiny_llama, tmp_path):
 
 
 def test_deterministic_byte_identical(tiny_llama, tmp_path, small_chunks):
-    perturb_checkpoint(tiny_llama, tmp_path / "a", 0.6, 0.1, seed=11, threads=1)
-    perturb_checkpoint(tiny_llama, tmp_path / "b", 0.6, 0.1, seed=11, threads=3)
-    perturb_checkpoint(tiny_llama, tmp_path / "c", 0.6, 0.1, seed=12)
+    perturb_checkpoint(tiny_llama, tmp_path / "a", NoiseOptions(), seed=11, threads=1)
+    perturb_checkpoint(tiny_llama, tmp_path / "b", NoiseOptions(), seed=11, threads=3)
+    perturb_checkpoint(tiny_llama, tmp_path / "c", NoiseOptions(), seed=12)
     assert weight_bytes(tmp_path / "a") == weight_bytes(tmp_path / "b")
     assert weight_bytes(tmp_path / "a") != weight_bytes(tmp_path / "c")
     for name in ("config.json", "tokenizer.json"):
@@ -349,23 +357,23 @@ def test_noise_independent_of_torch_threads():
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        a = perturb_tensor("w", w, 0.6, 0.1, threads=1)
+        a = perturb_tensor("w", w, NoiseOptions(), threads=1)
         torch.set_num_threads(2)
-        b = perturb_tensor("w", w, 0.6, 0.1, threads=2)
+        b = perturb_tensor("w", w, NoiseOptions(), threads=2)
         assert torch.get_num_threads() == 2  # restored after the run
     finally:
         torch.set_num_threads(old)
     assert torch.equal(a, b)
-    assert not torch.equal(a, perturb_tensor("w2", w, 0.6, 0.1))  # keyed by name
-    assert not torch.equal(a, perturb_tensor("w", w, 0.6, 0.1, seed=1))
+    assert not torch.equal(a, perturb_tensor("w2", w, NoiseOptions()))  # keyed by name
+    assert not torch.equal(a, perturb_tensor("w", w, NoiseOptions(), seed=1))
 
 
 def test_multi_chunk_tensors_match_in_memory(tiny_llama, tmp_path, small_chunks):
-    summary = perturb_checkpoint(tiny_llama, tmp_path / "out", 0.6, 0.1, seed=7)
+    summary = perturb_checkpoint(tiny_llama, tmp_path / "out", NoiseOptions(), seed=7)
     assert summary["parameters_noised"] > 20 * noise_mod.CHUNK_ELEMENTS
     out = load_weights(tmp_path / "out")
     for name, w in load_weights(tiny_llama).items():
-        assert torch.equal(out[name], perturb_tensor(name, w, 0.6, 0.1, seed=7)), name
+        assert torch.equal(out[name], perturb_tensor(name, w, NoiseOptions(), seed=7)), name
 
 
 # ------------------------------------------------------------------------------------------
@@ -383,10 +391,10 @@ def test_in_memory_equals_streamed(request, tmp_path, model_name):
     else:
         src = request.getfixturevalue(model_name)
     dtype = torch.bfloat16 if model_name == "bf16" else torch.float32
-    perturb_checkpoint(src, tmp_path / "out", 0.6, 0.1, seed=21, exclude="ln_f")
+    perturb_checkpoint(src, tmp_path / "out", NoiseOptions(exclude="ln_f"), seed=21)
     streamed = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=dtype)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
-    perturb_model_(model, 0.6, 0.1, seed=21, exclude="ln_f")
+    perturb_model_(model, NoiseOptions(exclude="ln_f"), seed=21)
     expected = streamed.state_dict()
     for name, value in model.state_dict().items():
         assert value.dtype == expected[name].dtype == dtype
@@ -398,7 +406,7 @@ def test_in_memory_equals_streamed(request, tmp_path, model_name):
 def test_perturb_state_dict_does_not_modify_its_input(tiny_llama):
     weights = load_weights(tiny_llama)
     before = {k: v.clone() for k, v in weights.items()}
-    new = perturb_state_dict(weights, 0.6, 0.1)
+    new = perturb_state_dict(weights, NoiseOptions())
     assert all(torch.equal(weights[k], before[k]) for k in weights)
     assert not torch.equal(new["lm_head.weight"], weights["lm_head.weight"])
 
@@ -438,8 +446,8 @@ def test_cli_defaults_are_the_papers(tiny_llama, tmp_path, cli):
 
 def test_progress_reports_all_bytes(tiny_llama, tmp_path):
     calls = []
-    perturb_checkpoint(tiny_llama, tmp_path / "out", 0.6, 0.1,
-                       progress=lambda done, total: calls.append((done, total)))
+    perturb_checkpoint(tiny_llama, tmp_path / "out", NoiseOptions(), progress=lambda done,
+                       total: calls.append((done, total)))
     total = sum(p.numel() * p.element_size() for p in load_weights(tiny_llama).values())
     assert calls[-1] == (total, total)
     assert [d for d, _ in calls] == sorted(d for d, _ in calls)
@@ -528,11 +536,12 @@ def test_overwrite_replaces_existing_output(tiny_llama, tmp_path, cli):
 
 def test_bad_options_in_the_library_raise_usage_error(tiny_llama, tmp_path):
     with pytest.raises(UsageError, match="alpha"):
-        perturb_tensor("w", torch.ones(2, 2), 2.0, 0.1)
+        perturb_tensor("w", torch.ones(2, 2), NoiseOptions(alpha=2.0, beta=0.1))
     with pytest.raises(UsageError, match="noise"):
-        perturb_checkpoint(tiny_llama, tmp_path / "o", 0.5, 0.1, noise="pink")
+        perturb_checkpoint(tiny_llama, tmp_path / "o",
+                           NoiseOptions(alpha=0.5, beta=0.1, noise="pink"))
     with pytest.raises(UsageError, match="threads"):
-        perturb_checkpoint(tiny_llama, tmp_path / "o", 0.5, 0.1, threads=0)
+        perturb_checkpoint(tiny_llama, tmp_path / "o", NoiseOptions(alpha=0.5, beta=0.1), threads=0)
     assert not (tmp_path / "o").exists()
 
 
@@ -567,8 +576,8 @@ def test_failure_mid_write_leaves_nothing(tiny_llama, tmp_path, monkeypatch):
     out = tmp_path / "out"
     written = []
     with pytest.raises(DataError, match="simulated"):
-        perturb_checkpoint(sharded, out, 0.6, 0.1,
-                           progress=lambda done, total: written.append(done))
+        perturb_checkpoint(sharded, out, NoiseOptions(), progress=lambda done,
+                           total: written.append(done))
     assert written  # the failure happened after some tensors were written
     assert not out.exists()
     assert not tmp_siblings(out)
@@ -611,7 +620,7 @@ def test_kill_9_mid_write_leaves_no_output(tiny_llama, tmp_path):
     assert tmp_siblings(out)  # only the hidden temporary sibling is left ...
     small = tmp_path / "small"
     shutil.copytree(tiny_llama, small)
-    perturb_checkpoint(small, out, 0.6, 0.1)  # ... and the next run removes it
+    perturb_checkpoint(small, out, NoiseOptions())  # ... and the next run removes it
     assert out.is_dir()
     assert not tmp_siblings(out)
 
@@ -668,8 +677,8 @@ def test_other_float_dtypes_follow_the_formula(tiny_llama, tmp_path, dtype):
     (fp64 for fp64) with the same noise as the fp32 model, rounded once to the dtype."""
     weights = load_weights(tiny_llama)
     src = resave(tiny_llama, tmp_path / "src", {k: v.to(dtype) for k, v in weights.items()})
-    perturb_checkpoint(src, tmp_path / "out", 0.6, 0.1, seed=1)
-    perturb_checkpoint(tiny_llama, tmp_path / "noise", 1.0, 1.0, seed=1)
+    perturb_checkpoint(src, tmp_path / "out", NoiseOptions(), seed=1)
+    perturb_checkpoint(tiny_llama, tmp_path / "noise", NoiseOptions(alpha=1.0, beta=1.0), seed=1)
     out, noise = load_weights(tmp_path / "out"), load_weights(tmp_path / "noise")
     work = torch.float64 if dtype == torch.float64 else torch.float32
     for name, w in weights.items():
@@ -701,14 +710,14 @@ def test_shards_sharing_a_file_name_in_subdirectories_all_survive(tiny_llama, tm
         weight_map.update({n: f"{sub}/model.safetensors" for n in part})
     (ckpt / INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     out = tmp_path / "out"
-    summary = perturb_checkpoint(ckpt, out, 0.6, 0.1, seed=2)
+    summary = perturb_checkpoint(ckpt, out, NoiseOptions(), seed=2)
     assert summary["files"] == ["a/model.safetensors", "b/model.safetensors"]
     index = json.loads((out / INDEX_NAME).read_text())
     assert index["weight_map"] == weight_map
     with CheckpointReader(out) as written, CheckpointReader(ckpt) as original:
         assert {n: (e.dtype, e.shape) for n, e in written.entries.items()} == {
             n: (e.dtype, e.shape) for n, e in original.entries.items()}
-    expected = perturb_checkpoint(tiny_llama, tmp_path / "flat", 0.6, 0.1, seed=2)
+    expected = perturb_checkpoint(tiny_llama, tmp_path / "flat", NoiseOptions(), seed=2)
     assert expected["noised"] == summary["noised"]
     from undo_cli.checkpoint import load_model
 
@@ -734,7 +743,7 @@ def test_the_output_is_verified_before_it_is_put_in_place(tiny_llama, tmp_path, 
     out = tmp_path / "out"
     with pytest.raises(UndoError, match="perturb wrote tensor 'model.norm.weight' wrongly "
                                         r"\(missing"):
-        perturb_checkpoint(tiny_llama, out, 0.6, 0.1)
+        perturb_checkpoint(tiny_llama, out, NoiseOptions())
     assert not out.exists() and tmp_siblings(out) == []
 
 

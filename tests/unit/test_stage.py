@@ -85,10 +85,13 @@ def test_plans_are_complete_and_frozen_before_any_weight_loads(tiny_llama, tmp_p
     with pytest.raises(dataclasses.FrozenInstanceError):
         plan.config = TrainConfig()  # type: ignore[misc]
 
-    plan, selection = plan_distill(tiny_llama, "teacher", tmp_path / "d", data=[str(data)],
-                                   noise=NoiseOptions(alpha=0.5, beta=0.1, layers="1"))
+    distill = plan_distill(tiny_llama, "teacher", tmp_path / "d", data=[str(data)],
+                           noise=NoiseOptions(alpha=0.5, beta=0.1, layers="1"))
+    selection, plan = distill.selection, distill.stage
     assert selection.noise["noised"] and all(n.startswith("model.layers.1.")
                                              for n in selection.noise["noised"])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        distill.selection = None  # type: ignore[misc]
     assert plan.config.max_steps is not None and plan.config.lr is not None
     assert not (tmp_path / "u").exists() and not (tmp_path / "d").exists()
 
@@ -121,3 +124,28 @@ def test_undo_json_records_the_plan_as_run(tiny_llama, tmp_path):
     manifest = json.loads((tmp_path / "u" / "undo.json").read_text())
     assert manifest["arguments"]["train"] == json.loads(json.dumps(plan.arguments["train"]))
     assert manifest["memory_plan"]["trainable"] == plan.memory.trainable
+
+
+def test_the_attack_plan_clips_the_lora_rank_before_any_weight_loads(tiny_llama, tmp_path,
+                                                                     monkeypatch):
+    import torch
+
+    import undo_cli.relearn.results as results
+    from undo_cli.checkpoint.plan import lora_parameters
+    from undo_cli.options import AttackConfig
+    from undo_cli.relearn.plan import plan_attack
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "12*3=36"}] * 8)
+    monkeypatch.setattr(results.checkpoint_io, "load_model",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    config = AttackConfig(lora=True, lora_rank=512, steps=2, lrs=[1e-3], seeds=1)
+    plan = plan_attack(tiny_llama, tmp_path / "r", data=[str(data)], config=config,
+                       evals=EvalOptions(eval=[f"forget={data}"]))
+    # Independently: the narrowest side of every linear map LoRA wraps (the head excluded).
+    model = load_model(tiny_llama)
+    narrowest = min(min(m.weight.shape) for name, m in model.named_modules()
+                    if isinstance(m, torch.nn.Linear) and name != "lm_head")
+    assert plan.lora_rank == narrowest < 512
+    expected = lora_parameters(plan.info.config, narrowest)
+    assert plan.memory.trainable == expected  # the plan counts the rank the run uses
+    assert not (tmp_path / "r").exists()

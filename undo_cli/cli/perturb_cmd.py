@@ -56,7 +56,6 @@ def perturb_command(
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from undo_cli.perturb import perturb_checkpoint
 
-    s = settings  # checked and parsed when built; perturb_checkpoint checks the rest first
     display = ProgressDisplay(show_output(output.quiet), transient=True, bytes_=True)
 
     def progress(done: int, total: int) -> None:
@@ -66,10 +65,8 @@ def perturb_command(
 
     try:
         summary = perturb_checkpoint(
-            src, out, s.alpha, s.beta, run.seed, s.noise, include=s.include or None,
-            exclude=s.exclude or None, layers=s.layers, max_shard_size=save.max_shard_size,
-            overwrite=output.overwrite, allow_nonfinite=run.allow_nonfinite,
-            progress=progress, base_model=load.base_model)
+            src, out, settings, seed=run.seed, save=save, overwrite=output.overwrite,
+            allow_nonfinite=run.allow_nonfinite, progress=progress, base_model=load.base_model)
     finally:
         display.close()
     if output.json:

@@ -23,17 +23,20 @@ from undo_cli.distill.loss import (
 )
 from undo_cli.distill.run import (
     RANDOM_STUDENT_SEED_OFFSET,
+    DistillPlan,
     build_student,
     check_compatible,
     distill_checkpoint,
+    distill_job,
     hidden_layer_list,
     plan_distill,
 )
 from undo_cli.distill.teachers import CACHE_INFO, TeacherCache, TeacherSwitch
 
 __all__ = [
-    "CACHE_INFO", "RANDOM_STUDENT_SEED_OFFSET", "SECOND_TEACHER_KEY", "TeacherCache",
-    "TeacherSwitch", "build_student", "check_compatible", "chunked_distill_loss",
-    "distill_checkpoint", "final_hidden", "hidden_layer_list", "hidden_term", "kd_loss_fn",
+    "CACHE_INFO", "RANDOM_STUDENT_SEED_OFFSET", "SECOND_TEACHER_KEY", "DistillPlan",
+    "TeacherCache", "TeacherSwitch", "build_student", "check_compatible",
+    "chunked_distill_loss", "distill_checkpoint", "distill_job", "final_hidden",
+    "hidden_layer_list", "hidden_term", "kd_loss_fn",
     "output_logits", "plan_distill", "student_hidden_states", "teacher_states",
 ]

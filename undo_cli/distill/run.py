@@ -8,6 +8,7 @@ import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -53,9 +54,7 @@ def build_student(spec: str, teacher, noise: NoiseOptions, noise_seed: int, seed
             raise UsageError("--alpha/--beta noise the teacher in memory: give --student "
                              "teacher (or leave --student out), not another model")
         student = copy.deepcopy(teacher).train().requires_grad_(True)
-        perturb_model_(student, noise.alpha, noise.beta, seed=noise_seed, noise=noise.noise,
-                       include=noise.include or None, exclude=noise.exclude or None,
-                       layers=noise.layers, only=only)
+        perturb_model_(student, noise, noise_seed, only=only)
         return student
     if spec == "random":
         # A seed of its own: `undo init --seed S` and `--seed S` here must not give the base
@@ -133,13 +132,24 @@ def select(teacher, options: DistillOptions, noise: NoiseOptions) -> Selection:
     only = trained if (trained is not None and not own) else None
     record = None
     if noise.alpha is not None:
-        record = noise_selection(teacher, noise.alpha, noise.beta,
-                                 include=noise.include or None, exclude=noise.exclude or None,
-                                 layers=noise.layers, only=only)
+        record = noise_selection(teacher, noise, only=only)
         for key in ("noised", "shrunk"):
             record[f"{key}_count"] = len(record[key])
             record[key] = record[key][:LISTED_NAMES]
     return Selection(trained=trained, noise_only=only, noise=record)
+
+
+@dataclass(frozen=True)
+class DistillPlan:
+    """Every decision of a distillation before any weight loads: the stage's plan (budget,
+    memory, undo.json), what trains and is noised (None where the teacher's meta model cannot
+    be built: then decided on the loaded teacher), and the distillation's own settings."""
+    stage: stage.StagePlan
+    selection: Selection | None
+    options: DistillOptions
+    noise: NoiseOptions
+    data: tuple[str, ...]
+    student: str  # a checkpoint directory, `random` or `teacher`
 
 
 def plan_distill(teacher_path: str | Path, student: str, out: str | Path, *,
@@ -147,7 +157,7 @@ def plan_distill(teacher_path: str | Path, student: str, out: str | Path, *,
                  noise: NoiseOptions = DISTILL_NOISE, train: TrainConfig = DISTILL,
                  data_options: DataOptions = DataOptions(), evals: EvalOptions = EvalOptions(),
                  load: LoadOptions = LoadOptions(), overwrite: bool = False,
-                 save: SaveOptions = SaveOptions()) -> tuple[stage.StagePlan, Selection | None]:
+                 save: SaveOptions = SaveOptions()) -> DistillPlan:
     """The plan of `distill_checkpoint`, before any weight loads: the budget (a cap and an
     evaluation interval under --stop-when alone), the student, what trains and is noised
     (on the teacher's meta model; None where it cannot be built, then decided on the loaded
@@ -198,7 +208,7 @@ def plan_distill(teacher_path: str | Path, student: str, out: str | Path, *,
         memory=memory, arguments=arguments, parents=stage.with_bases(parents, infos),
         layout=save_layout(save, infos[1] if student_is_dir else infos[0]),
         source=teacher_path, overwrite=overwrite, started=started)
-    return plan, selection
+    return DistillPlan(plan, selection, options, noise, tuple(data), student)
 
 
 def distill_checkpoint(teacher_path: str | Path, student: str, out: str | Path, *,
@@ -223,102 +233,124 @@ def distill_checkpoint(teacher_path: str | Path, student: str, out: str | Path, 
     unless `noise` selects tensors itself); `hidden_loss_weight` adds the hidden-state term;
     `second_teacher` gives the targets of a `second_teacher_fraction` of the micro-batches.
     """
+    plan = plan_distill(teacher_path, student, out, data=data, options=options, noise=noise,
+                        train=train, data_options=data_options, evals=evals, load=load,
+                        overwrite=overwrite, save=save)
+    return stage.run_stage(plan.stage, lambda: _tokenizer(plan.stage.load, teacher_path),
+                           partial(distill_job, plan), callbacks=callbacks)
+
+
+def _tokenizer(load: LoadOptions, path: str | Path):
+    return load_tokenizer(path, trust_remote_code=load.trust_remote_code,
+                          base_model=load.base_model)
+
+
+@dataclass
+class _Models:
+    teacher: Any
+    student: Any
+    second: Any  # the second teacher, or None
+    selection: Selection
+    parameters: list[Any] | None  # the trained parameters (None: all)
+
+
+def _load_models(plan: DistillPlan, tok, tokenizers: dict[str, Any], device) -> _Models:
+    """Teacher, student and second teacher on `device`, checked against each other and their
+    `tokenizers` (by role), and what trains (the plan's selection, or decided on the loaded
+    teacher)."""
+    load, options, paths = plan.stage.load, plan.options, plan.stage.parents
+
+    def frozen_model(path: Path):
+        model = load_model(path, allow_pickle=load.allow_pickle,
+                           trust_remote_code=load.trust_remote_code,
+                           base_model=load.base_model).to(device).eval()
+        return model.requires_grad_(False)
+
+    teacher = frozen_model(paths["teacher"])
+    selection = plan.selection
+    if selection is None:  # the teacher's meta model could not be built (custom code)
+        selection = select(teacher, options, plan.noise)
+    student = build_student(plan.student, teacher, plan.noise, options.perturb_seed,
+                            plan.stage.config.seed, load=load, only=selection.noise_only)
+    check_compatible(teacher, student, tok, tokenizers.get("student"))
+    second = None
+    if "second_teacher" in paths:
+        second = frozen_model(paths["second_teacher"])
+        check_compatible(teacher, second, tok, tokenizers["second_teacher"],
+                         what="teacher and second teacher")
+    parameters = None
+    if selection.trained is not None:  # the same names on the student (checked)
+        named = dict(student.named_parameters())
+        missing = [n for n in selection.trained if n not in named]
+        if missing:
+            raise UsageError(f"the student has no parameter {missing[0]} selected by "
+                             "--train/--train-layers on the teacher: give a student of "
+                             "the teacher's architecture")
+        parameters = [named[n] for n in selection.trained]
+    return _Models(teacher, student, second, selection, parameters)
+
+
+def distill_job(plan: DistillPlan, tok, sets) -> stage.Job:
+    """What `run_stage` trains for `plan`: the data stream first, then the models, the
+    teacher's targets (live, cached or from two teachers) and the distillation loss."""
+    config, options, data = plan.stage.config, plan.options, plan.data
+    length, packing = plan.stage.data_options.max_length, plan.stage.data_options.packing
+    teacher_path = plan.stage.parents["teacher"]
     stop = options.stop_when.condition if options.stop_when else None
-    plan, selection = plan_distill(teacher_path, student, out, data=data, options=options,
-                                   noise=noise, train=train, data_options=data_options,
-                                   evals=evals, load=load, overwrite=overwrite, save=save)
-    config, length = plan.config, plan.data_options.max_length
-    teacher_path, student = plan.inputs[0], plan.arguments["student"]
-    student_is_dir = "student" in plan.parents
-    second_path = Path(options.second_teacher) if options.second_teacher is not None else None
+    tokenizers = {role: _tokenizer(plan.stage.load, path)
+                  for role, path in plan.stage.parents.items()
+                  if role in ("student", "second_teacher")}
+    stream = build_stream(tok, data, length, config.batch_size, config.seed, name="train",
+                          packing=packing)
+    if stop is not None:  # before any model is loaded
+        stop.check_names(set(expected_metrics(sets)))
+    device = training_device(config.device)
+    models = _load_models(plan, tok, tokenizers, device)
+    teacher, second, selection = models.teacher, models.second, models.selection
+    hidden_layers = hidden_layer_list(options, models.student,
+                                      [t for t in (teacher, second) if t])
+    teacher_metrics = stage.measure(tok, sets, plan.stage.evals)(teacher) if sets else {}
+    streams, frozen_rate, amend = _teacher_sources(
+        stream, teacher, second, options, device, seed=config.seed,
+        cache_key=lambda: {
+            "teacher": fingerprint(teacher_path), "data": list(data), "seed": config.seed,
+            "batch_size": config.batch_size, "max_length": length,
+            "packing": "documents-padded" if stream.padded_documents else packing})
+    fit_packing(streams, [m for m in (teacher, models.student, second) if m is not None])
+    loss_fn = kd_loss_fn(teacher, temperature=options.temperature,
+                         ce_weight=options.ce_weight, chunk_size=options.kd_chunk_size,
+                         hidden_weight=options.hidden_loss_weight,
+                         hidden_layers=hidden_layers, second_teacher=second)
+    should_stop = None
+    if stop is not None:
+        def should_stop(step, metrics):  # noqa: ARG001
+            return (f"stop_when: {stop.text}" if stop.holds(metrics, teacher_metrics)
+                    else None)
 
-    def tokenizer(path):
-        return load_tokenizer(path, trust_remote_code=load.trust_remote_code,
-                              base_model=load.base_model)
+    record = {
+        "trained": None if selection.trained is None else {
+            "pattern": options.train_pattern,
+            "layers": list(layer_numbers(options.train_layers) or []) or None,
+            "names": selection.trained[:LISTED_NAMES], "count": len(selection.trained)},
+        "noise": selection.noise,
+        "hidden_loss": None if hidden_layers is None else {
+            "weight": options.hidden_loss_weight, "layers": hidden_layers},
+    }
 
-    def prepare(tok, sets) -> stage.Job:
-        nonlocal selection
-        student_tok = tokenizer(student) if student_is_dir else None
-        second_tok = tokenizer(second_path) if second_path is not None else None
-        stream = build_stream(tok, data, length, config.batch_size, config.seed,
-                              name="train", packing=plan.data_options.packing)
-        if stop is not None:  # before any model is loaded
-            stop.check_names(set(expected_metrics(sets)))
-        device = training_device(config.device)
+    def summary(written: stage.Written) -> dict[str, Any]:
+        compute = written.compute
+        return {"teacher": str(teacher_path), "student": plan.student,
+                "flops_student": compute["flops_student"],
+                "flops_teacher": compute["flops_teacher"],
+                "kd_loss": written.result.loss.get("kd_loss"),
+                "teacher_metrics": teacher_metrics,
+                **({"second_teacher": compute["second_teacher"]}
+                   if "second_teacher" in compute else {})}
 
-        def frozen_model(path: Path):
-            model = load_model(path, allow_pickle=load.allow_pickle,
-                               trust_remote_code=load.trust_remote_code,
-                               base_model=load.base_model).to(device).eval()
-            return model.requires_grad_(False)
-
-        teacher = frozen_model(teacher_path)
-        if selection is None:  # the teacher's meta model could not be built (custom code)
-            selection = select(teacher, options, noise)
-        model = build_student(student, teacher, noise, options.perturb_seed, config.seed,
-                              load=load, only=selection.noise_only)
-        check_compatible(teacher, model, tok, student_tok)
-        second = None
-        if second_path is not None:
-            second = frozen_model(second_path)
-            check_compatible(teacher, second, tok, second_tok,
-                             what="teacher and second teacher")
-        hidden_layers = hidden_layer_list(options, model, [t for t in (teacher, second) if t])
-        parameters = None
-        if selection.trained is not None:  # the same names on the student (checked)
-            named = dict(model.named_parameters())
-            missing = [n for n in selection.trained if n not in named]
-            if missing:
-                raise UsageError(f"the student has no parameter {missing[0]} selected by "
-                                 "--train/--train-layers on the teacher: give a student of "
-                                 "the teacher's architecture")
-            parameters = [named[n] for n in selection.trained]
-
-        teacher_metrics = stage.measure(tok, sets, evals)(teacher) if sets else {}
-        streams, frozen_rate, amend = _teacher_sources(
-            stream, teacher, second, options, device, seed=config.seed,
-            cache_key=lambda: {
-                "teacher": fingerprint(teacher_path), "data": list(data), "seed": config.seed,
-                "batch_size": config.batch_size, "max_length": length,
-                "packing": "documents-padded" if stream.padded_documents
-                else plan.data_options.packing})
-        fit_packing(streams, [m for m in (teacher, model, second) if m is not None])
-        loss_fn = kd_loss_fn(teacher, temperature=options.temperature,
-                             ce_weight=options.ce_weight, chunk_size=options.kd_chunk_size,
-                             hidden_weight=options.hidden_loss_weight,
-                             hidden_layers=hidden_layers, second_teacher=second)
-        should_stop = None
-        if stop is not None:
-            def should_stop(step, metrics):  # noqa: ARG001
-                return (f"stop_when: {stop.text}" if stop.holds(metrics, teacher_metrics)
-                        else None)
-
-        record = {
-            "trained": None if selection.trained is None else {
-                "pattern": options.train_pattern,
-                "layers": list(layer_numbers(options.train_layers) or []) or None,
-                "names": selection.trained[:LISTED_NAMES], "count": len(selection.trained)},
-            "noise": selection.noise,
-            "hidden_loss": None if hidden_layers is None else {
-                "weight": options.hidden_loss_weight, "layers": hidden_layers},
-        }
-
-        def summary(written: stage.Written) -> dict[str, Any]:
-            compute = written.compute
-            return {"teacher": str(teacher_path), "student": student,
-                    "flops_student": compute["flops_student"],
-                    "flops_teacher": compute["flops_teacher"],
-                    "kd_loss": written.result.loss.get("kd_loss"),
-                    "teacher_metrics": teacher_metrics,
-                    **({"second_teacher": compute["second_teacher"]}
-                       if "second_teacher" in compute else {})}
-
-        return stage.Job(model, loss_fn, streams, parameters=parameters,
-                         frozen_forward_params=frozen_rate, should_stop=should_stop,
-                         compute=amend, summary=summary,
-                         extra={"teacher_metrics": teacher_metrics, "distill": record})
-
-    return stage.run_stage(plan, lambda: tokenizer(teacher_path), prepare, callbacks=callbacks)
+    return stage.Job(models.student, loss_fn, streams, parameters=models.parameters,
+                     frozen_forward_params=frozen_rate, should_stop=should_stop,
+                     compute=amend, summary=summary,
+                     extra={"teacher_metrics": teacher_metrics, "distill": record})
 
 
 def _teacher_sources(stream, teacher, second, options: DistillOptions, device, *, seed: int,

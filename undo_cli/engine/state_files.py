@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -90,8 +91,6 @@ def is_ours(directory: Path) -> bool:
 def remove_state_dir(directory: Path) -> None:
     """Delete state `directory` (undo's: `is_ours`) so that a kill at any moment leaves one
     that is still undo's and is not resumed: complete.json first, the marker last."""
-    import shutil
-
     entries = sorted(directory.iterdir(), key=lambda p: (p.name != COMPLETE, p.name == MARKER))
     for entry in entries:
         if entry.is_dir() and not entry.is_symlink():

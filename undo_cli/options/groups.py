@@ -33,6 +33,7 @@ from undo_cli.options.text import (
     keep_best,
     layer_range,
     pattern,
+    patterns,
     stop_when,
 )
 
@@ -435,11 +436,11 @@ class NoiseOptions:
                         "xavier-normal.", panel=NOISE, choices=NOISES)
     include: list[str] = option(help="Perturb only tensors whose name matches (repeatable; "
                                 "others are copied unchanged).", metavar="REGEX", panel=NOISE,
-                                factory=list, parse=pattern("--include"),
+                                factory=list, parse=patterns("--include"),
                                 repeatable=True)
     exclude: list[str] = option(help="Copy tensors whose name matches unchanged "
                                 "(repeatable).", metavar="REGEX", panel=NOISE, factory=list,
-                                parse=pattern("--exclude"), repeatable=True)
+                                parse=patterns("--exclude"), repeatable=True)
     layers: str | None = option(None, "Perturb only the tensors of these decoder layers, e.g. "
                                 "10-15 or 0,2,4-6 (0-based; llama/gemma2/qwen2/mistral/phi3 "
                                 "model.layers.N., gpt2 transformer.h.N., gpt_neox "

@@ -153,6 +153,13 @@ def pattern(flag: str) -> Callable[[Any], Any]:
     return parse
 
 
+def patterns(flag: str) -> Callable[[Any], list]:
+    """The `parse` hook of a repeatable regular-expression option: always a list (one text
+    given from Python becomes a list of one)."""
+    each = pattern(flag)
+    return lambda value: each([value] if isinstance(value, str) else list(value))
+
+
 def conditions(flag: str, rewrite: Callable[[str], str] = str) -> Callable[[Any], list]:
     """The `parse` hook of a repeatable gate option (`--fail-if`): each text a `Condition`.
     `rewrite` first turns what a command adds to the language into it (`undo report`'s

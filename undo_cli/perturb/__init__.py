@@ -51,8 +51,8 @@ from undo_cli.perturb.noise import (
     chunk_generator,
     draw_noise,
     fan_in_and_fan_out,
-    make_options,
     noise_scale,
+    resolve_noise,
     tensor_action,
     tied_embeddings,
 )
@@ -61,7 +61,7 @@ from undo_cli.perturb.stream import PerturbPlan, perturb_checkpoint, plan_pertur
 __all__ = [
     "CHUNK_ELEMENTS", "INPUT_EMBEDDINGS", "OUTPUT_EMBEDDINGS", "RECOMMENDED_ALPHA",
     "RECOMMENDED_BETA", "PerturbOptions", "PerturbPlan", "chunk_generator", "draw_noise",
-    "fan_in_and_fan_out", "make_options", "noise_scale", "noise_selection", "perturb_checkpoint",
-    "perturb_model_", "perturb_state_dict", "perturb_tensor", "plan_perturbation",
+    "fan_in_and_fan_out", "noise_scale", "noise_selection", "perturb_checkpoint",
+    "perturb_model_", "perturb_state_dict", "perturb_tensor", "plan_perturbation", "resolve_noise",
     "tensor_action", "tied_embeddings",
 ]

@@ -6,18 +6,20 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from undo_cli.checkpoint.safetensors_io import dtype_name
 from undo_cli.errors import UsageError
+from undo_cli.options import NoiseOptions
 from undo_cli.perturb import noise
 from undo_cli.perturb.noise import (
     PerturbOptions,
-    make_options,
     noise_scale,
     perturb_chunk,
+    resolve_noise,
     tensor_action,
     thread_count,
     tied_embeddings,
@@ -27,16 +29,17 @@ if TYPE_CHECKING:
     import torch
 
 
-def perturb_tensor(name: str, tensor: torch.Tensor, alpha: float, beta: float, seed: int = 0,
-                   noise: str = "xavier-uniform", *, key: str | None = None,
-                   threads: int | None = None) -> torch.Tensor:
-    """The noise step applied to one in-memory tensor; returns a new tensor (same dtype, shape
-    and device). Identical to what `perturb_checkpoint` writes for a tensor of that name.
+def perturb_tensor(name: str, tensor: torch.Tensor, settings: NoiseOptions, seed: int = 0, *,
+                   key: str | None = None, threads: int | None = None) -> torch.Tensor:
+    """The noise step of `settings` applied to one in-memory tensor; returns a new tensor
+    (same dtype, shape and device). Identical to what `perturb_checkpoint` writes for a
+    tensor of that name.
 
     `key` names the noise (default `name`; tied weights use the input embedding's name).
-    Include/exclude filters are not applied here (see `perturb_state_dict`).
+    The tensor selection (layers, include/exclude) is not applied here (see
+    `perturb_state_dict`).
     """
-    options = make_options(alpha, beta, seed, noise)
+    options, _ = resolve_noise(replace(settings, include=[], exclude=[], layers=None), seed)
     return _perturb_in_memory(name if key is None else key, tensor, options, threads)
 
 
@@ -72,19 +75,18 @@ def _perturb_in_memory(key: str, tensor: torch.Tensor, options: PerturbOptions,
     return torch.from_numpy(out).view(src.dtype).reshape(src.shape).to(tensor.device)
 
 
-def perturb_state_dict(state_dict: dict[str, torch.Tensor], alpha: float, beta: float,
-                       seed: int = 0, noise: str = "xavier-uniform", *,
-                       include: str | Iterable[str] | None = None,
-                       exclude: str | Iterable[str] | None = None,
-                       tie_word_embeddings: bool = False,
+def perturb_state_dict(state_dict: dict[str, torch.Tensor], settings: NoiseOptions,
+                       seed: int = 0, *, tie_word_embeddings: bool = False,
+                       model_type: str | None = None,
                        threads: int | None = None) -> dict[str, torch.Tensor]:
-    """The noise step on a state dict; returns new tensors (the input is not modified).
+    """The noise step of `settings` on a state dict; returns new tensors (the input is not
+    modified).
 
     Gives the same values as `perturb_checkpoint` on a checkpoint of this state dict. Names
     sharing one tensor (tied weights) get one perturbed tensor, keyed by the input
     embedding's name when `tie_word_embeddings` (else by the first name).
     """
-    options = make_options(alpha, beta, seed, noise, include, exclude)
+    options, _ = resolve_noise(settings, seed, names=state_dict, model_type=model_type)
     new = _perturb_state(state_dict, options, tie_word_embeddings, threads)
     return {name: state_dict[name].detach().clone() if value is None else value
             for name, value in new.items()}
@@ -123,35 +125,24 @@ def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype
 
 
-def _model_options(model, alpha: float, beta: float, seed: int, noise: str,
-                   include, exclude, layers: str | None, only: Iterable[str] | None
+def _model_options(model, settings: NoiseOptions, seed: int = 0, *,
+                   only: Iterable[str] | None = None
                    ) -> tuple[PerturbOptions, tuple[tuple[int, ...], str] | None]:
-    """The checked options for `model`, with `layers` resolved against its tensor names."""
-    from undo_cli.layers import parse_layer_range, resolve_layers
-
-    parse_layer_range(layers)
-    make_options(alpha, beta, seed, noise, include, exclude)  # the clear errors first
-    names = list(model.state_dict())
+    """`resolve_noise` for a loaded (or meta) model: against its tensor names and type."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    selection = resolve_layers(layers, names, model_type)
-    options = make_options(alpha, beta, seed, noise, include, exclude,
-                           layers=selection[1] if selection else None, only=only)
-    return options, selection
+    return resolve_noise(settings, seed, names=model.state_dict(), model_type=model_type,
+                         only=only)
 
 
-def noise_selection(model, alpha: float, beta: float, *,
-                    include: str | Iterable[str] | None = None,
-                    exclude: str | Iterable[str] | None = None, layers: str | None = None,
+def noise_selection(model, settings: NoiseOptions, *,
                     only: Iterable[str] | None = None) -> dict:
-    """What `perturb_model_` with these options does to `model`, for manifests: the layers
+    """What `perturb_model_` with `settings` does to `model`, for manifests: the layers
     and their pattern, the names of the tensors noised and shrunk, and how many stay
     unchanged. `UsageError` if the selection names no tensor at all."""
-    options, selection = _model_options(model, alpha, beta, 0, "xavier-uniform", include,
-                                        exclude, layers, only)
+    options, selection = _model_options(model, settings, only=only)
     noised, shrunk, unchanged = [], [], 0
     state = model.state_dict()
-    tie = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
-    ties = tied_embeddings(state, tie)  # a tied head follows its input embedding
+    ties = tied_embeddings(state, _ties(model))  # a tied head follows its input embedding
     for name, t in state.items():
         action = tensor_action(ties.get(name, name), tuple(t.shape), t.is_floating_point(),
                                options)
@@ -172,20 +163,26 @@ def noise_selection(model, alpha: float, beta: float, *,
             "noised": noised, "shrunk": shrunk, "unchanged": unchanged}
 
 
-def perturb_model_(model, alpha: float, beta: float, seed: int = 0,
-                   noise: str = "xavier-uniform", *, include: str | Iterable[str] | None = None,
-                   exclude: str | Iterable[str] | None = None, layers: str | None = None,
+def _ties(model) -> bool:
+    return bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+
+
+def perturb_model_(model, settings: NoiseOptions, seed: int = 0, *,
                    only: Iterable[str] | None = None, threads: int | None = None):
-    """Apply the noise step to a loaded model in place (same values as `undo perturb` on its
-    saved checkpoint with the same selection); returns the model. `layers` ("10-15") limits
-    it to those decoder layers, `only` to exactly those tensor names; tensors outside the
-    selection are not touched."""
+    """Apply the noise step of `settings` to a loaded model in place (same values as
+    `undo perturb` on its saved checkpoint with the same selection); returns the model.
+    `settings.layers` ("10-15") limits it to those decoder layers, `only` to exactly those
+    tensor names; tensors outside the selection are not touched."""
+    options, _ = _model_options(model, settings, seed, only=only)
+    return _apply(model, options, threads)
+
+
+def _apply(model, options: PerturbOptions, threads: int | None = None):
+    """The noise step of resolved `options` on `model`, in place."""
     import torch
 
-    options, _ = _model_options(model, alpha, beta, seed, noise, include, exclude, layers, only)
     state = model.state_dict()
-    tie = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
-    new = _perturb_state(state, options, tie, threads)
+    new = _perturb_state(state, options, _ties(model), threads)
     done: set[int] = set()
     with torch.no_grad():
         for name, tensor in state.items():
@@ -197,13 +194,14 @@ def perturb_model_(model, alpha: float, beta: float, seed: int = 0,
     return model
 
 
-def perturb_adapter(info, dst, options: PerturbOptions, *, shard_bytes: int | None,
-                    overwrite: bool, threads: int | None, allow_nonfinite: bool,
-                    arguments: dict, progress=None, layers: str | None = None) -> dict:
+def perturb_adapter(info, dst, settings: NoiseOptions, seed: int, *,
+                    shard_bytes: int | None, overwrite: bool, threads: int | None,
+                    allow_nonfinite: bool, arguments: dict, progress=None) -> dict:
     """`undo perturb` of a PEFT adapter (`info`, its `CheckpointInfo`): the adapter merged into
     its base in memory, cast to the base's dtype, noised as `perturb_checkpoint` would noise
-    that merged checkpoint (`layers`, "10-15": only those decoder layers), and written in the
-    base's dtype and sharding (or `shard_bytes`). Returns the counts of the summary."""
+    that merged checkpoint (the selection resolved against the merged model's names), and
+    written in the base's dtype and sharding (or `shard_bytes`). Returns the counts of the
+    summary."""
     import torch
 
     from undo_cli.checkpoint import (
@@ -216,7 +214,6 @@ def perturb_adapter(info, dst, options: PerturbOptions, *, shard_bytes: int | No
         save_model,
         write_manifest,
     )
-    from undo_cli.errors import UsageError
 
     base = info.base.path
     layout = save_layout(None, info)
@@ -225,11 +222,7 @@ def perturb_adapter(info, dst, options: PerturbOptions, *, shard_bytes: int | No
     model = load_model(info.path, base_model=base)  # merged in fp32, then rounded once
     model.to(getattr(torch, layout.dtype))
     tokenizer = load_tokenizer(info.path, base_model=base)
-    include = [p.pattern for p in options.include] or None
-    exclude = [p.pattern for p in options.exclude] or None
-    if layers is not None:  # resolved against the merged model's tensor names
-        options, _ = _model_options(model, options.alpha, options.beta, options.seed,
-                                    options.noise, include, exclude, layers, None)
+    options, _ = _model_options(model, settings, seed)
     state = model.state_dict()
     counts = {"noised": 0, "shrunk": 0, "copied": 0, "tied_copies": 0,
               "parameters_noised": 0, "parameters_shrunk": 0}
@@ -245,8 +238,7 @@ def perturb_adapter(info, dst, options: PerturbOptions, *, shard_bytes: int | No
         counts[key] += 1
         if action != "copy":
             counts[f"parameters_{key}"] += t.numel()
-    perturb_model_(model, options.alpha, options.beta, options.seed, options.noise,
-                   include=include, exclude=exclude, layers=layers, threads=threads)
+    _apply(model, options, threads)
     if not allow_nonfinite:
         for name, t in state.items():
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
@@ -258,7 +250,7 @@ def perturb_adapter(info, dst, options: PerturbOptions, *, shard_bytes: int | No
         save_model(model, tokenizer, tmp, source=info.path, layout=layout)
         write_manifest(tmp, build_manifest(
             "perturb", arguments=arguments, parents={"input": info.path, "input_base": base},
-            seed=options.seed, extra={"perturb": counts,
+            seed=seed, extra={"perturb": counts,
                                       "merged_adapter": {"adapter": str(info.path),
                                                          "base": str(base)}}))
         if progress is not None:

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from undo_cli.errors import UsageError
-from undo_cli.options import NOISES, NoiseOptions, check, check_seed, compile_pattern
+from undo_cli.layers import resolve_layers
+from undo_cli.options import NOISES, NoiseOptions, compile_pattern
 
 RECOMMENDED_ALPHA = 0.6  # the paper's recommended setting
 RECOMMENDED_BETA = 0.1
@@ -56,36 +57,33 @@ class PerturbOptions:
         return not any(p.search(name) for p in self.exclude)
 
 
-def _patterns(value: str | Iterable[str] | None, option: str) -> tuple[re.Pattern, ...]:
-    if value is None:
+def resolve_noise(settings: NoiseOptions, seed: int = 0, *, names: Iterable[str] = (),
+                  model_type: str | None = None, only: Iterable[str] | None = None
+                  ) -> tuple[PerturbOptions, tuple[tuple[int, ...], str] | None]:
+    """The noise step decided for one model: `settings` (an option group, checked when it was
+    built) with its `--layers` resolved against the model's tensor `names` (`model_type`
+    picks the layer container; `undo_cli.layers.resolve_layers`) and `only`, if given, the
+    exact tensor names allowed. Returns the options and the layer selection (None: all).
+
+    `UsageError` if `settings` has no alpha (the noise step was not asked for) or a layer
+    the model does not have."""
+    if settings.alpha is None or settings.beta is None:
+        raise UsageError("the noise step needs --alpha and --beta")
+    selection = resolve_layers(settings.layers, names, model_type) if settings.layers else None
+    options = PerturbOptions(
+        alpha=float(settings.alpha), beta=float(settings.beta), seed=seed, noise=settings.noise,
+        include=_patterns(settings.include, "--include"),
+        exclude=_patterns(settings.exclude, "--exclude"),
+        layers=re.compile(selection[1]) if selection else None,
+        only=frozenset(only) if only is not None else None)
+    return options, selection
+
+
+def _patterns(value: str | Iterable[str] | None, flag: str) -> tuple[re.Pattern, ...]:
+    if not value:
         return ()
     values = [value] if isinstance(value, str) else list(value)
-    patterns = []
-    for v in values:
-        patterns.append(compile_pattern(option, v))
-    return tuple(patterns)
-
-
-def make_options(alpha: float, beta: float, seed: int = 0, noise: str = "xavier-uniform",
-                 include: str | Iterable[str] | None = None,
-                 exclude: str | Iterable[str] | None = None, *,
-                 layers: str | None = None,
-                 only: Iterable[str] | None = None) -> PerturbOptions:
-    """Check the noise-step options (`undo_cli.options.NoiseOptions`, the one place alpha,
-    beta and the noise kind are validated); raise `UsageError` saying what is wrong.
-
-    `layers` is the regular expression of a resolved `--layers` selection
-    (`undo_cli.layers.resolve_layers`); `only`, if given, the exact tensor names allowed."""
-    for name, value in (("--alpha", alpha), ("--beta", beta)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UsageError(f"{name} must be a number (got {value!r})")
-    check(NoiseOptions(alpha=alpha, beta=beta, noise=noise))
-    check_seed("--seed", seed)
-    return PerturbOptions(alpha=float(alpha), beta=float(beta), seed=seed, noise=noise,
-                          include=_patterns(include, "--include"),
-                          exclude=_patterns(exclude, "--exclude"),
-                          layers=re.compile(layers) if layers else None,
-                          only=frozenset(only) if only is not None else None)
+    return tuple(compile_pattern(flag, v) for v in values)  # a parsed Pattern: its regex
 
 
 def fan_in_and_fan_out(shape: tuple[int, ...]) -> tuple[int, int]:

@@ -8,13 +8,16 @@ import json
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from undo_cli.checkpoint.inspection import inspect_checkpoint
+from undo_cli.checkpoint.manifest import build_manifest, write_manifest
+from undo_cli.checkpoint.output import atomic_output, check_output_path, copy_support_files
 from undo_cli.checkpoint.safetensors_io import (
     INDEX_NAME,
     SINGLE_NAME,
@@ -23,21 +26,21 @@ from undo_cli.checkpoint.safetensors_io import (
     TensorSpec,
     file_order,
     natural_key,
-    parse_size,
     pread_exact,
     shard_file_names,
     split_shards,
     write_index,
 )
 from undo_cli.errors import UndoError, UsageError
+from undo_cli.options import NoiseOptions, SaveOptions
 from undo_cli.perturb import noise
 from undo_cli.perturb.noise import (
     Buffers,
     PerturbOptions,
     has_nonfinite,
-    make_options,
     noise_scale,
     perturb_chunk,
+    resolve_noise,
     tensor_action,
     thread_count,
     tied_embeddings,
@@ -70,6 +73,8 @@ class PerturbPlan:
     """Everything decided before writing: layout of the output and what happens to each
     tensor."""
 
+    options: PerturbOptions  # the noise, resolved against the checkpoint's tensor names
+    selection: tuple[tuple[int, ...], str] | None  # --layers: (layers, regex); None: all
     files: list[tuple[str, list[TensorSpec], dict[str, str]]]
     jobs: list[_Job]
     write_index: bool
@@ -106,11 +111,14 @@ def _model_type(path: Path) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def plan_perturbation(reader: CheckpointReader, options: PerturbOptions, *,
-                      max_shard_size: int | None = None,
-                      tie_word_embeddings: bool = False) -> PerturbPlan:
-    """Decide the output files (like the input, or split by `max_shard_size`) and the jobs."""
+def plan_perturbation(reader: CheckpointReader, settings: NoiseOptions, seed: int = 0, *,
+                      max_shard_size: int | None = None, tie_word_embeddings: bool = False,
+                      model_type: str | None = None) -> PerturbPlan:
+    """Decide everything before a byte is written: the noise resolved against the tensor
+    names (`resolve_noise`), the output files (like the input, or split by `max_shard_size`
+    bytes) and what happens to each tensor."""
     entries = reader.entries
+    options, selection = resolve_noise(settings, seed, names=entries, model_type=model_type)
     ties = {a: c for a, c in tied_embeddings(entries, tie_word_embeddings).items()
             if entries[a].spec().shape == entries[c].spec().shape
             and entries[a].dtype == entries[c].dtype}
@@ -150,7 +158,8 @@ def plan_perturbation(reader: CheckpointReader, options: PerturbOptions, *,
                 else:
                     first_written[canonical] = spec.name
             jobs.append(job)
-    return PerturbPlan(files=files, jobs=jobs, write_index=index,
+    return PerturbPlan(options=options, selection=selection, files=files, jobs=jobs,
+                       write_index=index,
                        index_metadata=index_metadata, ties=ties)
 
 
@@ -202,8 +211,8 @@ def _nonfinite(reader: CheckpointReader, job: _Job, noised: bool) -> UsageError:
                       "into OUT: pass --allow-nonfinite to write them anyway")
 
 
-def write_perturbed(reader: CheckpointReader, plan: PerturbPlan, directory: Path,
-                    options: PerturbOptions, *, threads: int | None = None,
+def write_perturbed(reader: CheckpointReader, plan: PerturbPlan, directory: Path, *,
+                    threads: int | None = None,
                     progress: Callable[[int], None] | None = None,
                     allow_nonfinite: bool = False) -> list[str]:
     """Write the perturbed weights of `plan` into `directory`; returns the file names.
@@ -212,6 +221,7 @@ def write_perturbed(reader: CheckpointReader, plan: PerturbPlan, directory: Path
     values (copied from the input, or from noise that overflows a narrow dtype), unless
     `allow_nonfinite`."""
     workers = thread_count(threads)
+    options = plan.options
 
     def compute(item: _Item, bufs: Buffers) -> np.ndarray:
         job = item.job
@@ -323,62 +333,47 @@ def _summary_counts(plan: PerturbPlan) -> dict[str, int]:
     return counts
 
 
-def perturb_checkpoint(src: str | Path, dst: str | Path, alpha: float, beta: float,
-                       seed: int = 0, noise: str = "xavier-uniform", *,
-                       include: str | Iterable[str] | None = None,
-                       exclude: str | Iterable[str] | None = None,
-                       layers: str | None = None,
-                       max_shard_size: int | str | None = None, overwrite: bool = False,
+def perturb_checkpoint(src: str | Path, dst: str | Path,
+                       settings: NoiseOptions = NoiseOptions(), *, seed: int = 0,
+                       save: SaveOptions = SaveOptions(), overwrite: bool = False,
                        threads: int | None = None, allow_nonfinite: bool = False,
                        progress: Callable[[int, int], None] | None = None,
                        base_model: str | Path | None = None) -> dict:
-    """Write a noised copy of checkpoint `src` to `dst` (streamed; see the module docstring).
+    """Write a noised copy of checkpoint `src` to `dst` (streamed; see the module docstring):
+    the noise step of `settings` (alpha, beta, the noise kind and the tensor selection) with
+    noise seed `seed`.
 
     A PEFT adapter `src` is merged into its base (`base_model`, else the one its
     adapter_config.json names) in memory first (`undo_cli.perturb.memory.perturb_adapter`,
     which needs torch); the values are those of `undo perturb` on the merged checkpoint.
 
-    The output is sharded like the input, or by `max_shard_size` ("2GB", bytes); it is
-    written atomically (nothing at `dst` unless everything succeeded) with the input's
+    The output is sharded like the input, or by `save.max_shard_size`; it is written
+    atomically (nothing at `dst` unless everything succeeded) with the input's
     config/tokenizer files and an `undo.json` manifest, and checked before it is renamed into
     place (`verify_output`). NaN or infinite weights are refused unless `allow_nonfinite`.
-    `progress(done, total)` is called with bytes of tensor data written. `layers` ("10-15",
-    `undo_cli.layers`) limits the noise to those decoder layers (with `include` / `exclude`
-    on top). Returns a summary dict.
+    `progress(done, total)` is called with bytes of tensor data written. Everything is decided
+    (`plan_perturbation`) before anything is written. Returns a summary dict.
     """
-    from undo_cli.checkpoint import (
-        atomic_output,
-        build_manifest,
-        check_output_path,
-        copy_support_files,
-        inspect_checkpoint,
-        write_manifest,
-    )
-    from undo_cli.layers import parse_layer_range, resolve_layers
-
     start = time.time()
-    options = make_options(alpha, beta, seed, noise, include, exclude)
-    parse_layer_range(layers)  # a malformed range is refused before anything is read
-    shard_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
     thread_count(threads)
     src, dst = Path(src), Path(dst)
     info = inspect_checkpoint(src, allow_pickle=True, base_model=base_model)
+    arguments = {"input": str(src), "output": str(dst), "alpha": settings.alpha,
+                 "beta": settings.beta, "seed": seed, "noise": settings.noise,
+                 "include": list(settings.include), "exclude": list(settings.exclude),
+                 "max_shard_size": save.max_shard_size}
     if info.kind == "adapter":
-        return _perturb_adapter(info, dst, options, shard_bytes=shard_bytes, overwrite=overwrite,
+        return _perturb_adapter(info, dst, settings, seed, save=save, overwrite=overwrite,
                                 threads=threads, allow_nonfinite=allow_nonfinite,
-                                progress=progress, max_shard_size=max_shard_size, start=start,
-                                layers=layers)
+                                progress=progress, arguments=arguments, start=start)
     if info.pickled:
         raise UsageError(f"{src} holds only pickled weights ({info.weight_files[0].name}); "
                          "undo perturb streams safetensors checkpoints only")
     check_output_path(dst, inputs=[src], overwrite=overwrite)
     with CheckpointReader(src) as reader:
-        selection = resolve_layers(layers, reader.entries, _model_type(src))
-        if selection is not None:
-            options = make_options(alpha, beta, seed, noise, include, exclude,
-                                   layers=selection[1])
-        plan = plan_perturbation(reader, options, max_shard_size=shard_bytes,
-                                 tie_word_embeddings=_config_ties(src))
+        plan = plan_perturbation(reader, settings, seed, max_shard_size=_bytes(save),
+                                 tie_word_embeddings=_config_ties(src),
+                                 model_type=_model_type(src))
         total = plan.total_bytes
         done = 0
 
@@ -389,58 +384,52 @@ def perturb_checkpoint(src: str | Path, dst: str | Path, alpha: float, beta: flo
                 progress(done, total)
 
         counts = _summary_counts(plan)
-        arguments = {"input": str(src), "output": str(dst), "alpha": options.alpha,
-                     "beta": options.beta, "seed": seed, "noise": noise,
-                     "include": [p.pattern for p in options.include],
-                     "exclude": [p.pattern for p in options.exclude],
-                     "layers": list(selection[0]) if selection else None,
-                     "layer_pattern": selection[1] if selection else None,
-                     "max_shard_size": max_shard_size}
+        selection = plan.selection
+        arguments.update(layers=list(selection[0]) if selection else None,
+                         layer_pattern=selection[1] if selection else None)
         with atomic_output(dst, inputs=[src], overwrite=overwrite) as tmp, \
                 ThreadPoolExecutor(1, thread_name_prefix="undo-manifest") as background:
             # Fingerprinting the input reads all of it: do it while the weights are written.
             manifest = background.submit(
                 build_manifest, "perturb", arguments=arguments, parents={"input": src},
                 seed=seed, extra={"perturb": counts})
-            files = write_perturbed(reader, plan, tmp, options, threads=threads,
-                                    progress=advance, allow_nonfinite=allow_nonfinite)
+            files = write_perturbed(reader, plan, tmp, threads=threads, progress=advance,
+                                    allow_nonfinite=allow_nonfinite)
             verify_output(reader, tmp)
             copy_support_files(src, tmp)
             manifest = manifest.result()
             manifest["wall_time_s"] = round(time.time() - start, 3)
             write_manifest(tmp, manifest)
-    return {"input": str(src), "output": str(dst), "alpha": options.alpha,
-            "beta": options.beta, "seed": seed, "noise": noise, "files": files,
+    return {"input": str(src), "output": str(dst), "alpha": plan.options.alpha,
+            "beta": plan.options.beta, "seed": seed, "noise": settings.noise, "files": files,
             "bytes_written": total, **counts,
             "layers": list(selection[0]) if selection else None,
             "tied_weights": dict(plan.ties),
             "wall_time_s": round(time.time() - start, 3)}
 
 
-def _perturb_adapter(info, dst: Path, options: PerturbOptions, *, shard_bytes: int | None,
-                     overwrite: bool, threads: int | None, allow_nonfinite: bool,
-                     progress: Callable[[int, int], None] | None,
-                     max_shard_size: int | str | None, start: float,
-                     layers: str | None = None) -> dict:
-    from undo_cli.checkpoint import check_output_path
-    from undo_cli.perturb.memory import perturb_adapter
+def _bytes(save: SaveOptions) -> int | None:
+    """`--max-shard-size` in bytes (parsed when the group was built), or None."""
+    return save.max_shard_size.bytes if save.max_shard_size is not None else None
+
+
+def _perturb_adapter(info, dst: Path, settings: NoiseOptions, seed: int, *,
+                     save: SaveOptions, overwrite: bool, threads: int | None,
+                     allow_nonfinite: bool, progress: Callable[[int, int], None] | None,
+                     arguments: dict, start: float) -> dict:
+    from undo_cli.perturb.memory import perturb_adapter  # torch, for adapters only
 
     if info.pickled or info.base.pickled:
         raise UsageError(f"{info.path}: undo perturb reads safetensors only (the adapter or "
                          "its base is pickled)")
     check_output_path(dst, inputs=[info.path, info.base.path], overwrite=overwrite)
-    arguments = {"input": str(info.path), "output": str(dst), "alpha": options.alpha,
-                 "beta": options.beta, "seed": options.seed, "noise": options.noise,
-                 "include": [p.pattern for p in options.include],
-                 "exclude": [p.pattern for p in options.exclude],
-                 "layers": layers, "max_shard_size": max_shard_size,
-                 "base_model": str(info.base.path)}
+    arguments = {**arguments, "layers": settings.layers, "base_model": str(info.base.path)}
     counts = perturb_adapter(
-        info, dst, options, shard_bytes=shard_bytes, overwrite=overwrite, threads=threads,
-        allow_nonfinite=allow_nonfinite, arguments=arguments, layers=layers,
+        info, dst, settings, seed, shard_bytes=_bytes(save), overwrite=overwrite,
+        threads=threads, allow_nonfinite=allow_nonfinite, arguments=arguments,
         progress=(lambda total: progress(total, total)) if progress is not None else None)
-    return {"input": str(info.path), "output": str(dst), "alpha": options.alpha,
-            "beta": options.beta, "seed": options.seed, "noise": options.noise,
+    return {"input": str(info.path), "output": str(dst), "alpha": settings.alpha,
+            "beta": settings.beta, "seed": seed, "noise": settings.noise,
             "files": sorted(p.name for p in Path(dst).glob("*.safetensors")), **counts,
             "merged_adapter": str(info.base.path),
             "wall_time_s": round(time.time() - start, 3)}

@@ -32,6 +32,10 @@ from typing import Any
 import torch
 
 from undo_cli.options import AttackConfig, RunSpec
+from undo_cli.quantize import quantize_model_with
+from undo_cli.relearn.prune import calibration_rows, prune_model_
+from undo_cli.relearn.soft_prompt import PrefixedStream, attach_soft_prompt, prefix_eval_set
+from undo_cli.stage import Measure
 
 
 @dataclass
@@ -72,8 +76,6 @@ def _from_changed(run: dict[str, Any]) -> dict[str, Any]:
 
 def prune_family(ctx: FamilyContext) -> Iterator[tuple[dict[str, Any], Any]]:
     """`--prune`: the pruned model, then (with finetuning) the grid from it."""
-    from undo_cli.relearn.prune import calibration_rows, prune_model_
-
     method, sparsity = ctx.config.prune
     name = f"prune {method}:{sparsity:g}"
     t0 = time.perf_counter()
@@ -97,8 +99,6 @@ def prune_family(ctx: FamilyContext) -> Iterator[tuple[dict[str, Any], Any]]:
 def quantized_original_family(ctx: FamilyContext) -> Iterator[tuple[dict[str, Any], Any]]:
     """`--quantize nf4|int8|int4` with finetuning: the original model quantised too (a static
     run; without finetuning the runner quantises it anyway)."""
-    from undo_cli.quantize import quantize_model_with
-
     t0 = time.perf_counter()
     quantized = copy.deepcopy(ctx.model)
     settings = quantize_model_with(quantized, ctx.config.quantize, ctx.config.group_size)
@@ -111,8 +111,6 @@ def quantized_original_family(ctx: FamilyContext) -> Iterator[tuple[dict[str, An
 
 def qlora_family(ctx: FamilyContext) -> Iterator[tuple[dict[str, Any], Any]]:
     """`--qlora`: LoRA on the quantised model, every configuration of the grid."""
-    from undo_cli.quantize import quantize_model_with
-
     quantized = copy.deepcopy(ctx.model)
     settings = quantize_model_with(quantized, ctx.config.quantize, ctx.config.group_size)
     quantized.requires_grad_(False)
@@ -139,8 +137,6 @@ def embedding_family(ctx: FamilyContext) -> Iterator[tuple[dict[str, Any], Any]]
     """`--embedding-attack STEPS`: one soft prompt per seed, AdamW at `--prompt-lr`, batch
     size `--batch-size`, evaluated with the prompt in front on the schedule of
     `AttackConfig.eval_steps(STEPS)`."""
-    from undo_cli.relearn.soft_prompt import PrefixedStream, attach_soft_prompt, prefix_eval_set
-    from undo_cli.stage import Measure
 
     c = ctx.config
     for seed in c.seed_list():

@@ -26,7 +26,7 @@ from undo_cli.options import (
 )
 from undo_cli.options.storage import sqlite_path
 from undo_cli.records import EvalData, parse_named_specs, read_eval_data
-from undo_cli.relearn.runner import lora_target_list
+from undo_cli.relearn.runner import lora_rank_for, lora_target_list
 from undo_cli.relearn.worst_case import metric_direction, resolve_forget_metric
 from undo_cli.runtime import require_optimizers
 
@@ -52,6 +52,8 @@ class AttackPlan:
     gates: tuple[Any, ...]  # the --fail-if expressions, parsed and checked
     storage: Path | None  # --search-storage's database file
     memory: Any  # `checkpoint.plan.MemoryPlan` (finetuning attacks) or None
+    lora_rank: int | None  # --lora-rank clipped to the narrowest wrapped layer (None: not
+    # decided, LoRA unused or the model cannot be built on the meta device)
     arguments: dict[str, Any]  # undo.json's `arguments`
     overwrite: bool = False
     started: float = field(default=0.0)
@@ -109,12 +111,18 @@ def plan_attack(checkpoint: str | Path, out: str | Path, *, data: Sequence[str],
         writes=[("--logging-dir", config.train.logging_dir),
                 *([("--search-storage", storage)] if storage is not None else [])])[0]
     data_options = stage.fit_length(data_options, info.config)
+    lora_rank = None
+    if config.finetune and (config.lora or config.search or config.qlora):
+        meta = stage.meta_model(info.config)
+        if meta is not None:
+            lora_rank = lora_rank_for(meta, config.lora_rank,
+                                      lora_target_list(config.lora_targets))
     memory = None
     if config.finetune or config.train.dry_run:  # the attacked copy beside the original
         memory = stage.memory_plan(
             info.config, config.train, length=data_options.max_length,
             batch_size=max(config.batch_size_list()), optimizers=config.optimizers,
-            lora_rank=config.lora_rank if config.lora else None,
+            lora_rank=(lora_rank or config.lora_rank) if config.lora else None,
             frozen_parameters=stage.model_parameters(info.config) or 0)
     raw = tuple(read_eval_data(name, path, limit=measurement.eval_limit,
                                seed=config.train.seed) for name, path in eval_specs)
@@ -127,7 +135,7 @@ def plan_attack(checkpoint: str | Path, out: str | Path, *, data: Sequence[str],
         expr.check_names(attack_gate_names(available, measurement.threshold))
     return AttackPlan(checkpoint, Path(out), info, config, tuple(data), data_options, evals,
                       measurement, load, eval_specs, raw, forget_metric, gate_list, storage,
-                      memory, arguments, overwrite=overwrite, started=started)
+                      memory, lora_rank, arguments, overwrite=overwrite, started=started)
 
 
 def attack_arguments(checkpoint: str | Path, out: str | Path, data: Sequence[str],

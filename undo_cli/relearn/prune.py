@@ -24,13 +24,14 @@ from typing import Any
 
 import torch
 
+from undo_cli.quantize import quantizable_layers
+
 WANDA_ROWS = 128  # calibration rows (the paper's 128 sequences)
 
 
 def _matrices(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, torch.Tensor]]:
     """(name, module, weight as output x input) of every prunable layer (a view: writes go
     to the weight)."""
-    from undo_cli.quantize import quantizable_layers
 
     return [(name, module, module.weight.t() if transposed else module.weight)
             for name, module, transposed in quantizable_layers(model)]

@@ -6,6 +6,7 @@ docs/relearn-results.md), and `compare_results` (`--compare`: several results in
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import re
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 import undo_cli.checkpoint as checkpoint_io  # looked up when called: tests replace them
 import undo_cli.engine as engine
@@ -45,6 +47,7 @@ from undo_cli.jsontext import jsonable, to_json
 from undo_cli.options import (
     AttackConfig,
     EvalOptions,
+    NoiseOptions,
     SaveOptions,
 )
 from undo_cli.perturb import perturb_model_
@@ -63,6 +66,7 @@ from undo_cli.relearn.runner import (
     ModelHook,
     run_attack,
 )
+from undo_cli.relearn.search import study_name
 from undo_cli.relearn.static import (
     demonstrations,
     direction_attack,
@@ -149,9 +153,9 @@ def run_attack_plan(plan: AttackPlan, *, progress: AttackProgress | None = None,
                        allow_pickle=load.allow_pickle, trust_remote_code=load.trust_remote_code,
                        base_model=load.base_model)
     if config.shrink_perturb is not None:  # before the step-0 evaluation: part of the attack
-
-        perturb_model_(model, config.shrink_perturb, config.shrink_perturb_beta,
-                       seed=config.train.seed)
+        perturb_model_(model, NoiseOptions(alpha=config.shrink_perturb,
+                                           beta=config.shrink_perturb_beta),
+                       config.train.seed)
     digest = fingerprint(checkpoint)
     # Under a multi-process launch every process trains on its share of each run's batches
     # and evaluates its share of the requests (all get every metric); only the main one writes.
@@ -175,8 +179,6 @@ def run_attack_plan(plan: AttackPlan, *, progress: AttackProgress | None = None,
                     seed=config.train.seed, extra={"saved_model": True}))
         study = None
         if config.finetune and config.search:
-            from undo_cli.relearn.search import study_name
-
             key = search_key(digest, describe_attack(config, data, data_options, measurement),
                              data, eval_specs, forget_metric, evals, measurement)
             if info.kind == "adapter":  # the base it is merged into (--base-model) counts
@@ -189,7 +191,8 @@ def run_attack_plan(plan: AttackPlan, *, progress: AttackProgress | None = None,
             retain_rule=(retain_metric, measurement.max_retain_drop)
             if measurement.max_retain_drop is not None else None,
             study_name=study or "undo-relearn-attack",
-            log_samples=measurement.log_samples, benign_stream=benign_stream)
+            log_samples=measurement.log_samples, benign_stream=benign_stream,
+            lora_rank=plan.lora_rank)
         if trackers is not None:
             for point in core["worst_case"]:
                 trackers.log({f"worst/{forget_metric}": point.get("value")}, point["step"])
@@ -326,13 +329,9 @@ def _model_saver(root: Path, tokenizer, checkpoint: str | Path, *, layout=None,
         target = root / name
         target.mkdir(parents=True, exist_ok=True)
         if run.get("attack") == "embedding":  # the soft prompt alone: weights unchanged
-            from safetensors.torch import save_file
-
             prompt = model.get_input_embeddings().prompt.detach().float().cpu().contiguous()
             save_file({"prompt": prompt}, str(target / "soft_prompt.safetensors"))
         elif run.get("attack") == "qlora":  # the adapter sits on the quantised weights
-            import copy
-
             save_model(copy.deepcopy(model).merge_and_unload(), tokenizer, target,
                        source=checkpoint, layout=layout)
         elif hasattr(model, "peft_config"):  # a LoRA run: the adapter, on top of CKPT

@@ -37,7 +37,7 @@ from undo_cli.jsontext import jsonable
 from undo_cli.options import AttackConfig, EvalOptions, RunSpec
 from undo_cli.quantize import quantizable_layers, quantize_model_with, scheme_bits
 from undo_cli.relearn.bands import Evaluation, item_values, point_items, worst_case_band
-from undo_cli.relearn.families import planned_runs
+from undo_cli.relearn.families import FamilyContext, families_for, planned_runs
 from undo_cli.relearn.search import search_runs
 from undo_cli.relearn.worst_case import (
     apply_retain_rule,
@@ -92,8 +92,9 @@ class AttackProgress:
 ModelHook = Callable[[dict[str, Any], torch.nn.Module], None]
 
 
-def _lora_rank(model: torch.nn.Module, rank: int, targets: str | list[str]) -> int:
-    """`rank`, clipped to the narrowest dimension of the layers LoRA will wrap."""
+def lora_rank_for(model: torch.nn.Module, rank: int, targets: str | list[str]) -> int:
+    """`rank`, clipped to the narrowest dimension of the layers LoRA will wrap (`model` may be
+    on the meta device: only shapes are read)."""
 
     names = targets if isinstance(targets, list) else None
     widths = []
@@ -131,7 +132,8 @@ def run_attack(model: torch.nn.Module, tokenizer, eval_sets: Sequence[Any],
                retain_rule: tuple[str, float] | None = None,
                study_name: str = "undo-relearn-attack",
                log_samples: bool = False,
-               benign_stream: Callable[[int, int], Any] | None = None) -> dict[str, Any]:
+               benign_stream: Callable[[int, int], Any] | None = None,
+               lora_rank: int | None = None) -> dict[str, Any]:
     """Run the attack on `model` (kept unchanged) and return the results
     (docs/relearn-results.md) without `checkpoint`, `fingerprint`, `eval` and `attack`, which
     the caller adds. `eval_sets` are measured with `evals`' batch size and generation length.
@@ -148,6 +150,8 @@ def run_attack(model: torch.nn.Module, tokenizer, eval_sets: Sequence[Any],
     configuration, seed, step and set; `--log-samples`). The families of
     `undo_cli.relearn.families` that `config` asks for (pruning, QLoRA, finetuning on
     `benign_stream`'s data, the soft prompt) run last, each as runs of their own.
+    `lora_rank` is the rank every LoRA run uses (`plan_attack` clips `config.lora_rank` on the
+    meta model); None clips it here, on `model`.
     """
 
     config.validate()
@@ -168,8 +172,9 @@ def run_attack(model: torch.nn.Module, tokenizer, eval_sets: Sequence[Any],
     if forget_metric not in initial:
         raise UsageError(f"--forget-metric {forget_metric!r} is not among the measured "
                          f"metrics: {', '.join(attackable_metrics(list(initial))) or 'none'}")
-    lora_rank = (_lora_rank(model, config.lora_rank, lora_target_list(config.lora_targets))
-                 if config.finetune and config.lora else None)
+    rank = lora_rank or lora_rank_for(model, config.lora_rank,
+                                      lora_target_list(config.lora_targets))
+    lora_rank = rank if config.finetune and config.lora else None
     streams: dict[tuple[int, int], Any] = {}
 
     def stream_for(spec: RunSpec) -> Any:
@@ -195,10 +200,8 @@ def run_attack(model: torch.nn.Module, tokenizer, eval_sets: Sequence[Any],
     try:
         if config.finetune and config.search:
             progress.start(config.search + planned_runs(config, 1), config.steps)
-            search_rank = lora_rank or _lora_rank(model, config.lora_rank,
-                                                  lora_target_list(config.lora_targets))
             for run, attacked in search_runs(model, config, finetune, forget_metric,
-                                             direction, search_rank, progress, study_name):
+                                             direction, rank, progress, study_name):
                 _collect(runs, run, attacked, config, measure, progress, on_model,
                          forget_metric)
         elif config.finetune:
@@ -228,7 +231,7 @@ def run_attack(model: torch.nn.Module, tokenizer, eval_sets: Sequence[Any],
                 progress.run_finished(run, forget_metric)
                 if on_model is not None and attacked is not None:
                     on_model(run, attacked)
-        _run_families(runs, model, config, measure, lora_rank, make_stream, benign_stream,
+        _run_families(runs, model, config, measure, rank, make_stream, benign_stream,
                       tokenizer, eval_sets, progress, on_model, forget_metric, finetune_from)
     finally:
         progress.close()
@@ -274,17 +277,13 @@ def run_attack(model: torch.nn.Module, tokenizer, eval_sets: Sequence[Any],
 
 
 def _run_families(runs: list, model: torch.nn.Module, config: AttackConfig, measure: Any,
-                  lora_rank: int | None, make_stream: Any, benign_stream: Any, tokenizer,
+                  rank: int, make_stream: Any, benign_stream: Any, tokenizer,
                   eval_sets: Sequence[Any], progress: AttackProgress,
                   on_model: ModelHook | None, forget_metric: str, finetune_from: Any) -> None:
     """Run the attack families `config` asks for (`undo_cli.relearn.families`)."""
-    from undo_cli.relearn.families import FamilyContext, families_for
-
     families = families_for(config)
     if not families:
         return
-    rank = lora_rank or _lora_rank(model, config.lora_rank,
-                                   lora_target_list(config.lora_targets))
     grid = config.grid(rank if config.lora else None)
     if config.search:  # the families reuse the configuration the search found strongest
         grid = _best_specs(runs, config, forget_metric) or grid[:1]
@@ -303,8 +302,6 @@ def annotate_cost(worst: list[dict[str, Any]], runs: list[dict[str, Any]]) -> No
     """Give every worst-case point the attacker's cost of the configuration it comes from at
     that step (`attacker_tokens`, `attacker_flops`: means over its seeds; 0 for the
     unattacked model and the static attacks)."""
-    from undo_cli.relearn.worst_case import config_key
-
     for point in worst:
         costs = []
         for run in runs:

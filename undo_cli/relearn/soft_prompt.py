@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from undo_cli.data.batches import unpack_documents
 from undo_cli.losses import IGNORE_INDEX
 
 
@@ -103,8 +104,6 @@ class PrefixedStream:
         return self
 
     def __next__(self) -> dict[str, Any]:
-        from undo_cli.data.batches import unpack_documents
-
         batch = next(self.stream)
         if "position_ids" in batch:
             batch = unpack_documents(batch, self.pad_id)
