@@ -7,6 +7,7 @@ import torch when called.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from collections.abc import Iterable
@@ -24,6 +25,11 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 if TYPE_CHECKING:
     import torch
 
+# bitsandbytes (imported by peft) tries to fetch an optional CPU 4-bit kernel from the hub
+# and, offline, logs two warnings about it on every LoRA or QLoRA run; its own CPU code is used
+# instead, so there is nothing to act on. Only these two loggers: bitsandbytes' others speak.
+OFFLINE_KERNEL_LOGGERS = ("kernels", "bitsandbytes.backends.cpu.ops")
+
 
 def quiet_libraries() -> None:
     """Silence transformers' own progress bars and info logs; undo shows its own progress.
@@ -37,6 +43,8 @@ def quiet_libraries() -> None:
     # accelerate's DDP wrapping asks transformers 5 a deprecated question; nothing to act on.
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
                             category=FutureWarning)
+    for name in OFFLINE_KERNEL_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     if "transformers" not in sys.modules:
         return
     import transformers
