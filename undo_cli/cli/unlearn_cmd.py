@@ -11,7 +11,6 @@ from undo_cli.cli.common import info, lazy_help
 from undo_cli.cli.options import with_options
 from undo_cli.cli.progress import run_stage
 from undo_cli.options import (
-    METHOD,
     DataOptions,
     EvalOptions,
     LoadOptions,
@@ -74,7 +73,7 @@ def _method_help() -> str:
     return f"Unlearning method: {', '.join(METHODS)} (formulas above)."
 
 
-@app.command("unlearn", cls=lazy_help(_help, options={"method": _method_help}),
+@app.command("unlearn", cls=lazy_help(_help, options={"inputs__method": _method_help}),
              short_help=_SUMMARY)
 @with_options("unlearn", inputs=UnlearnInputs, train=TrainConfig, data_options=DataOptions,
               evals=EvalOptions, method_options=UnlearnOptions, load=LoadOptions, save=SaveOptions,
@@ -82,9 +81,6 @@ def _method_help() -> str:
 def unlearn_command(
     src: Path = typer.Argument(..., metavar="IN", help="Input checkpoint directory."),
     out: Path = typer.Argument(..., metavar="OUT", help="Output checkpoint directory."),
-    method: str = typer.Option(
-        ..., "--method", metavar="NAME", rich_help_panel=METHOD,
-        help="Unlearning method (formulas above)."),  # the full help: _method_help
     *,
     inputs: UnlearnInputs,
     train: TrainConfig = UNLEARN,
@@ -98,6 +94,7 @@ def unlearn_command(
     """`undo unlearn IN OUT --method NAME --forget F [--retain R]` (see the help text)."""
     from undo_cli.unlearn import get_method, unlearn_checkpoint
 
+    method = inputs.method
     get_method(method)
     summary = run_stage(output, f"unlearn ({method})", lambda callbacks: unlearn_checkpoint(
         src, out, method, inputs.forget, inputs.retain, method_options, train,

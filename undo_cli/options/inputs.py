@@ -36,8 +36,10 @@ class TrainInputs:
 
 @dataclass
 class UnlearnInputs:
-    """`undo unlearn`: the data to forget and to keep."""
+    """`undo unlearn`: the method, the data to forget and the data to keep."""
 
+    method: str = option(None, "Unlearning method (formulas above).", metavar="NAME",
+                         panel=METHOD, required=True)  # the full help lists the methods
     forget: list[str] = option(help="Data to forget, repeatable with mixing weights "
                                "({\"text\"} records are packed into --max-length rows; "
                                "{\"prompt\", \"completion\"} records count the completion "
