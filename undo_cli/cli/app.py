@@ -26,8 +26,10 @@ except ImportError:  # pragma: no cover - older typer on top of click
     NoArgsIsHelpError = ()
 
 from undo_cli import __version__
+from undo_cli.cli.options import with_options
 from undo_cli.console import one_line
 from undo_cli.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, EXIT_USAGE, UndoError, UsageError
+from undo_cli.options.commands import RootOptions
 
 _ENV_DEBUG = os.environ.get("UNDO_DEBUG", "") not in ("", "0")
 _state = {"debug": _ENV_DEBUG, "finished": False}
@@ -103,7 +105,7 @@ class UndoGroup(TyperGroup):
 
         _state["finished"] = False
         try:
-            debug = _ENV_DEBUG or bool(ctx.params.get("debug"))
+            debug = _ENV_DEBUG or bool(ctx.params.get("root__debug"))  # RootOptions.debug
             with command_scope(), _warnings_shown(debug):
                 result = super().invoke(ctx)
             _state["finished"] = True
@@ -187,27 +189,21 @@ def refuse_launch(what: str) -> None:
 
 
 @app.callback()
+@with_options("root", root=RootOptions)
 def _root(
     ctx: typer.Context,
-    version: bool = typer.Option(
+    version: bool = typer.Option(  # eager: answered before anything else is parsed
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
-    debug: bool = typer.Option(
-        False, "--debug", help="Show full tracebacks instead of one-line errors."
-    ),
-    threads: int = typer.Option(
-        None, "--threads", metavar="N",
-        help="CPU threads of the command (torch intra-op; default: torch's, i.e. the cores or "
-        "OMP_NUM_THREADS). Give fewer when other work shares the cores."),
+    *,
+    root: RootOptions,
 ) -> None:
     """UNDO: make capability removal in language models robust."""
-    _state["debug"] = _ENV_DEBUG or debug  # per command (several may run in one process)
-    if threads is not None:
-        from undo_cli.options import check_number
+    _state["debug"] = _ENV_DEBUG or root.debug  # per command (several may run in one process)
+    if root.threads is not None:
         from undo_cli.runtime import set_threads
 
-        check_number("--threads", threads, minimum=1, maximum=4096)
-        set_threads(threads)
+        set_threads(root.threads)
     if ctx.invoked_subcommand and ctx.invoked_subcommand not in SCALES_OUT:
         refuse_launch(f"undo {ctx.invoked_subcommand}")
     from undo_cli.cli.common import show_output

@@ -1,5 +1,6 @@
 """The option groups of the commands that do not train: `undo init`, `undo eval`, `undo probe`,
-`undo report` and what `undo perturb` adds to the noise step (`undo_cli.options`)."""
+`undo report`, what `undo perturb` adds to the noise step, and `undo`'s own options before the
+command (`undo_cli.options`)."""
 
 from __future__ import annotations
 
@@ -181,5 +182,19 @@ class PerturbRunOptions:
         settle(self)
 
 
+@dataclass
+class RootOptions:
+    """`undo`'s own options, given before the command: how the process runs it."""
+
+    debug: bool = option(False, "Show full tracebacks instead of one-line errors.")
+    threads: int | None = option(None, "CPU threads of the command (torch intra-op; default: "
+                                 "torch's, i.e. the cores or OMP_NUM_THREADS). Give fewer when "
+                                 "other work shares the cores.", metavar="N", minimum=1,
+                                 maximum=4096)
+
+    def __post_init__(self) -> None:
+        settle(self)
+
+
 __all__ = ["TRAIN_SHARE", "EvalRunOptions", "InitOptions", "LanguageOptions", "PerturbRunOptions",
-           "ProbeOptions", "ReportOptions", "seed_option"]
+           "ProbeOptions", "ReportOptions", "RootOptions", "seed_option"]
