@@ -10,7 +10,7 @@ import copy
 import logging
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -121,29 +121,18 @@ def run_attack_plan(plan: AttackPlan, *, progress: AttackProgress | None = None,
     """Run an `AttackPlan` (`relearn_checkpoint` after its plan): load the tokenizer and the
     model, run every attack, write OUT atomically; returns the results."""
     log = logging.getLogger(__name__)
-    checkpoint, out, config, data = plan.checkpoint, plan.out, plan.config, list(plan.data)
-    evals, data_options, measurement = plan.evals, plan.data_options, plan.measurement
-    info, eval_specs, gate_list, arguments = plan.info, plan.eval_specs, plan.gates, plan.arguments
-    forget_metric, retain_metric, started = plan.forget_metric, plan.retain_metric, plan.started
-    load, overwrite, raw = plan.load, plan.overwrite, list(plan.raw)
+    checkpoint, config, data, load = plan.checkpoint, plan.config, list(plan.data), plan.load
     tokenizer = load_tokenizer(checkpoint, trust_remote_code=load.trust_remote_code,
                                base_model=load.base_model)
-    sets = [tokenize_eval_data(d, tokenizer, choice_format=evals.choice_format) for d in raw]
-    make_stream = benign_stream = None
-    if data and (config.finetune or config.embedding_attack or config.prune is not None):
-        def make_stream(seed: int, batch_size: int):
-            return build_stream(tokenizer, list(data), data_options.max_length, batch_size,
-                                seed, name="attack", packing=data_options.packing)
-
-        make_stream(config.train.seed, config.batch_size_list()[0])  # bad data: fail now
-    if config.benign_data:
-        def benign_stream(seed: int, batch_size: int):
-            return build_stream(tokenizer, list(config.benign_data), data_options.max_length,
-                                batch_size, seed, name="benign", packing=data_options.packing)
-
-        benign_stream(config.train.seed, config.batch_size_list()[0])  # bad data: fail now
-    static_attacks = _static_attacks(config, data, raw, tokenizer, evals, retain_metric)
-    plot = not measurement.no_plot
+    sets = [tokenize_eval_data(d, tokenizer, choice_format=plan.evals.choice_format)
+            for d in plan.raw]
+    needs_data = config.finetune or config.embedding_attack or config.prune is not None
+    make_stream = _stream_maker(plan, tokenizer, data, "attack") if data and needs_data else None
+    benign_stream = (_stream_maker(plan, tokenizer, list(config.benign_data), "benign")
+                     if config.benign_data else None)
+    static_attacks = _static_attacks(config, data, list(plan.raw), tokenizer, plan.evals,
+                                     plan.retain_metric)
+    plot = not plan.measurement.no_plot
     if plot and not plots.matplotlib_available():
         log.info("note: matplotlib is not installed, so no relearn.png is drawn "
                  "(pip install 'undo-cli[plot]'); results.json is written as usual")
@@ -160,76 +149,114 @@ def run_attack_plan(plan: AttackPlan, *, progress: AttackProgress | None = None,
     # Under a multi-process launch every process trains on its share of each run's batches
     # and evaluates its share of the requests (all get every metric); only the main one writes.
     main = is_main_process()
-    output = atomic_output(out, inputs=[checkpoint], overwrite=overwrite) if main else None
+    output = (atomic_output(plan.out, inputs=[checkpoint], overwrite=plan.overwrite)
+              if main else None)
     with output or contextlib.nullcontext() as tmp:
         trackers = None if tmp is None else stage.open_run_trackers(
-            config.train, out, tmp, {"stage": STAGE, "arguments": arguments or {
-                "checkpoint": checkpoint, "data": list(data),
-                "eval": [list(e) for e in eval_specs]},
+            config.train, plan.out, tmp, {"stage": STAGE, "arguments": plan.arguments or {
+                "checkpoint": checkpoint, "data": data,
+                "eval": [list(e) for e in plan.eval_specs]},
                 "parents": {"input": checkpoint}, "seed": config.train.seed})
         if trackers is not None:
             progress = TrackedProgress(progress or AttackProgress(), trackers)
         saver = None
-        if measurement.save_models and main:
+        if plan.measurement.save_models and main:
             saver = _model_saver(
-                Path(tmp) / MODELS_DIR, tokenizer, checkpoint, layout=save_layout(save, info),
-                base_manifest=build_manifest(
-                    STAGE, arguments=arguments,
-                    parents=stage.with_bases({"input": checkpoint}, [info]),
+                Path(tmp) / MODELS_DIR, tokenizer, checkpoint,
+                layout=save_layout(save, plan.info), base_manifest=build_manifest(
+                    STAGE, arguments=plan.arguments,
+                    parents=stage.with_bases({"input": checkpoint}, [plan.info]),
                     seed=config.train.seed, extra={"saved_model": True}))
-        study = None
-        if config.finetune and config.search:
-            key = search_key(digest, describe_attack(config, data, data_options, measurement),
-                             data, eval_specs, forget_metric, evals, measurement)
-            if info.kind == "adapter":  # the base it is merged into (--base-model) counts
-                key["base"] = fingerprint(info.base.path)
-            study = study_name(key)
+        study = _study(plan, digest)
+        measurement = plan.measurement
         core = run_attack(
-            model, tokenizer, sets, config, forget_metric=forget_metric,
-            make_stream=make_stream, threshold=measurement.threshold, evals=evals,
+            model, tokenizer, sets, config, forget_metric=plan.forget_metric,
+            make_stream=make_stream, threshold=measurement.threshold, evals=plan.evals,
             progress=progress, on_model=saver, static_attacks=static_attacks,
-            retain_rule=(retain_metric, measurement.max_retain_drop)
+            retain_rule=(plan.retain_metric, measurement.max_retain_drop)
             if measurement.max_retain_drop is not None else None,
             study_name=study or "undo-relearn-attack",
             log_samples=measurement.log_samples, benign_stream=benign_stream,
             lora_rank=plan.lora_rank)
         if trackers is not None:
             for point in core["worst_case"]:
-                trackers.log({f"worst/{forget_metric}": point.get("value")}, point["step"])
+                trackers.log({f"worst/{plan.forget_metric}": point.get("value")}, point["step"])
             trackers.close()
-        lora_rank = core.pop("lora_rank")
         logged = core.pop("_samples", None)
-        results = {
-            "schema_version": SCHEMA_VERSION,
-            "checkpoint": str(checkpoint),
-            "fingerprint": digest,
-            "forget_metric": forget_metric,
-            "direction": core["direction"],
-            "eval": {name: str(path) for name, path in eval_specs},
-            "attack": describe_attack(config, data, data_options, measurement, lora_rank),
-            **{k: v for k, v in core.items()
-               if k not in ("schema_version", "forget_metric", "direction")},
-        }
-        if study is not None:
-            results["attack"]["search"]["study"] = study  # its name in --search-storage
-        if gate_list:
-            results["gates"] = jsonable(check_gates(gate_list, gate_values(results)))
+        results = _results(plan, core, digest, study)
+        if plan.gates:
+            results["gates"] = jsonable(check_gates(plan.gates, gate_values(results)))
         if main and logged is not None:
             write_samples(Path(tmp) / SAMPLES_NAME, logged)
         if main:
-            _write_outputs(Path(tmp), results, plot=plot, manifest=build_manifest(
-                STAGE, arguments=arguments,
-                parents=stage.with_bases({"input": checkpoint}, [info]),
-                seed=config.train.seed, wall_time_s=time.time() - started,
-                compute={**results["compute"], "runs": len(results["runs"]),
-                         "processes": world_size()},
-                metrics={"forget_metric": forget_metric, **results["summary"],
-                         "worst": final_metrics(results)},
-                extra={"relearn": {"results": RESULTS_NAME, "timing": results["timing"]}}))
+            _write_outputs(Path(tmp), results, plot=plot, manifest=_manifest(plan, results))
     engine.wait_for_everyone()
-    if gate_list and raise_on_gate:
+    if plan.gates and raise_on_gate:
         raise_failed_gates(results["gates"])
     return results
+
+
+def _stream_maker(plan: AttackPlan, tokenizer, data: list[str], name: str
+                  ) -> Callable[[int, int], Any]:
+    """`make(seed, batch_size)`: a `BatchStream` of `data` for one run; built once here, so
+    that bad data fails before any work."""
+    options = plan.data_options
+
+    def make(seed: int, batch_size: int):
+        return build_stream(tokenizer, data, options.max_length, batch_size, seed, name=name,
+                            packing=options.packing)
+
+    make(plan.config.train.seed, plan.config.batch_size_list()[0])
+    return make
+
+
+def _study(plan: AttackPlan, digest: str) -> str | None:
+    """The Optuna study's name of a search (None without one): keyed by everything that
+    defines the attack, so that `--search-storage` never reuses another attack's trials."""
+    config = plan.config
+    if not (config.finetune and config.search):
+        return None
+    data = list(plan.data)
+    key = search_key(digest, describe_attack(config, data, plan.data_options, plan.measurement),
+                     data, plan.eval_specs, plan.forget_metric, plan.evals, plan.measurement)
+    if plan.info.kind == "adapter":  # the base it is merged into (--base-model) counts
+        key["base"] = fingerprint(plan.info.base.path)
+    return study_name(key)
+
+
+def _results(plan: AttackPlan, core: dict[str, Any], digest: str,
+             study: str | None) -> dict[str, Any]:
+    """results.json (docs/relearn-results.md): `run_attack`'s results with what the plan
+    knows (checkpoint, its fingerprint, the eval files, the attack's description)."""
+    lora_rank = core.pop("lora_rank")
+    results = {
+        "schema_version": SCHEMA_VERSION,
+        "checkpoint": str(plan.checkpoint),
+        "fingerprint": digest,
+        "forget_metric": plan.forget_metric,
+        "direction": core["direction"],
+        "eval": {name: str(path) for name, path in plan.eval_specs},
+        "attack": describe_attack(plan.config, list(plan.data), plan.data_options,
+                                  plan.measurement, lora_rank),
+        **{k: v for k, v in core.items()
+           if k not in ("schema_version", "forget_metric", "direction")},
+    }
+    if study is not None:
+        results["attack"]["search"]["study"] = study  # its name in --search-storage
+    return results
+
+
+def _manifest(plan: AttackPlan, results: dict[str, Any]) -> dict[str, Any]:
+    """undo.json of the results directory."""
+    return build_manifest(
+        STAGE, arguments=plan.arguments,
+        parents=stage.with_bases({"input": plan.checkpoint}, [plan.info]),
+        seed=plan.config.train.seed, wall_time_s=time.time() - plan.started,
+        compute={**results["compute"], "runs": len(results["runs"]),
+                 "processes": world_size()},
+        metrics={"forget_metric": plan.forget_metric, **results["summary"],
+                 "worst": final_metrics(results)},
+        extra={"relearn": {"results": RESULTS_NAME, "timing": results["timing"]}})
 
 
 class TrackedProgress(AttackProgress):
