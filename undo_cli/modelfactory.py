@@ -39,6 +39,7 @@ from undo_cli.checkpoint import (
 from undo_cli.errors import UsageError
 from undo_cli.options import SaveOptions
 from undo_cli.options.commands import InitOptions
+from undo_cli.options.text import TokenizerSpec, tokenizer_spec
 from undo_cli.records import completion_of, read_records, record_shape, text_field
 
 ARCHITECTURES = ("llama", "gemma2", "gpt2", "qwen2", "mistral", "gpt_neox", "phi3")
@@ -127,31 +128,13 @@ def build_char_tokenizer(alphabet: str = DEFAULT_ALPHABET):
     return _wrap(tok, split_words=False)
 
 
-def decode_alphabet(text: str) -> str:
-    """The characters of a `char:ALPHABET` spec: any Unicode characters as written, with
-    backslash escapes (`\\n`, `\\u00e4`, `\\\\`) decoded. `UsageError` for a broken escape."""
-    if "\\" not in text:
-        return text
-    try:  # non-Latin-1 characters become escapes first, so unicode_escape keeps them intact
-        return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
-    except UnicodeDecodeError as e:
-        raise UsageError(f"--tokenizer char:{text}: a broken backslash escape ({e.reason})") from e
-
-
-BPE_MIN_VOCAB = len(SPECIAL_TOKENS) + 256  # the special tokens and every byte
-BPE_MAX_VOCAB = 1_000_000
-
-
 def train_bpe_tokenizer(texts: list[str], vocab_size: int):
     """A byte-level BPE tokenizer of at most `vocab_size` tokens trained on `texts` with the
     `tokenizers` library, as GPT-2's: `<pad>`=0, `<eos>`=1, `<bos>`=2, `<unk>`=3, the 256
     bytes (so any text in any language round-trips), then merges of pairs seen at least twice,
     never across GPT-2's word split. Deterministic: the same texts in the same order give a
-    byte-identical tokenizer."""
-    if not BPE_MIN_VOCAB <= vocab_size <= BPE_MAX_VOCAB:
-        raise UsageError(f"--tokenizer bpe:{vocab_size}: the vocabulary must hold "
-                         f"{BPE_MIN_VOCAB} .. {BPE_MAX_VOCAB:,} tokens (4 special tokens and "
-                         "the 256 bytes at least)")
+    byte-identical tokenizer. (`vocab_size` was checked by `tokenizer_spec`: at least
+    `BPE_MIN_VOCAB`.)"""
     if not any(t.strip() for t in texts):
         raise UsageError("--tokenizer-data holds no text to train the tokenizer on")
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -182,33 +165,25 @@ def record_texts(paths: list[str | Path]) -> list[str]:
     return texts
 
 
-def load_tokenizer_spec(spec: str, data: list[str | Path] | None = None):
-    """`char`, `char:ALPHABET`, `bpe:N` (trained on the records of `data`), a tokenizer.json
-    file, or a directory with a tokenizer."""
-    if data and not spec.startswith("bpe:"):
-        raise UsageError("--tokenizer-data is only used by --tokenizer bpe:N")
-    if spec == "char":
-        return build_char_tokenizer()
-    if spec.startswith("char:"):
-        return build_char_tokenizer(decode_alphabet(spec[len("char:"):]))
-    if spec.startswith("bpe:"):
-        size = spec[len("bpe:"):]
-        if not size.isdigit():
-            raise UsageError(f"--tokenizer {spec!r}: expected bpe:N with N the vocabulary size")
+def load_tokenizer_spec(spec: str | TokenizerSpec, data: list[str | Path] | None = None):
+    """The tokenizer `spec` names (`TokenizerSpec`; text is parsed as `--tokenizer` is): a
+    character tokenizer, a BPE trained on the records of `data`, or a tokenizer.json file or
+    directory."""
+    spec = tokenizer_spec(spec)
+    if spec.kind == "char":
+        return build_char_tokenizer(*([spec.alphabet] if spec.alphabet is not None else []))
+    if spec.kind == "bpe":
         if not data:
             raise UsageError("--tokenizer bpe:N needs --tokenizer-data FILE (repeatable): the "
                              "records to train it on")
-        return train_bpe_tokenizer(record_texts(data), int(size))
+        return train_bpe_tokenizer(record_texts(data), spec.size)
     path = Path(spec)
-    if path.is_file() and path.suffix == ".json":
+    if path.is_file():
         return PreTrainedTokenizerFast(tokenizer_file=str(path))
-    if path.is_dir():
-        try:
-            return AutoTokenizer.from_pretrained(path, local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise UsageError(f"cannot load a tokenizer from {path}: {e}") from e
-    raise UsageError(f"--tokenizer {spec!r}: expected 'char', 'char:ALPHABET', 'bpe:N', a "
-                     "tokenizer.json file or a directory holding a tokenizer")
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot load a tokenizer from {path}: {e}") from e
 
 
 def build_config(arch: str, shape: ModelShape, tokenizer):
@@ -297,7 +272,7 @@ def init_checkpoint(out: str | Path, options: InitOptions = InitOptions(), *,
     """`undo init`: write a random model of `options`' architecture and size with its local
     tokenizer to `out` (atomically, with `undo.json`); returns the summary `--json` prints."""
     started = time.time()
-    reads = ([("--tokenizer", options.tokenizer)] if Path(options.tokenizer).exists() else [])
+    reads = [("--tokenizer", options.tokenizer)] if options.tokenizer.kind == "path" else []
     reads += [("--tokenizer-data", Path(p)) for p in options.tokenizer_data]
     check_output_path(out, overwrite=overwrite, reads=reads)
     shape = resolve_shape(options.preset, layers=options.layers, hidden=options.hidden,

@@ -337,6 +337,9 @@ CASES = [
     ("data-zero-mul-max", ["data", "arithmetic", "{out}", "--mul-max", "0"], 2, "--mul-max"),
     ("data-output-not-empty", ["data", "arithmetic", "{full}"], 2, "--overwrite"),
     # ---- train
+    ("train-tokenizer-bpe", ["train", "{out}", "--init", "tiny", "--data", "{text}",
+                             "--tokenizer", "bpe:300", *FAST], 2,
+     "--tokenizer bpe:300: train a BPE tokenizer with `undo init --tokenizer bpe:N"),
     ("train-missing-data", ["train", "{out}", "--init", "tiny", "--data", "{dir}/nope.jsonl",
                             *FAST], 2, "nope.jsonl"),
     ("train-malformed-jsonl", ["train", "{out}", "--init", "tiny", "--data", "{bad}", *FAST],

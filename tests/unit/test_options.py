@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import fields
 from pathlib import Path
 
@@ -253,3 +254,36 @@ def test_declared_reads_find_the_files_an_option_names(tmp_path):
         ("--search-storage", db)]
     assert existing("--search-storage", "postgresql://host/db", sqlite_path) == []
     assert existing("--eval", ["x=" + "y" * 5000], named_paths) == []  # not a file: no error
+
+
+def test_tokenizer_text_is_parsed_once_when_its_group_is_built(tmp_path):
+    from dataclasses import replace
+
+    from undo_cli.options.commands import InitOptions
+    from undo_cli.options.inputs import TrainInputs
+
+    escaped = InitOptions(tokenizer="char:ab\\u00e4")
+    assert escaped.tokenizer == "char:ab\\u00e4"  # recorded as given
+    assert (escaped.tokenizer.kind, escaped.tokenizer.alphabet) == ("char", "ab\u00e4")
+    assert InitOptions().tokenizer.kind == "char" and InitOptions().tokenizer.alphabet is None
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "x"}\n')
+    bpe = InitOptions(tokenizer="bpe:300", tokenizer_data=[data])
+    assert (bpe.tokenizer.kind, bpe.tokenizer.size) == ("bpe", 300)
+    assert replace(bpe, seed=1).tokenizer is bpe.tokenizer  # nothing parsed again
+    (tmp_path / "tok.json").write_text("{}")
+    assert InitOptions(tokenizer=str(tmp_path / "tok.json")).tokenizer.kind == "path"
+    assert InitOptions(tokenizer=str(tmp_path)).tokenizer.kind == "path"
+    for text, message in ((str(tmp_path / "missing.json"), "expected 'char', 'char:ALPHABET'"),
+                          (str(data), "expected 'char'"),  # a file, not a tokenizer.json
+                          ("bpe:259", "must hold 260 .. 1,000,000"),
+                          ("bpe:1000001", "must hold 260"), ("bpe:x", "expected bpe:N")):
+        with pytest.raises(UsageError, match=re.escape(message)):
+            InitOptions(tokenizer=text, tokenizer_data=[data])
+    with pytest.raises(UsageError, match="only used by --tokenizer bpe"):
+        InitOptions(tokenizer_data=[data])
+    with pytest.raises(UsageError, match="needs --tokenizer-data"):
+        InitOptions(tokenizer="bpe:300")
+    with pytest.raises(UsageError, match="train a BPE tokenizer with `undo init"):
+        TrainInputs(init="tiny", data=["x"], tokenizer="bpe:300")
+    assert TrainInputs(init="tiny", data=["x"]).tokenizer is None

@@ -11,7 +11,7 @@ from undo_cli.errors import UsageError
 from undo_cli.gates import rewrite_string_tests
 from undo_cli.options.base import NOISE, option, seed_option, settle
 from undo_cli.options.paths import plain_paths
-from undo_cli.options.text import Condition, conditions
+from undo_cli.options.text import Condition, conditions, tokenizer_spec
 from undo_cli.stats import BOOTSTRAP_SAMPLES
 
 MAX_BOOTSTRAP_SAMPLES = 10**7
@@ -37,7 +37,7 @@ class InitOptions:
                             "work too); 'bpe:N' (a byte-level BPE of N tokens, N >= 260, "
                             "trained on --tokenizer-data: any language round-trips); a "
                             "tokenizer.json file; or a directory holding a tokenizer. Never "
-                            "downloaded.", reads=plain_paths)
+                            "downloaded.", reads=plain_paths, parse=tokenizer_spec)
     tokenizer_data: list[Path] = option(
         help="Records to train --tokenizer bpe:N on (repeatable; any --data format: text, "
         "prompt/completion or questions). Deterministic: the same files in the same order give "
@@ -47,6 +47,11 @@ class InitOptions:
 
     def __post_init__(self) -> None:
         settle(self)
+        if self.tokenizer_data and self.tokenizer.kind != "bpe":
+            raise UsageError("--tokenizer-data is only used by --tokenizer bpe:N")
+        if self.tokenizer.kind == "bpe" and not self.tokenizer_data:
+            raise UsageError("--tokenizer bpe:N needs --tokenizer-data FILE (repeatable): the "
+                             "records to train it on")
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from undo_cli.errors import UsageError
 from undo_cli.options.base import ATTACK, METHOD, option, settle
 from undo_cli.options.paths import named_paths, plain_paths, weighted_paths
+from undo_cli.options.text import tokenizer_spec
 
 
 @dataclass
@@ -28,10 +30,14 @@ class TrainInputs:
     arch: str | None = option(None, "With a preset: llama (default), gemma2, gpt2 or qwen2.")
     tokenizer: str | None = option(None, "With a preset: 'char' (default), 'char:ALPHABET', a "
                                    "tokenizer.json file or a directory holding a tokenizer.",
-                                   reads=plain_paths)
+                                   reads=plain_paths, parse=tokenizer_spec)
 
     def __post_init__(self) -> None:
         settle(self)
+        if self.tokenizer is not None and self.tokenizer.kind == "bpe":
+            raise UsageError(f"--tokenizer {self.tokenizer}: train a BPE tokenizer with `undo "
+                             "init --tokenizer bpe:N --tokenizer-data FILE`, then give that "
+                             "checkpoint as --init (or its directory as --tokenizer)")
 
 
 @dataclass

@@ -2,17 +2,18 @@
 
 Each typed value is the text the user gave (a `str`, so that `undo.json` and `--json` record it
 exactly as before) carrying what it means: `ByteSize.bytes`, `LayerRange.layers`,
-`Pattern.regex`, and for the gate language (`undo_cli.gates`) `Condition.expr` (`--fail-if`),
-`KeepBest.objective` (`--keep-best`), `StopWhen.condition` (`--stop-when`). The
-`option(parse=...)` hooks below turn plain text into them, name the flag in the error, and
-return an already typed value as it is (building a group twice, as `dataclasses.replace`
-does, parses nothing again).
+`Pattern.regex`, `TokenizerSpec.kind`, and for the gate language (`undo_cli.gates`)
+`Condition.expr` (`--fail-if`), `KeepBest.objective` (`--keep-best`), `StopWhen.condition`
+(`--stop-when`). The `option(parse=...)` hooks below turn plain text into them, name the flag
+in the error, and return an already typed value as it is (building a group twice, as
+`dataclasses.replace` does, parses nothing again).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from undo_cli.errors import UsageError
@@ -35,6 +36,16 @@ class Pattern(str):
     """A regular expression as given, with its compiled `regex` (`re.search` on names)."""
 
     regex: re.Pattern
+
+
+class TokenizerSpec(str):
+    """`--tokenizer` text with what it names: `kind` "char" (`alphabet` its characters, None:
+    printable ASCII), "bpe" (`size` tokens, trained on `--tokenizer-data`) or "path" (a
+    tokenizer.json file or a directory holding a tokenizer)."""
+
+    kind: str
+    alphabet: str | None = None
+    size: int | None = None
 
 
 class Condition(str):
@@ -115,6 +126,50 @@ def compile_pattern(flag: str, pattern: str) -> re.Pattern:
         return re.compile(pattern)
     except re.error as e:
         raise UsageError(f"{flag} {pattern!r} is not a valid regular expression ({e})") from e
+
+
+# A byte-level BPE holds undo's 4 special tokens (<pad> <eos> <bos> <unk>) and the 256 bytes.
+BPE_MIN_VOCAB = 4 + 256
+BPE_MAX_VOCAB = 1_000_000
+TOKENIZER_KINDS = "'char', 'char:ALPHABET', 'bpe:N', a tokenizer.json file or a directory"
+
+
+def decode_alphabet(text: str) -> str:
+    """The characters of a `char:ALPHABET` spec: any Unicode characters as written, with
+    backslash escapes (`\\n`, `\\u00e4`, `\\\\`) decoded. `UsageError` for a broken escape."""
+    if "\\" not in text:
+        return text
+    try:  # non-Latin-1 characters become escapes first, so unicode_escape keeps them intact
+        return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--tokenizer char:{text}: a broken backslash escape ({e.reason})") from e
+
+
+def tokenizer_spec(text: Any) -> TokenizerSpec:
+    """The `parse` hook of `--tokenizer`: `char`, `char:ALPHABET`, `bpe:N` (N within
+    `BPE_MIN_VOCAB` .. `BPE_MAX_VOCAB`), or an existing tokenizer.json file or directory;
+    `UsageError` for anything else. A `TokenizerSpec` is returned as it is."""
+    if isinstance(text, TokenizerSpec):
+        return text
+    spec = TokenizerSpec(text)
+    if text == "char":
+        spec.kind = "char"
+    elif text.startswith("char:"):
+        spec.kind, spec.alphabet = "char", decode_alphabet(text[len("char:"):])
+    elif text.startswith("bpe:"):
+        size = text[len("bpe:"):]
+        if not size.isdigit():
+            raise UsageError(f"--tokenizer {text!r}: expected bpe:N with N the vocabulary size")
+        if not BPE_MIN_VOCAB <= int(size) <= BPE_MAX_VOCAB:
+            raise UsageError(f"--tokenizer bpe:{int(size)}: the vocabulary must hold "
+                             f"{BPE_MIN_VOCAB} .. {BPE_MAX_VOCAB:,} tokens (4 special tokens "
+                             "and the 256 bytes at least)")
+        spec.kind, spec.size = "bpe", int(size)
+    elif (Path(text).is_file() and Path(text).suffix == ".json") or Path(text).is_dir():
+        spec.kind = "path"
+    else:
+        raise UsageError(f"--tokenizer {text!r}: expected {TOKENIZER_KINDS} holding a tokenizer")
+    return spec
 
 
 def _typed(kind: type, attribute: str, meaning: Callable[[Any], Any]) -> Callable[[Any], Any]:
