@@ -244,30 +244,6 @@ def parse_weighted_spec(spec: str, option: str = "--data") -> tuple[str, float]:
     return spec, 1.0
 
 
-def parse_named_spec(spec: str, option: str = "--data") -> tuple[str, str]:
-    """`NAME=PATH` -> (NAME, PATH); a bare PATH is named after its file stem."""
-    name, sep, path = spec.partition("=")
-    if not sep:
-        return Path(spec).stem, spec
-    if not name or not path:
-        raise UsageError(f"{option} {spec!r}: expected NAME=PATH")
-    if not (name.replace("_", "").isalnum() and name.isascii()) or name[0].isdigit():
-        raise UsageError(f"{option} {spec!r}: NAME may use letters, digits and '_' only "
-                         "(it is used in metric names such as NAME.accuracy)")
-    return name, path
-
-
-def parse_named_specs(specs: list[str], option: str = "--eval") -> list[tuple[str, str]]:
-    """`NAME=PATH` values of a repeatable option as `(name, path)` pairs, names unique."""
-    pairs = [parse_named_spec(spec, option) for spec in specs]
-    names = [name for name, _ in pairs]
-    if len(set(names)) != len(names):
-        twice = next(n for n in names if names.count(n) > 1)
-        raise UsageError(f"{option} name {twice!r} is used twice; give each set its own NAME "
-                         f"({option} NAME=PATH)")
-    return pairs
-
-
 # ----------------------------------------------------------------------------- evaluation data
 
 

@@ -28,7 +28,7 @@ from undo_cli.options import (
     TrainConfig,
     compile_pattern,
 )
-from undo_cli.records import parse_named_specs, parse_weighted_spec
+from undo_cli.records import parse_weighted_spec
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def data_paths(flag: str, specs: Sequence[Any]) -> list[tuple[str, str]]:
 
 def eval_paths(evals: EvalOptions, flag: str = "--eval") -> list[tuple[str, str]]:
     """`(flag, PATH)` of the `NAME=PATH` eval sets."""
-    return [(flag, path) for _, path in parse_named_specs(evals.eval)]
+    return [(flag, path) for _, path in evals.sets]
 
 
 def _inside(path: str | Path, other: str | Path) -> bool:
@@ -152,7 +152,7 @@ def load_eval_sets(evals: EvalOptions, tokenizer, *, limit: int | None = None,
 
     return [load_eval_set(name, path, tokenizer, limit=limit, seed=seed,
                           choice_format=evals.choice_format)
-            for name, path in parse_named_specs(evals.eval)]
+            for name, path in evals.sets]
 
 
 def check_keep_best(config: TrainConfig, sets: Sequence[Any]) -> None:
@@ -418,7 +418,7 @@ def arguments(train_config: TrainConfig, data_options: DataOptions, eval_options
     """The `arguments` of a trained output's `undo.json`: the stage's own, the data layout,
     the eval sets and the training settings that shape the result."""
     return {**own, "max_length": data_options.max_length, "packing": data_options.packing,
-            "eval": [list(e) for e in parse_named_specs(eval_options.eval)],
+            "eval": [list(e) for e in eval_options.sets],
             "choice_format": eval_options.choice_format,
             "train": train_config.manifest()}
 

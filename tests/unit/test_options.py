@@ -287,3 +287,27 @@ def test_tokenizer_text_is_parsed_once_when_its_group_is_built(tmp_path):
     with pytest.raises(UsageError, match="train a BPE tokenizer with `undo init"):
         TrainInputs(init="tiny", data=["x"], tokenizer="bpe:300")
     assert TrainInputs(init="tiny", data=["x"]).tokenizer is None
+
+
+def test_named_paths_are_parsed_once_when_their_group_is_built():
+    from dataclasses import replace
+
+    from undo_cli.options import EvalOptions
+    from undo_cli.options.inputs import ProbeInputs
+
+    evals = EvalOptions(eval=["forget=a/f.jsonl", "b/retain.jsonl", "x=C:=odd"])
+    assert evals.eval == ["forget=a/f.jsonl", "b/retain.jsonl", "x=C:=odd"]  # as given
+    assert evals.sets == [("forget", "a/f.jsonl"), ("retain", "b/retain.jsonl"),
+                          ("x", "C:=odd")]
+    assert replace(evals, max_new_tokens=4).eval[0] is evals.eval[0]  # nothing parsed again
+    for specs, message in ((["a=f.jsonl", "a=g.jsonl"], "--eval name 'a' is used twice"),
+                           (["f.jsonl", "d/f.jsonl"], "--eval name 'f' is used twice"),
+                           (["=f.jsonl"], "--eval '=f.jsonl': expected NAME=PATH"),
+                           (["a="], "expected NAME=PATH"),
+                           (["1a=f"], "NAME may use letters, digits and '_' only"),
+                           (["a.b=f"], "NAME may use letters")):
+        with pytest.raises(UsageError, match=re.escape(message)):
+            EvalOptions(eval=specs)
+    with pytest.raises(UsageError, match=re.escape("--data name 'p' is used twice")):
+        ProbeInputs(data=["p=x.jsonl", "p=y.jsonl"])
+    assert [(s.name, s.path) for s in ProbeInputs(data=["q=x.jsonl"]).data] == [("q", "x.jsonl")]

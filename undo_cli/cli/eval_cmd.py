@@ -22,7 +22,6 @@ from undo_cli.errors import UsageError
 from undo_cli.jsontext import is_finite_number
 from undo_cli.options import EvalOptions, GateOptions, LoadOptions, OutputOptions
 from undo_cli.options.commands import EvalRunOptions
-from undo_cli.records import parse_named_specs
 from undo_cli.stats import is_uncertainty
 
 # Short column labels of the table.
@@ -139,7 +138,7 @@ def eval_command(
 
     start = time.time()
     talk = show_output(output.quiet)  # --quiet: errors only (and --json's document)
-    specs = parse_named_specs(evals.eval, "--eval")
+    specs = evals.sets
     tasks = run.tasks
     if not specs and not tasks:
         raise UsageError("nothing to evaluate: give --eval NAME=PATH (or --data NAME=PATH, "

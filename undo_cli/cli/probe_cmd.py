@@ -58,12 +58,12 @@ def probe_command(
     """
     from undo_cli.checkpoint import check_output_path
     from undo_cli.probe import probe_checkpoints, write_probe
-    from undo_cli.records import parse_named_specs, read_eval_data
+    from undo_cli.records import read_eval_data
 
     started = time.time()
     talk = show_output(output.quiet)
     out = probe.out
-    sets = [read_eval_data(name, path) for name, path in parse_named_specs(inputs.data, "--data")]
+    sets = [read_eval_data(spec.name, spec.path) for spec in inputs.data]
     if out is not None:
         check_output_path(out, inputs=list(checkpoints), overwrite=output.overwrite)
     results = probe_checkpoints(

@@ -27,11 +27,13 @@ from undo_cli.options.rates import FINETUNE_LR
 from undo_cli.options.text import (
     Condition,
     KeepBest,
+    NamedPath,
     StopWhen,
     byte_size,
     conditions,
     keep_best,
     layer_range,
+    named_path_list,
     pattern,
     patterns,
     stop_when,
@@ -232,10 +234,11 @@ class EvalOptions:
     def __post_init__(self) -> None:
         settle(self)
 
-    eval: list[str] = option(help="Held-out data evaluated every --eval-every steps and at "
-                             "the end (metrics NAME.loss, NAME.accuracy, ...; repeatable).",
-                             metavar="NAME=PATH", panel=EVALUATION, factory=list,
-                             reads=named_paths)
+    eval: list[NamedPath] = option(help="Held-out data evaluated every --eval-every steps and "
+                                   "at the end (metrics NAME.loss, NAME.accuracy, ...; "
+                                   "repeatable).", metavar="NAME=PATH", panel=EVALUATION,
+                                   factory=list, reads=named_paths,
+                                   parse=named_path_list("--eval"), repeatable=True)
     eval_batch_size: int | None = option(None, "Batch size of evaluation (default: "
                                          "automatic).", panel=EVALUATION, minimum=1)
     max_new_tokens: int = option(32, "Greedy tokens generated per prompt when measuring "
@@ -249,6 +252,11 @@ class EvalOptions:
                                 "answer}): qa ('Question: Q\\nAnswer:' + ' CHOICE'), letters "
                                 "(the MMLU/WMDP layout: lettered choices, scores ' A', ' B', "
                                 "...) or raw.", panel=EVALUATION, choices=CHOICE_FORMATS)
+
+    @property
+    def sets(self) -> list[tuple[str, str]]:
+        """`--eval` as (NAME, PATH) pairs."""
+        return [(spec.name, spec.path) for spec in self.eval]
 
 
 @dataclass

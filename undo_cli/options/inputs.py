@@ -11,7 +11,7 @@ from pathlib import Path
 from undo_cli.errors import UsageError
 from undo_cli.options.base import ATTACK, METHOD, option, settle
 from undo_cli.options.paths import named_paths, plain_paths, weighted_paths
-from undo_cli.options.text import tokenizer_spec
+from undo_cli.options.text import NamedPath, named_path_list, tokenizer_spec
 
 
 @dataclass
@@ -102,10 +102,11 @@ class AttackInputs:
 class ProbeInputs:
     """`undo probe`: the labelled sets probed."""
 
-    data: list[str] = option(help="Prompt/answer or multiple-choice records (repeatable); the "
-                             "label is the answer's first token or the correct choice.",
-                             metavar="NAME=PATH", factory=list, required=True,
-                             reads=named_paths)
+    data: list[NamedPath] = option(help="Prompt/answer or multiple-choice records "
+                                   "(repeatable); the label is the answer's first token or the "
+                                   "correct choice.", metavar="NAME=PATH", factory=list,
+                                   required=True, reads=named_paths,
+                                   parse=named_path_list("--data"), repeatable=True)
 
     def __post_init__(self) -> None:
         settle(self)

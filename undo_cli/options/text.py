@@ -2,11 +2,11 @@
 
 Each typed value is the text the user gave (a `str`, so that `undo.json` and `--json` record it
 exactly as before) carrying what it means: `ByteSize.bytes`, `LayerRange.layers`,
-`Pattern.regex`, `TokenizerSpec.kind`, and for the gate language (`undo_cli.gates`)
-`Condition.expr` (`--fail-if`), `KeepBest.objective` (`--keep-best`), `StopWhen.condition`
-(`--stop-when`). The `option(parse=...)` hooks below turn plain text into them, name the flag
-in the error, and return an already typed value as it is (building a group twice, as
-`dataclasses.replace` does, parses nothing again).
+`Pattern.regex`, `TokenizerSpec.kind`, `NamedPath.name` and `.path`, and for the gate language
+(`undo_cli.gates`) `Condition.expr` (`--fail-if`), `KeepBest.objective` (`--keep-best`),
+`StopWhen.condition` (`--stop-when`). The `option(parse=...)` hooks below turn plain text into
+them, name the flag in the error, and return an already typed value as it is (building a group
+twice, as `dataclasses.replace` does, parses nothing again).
 """
 
 from __future__ import annotations
@@ -36,6 +36,14 @@ class Pattern(str):
     """A regular expression as given, with its compiled `regex` (`re.search` on names)."""
 
     regex: re.Pattern
+
+
+class NamedPath(str):
+    """A `NAME=PATH` value as given (`--eval`, `probe --data`) with its `name` and `path`; a
+    bare PATH is named after its file's stem."""
+
+    name: str
+    path: str
 
 
 class TokenizerSpec(str):
@@ -170,6 +178,37 @@ def tokenizer_spec(text: Any) -> TokenizerSpec:
     else:
         raise UsageError(f"--tokenizer {text!r}: expected {TOKENIZER_KINDS} holding a tokenizer")
     return spec
+
+
+def named_path(text: str, flag: str) -> NamedPath:
+    """`NAME=PATH` -> a `NamedPath`; `UsageError` naming `flag` for an empty side or a NAME
+    that could not be a metric name (letters, digits and '_', not starting with a digit)."""
+    value = NamedPath(text)
+    name, sep, path = text.partition("=")
+    if not sep:
+        value.name, value.path = Path(text).stem, text
+        return value
+    if not name or not path:
+        raise UsageError(f"{flag} {text!r}: expected NAME=PATH")
+    if not (name.replace("_", "").isalnum() and name.isascii()) or name[0].isdigit():
+        raise UsageError(f"{flag} {text!r}: NAME may use letters, digits and '_' only "
+                         "(it is used in metric names such as NAME.accuracy)")
+    value.name, value.path = name, path
+    return value
+
+
+def named_path_list(flag: str) -> Callable[[Any], list[NamedPath]]:
+    """The `parse` hook of a repeatable `NAME=PATH` option: a `NamedPath` each, names unique."""
+    def parse(texts: Any) -> list[NamedPath]:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        values = [t if isinstance(t, NamedPath) else named_path(t, flag) for t in texts]
+        names = [v.name for v in values]
+        if len(set(names)) != len(names):
+            twice = next(n for n in names if names.count(n) > 1)
+            raise UsageError(f"{flag} name {twice!r} is used twice; give each set its own NAME "
+                             f"({flag} NAME=PATH)")
+        return values
+    return parse
 
 
 def _typed(kind: type, attribute: str, meaning: Callable[[Any], Any]) -> Callable[[Any], Any]:

@@ -25,7 +25,7 @@ from undo_cli.options import (
     LoadOptions,
 )
 from undo_cli.options.storage import sqlite_path
-from undo_cli.records import EvalData, parse_named_specs, read_eval_data
+from undo_cli.records import EvalData, read_eval_data
 from undo_cli.relearn.runner import lora_rank_for, lora_target_list
 from undo_cli.relearn.worst_case import metric_direction, resolve_forget_metric
 from undo_cli.runtime import require_optimizers
@@ -101,7 +101,7 @@ def plan_attack(checkpoint: str | Path, out: str | Path, *, data: Sequence[str],
         from undo_cli.quantize import check_library
 
         check_library(config.quantize)
-    eval_specs = tuple(parse_named_specs(evals.eval))
+    eval_specs = tuple(evals.sets)
     gate_list = tuple(condition.expr for condition in gates.fail_if)
     storage = sqlite_path(config.search_storage) if config.search else None
     info = stage.check_inputs(
@@ -143,7 +143,7 @@ def attack_arguments(checkpoint: str | Path, out: str | Path, data: Sequence[str
                      measurement: AttackMeasurement, gates: GateOptions) -> dict[str, Any]:
     """Every setting of an attack as `undo.json` records it (`arguments`)."""
     return {"checkpoint": str(checkpoint), "data": list(data),
-            "eval": [list(e) for e in parse_named_specs(evals.eval)],
+            "eval": [list(e) for e in evals.sets],
             "choice_format": evals.choice_format,
             "attack": {k: v for k, v in asdict(config).items() if k != "train"},
             "train": config.train.manifest(), "measurement": asdict(measurement),
