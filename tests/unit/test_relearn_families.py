@@ -263,3 +263,31 @@ def test_saved_qlora_model_and_soft_prompt(cli, tiny_llama, files, tmp_path):
     emb = next(run for run in results["runs"] if run["attack"] == "embedding")
     prompt = load_file(str(out / emb["saved_as"] / "soft_prompt.safetensors"))["prompt"]
     assert tuple(prompt.shape) == (2, 32)
+
+
+def test_the_soft_prompt_gradient_is_bit_identical_across_repeats_on_two_threads():
+    """Every row of a batch adds to the same prompt vectors: the sum must not depend on the
+    order threads finish in (an indexing backward's did, so one seed gave prompts differing
+    in the 8th digit from run to run)."""
+    from undo_cli.relearn.soft_prompt import SoftPromptEmbedding
+
+    torch.manual_seed(0)
+    vocab, n, width = 20, 8, 128
+    layer = SoftPromptEmbedding(torch.nn.Embedding(vocab, width), n, torch.randn(n, width))
+    ids = torch.cat([torch.arange(vocab, vocab + n).repeat(64, 1),
+                     torch.randint(0, vocab, (64, 5))], 1)
+    upstream = torch.randn(64, n + 5, width)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grads = []
+        for _ in range(6):
+            layer.prompt.grad = None
+            (layer(ids) * upstream).sum().backward()
+            grads.append(layer.prompt.grad.clone())
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(grads[0], g) for g in grads[1:])
+    # and it is the sum over the rows of each prompt position's upstream gradient
+    expected = upstream[:, :n].double().sum(0)
+    assert torch.allclose(grads[0].double(), expected, atol=1e-4)

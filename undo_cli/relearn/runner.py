@@ -160,142 +160,194 @@ def run_attack(model: torch.nn.Module, tokenizer, eval_sets: Sequence[Any],
         raise UsageError("no attack data stream")
     if config.benign_data and benign_stream is None:
         raise UsageError("no benign data stream")
-    direction = metric_direction(forget_metric)
-    progress = progress or AttackProgress()
     started = time.perf_counter()
     measure = Measure(tokenizer, eval_sets, evals, log_samples=log_samples)
     was_training = model.training
     model.eval()
-    initial = measure(model)
-    initial_items = measure.items
-    initial_samples = (0, measure.samples)
-    if forget_metric not in initial:
-        raise UsageError(f"--forget-metric {forget_metric!r} is not among the measured "
-                         f"metrics: {', '.join(attackable_metrics(list(initial))) or 'none'}")
+    attack = _Attack(model, config, measure, progress or AttackProgress(), on_model,
+                     forget_metric, make_stream)
     rank = lora_rank or lora_rank_for(model, config.lora_rank,
                                       lora_target_list(config.lora_targets))
-    lora_rank = rank if config.finetune and config.lora else None
-    streams: dict[tuple[int, int], Any] = {}
-
-    def stream_for(spec: RunSpec) -> Any:
-        key = (spec.seed, spec.batch_size)
-        if key not in streams:
-            streams[key] = make_stream(spec.seed, spec.batch_size)
-        return streams[key]
-
-    def finetune(spec: RunSpec, stop=None) -> tuple[dict[str, Any], torch.nn.Module]:
-        return _finetune_run(model, spec, config, stream_for(spec), measure, initial,
-                             initial_items, progress, stop)
-
-    def finetune_from(original: torch.nn.Module, spec: RunSpec, stream: Any,
-                      start: dict[str, float] | None, start_items: dict[str, Any] | None,
-                      *, measure: Any = measure, **kw: Any
-                      ) -> tuple[dict[str, Any], torch.nn.Module]:
-        return _finetune_run(original, spec, config, stream, measure,
-                             initial if start is None else start,
-                             initial_items if start_items is None else start_items,
-                             progress, **kw)
-
-    runs: list[dict[str, Any]] = []
     try:
         if config.finetune and config.search:
-            progress.start(config.search + planned_runs(config, 1), config.steps)
-            for run, attacked in search_runs(model, config, finetune, forget_metric,
-                                             direction, rank, progress, study_name):
-                _collect(runs, run, attacked, config, measure, progress, on_model,
-                         forget_metric)
+            attack.search(rank, study_name)
         elif config.finetune:
-            grid = config.grid(lora_rank)
-            progress.start(len(grid) * (2 if config.quantize else 1)
-                           + planned_runs(config, len(grid)), config.steps)
-            for index, spec in enumerate(grid, 1):
-                progress.run_started(index, spec.lr, spec.seed, spec.config_id)
-                run, attacked = finetune(spec)
-                _collect(runs, run, attacked, config, measure, progress, on_model,
-                         forget_metric)
+            attack.grid(rank if config.lora else None)
         elif config.quantize is not None:
-            progress.start(1 + planned_runs(config, len(config.grid(1))), 0)
-            progress.run_started(1, None, None, "original, quantised")
-            base = {"lr": None, "seed": None, "diverged": False, "steps": 0,
-                    "config": "original", "attack": "quantize", "static": True}
-            qrun, attacked = _quantized_run(copy.deepcopy(model), base, config, measure)
-            runs.append(qrun)
-            progress.run_finished(qrun, forget_metric)
-            if on_model is not None:
-                on_model(qrun, attacked)
+            attack.quantized_original()
         elif planned_runs(config, len(config.grid(1))):
-            progress.start(planned_runs(config, len(config.grid(1))), config.steps)
-        for attack in static_attacks:
-            for run, attacked in attack(model, measure):
-                runs.append(run)
-                progress.run_finished(run, forget_metric)
-                if on_model is not None and attacked is not None:
-                    on_model(run, attacked)
-        _run_families(runs, model, config, measure, rank, make_stream, benign_stream,
-                      tokenizer, eval_sets, progress, on_model, forget_metric, finetune_from)
+            attack.progress.start(planned_runs(config, len(config.grid(1))), config.steps)
+        for static in static_attacks:
+            attack.static(static)
+        attack.families(rank, benign_stream, tokenizer, eval_sets)
     finally:
-        progress.close()
+        attack.progress.close()
         model.train(was_training)
-    if retain_rule is not None:
-        apply_retain_rule(runs, initial, *retain_rule)
-    worst = worst_case_curve(runs, forget_metric, direction)
-    annotate_cost(worst, runs)
-    band = _band(runs, worst, forget_metric, direction, initial_items, config.train.seed)
-    wall = time.perf_counter() - started
-    table = per_config_table(runs, forget_metric, direction)
-    summary = summarize(runs, worst, forget_metric, direction, initial, threshold)
-    if band is not None:
-        summary.update({"final_lower": band["final"][0], "final_upper": band["final"][1],
-                        "auc_lower": band["auc"][0], "auc_upper": band["auc"][1],
-                        "band": {k: band[k] for k in ("method", "samples", "level")}})
-    for run in runs:
-        run.pop("_items", None)
-    logged = (_sample_log({"config": "initial", "seed": None}, initial_samples)
-              if log_samples else [])
-    for run in runs:
-        if run.get("_samples") is not None:
-            logged += _sample_log(run, run["_samples"])
-        run.pop("_samples", None)
-    return jsonable({
-        "schema_version": SCHEMA_VERSION,
-        "forget_metric": forget_metric,
-        "direction": direction,
-        "initial": initial,
-        "runs": runs,
-        "worst_case": worst,
-        "summary": summary,
-        "per_config": table,
-        "per_lr": table,  # the same table under its earlier name
-        "timing": {"wall_s": wall, "eval_s": measure.eval_s,
-                   "eval_share": measure.eval_s / wall if wall > 0 else None,
-                   "evaluations": measure.evaluations},
-        "compute": {"tokens": sum(r.get("tokens", 0) for r in runs),
-                    "flops": sum(r.get("flops", 0.0) for r in runs)},
-        "lora_rank": lora_rank,
-        **({"_samples": logged} if log_samples else {}),
-    })
+    return attack.results(started, threshold=threshold, retain_rule=retain_rule,
+                          lora_rank=rank if config.finetune and config.lora else None)
 
 
-def _run_families(runs: list, model: torch.nn.Module, config: AttackConfig, measure: Any,
-                  rank: int, make_stream: Any, benign_stream: Any, tokenizer,
-                  eval_sets: Sequence[Any], progress: AttackProgress,
-                  on_model: ModelHook | None, forget_metric: str, finetune_from: Any) -> None:
-    """Run the attack families `config` asks for (`undo_cli.relearn.families`)."""
-    families = families_for(config)
-    if not families:
-        return
-    grid = config.grid(rank if config.lora else None)
-    if config.search:  # the families reuse the configuration the search found strongest
-        grid = _best_specs(runs, config, forget_metric) or grid[:1]
-    ctx = FamilyContext(model=model, config=config, measure=measure, grid=grid,
-                        finetune=finetune_from, attack_stream=make_stream,
-                        benign_stream=benign_stream, lora_rank=rank, tokenizer=tokenizer,
-                        eval_sets=eval_sets, progress=progress)
-    for family in families:
-        for run, attacked in family(ctx):
-            progress.run_started(len(runs) + 1, run.get("lr"), run.get("seed"), run["config"])
-            _collect(runs, run, attacked, config, measure, progress, on_model, forget_metric,
-                     twin=run["attack"] in ("prune+finetune", "benign-finetune"))
+class _Attack:
+    """One attack in progress: the original model (never changed), its settings, the measure
+    and the unattacked model's evaluation (step 0 of every run, measured once, here). Each
+    method runs some of the attack's runs and records them in `runs`, in order."""
+
+    def __init__(self, model: torch.nn.Module, config: AttackConfig, measure: Measure,
+                 progress: AttackProgress, on_model: ModelHook | None, forget_metric: str,
+                 make_stream: Callable[[int, int], Any] | None) -> None:
+        self.model, self.config, self.measure, self.progress = model, config, measure, progress
+        self.on_model, self.forget_metric, self.make_stream = on_model, forget_metric, make_stream
+        self.direction = metric_direction(forget_metric)
+        self.initial = measure(model)
+        self.initial_items = measure.items
+        self.initial_samples = (0, measure.samples)
+        if forget_metric not in self.initial:
+            known = ", ".join(attackable_metrics(list(self.initial))) or "none"
+            raise UsageError(f"--forget-metric {forget_metric!r} is not among the measured "
+                             f"metrics: {known}")
+        self.runs: list[dict[str, Any]] = []
+        self._streams: dict[tuple[int, int], Any] = {}
+
+    def finetune(self, spec: RunSpec, stop=None) -> tuple[dict[str, Any], torch.nn.Module]:
+        """A finetuning run of `spec` on the original model and the attack data (one stream
+        per seed and batch size, reset to its start by each run)."""
+        key = (spec.seed, spec.batch_size)
+        if key not in self._streams:
+            self._streams[key] = self.make_stream(spec.seed, spec.batch_size)
+        return _finetune_run(self.model, spec, self.config, self._streams[key], self.measure,
+                             self.initial, self.initial_items, self.progress, stop)
+
+    def finetune_from(self, original: torch.nn.Module, spec: RunSpec, stream: Any,
+                      start: dict[str, float] | None, start_items: dict[str, Any] | None,
+                      *, measure: Any = None, **kw: Any) -> tuple[dict[str, Any], torch.nn.Module]:
+        """A finetuning run of any model on any stream (the families'); `start` and
+        `start_items` None: the original's step 0."""
+        return _finetune_run(original, spec, self.config, stream,
+                             self.measure if measure is None else measure,
+                             self.initial if start is None else start,
+                             self.initial_items if start_items is None else start_items,
+                             self.progress, **kw)
+
+    def search(self, rank: int, study_name: str) -> None:
+        """The runs an Optuna study picks (`undo_cli.relearn.search`)."""
+        config = self.config
+        self.progress.start(config.search + planned_runs(config, 1), config.steps)
+        for run, attacked in search_runs(self.model, config, self.finetune, self.forget_metric,
+                                         self.direction, rank, self.progress, study_name):
+            self._record(run, attacked)
+
+    def grid(self, lora_rank: int | None) -> None:
+        """Every run of the grid."""
+        grid = self.config.grid(lora_rank)
+        self.progress.start(len(grid) * (2 if self.config.quantize else 1)
+                            + planned_runs(self.config, len(grid)), self.config.steps)
+        for index, spec in enumerate(grid, 1):
+            self.progress.run_started(index, spec.lr, spec.seed, spec.config_id)
+            self._record(*self.finetune(spec))
+
+    def quantized_original(self) -> None:
+        """Without attack data: the original model, quantised."""
+        self.progress.start(1 + planned_runs(self.config, len(self.config.grid(1))), 0)
+        self.progress.run_started(1, None, None, "original, quantised")
+        base = {"lr": None, "seed": None, "diverged": False, "steps": 0,
+                "config": "original", "attack": "quantize", "static": True}
+        self._add(*_quantized_run(copy.deepcopy(self.model), base, self.config, self.measure))
+
+    def static(self, attack: StaticAttack) -> None:
+        """The runs of an attack without training (`undo_cli.relearn.static`)."""
+        for run, attacked in attack(self.model, self.measure):
+            self._add(run, attacked)
+
+    def families(self, rank: int, benign_stream: Any, tokenizer, eval_sets: Sequence[Any]) -> None:
+        """The families `config` asks for (`undo_cli.relearn.families`), last."""
+        families = families_for(self.config)
+        if not families:
+            return
+        config = self.config
+        grid = config.grid(rank if config.lora else None)
+        if config.search:  # the families reuse the configuration the search found strongest
+            grid = _best_specs(self.runs, config, self.forget_metric) or grid[:1]
+        ctx = FamilyContext(model=self.model, config=config, measure=self.measure, grid=grid,
+                            finetune=self.finetune_from, attack_stream=self.make_stream,
+                            benign_stream=benign_stream, lora_rank=rank, tokenizer=tokenizer,
+                            eval_sets=eval_sets, progress=self.progress)
+        for family in families:
+            for run, attacked in family(ctx):
+                self.progress.run_started(len(self.runs) + 1, run.get("lr"), run.get("seed"),
+                                          run["config"])
+                self._record(run, attacked,
+                             twin=run["attack"] in ("prune+finetune", "benign-finetune"))
+
+    def _add(self, run: dict[str, Any], attacked: torch.nn.Module | None) -> None:
+        self.runs.append(run)
+        self.progress.run_finished(run, self.forget_metric)
+        if self.on_model is not None and attacked is not None:
+            self.on_model(run, attacked)
+
+    def _record(self, run: dict[str, Any], attacked: torch.nn.Module | None,
+                twin: bool = True) -> None:
+        """A finetuning run (and its quantised twin with --quantize); `attacked` is None for
+        a trial a resumed search ran before (its run is recorded, its model is gone)."""
+        self.runs.append(run)
+        self.progress.run_finished(run, self.forget_metric)
+        if attacked is None:
+            return
+        if run["diverged"]:
+            self.progress.message(f"warning: the run {run['config']} (seed {run['seed']}) "
+                                  f"diverged at step {run['diverged_step']}; its later steps "
+                                  "do not count")
+        if self.on_model is not None:
+            self.on_model(run, attacked)
+        if self.config.quantize is not None and twin:
+            qrun, attacked = _quantized_run(attacked, run, self.config, self.measure)
+            self.runs.append(qrun)
+            self.progress.run_finished(qrun, self.forget_metric)
+            if self.on_model is not None and not qrun["diverged"]:
+                self.on_model(qrun, attacked)
+
+    def results(self, started: float, *, threshold: float | None,
+                retain_rule: tuple[str, float] | None, lora_rank: int | None) -> dict[str, Any]:
+        """`run_attack`'s results: the runs, the worst case with its band, the summary."""
+        runs, metric, direction = self.runs, self.forget_metric, self.direction
+        if retain_rule is not None:
+            apply_retain_rule(runs, self.initial, *retain_rule)
+        worst = worst_case_curve(runs, metric, direction)
+        annotate_cost(worst, runs)
+        band = _band(runs, worst, metric, direction, self.initial_items, self.config.train.seed)
+        wall = time.perf_counter() - started
+        table = per_config_table(runs, metric, direction)
+        summary = summarize(runs, worst, metric, direction, self.initial, threshold)
+        if band is not None:
+            summary.update({"final_lower": band["final"][0], "final_upper": band["final"][1],
+                            "auc_lower": band["auc"][0], "auc_upper": band["auc"][1],
+                            "band": {k: band[k] for k in ("method", "samples", "level")}})
+        for run in runs:
+            run.pop("_items", None)
+        logged = [] if not self.measure.log_samples else _sample_log(
+            {"config": "initial", "seed": None}, self.initial_samples)
+        for run in runs:
+            if run.get("_samples") is not None:
+                logged += _sample_log(run, run["_samples"])
+            run.pop("_samples", None)
+        measure = self.measure
+        return jsonable({
+            "schema_version": SCHEMA_VERSION,
+            "forget_metric": metric,
+            "direction": direction,
+            "initial": self.initial,
+            "runs": runs,
+            "worst_case": worst,
+            "summary": summary,
+            "per_config": table,
+            "per_lr": table,  # the same table under its earlier name
+            "timing": {"wall_s": wall, "eval_s": measure.eval_s,
+                       "eval_share": measure.eval_s / wall if wall > 0 else None,
+                       "evaluations": measure.evaluations},
+            "compute": {"tokens": sum(r.get("tokens", 0) for r in runs),
+                        "flops": sum(r.get("flops", 0.0) for r in runs)},
+            "lora_rank": lora_rank,
+            **({"_samples": logged} if measure.log_samples else {}),
+        })
 
 
 def annotate_cost(worst: list[dict[str, Any]], runs: list[dict[str, Any]]) -> None:
@@ -373,28 +425,6 @@ def _band(runs: list[dict[str, Any]], worst: list[dict[str, Any]], metric: str,
             if items is not None:
                 point["items"] = items
     return band
-
-
-def _collect(runs: list, run: dict[str, Any], attacked: torch.nn.Module, config: AttackConfig,
-             measure: Any, progress: AttackProgress, on_model: ModelHook | None,
-             forget_metric: str, twin: bool = True) -> None:
-    """Record a finetuning run (and its quantised twin with --quantize); `attacked` is None
-    for a trial a resumed search ran before (its run is recorded, its model is gone)."""
-    runs.append(run)
-    progress.run_finished(run, forget_metric)
-    if attacked is None:
-        return
-    if run["diverged"]:
-        progress.message(f"warning: the run {run['config']} (seed {run['seed']}) diverged at "
-                         f"step {run['diverged_step']}; its later steps do not count")
-    if on_model is not None:
-        on_model(run, attacked)
-    if config.quantize is not None and twin:
-        qrun, attacked = _quantized_run(attacked, run, config, measure)
-        runs.append(qrun)
-        progress.run_finished(qrun, forget_metric)
-        if on_model is not None and not qrun["diverged"]:
-            on_model(qrun, attacked)
 
 
 def _finetune_run(original: torch.nn.Module, spec: RunSpec, config: AttackConfig,

@@ -55,7 +55,10 @@ class SoftPromptEmbedding(torch.nn.Module):
         out = self.base(ids.clamp(max=self.vocab - 1))
         if not bool(virtual.any()):
             return out
-        rows = self.prompt[(ids - self.vocab).clamp(0, self.prompt.shape[0] - 1)]
+        # A lookup (not `prompt[index]`, whose backward accumulates the rows' gradients in a
+        # thread-dependent order on CPU): the same seed gives bit-identical prompts.
+        rows = torch.nn.functional.embedding(
+            (ids - self.vocab).clamp(0, self.prompt.shape[0] - 1), self.prompt)
         return torch.where(virtual[..., None], rows.to(out.dtype), out)
 
 
