@@ -7,7 +7,14 @@ import math
 from dataclasses import dataclass, replace
 
 from undo_cli.errors import UsageError
-from undo_cli.options.base import ATTACK, EVALUATION, IN_OUT, MEASUREMENT, option, settle
+from undo_cli.options.base import (
+    ATTACK,
+    EVALUATION,
+    IN_OUT,
+    MEASUREMENT,
+    OptionGroup,
+    option,
+)
 from undo_cli.options.groups import OPTIMIZERS, TrainConfig
 from undo_cli.options.paths import sqlite_path, weighted_paths
 from undo_cli.options.storage import parse_search_storage
@@ -175,7 +182,7 @@ class RunSpec:
 
 
 @dataclass
-class AttackConfig:
+class AttackConfig(OptionGroup):
     """One relearning attack (`undo relearn-attack`): the adversary's space and each run.
 
     The grid is the product of `optimizers`, `schedules`, `batch_sizes` and learning rates
@@ -307,9 +314,6 @@ class AttackConfig:
     train: TrainConfig = option(help="Every run's engine settings.", cli=False,
                                 factory=lambda: TrainConfig(schedule="constant", max_steps=1))
 
-    def __post_init__(self) -> None:
-        settle(self)
-
     @property
     def mode(self) -> str:
         """"full" or "lora" finetuning, "none" without it."""
@@ -409,7 +413,7 @@ class AttackConfig:
 
 
 @dataclass
-class AttackMeasurement:
+class AttackMeasurement(OptionGroup):
     """What `undo relearn-attack` measures and keeps, besides the eval sets."""
 
     forget_metric: str | None = option(None, "What the attacker recovers: NAME.accuracy / "
@@ -444,5 +448,3 @@ class AttackMeasurement:
                                "generated text, correct or not), as lm-evaluation-harness's "
                                "--log_samples.", panel=IN_OUT)
 
-    def __post_init__(self) -> None:
-        settle(self)

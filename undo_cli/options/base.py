@@ -95,6 +95,15 @@ def check_seed(flag: str, value: int) -> None:
         raise UsageError(f"{flag} must lie in 0 .. 2**63 - 1 (got {value})")
 
 
+class OptionGroup:
+    """Base of the option groups (dataclasses of `option(...)` fields): a group settles
+    itself when it is built (`settle`), so that an invalid one cannot exist. A group with
+    checks across its fields writes its own `__post_init__`, which settles first."""
+
+    def __post_init__(self) -> None:
+        settle(self)
+
+
 def settle(group: Any) -> None:
     """Make a group final where it is built (its `__post_init__`): plain text in a field with
     a `parse` hook becomes the hook's typed value, then `check` validates every field. A

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from undo_cli.errors import UsageError
 from undo_cli.gates import rewrite_string_tests
-from undo_cli.options.base import NOISE, option, seed_option, settle
+from undo_cli.options.base import NOISE, OptionGroup, option, seed_option, settle
 from undo_cli.options.paths import plain_paths
 from undo_cli.options.text import Condition, conditions, tokenizer_spec
 from undo_cli.stats import BOOTSTRAP_SAMPLES
@@ -19,7 +19,7 @@ TRAIN_SHARE = 0.6  # `undo probe --train-share`: share of the records the probes
 
 
 @dataclass
-class InitOptions:
+class InitOptions(OptionGroup):
     """`undo init`: the architecture, size and tokenizer of a new random model."""
 
     arch: str = option("llama", "Architecture: llama, gemma2, gpt2, qwen2, mistral (Zephyr), "
@@ -55,7 +55,7 @@ class InitOptions:
 
 
 @dataclass(frozen=True)
-class LanguageOptions:
+class LanguageOptions(OptionGroup):
     """Options of the splitter (`undo data language`); impossible ones cannot be built
     (`UsageError`)."""
 
@@ -84,7 +84,7 @@ class LanguageOptions:
 
 
 @dataclass
-class EvalRunOptions:
+class EvalRunOptions(OptionGroup):
     """What `undo eval` adds to the evaluation group: how much to score and with what."""
 
     batch_size: int | None = option(None, "Sequences per batch (default: adapts to length).",
@@ -117,9 +117,6 @@ class EvalRunOptions:
         "sets: its metrics are shown and usable in --fail-if as teacher.SET.METRIC.",
         metavar="CKPT")
 
-    def __post_init__(self) -> None:
-        settle(self)
-
     @property
     def tasks(self) -> list[str]:
         """`wmdp_bio,mmlu` -> ["wmdp_bio", "mmlu"]."""
@@ -127,7 +124,7 @@ class EvalRunOptions:
 
 
 @dataclass
-class ProbeOptions:
+class ProbeOptions(OptionGroup):
     """`undo probe`: the split of the records and where the probes run."""
 
     out: Path | None = option(None, "Also write probe.json, probe.png and undo.json into DIR.",
@@ -144,7 +141,7 @@ class ProbeOptions:
 
 
 @dataclass
-class ReportOptions:
+class ReportOptions(OptionGroup):
     """`undo report`: the roles of the labels, the retain metric and the bootstrap."""
 
     oracle: str = option("oracle", "Label of the data-filtering oracle (gold standard of "
@@ -169,12 +166,9 @@ class ReportOptions:
                                       "...", metavar="EXPR", factory=list, repeatable=True,
                                       parse=conditions("--fail-if", rewrite_string_tests))
 
-    def __post_init__(self) -> None:
-        settle(self)
-
 
 @dataclass
-class PerturbRunOptions:
+class PerturbRunOptions(OptionGroup):
     """What `undo perturb` adds to the noise step: its seed and the non-finite guard."""
 
     seed: int = seed_option("Noise seed; the same seed gives byte-identical weights.",
@@ -183,12 +177,9 @@ class PerturbRunOptions:
                                    "from noise that overflows a narrow dtype) instead of "
                                    "refusing them.", panel=NOISE)
 
-    def __post_init__(self) -> None:
-        settle(self)
-
 
 @dataclass
-class RootOptions:
+class RootOptions(OptionGroup):
     """`undo`'s own options, given before the command: how the process runs it."""
 
     debug: bool = option(False, "Show full tracebacks instead of one-line errors.")
@@ -196,9 +187,6 @@ class RootOptions:
                                  "torch's, i.e. the cores or OMP_NUM_THREADS). Give fewer when "
                                  "other work shares the cores.", metavar="N", minimum=1,
                                  maximum=4096)
-
-    def __post_init__(self) -> None:
-        settle(self)
 
 
 __all__ = ["TRAIN_SHARE", "EvalRunOptions", "InitOptions", "LanguageOptions", "PerturbRunOptions",

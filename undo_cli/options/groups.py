@@ -18,6 +18,7 @@ from undo_cli.options.base import (
     SELECTION,
     TRACKING,
     TRAINING,
+    OptionGroup,
     option,
     seed_option,
     settle,
@@ -69,9 +70,8 @@ def check_trackers(report_to: list[str]) -> list[str]:
     return chosen
 
 
-
 @dataclass
-class TrainConfig:
+class TrainConfig(OptionGroup):
     """Settings of one training run (`undo_cli.engine.train`)."""
 
     optimizer: str = option("adamw", "Optimizer: adamw, adam, sgd (momentum 0.9), sgd-nesterov, "
@@ -207,11 +207,8 @@ RESUME_KEYS = ("optimizer", "lr", "min_lr", "schedule", "warmup_steps", "weight_
 
 
 @dataclass
-class DataOptions:
+class DataOptions(OptionGroup):
     """How training data becomes rows (`undo_cli.data`)."""
-
-    def __post_init__(self) -> None:
-        settle(self)
 
     max_length: int | None = option(None, "Row length in tokens: text is packed into rows of "
                                     "this many tokens; the longest prompt + completion "
@@ -228,11 +225,8 @@ class DataOptions:
 
 
 @dataclass
-class EvalOptions:
+class EvalOptions(OptionGroup):
     """The evaluation of every command that measures while it works."""
-
-    def __post_init__(self) -> None:
-        settle(self)
 
     eval: list[NamedPath] = option(help="Held-out data evaluated every --eval-every steps and "
                                    "at the end (metrics NAME.loss, NAME.accuracy, ...; "
@@ -260,11 +254,8 @@ class EvalOptions:
 
 
 @dataclass
-class LoadOptions:
+class LoadOptions(OptionGroup):
     """How checkpoints are read."""
-
-    def __post_init__(self) -> None:
-        settle(self)
 
     allow_pickle: bool = option(False, "Allow loading pickled (.bin) weights.", panel=IN_OUT)
     trust_remote_code: bool = option(False, "Allow a checkpoint's custom code.", panel=IN_OUT)
@@ -276,7 +267,7 @@ class LoadOptions:
 
 
 @dataclass
-class SaveOptions:
+class SaveOptions(OptionGroup):
     """How a command that writes a model stores its weights."""
 
     save_dtype: str = option("auto", "dtype of the written weights: auto (the input "
@@ -289,16 +280,10 @@ class SaveOptions:
                                         metavar="SIZE", panel=IN_OUT,
                                         parse=byte_size("--max-shard-size"))
 
-    def __post_init__(self) -> None:
-        settle(self)
-
 
 @dataclass
-class OutputOptions:
+class OutputOptions(OptionGroup):
     """What a command prints and whether it may replace its output."""
-
-    def __post_init__(self) -> None:
-        settle(self)
 
     json: bool = option(False, "Print a JSON summary on stdout.", panel=IN_OUT)
     overwrite: bool = option(False, "Replace a non-empty OUT.", panel=IN_OUT)
@@ -306,7 +291,7 @@ class OutputOptions:
 
 
 @dataclass
-class UnlearnOptions:
+class UnlearnOptions(OptionGroup):
     """Method options of `undo unlearn`; None means the method's own default."""
 
     retain_weight: float | None = option(None, "Weight a of the retain term. Default: 1 (rmu: "
@@ -334,15 +319,12 @@ class UnlearnOptions:
                                   panel=METHOD, minimum=0)
     seed: int = option(0, "Seeds RMU's random direction u (the run's --seed).", cli=False)
 
-    def __post_init__(self) -> None:
-        settle(self)
-
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 @dataclass
-class DistillOptions:
+class DistillOptions(OptionGroup):
     """What `undo distill` adds to the training settings."""
 
     perturb_seed: int = seed_option("Seed of the in-memory noise (as undo perturb --seed).",
@@ -417,7 +399,7 @@ class DistillOptions:
 
 
 @dataclass
-class GateOptions:
+class GateOptions(OptionGroup):
     """`--fail-if`: release gates on the measured numbers (`undo_cli.gates`)."""
 
     fail_if: list[Condition] = option(help="Exit with code 3 (after writing the results) if "
@@ -426,12 +408,9 @@ class GateOptions:
                                       panel=MEASUREMENT, factory=list,
                                       parse=conditions("--fail-if"), repeatable=True)
 
-    def __post_init__(self) -> None:
-        settle(self)
-
 
 @dataclass
-class NoiseOptions:
+class NoiseOptions(OptionGroup):
     """The noise step: (1 - alpha) * w + alpha * beta * N on the selected tensors
     (`undo perturb`, and `undo distill --student teacher` in memory)."""
 

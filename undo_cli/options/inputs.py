@@ -9,13 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from undo_cli.errors import UsageError
-from undo_cli.options.base import ATTACK, METHOD, option, settle
+from undo_cli.options.base import ATTACK, METHOD, OptionGroup, option, settle
 from undo_cli.options.paths import named_paths, plain_paths, weighted_paths
 from undo_cli.options.text import NamedPath, named_path_list, tokenizer_spec
 
 
 @dataclass
-class TrainInputs:
+class TrainInputs(OptionGroup):
     """`undo train`: where the model comes from and what it trains on."""
 
     init: str = option(None, "A checkpoint directory to finetune, or a size preset (tiny, "
@@ -41,7 +41,7 @@ class TrainInputs:
 
 
 @dataclass
-class UnlearnInputs:
+class UnlearnInputs(OptionGroup):
     """`undo unlearn`: the method, the data to forget and the data to keep."""
 
     method: str = option(None, "Unlearning method (formulas above).", metavar="NAME",
@@ -55,12 +55,9 @@ class UnlearnInputs:
                                "retain term).", metavar="PATH[:WEIGHT]", panel=METHOD,
                                factory=list, reads=weighted_paths)
 
-    def __post_init__(self) -> None:
-        settle(self)
-
 
 @dataclass
-class DistillInputs:
+class DistillInputs(OptionGroup):
     """`undo distill`: teacher, student and data."""
 
     teacher: Path = option(None, "The (unlearned) teacher checkpoint.", metavar="CKPT",
@@ -74,12 +71,9 @@ class DistillInputs:
                              "repeatable with weights.", metavar="PATH[:WEIGHT]", factory=list,
                              required=True, reads=weighted_paths)
 
-    def __post_init__(self) -> None:
-        settle(self)
-
 
 @dataclass
-class AttackInputs:
+class AttackInputs(OptionGroup):
     """`undo relearn-attack`: the results directory, the attack data, or earlier results."""
 
     out: Path = option(None, "Results directory: results.json, relearn.png, undo.json.",
@@ -94,12 +88,9 @@ class AttackInputs:
                                 "--out/compare.png. No CKPT then.",
                                 metavar="[LABEL=]RESULTS_DIR", factory=list, reads=named_paths)
 
-    def __post_init__(self) -> None:
-        settle(self)
-
 
 @dataclass
-class ProbeInputs:
+class ProbeInputs(OptionGroup):
     """`undo probe`: the labelled sets probed."""
 
     data: list[NamedPath] = option(help="Prompt/answer or multiple-choice records "
@@ -108,19 +99,13 @@ class ProbeInputs:
                                    required=True, reads=named_paths,
                                    parse=named_path_list("--data"), repeatable=True)
 
-    def __post_init__(self) -> None:
-        settle(self)
-
 
 @dataclass
-class ReportOutput:
+class ReportOutput(OptionGroup):
     """`undo report`: where the report goes."""
 
     out: Path = option(None, "Where report.md, report.json and the PNG figures go.",
                        metavar="REPORT_DIR", required=True)
-
-    def __post_init__(self) -> None:
-        settle(self)
 
 
 __all__ = ["AttackInputs", "DistillInputs", "ProbeInputs", "ReportOutput", "TrainInputs",
