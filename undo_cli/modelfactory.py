@@ -171,7 +171,7 @@ def load_tokenizer_spec(spec: str | TokenizerSpec, data: list[str | Path] | None
     directory."""
     spec = tokenizer_spec(spec)
     if spec.kind == "char":
-        return build_char_tokenizer(*([spec.alphabet] if spec.alphabet is not None else []))
+        return build_char_tokenizer(DEFAULT_ALPHABET if spec.alphabet is None else spec.alphabet)
     if spec.kind == "bpe":
         if not data:
             raise UsageError("--tokenizer bpe:N needs --tokenizer-data FILE (repeatable): the "
