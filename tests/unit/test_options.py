@@ -311,3 +311,15 @@ def test_named_paths_are_parsed_once_when_their_group_is_built():
     with pytest.raises(UsageError, match=re.escape("--data name 'p' is used twice")):
         ProbeInputs(data=["p=x.jsonl", "p=y.jsonl"])
     assert [(s.name, s.path) for s in ProbeInputs(data=["q=x.jsonl"]).data] == [("q", "x.jsonl")]
+
+
+def test_lora_targets_are_parsed_once_when_the_attack_is_built():
+    from undo_cli.options import AttackConfig
+
+    assert AttackConfig().lora_targets.modules == "all-linear"
+    named = AttackConfig(lora=True, lora_targets=" q_proj, v_proj ,")
+    assert named.lora_targets == " q_proj, v_proj ,"  # recorded as given
+    assert named.lora_targets.modules == ["q_proj", "v_proj"]
+    with pytest.raises(UsageError, match="--lora-targets is empty"):
+        AttackConfig(lora=True, lora_targets=" , ").validate()
+    AttackConfig(lora_targets="").validate()  # without --lora it is not used

@@ -18,6 +18,7 @@ from undo_cli.options.base import (
 from undo_cli.options.groups import OPTIMIZERS, TrainConfig
 from undo_cli.options.paths import sqlite_path, weighted_paths
 from undo_cli.options.storage import parse_search_storage
+from undo_cli.options.text import ModuleNames, module_names
 
 
 def _log_grid(low: float, high: float, n: int = 10) -> tuple[float, ...]:
@@ -251,10 +252,11 @@ class AttackConfig(OptionGroup):
                                       "clipping, or as a search picks it), the usual "
                                       "practice; results.json records both.", metavar="ALPHA",
                                       panel=ATTACK, above=0)
-    lora_targets: str = option("all-linear", "Layers LoRA wraps: all-linear (every attention "
-                               "and MLP projection, not the output head) or module names such "
-                               "as q_proj,v_proj.", metavar="all-linear|NAME,NAME",
-                               panel=ATTACK)
+    lora_targets: ModuleNames = option("all-linear", "Layers LoRA wraps: all-linear (every "
+                                       "attention and MLP projection, not the output head) or "
+                                       "module names such as q_proj,v_proj.",
+                                       metavar="all-linear|NAME,NAME", panel=ATTACK,
+                                       parse=module_names)
     lora_dropout: float = option(0.0, "LoRA dropout.", cli=False, minimum=0, maximum=1)
     quantize: int | str | None = option(
         None, "Weight quantisation of the linear layers, stored dequantised: 8 or 4 is undo's "
@@ -391,7 +393,7 @@ class AttackConfig(OptionGroup):
             return
         if self.lrs is not None and not self.lrs:
             raise UsageError("--lrs is empty: give at least one learning rate")
-        if self.lora and not self.lora_targets.strip():
+        if self.lora and not self.lora_targets.modules:
             raise UsageError("--lora-targets is empty")
         for schedule in self.schedule_list():
             if schedule not in ATTACK_SCHEDULES:

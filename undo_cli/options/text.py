@@ -2,11 +2,12 @@
 
 Each typed value is the text the user gave (a `str`, so that `undo.json` and `--json` record it
 exactly as before) carrying what it means: `ByteSize.bytes`, `LayerRange.layers`,
-`Pattern.regex`, `TokenizerSpec.kind`, `NamedPath.name` and `.path`, and for the gate language
-(`undo_cli.gates`) `Condition.expr` (`--fail-if`), `KeepBest.objective` (`--keep-best`),
-`StopWhen.condition` (`--stop-when`). The `option(parse=...)` hooks below turn plain text into
-them, name the flag in the error, and return an already typed value as it is (building a group
-twice, as `dataclasses.replace` does, parses nothing again).
+`Pattern.regex`, `TokenizerSpec.kind`, `NamedPath.name` and `.path`, `ModuleNames.modules`,
+and for the gate language (`undo_cli.gates`) `Condition.expr` (`--fail-if`),
+`KeepBest.objective` (`--keep-best`), `StopWhen.condition` (`--stop-when`). The
+`option(parse=...)` hooks below turn plain text into them, name the flag in the error, and
+return an already typed value as it is (building a group twice, as `dataclasses.replace`
+does, parses nothing again).
 """
 
 from __future__ import annotations
@@ -44,6 +45,13 @@ class NamedPath(str):
 
     name: str
     path: str
+
+
+class ModuleNames(str):
+    """`--lora-targets` as given, with its `modules`: peft's shorthand "all-linear", or the
+    module names of `q_proj,v_proj` as a list."""
+
+    modules: str | list[str]
 
 
 class TokenizerSpec(str):
@@ -226,6 +234,17 @@ def _carrying(kind: type, text: Any, attribute: str, meaning: Any) -> Any:
     value = kind(text)
     setattr(value, attribute, meaning)
     return value
+
+
+def _module_names(text: str) -> str | list[str]:
+    if text.strip() == "all-linear":
+        return "all-linear"
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def module_names(text: Any) -> Any:
+    """The `parse` hook of `--lora-targets`."""
+    return _typed(ModuleNames, "modules", _module_names)(text)
 
 
 def byte_size(flag: str) -> Callable[[Any], ByteSize]:

@@ -26,7 +26,7 @@ from undo_cli.options import (
 )
 from undo_cli.options.storage import sqlite_path
 from undo_cli.records import EvalData, read_eval_data
-from undo_cli.relearn.runner import lora_rank_for, lora_target_list
+from undo_cli.relearn.runner import lora_rank_for
 from undo_cli.relearn.worst_case import metric_direction, resolve_forget_metric
 from undo_cli.runtime import require_optimizers
 
@@ -115,8 +115,7 @@ def plan_attack(checkpoint: str | Path, out: str | Path, *, data: Sequence[str],
     if config.finetune and (config.lora or config.search or config.qlora):
         meta = stage.meta_model(info.config)
         if meta is not None:
-            lora_rank = lora_rank_for(meta, config.lora_rank,
-                                      lora_target_list(config.lora_targets))
+            lora_rank = lora_rank_for(meta, config.lora_rank, config.lora_targets.modules)
     memory = None
     if config.finetune or config.train.dry_run:  # the attacked copy beside the original
         memory = stage.memory_plan(
@@ -175,7 +174,7 @@ def describe_attack(config: AttackConfig, data: Sequence[str], data_options: Dat
         lora = {"rank": lora_rank or config.lora_rank, "rank_requested": config.lora_rank,
                 "alpha": config.alpha_for(lora_rank or config.lora_rank),
                 "alpha_requested": config.lora_alpha,
-                "targets": lora_target_list(config.lora_targets),
+                "targets": config.lora_targets.modules,
                 "dropout": config.lora_dropout}
     lrs: Any = config.lr_grid(config.optimizers[0])
     if len(config.optimizers) > 1 and not config.lrs:

@@ -54,15 +54,6 @@ from undo_cli.stage import Measure
 SCHEMA_VERSION = 1
 
 
-def lora_target_list(targets: str | Sequence[str]) -> str | list[str]:
-    """`"all-linear"` stays as is (peft's shorthand); `"q_proj,v_proj"` -> a list."""
-    if isinstance(targets, str):
-        if targets.strip() == "all-linear":
-            return "all-linear"
-        return [t.strip() for t in targets.split(",") if t.strip()]
-    return [str(t) for t in targets]
-
-
 class AttackProgress:
     """Callbacks of `run_attack` (no-ops here; the CLI shows a progress line)."""
 
@@ -112,7 +103,7 @@ def _attach_lora(model: torch.nn.Module, config: AttackConfig, rank: int) -> tor
 
     try:
         lora = LoraConfig(r=rank, lora_alpha=config.alpha_for(rank),
-                          target_modules=lora_target_list(config.lora_targets),
+                          target_modules=config.lora_targets.modules,
                           lora_dropout=config.lora_dropout, bias="none", task_type="CAUSAL_LM")
         return get_peft_model(model, lora)
     except ValueError as e:
@@ -166,8 +157,7 @@ def run_attack(model: torch.nn.Module, tokenizer, eval_sets: Sequence[Any],
     model.eval()
     attack = _Attack(model, config, measure, progress or AttackProgress(), on_model,
                      forget_metric, make_stream)
-    rank = lora_rank or lora_rank_for(model, config.lora_rank,
-                                      lora_target_list(config.lora_targets))
+    rank = lora_rank or lora_rank_for(model, config.lora_rank, config.lora_targets.modules)
     try:
         if config.finetune and config.search:
             attack.search(rank, study_name)
