@@ -347,12 +347,12 @@ def test_save_layout_keeps_the_input_unless_told(bf16_llama, sharded_qwen2, tiny
     from undo_cli.checkpoint.output import ONE_FILE
     from undo_cli.options import SaveOptions
 
-    assert save_layout(None, inspect_checkpoint(bf16_llama)) == Layout("bfloat16", ONE_FILE)
-    assert save_layout(None, None) == Layout("float32", ONE_FILE)
+    assert save_layout(source=inspect_checkpoint(bf16_llama)) == Layout("bfloat16", ONE_FILE)
+    assert save_layout(source=None) == Layout("float32", ONE_FILE)
     assert save_layout(SaveOptions(save_dtype="float16", max_shard_size="1MB"),
                        inspect_checkpoint(tiny_llama)) == Layout("float16", 1_000_000)
     info = inspect_checkpoint(sharded_qwen2)
-    assert save_layout(None, info) == Layout("float32", info.largest_shard_bytes())
+    assert save_layout(source=info) == Layout("float32", info.largest_shard_bytes())
     assert (save_layout(SaveOptions(save_dtype="bfloat16"), info).max_shard_size
             == info.largest_shard_bytes() // 2)
     with pytest.raises(UsageError, match="--max-shard-size"):
@@ -381,7 +381,7 @@ def test_save_model_writes_the_layout_without_changing_the_model(gpt2_bpe, shard
                                model.transformer.wte.weight.to(torch.bfloat16).float())
 
     info = inspect_checkpoint(sharded_qwen2)
-    save_model(load_model(sharded_qwen2), None, tmp_path / "q", layout=save_layout(None, info))
+    save_model(load_model(sharded_qwen2), None, tmp_path / "q", layout=save_layout(source=info))
     assert (sorted(p.name for p in (tmp_path / "q").glob("*.safetensors"))
             == sorted(p.name for p in sharded_qwen2.glob("*.safetensors")))
 

@@ -342,12 +342,11 @@ class Layout:
     max_shard_size: int = ONE_FILE
 
 
-def save_layout(save: SaveOptions | None, source=None) -> Layout:
+def save_layout(save: SaveOptions = SaveOptions(), source=None) -> Layout:
     """The `Layout` of an output: `--save-dtype` / `--max-shard-size` where given, else the
     input checkpoint's (`source`, a `CheckpointInfo`; an adapter's base): a bf16 model stays
     bf16, a model in 3 shards of 2 GB is written in shards of that size (scaled when the
     dtype changes); a new model (no `source`) is fp32 in one file."""
-    save = save or SaveOptions()
     stored = source.stored_dtype() if source is not None else None
     dtype = save.save_dtype if save.save_dtype != "auto" else stored or "float32"
     if save.max_shard_size is not None:
@@ -364,7 +363,7 @@ def _itemsize(dtype: str) -> int:
 
 
 def save_model(model, tokenizer, directory: str | Path, *, source: str | Path | None = None,
-               layout: Layout | None = None) -> None:
+               layout: Layout = Layout()) -> None:
     """Write `model` (safetensors) and `tokenizer` into `directory`, plus `source`'s extra files.
 
     A PEFT-wrapped model is merged first, so the result loads with plain `from_pretrained`.
@@ -373,7 +372,6 @@ def save_model(model, tokenizer, directory: str | Path, *, source: str | Path | 
     """
     import torch
 
-    layout = layout or Layout()
     directory = Path(directory)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()

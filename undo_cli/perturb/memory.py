@@ -216,7 +216,7 @@ def perturb_adapter(info, dst, settings: NoiseOptions, seed: int, *,
     )
 
     base = info.base.path
-    layout = save_layout(None, info)
+    layout = save_layout(source=info)
     if shard_bytes is not None:
         layout = Layout(layout.dtype, shard_bytes)
     model = load_model(info.path, base_model=base)  # merged in fp32, then rounded once

@@ -22,6 +22,7 @@ import undo_cli.engine as engine
 import undo_cli.plots as plots
 from undo_cli import stage
 from undo_cli.checkpoint import (
+    Layout,
     atomic_output,
     build_manifest,
     fingerprint,
@@ -340,7 +341,7 @@ def gate_values(results: dict[str, Any]) -> dict[str, float]:
     return attack_gate_values(worst, results["initial"], results["summary"])
 
 
-def _model_saver(root: Path, tokenizer, checkpoint: str | Path, *, layout=None,
+def _model_saver(root: Path, tokenizer, checkpoint: str | Path, *, layout: Layout = Layout(),
                  base_manifest: dict[str, Any] | None = None) -> ModelHook:
     """An `on_model` hook writing each attacked model under `root`, with an `undo.json` of
     its own (`base_manifest` plus the run: configuration, seed, steps, compute, final
