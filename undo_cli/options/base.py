@@ -8,7 +8,8 @@ from dataclasses import field, fields
 from typing import Any
 
 from undo_cli.errors import UsageError
-from undo_cli.options.text import compile_pattern, size_in_bytes  # noqa: F401 - re-exported
+from undo_cli.options.paths import named_paths
+from undo_cli.options.text import compile_pattern, named_path_list, size_in_bytes  # noqa: F401
 
 parse_size = size_in_bytes  # the name the library has used
 
@@ -66,6 +67,13 @@ def seed_option(help: str, *, panel: str | None = None) -> Any:  # noqa: A002
     """The one declaration of a seed (`--seed` of every command, `--perturb-seed`): 0 ..
     2**63 - 1, default 0, checked as every field is."""
     return option(0, help, panel=panel, minimum=0, maximum=SEED_MAX)
+
+
+def named_path_option(flag: str, help: str, **extra: Any) -> Any:  # noqa: A002
+    """The one declaration of a repeatable `NAME=PATH` option (`--eval`, `probe --data`): each
+    value a `NamedPath`, the names unique, every PATH one of the command's declared reads."""
+    return option(help=help, metavar="NAME=PATH", factory=list, reads=named_paths,
+                  parse=named_path_list(flag), repeatable=True, **extra)
 
 
 def check_number(flag: str, value: Any, *, minimum: float | None = None,

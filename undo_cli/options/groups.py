@@ -19,11 +19,11 @@ from undo_cli.options.base import (
     TRACKING,
     TRAINING,
     OptionGroup,
+    named_path_option,
     option,
     seed_option,
     settle,
 )
-from undo_cli.options.paths import named_paths
 from undo_cli.options.rates import FINETUNE_LR
 from undo_cli.options.text import (
     Condition,
@@ -34,7 +34,6 @@ from undo_cli.options.text import (
     conditions,
     keep_best,
     layer_range,
-    named_path_list,
     pattern,
     patterns,
     stop_when,
@@ -228,11 +227,9 @@ class DataOptions(OptionGroup):
 class EvalOptions(OptionGroup):
     """The evaluation of every command that measures while it works."""
 
-    eval: list[NamedPath] = option(help="Held-out data evaluated every --eval-every steps and "
-                                   "at the end (metrics NAME.loss, NAME.accuracy, ...; "
-                                   "repeatable).", metavar="NAME=PATH", panel=EVALUATION,
-                                   factory=list, reads=named_paths,
-                                   parse=named_path_list("--eval"), repeatable=True)
+    eval: list[NamedPath] = named_path_option(
+        "--eval", "Held-out data evaluated every --eval-every steps and at the end (metrics "
+        "NAME.loss, NAME.accuracy, ...; repeatable).", panel=EVALUATION)
     eval_batch_size: int | None = option(None, "Batch size of evaluation (default: "
                                          "automatic).", panel=EVALUATION, minimum=1)
     max_new_tokens: int = option(32, "Greedy tokens generated per prompt when measuring "

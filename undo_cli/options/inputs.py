@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from undo_cli.errors import UsageError
-from undo_cli.options.base import ATTACK, METHOD, OptionGroup, option, settle
+from undo_cli.options.base import ATTACK, METHOD, OptionGroup, named_path_option, option, settle
 from undo_cli.options.paths import named_paths, plain_paths, weighted_paths
-from undo_cli.options.text import NamedPath, named_path_list, tokenizer_spec
+from undo_cli.options.text import NamedPath, tokenizer_spec
 
 
 @dataclass
@@ -93,11 +93,9 @@ class AttackInputs(OptionGroup):
 class ProbeInputs(OptionGroup):
     """`undo probe`: the labelled sets probed."""
 
-    data: list[NamedPath] = option(help="Prompt/answer or multiple-choice records "
-                                   "(repeatable); the label is the answer's first token or the "
-                                   "correct choice.", metavar="NAME=PATH", factory=list,
-                                   required=True, reads=named_paths,
-                                   parse=named_path_list("--data"), repeatable=True)
+    data: list[NamedPath] = named_path_option(
+        "--data", "Prompt/answer or multiple-choice records (repeatable); the label is the "
+        "answer's first token or the correct choice.", required=True)
 
 
 @dataclass
