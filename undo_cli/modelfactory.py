@@ -39,7 +39,7 @@ from undo_cli.checkpoint import (
 from undo_cli.errors import UsageError
 from undo_cli.options import SaveOptions
 from undo_cli.options.commands import InitOptions
-from undo_cli.options.text import TokenizerSpec, tokenizer_spec
+from undo_cli.options.text import BPE_NEEDS_DATA, TokenizerSpec, tokenizer_spec
 from undo_cli.records import completion_of, read_records, record_shape, text_field
 
 ARCHITECTURES = ("llama", "gemma2", "gpt2", "qwen2", "mistral", "gpt_neox", "phi3")
@@ -174,8 +174,7 @@ def load_tokenizer_spec(spec: str | TokenizerSpec, data: list[str | Path] | None
         return build_char_tokenizer(DEFAULT_ALPHABET if spec.alphabet is None else spec.alphabet)
     if spec.kind == "bpe":
         if not data:
-            raise UsageError("--tokenizer bpe:N needs --tokenizer-data FILE (repeatable): the "
-                             "records to train it on")
+            raise UsageError(BPE_NEEDS_DATA)
         return train_bpe_tokenizer(record_texts(data), spec.size)
     path = Path(spec)
     if path.is_file():

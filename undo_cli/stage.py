@@ -254,6 +254,14 @@ def select_parameters(model, pattern: str | None = None, layers: str | None = No
     return chosen
 
 
+def tokenizer_of(path: str | Path, load: LoadOptions) -> Any:
+    """The tokenizer of checkpoint `path`, read as `load` says (an adapter's from its base)."""
+    from undo_cli.checkpoint import load_tokenizer
+
+    return load_tokenizer(path, trust_remote_code=load.trust_remote_code,
+                          base_model=load.base_model)
+
+
 def meta_model(model_config: dict[str, Any]) -> Any:
     """The model of `model_config` built on the meta device (no memory, no weights), for
     decisions taken before any weight loads; None if it cannot be built so (custom code)."""
@@ -275,12 +283,13 @@ def meta_trainable(model_config: dict[str, Any], select: Callable[[Any], Any]) -
     return None if model is None else sum(p.numel() for _, p in select(model))
 
 
-def model_parameters(model_config: dict[str, Any]) -> int | None:
+def model_parameters(model_config: dict[str, Any], meta: Any = None) -> int | None:
     """The distinct parameters of the model of `model_config` (tied weights once), counted on
-    its meta model, else estimated from the config (`estimate_parameters`)."""
+    its meta model (`meta`, if the caller has built it already), else estimated from the
+    config (`estimate_parameters`)."""
     from undo_cli.checkpoint.inspection import estimate_parameters
 
-    model = meta_model(model_config)
+    model = meta if meta is not None else meta_model(model_config)
     if model is None:
         return estimate_parameters(model_config)
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from undo_cli import stage
-from undo_cli.checkpoint import load_model, load_tokenizer, save_layout
+from undo_cli.checkpoint import load_model, save_layout
 from undo_cli.data import build_stream
 from undo_cli.engine import lm_loss
 from undo_cli.errors import UsageError
@@ -109,8 +109,7 @@ def train_checkpoint(out: str | Path, init: str, data: list[str], *,
     def tokenizer_of_run():
         if preset:
             return load_tokenizer_spec(tokenizer or "char")
-        return load_tokenizer(init, trust_remote_code=load.trust_remote_code,
-                              base_model=load.base_model)
+        return stage.tokenizer_of(init, load)
 
     def prepare(tok, sets) -> stage.Job:  # noqa: ARG001 - the runner measures the sets
         # Data first: a bad file fails before any model is built or loaded.

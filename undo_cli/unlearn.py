@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from undo_cli import losses, stage
-from undo_cli.checkpoint import load_model, load_tokenizer, save_layout
+from undo_cli.checkpoint import load_model, save_layout
 from undo_cli.data import build_stream, model_inputs
 from undo_cli.errors import UsageError
 from undo_cli.options import (
@@ -489,7 +489,7 @@ def plan_unlearn(
         decided = replace(options, layer=layer, trainable=trainable)
         select_parameters(meta, decided.trainable)  # a selection matching nothing fails now
     if config.lr is None:
-        parameters = stage.model_parameters(model_config)
+        parameters = stage.model_parameters(model_config, meta)
         if parameters is None:
             raise UsageError("the model's config does not give its size, from which the "
                              "learning rate is chosen: give --lr")
@@ -501,7 +501,7 @@ def plan_unlearn(
         model_config, config, length=data_options.max_length, streams=2 if has_retain else 1,
         trainable=None if meta is None else sum(
             p.numel() for _, p in select_parameters(meta, decided.trainable)),
-        frozen_parameters=(stage.model_parameters(model_config) or 0) if reference else 0)
+        frozen_parameters=(stage.model_parameters(model_config, meta) or 0) if reference else 0)
     arguments = stage.arguments(
         config, data_options, evals, method=chosen.name, formula=chosen.formula,
         forget=forget_specs, retain=retain_specs, options=options.as_dict(),
@@ -544,8 +544,7 @@ def unlearn_checkpoint(src: str | Path, dst: str | Path, method: str,
                       trainable=args["trainable"])
 
     def tokenizer():
-        return load_tokenizer(src, trust_remote_code=load.trust_remote_code,
-                              base_model=load.base_model)
+        return stage.tokenizer_of(src, load)
 
     def prepare(tok, sets) -> stage.Job:  # noqa: ARG001 - the runner measures the sets
         streams = {name: build_stream(tok, specs, plan.data_options.max_length,

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from undo_cli import stage
-from undo_cli.checkpoint import fingerprint, load_model, load_tokenizer, save_layout
+from undo_cli.checkpoint import fingerprint, load_model, save_layout
 from undo_cli.data import build_stream, fit_packing
 from undo_cli.distill.loss import kd_loss_fn
 from undo_cli.distill.teachers import TeacherCache, TeacherSwitch
@@ -236,13 +236,8 @@ def distill_checkpoint(teacher_path: str | Path, student: str, out: str | Path, 
     plan = plan_distill(teacher_path, student, out, data=data, options=options, noise=noise,
                         train=train, data_options=data_options, evals=evals, load=load,
                         overwrite=overwrite, save=save)
-    return stage.run_stage(plan.stage, lambda: _tokenizer(plan.stage.load, teacher_path),
+    return stage.run_stage(plan.stage, lambda: stage.tokenizer_of(teacher_path, plan.stage.load),
                            partial(distill_job, plan), callbacks=callbacks)
-
-
-def _tokenizer(load: LoadOptions, path: str | Path):
-    return load_tokenizer(path, trust_remote_code=load.trust_remote_code,
-                          base_model=load.base_model)
 
 
 @dataclass
@@ -297,7 +292,7 @@ def distill_job(plan: DistillPlan, tok, sets) -> stage.Job:
     length, packing = plan.stage.data_options.max_length, plan.stage.data_options.packing
     teacher_path = plan.stage.parents["teacher"]
     stop = options.stop_when.condition if options.stop_when else None
-    tokenizers = {role: _tokenizer(plan.stage.load, path)
+    tokenizers = {role: stage.tokenizer_of(path, plan.stage.load)
                   for role, path in plan.stage.parents.items()
                   if role in ("student", "second_teacher")}
     stream = build_stream(tok, data, length, config.batch_size, config.seed, name="train",

@@ -11,7 +11,7 @@ from undo_cli.errors import UsageError
 from undo_cli.gates import rewrite_string_tests
 from undo_cli.options.base import NOISE, OptionGroup, option, seed_option, settle
 from undo_cli.options.paths import plain_paths
-from undo_cli.options.text import Condition, conditions, tokenizer_spec
+from undo_cli.options.text import BPE_NEEDS_DATA, Condition, conditions, tokenizer_spec
 from undo_cli.stats import BOOTSTRAP_SAMPLES
 
 MAX_BOOTSTRAP_SAMPLES = 10**7
@@ -50,8 +50,7 @@ class InitOptions(OptionGroup):
         if self.tokenizer_data and self.tokenizer.kind != "bpe":
             raise UsageError("--tokenizer-data is only used by --tokenizer bpe:N")
         if self.tokenizer.kind == "bpe" and not self.tokenizer_data:
-            raise UsageError("--tokenizer bpe:N needs --tokenizer-data FILE (repeatable): the "
-                             "records to train it on")
+            raise UsageError(BPE_NEEDS_DATA)
 
 
 @dataclass(frozen=True)

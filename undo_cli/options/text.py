@@ -148,6 +148,8 @@ def compile_pattern(flag: str, pattern: str) -> re.Pattern:
 BPE_MIN_VOCAB = 4 + 256
 BPE_MAX_VOCAB = 1_000_000
 TOKENIZER_KINDS = "'char', 'char:ALPHABET', 'bpe:N', a tokenizer.json file or a directory"
+BPE_NEEDS_DATA = ("--tokenizer bpe:N needs --tokenizer-data FILE (repeatable): the records to "
+                  "train it on")
 
 
 def decode_alphabet(text: str) -> str:

@@ -67,7 +67,7 @@ def resolve_noise(settings: NoiseOptions, seed: int = 0, *, names: Iterable[str]
 
     `UsageError` if `settings` has no alpha (the noise step was not asked for) or a layer
     the model does not have."""
-    if settings.alpha is None or settings.beta is None:
+    if settings.alpha is None:  # (beta goes with it: checked when `settings` was built)
         raise UsageError("the noise step needs --alpha and --beta")
     selection = resolve_layers(settings.layers, names, model_type) if settings.layers else None
     options = PerturbOptions(
@@ -79,11 +79,10 @@ def resolve_noise(settings: NoiseOptions, seed: int = 0, *, names: Iterable[str]
     return options, selection
 
 
-def _patterns(value: str | Iterable[str] | None, flag: str) -> tuple[re.Pattern, ...]:
-    if not value:
-        return ()
-    values = [value] if isinstance(value, str) else list(value)
-    return tuple(compile_pattern(flag, v) for v in values)  # a parsed Pattern: its regex
+def _patterns(values: Iterable[str], flag: str) -> tuple[re.Pattern, ...]:
+    """The compiled patterns of `--include`/`--exclude` (a list, parsed when the group was
+    built: each `Pattern` gives its regex)."""
+    return tuple(compile_pattern(flag, v) for v in values)
 
 
 def fan_in_and_fan_out(shape: tuple[int, ...]) -> tuple[int, int]:

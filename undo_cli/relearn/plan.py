@@ -111,18 +111,17 @@ def plan_attack(checkpoint: str | Path, out: str | Path, *, data: Sequence[str],
         writes=[("--logging-dir", config.train.logging_dir),
                 *([("--search-storage", storage)] if storage is not None else [])])[0]
     data_options = stage.fit_length(data_options, info.config)
-    lora_rank = None
-    if config.finetune and (config.lora or config.search or config.qlora):
-        meta = stage.meta_model(info.config)
-        if meta is not None:
-            lora_rank = lora_rank_for(meta, config.lora_rank, config.lora_targets.modules)
-    memory = None
+    lora_rank = memory = None
     if config.finetune or config.train.dry_run:  # the attacked copy beside the original
+        meta = stage.meta_model(info.config)  # built once, for the rank and the count
+        if meta is not None and config.finetune and (config.lora or config.search
+                                                     or config.qlora):
+            lora_rank = lora_rank_for(meta, config.lora_rank, config.lora_targets.modules)
         memory = stage.memory_plan(
             info.config, config.train, length=data_options.max_length,
             batch_size=max(config.batch_size_list()), optimizers=config.optimizers,
             lora_rank=(lora_rank or config.lora_rank) if config.lora else None,
-            frozen_parameters=stage.model_parameters(info.config) or 0)
+            frozen_parameters=stage.model_parameters(info.config, meta) or 0)
     raw = tuple(read_eval_data(name, path, limit=measurement.eval_limit,
                                seed=config.train.seed) for name, path in eval_specs)
     available = expected_metrics(raw)

@@ -26,7 +26,6 @@ from undo_cli.checkpoint import (
     atomic_output,
     build_manifest,
     fingerprint,
-    load_tokenizer,
     save_layout,
     save_model,
     write_manifest,
@@ -123,8 +122,7 @@ def run_attack_plan(plan: AttackPlan, *, progress: AttackProgress | None = None,
     model, run every attack, write OUT atomically; returns the results."""
     log = logging.getLogger(__name__)
     checkpoint, config, data, load = plan.checkpoint, plan.config, list(plan.data), plan.load
-    tokenizer = load_tokenizer(checkpoint, trust_remote_code=load.trust_remote_code,
-                               base_model=load.base_model)
+    tokenizer = stage.tokenizer_of(checkpoint, load)
     sets = [tokenize_eval_data(d, tokenizer, choice_format=plan.evals.choice_format)
             for d in plan.raw]
     needs_data = config.finetune or config.embedding_attack or config.prune is not None
@@ -169,7 +167,7 @@ def run_attack_plan(plan: AttackPlan, *, progress: AttackProgress | None = None,
                     parents=stage.with_bases({"input": checkpoint}, [plan.info]),
                     seed=config.train.seed, extra={"saved_model": True}))
         study = _study(plan, digest)
-        measurement = plan.measurement
+        measurement = plan.measurement  # (a short name for the call below)
         core = run_attack(
             model, tokenizer, sets, config, forget_metric=plan.forget_metric,
             make_stream=make_stream, threshold=measurement.threshold, evals=plan.evals,

@@ -165,8 +165,8 @@ def run_attack(model: torch.nn.Module, tokenizer, eval_sets: Sequence[Any],
             attack.grid(rank if config.lora else None)
         elif config.quantize is not None:
             attack.quantized_original()
-        elif planned_runs(config, len(config.grid(1))):
-            attack.progress.start(planned_runs(config, len(config.grid(1))), config.steps)
+        elif planned := planned_runs(config, len(config.grid(1))):
+            attack.progress.start(planned, config.steps)
         for static in static_attacks:
             attack.static(static)
         attack.families(rank, benign_stream, tokenizer, eval_sets)
